@@ -1,0 +1,145 @@
+"""Orbax checkpoints of model parameters (the converter's output and training's starting point).
+
+A parameter checkpoint is a directory (local or gs://) holding:
+- `model_spec.json`: the `ModelSpec` (architecture of backbone and heads);
+- `preprocessing.json`: the inference preprocessing the weights expect;
+- `params/`: an Orbax `StandardCheckpointer` item, the pure dict {"backbone": ..., "dino_head": ...}.
+Restores always go through a target built from the spec, so shapes are checked and the arrays can
+land directly in any sharding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from raddino_jax.models import ModelSpec, abstract_params
+
+SPEC_FILE = "model_spec.json"
+PREPROCESSING_FILE = "preprocessing.json"
+PARAMS_ITEM = "params"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """Inference preprocessing: resize shorter side, centre crop, /255, normalise (recipe s8).
+
+    RAD-DINO's processor: 518 px, mean 0.5307, std 0.2583 on every channel.
+    """
+
+    image_size: int = 518
+    mean: float = 0.5307
+    std: float = 0.2583
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def is_param_checkpoint(path: str | epath.Path) -> bool:
+    path = epath.Path(path)
+    return (path / SPEC_FILE).exists() and (path / PARAMS_ITEM).exists()
+
+
+def save_params(
+    path: str | epath.Path,
+    spec: ModelSpec,
+    params: dict,
+    preprocessing: Preprocessing | None = None,
+) -> epath.Path:
+    """Write a parameter checkpoint; refuses to overwrite an existing one."""
+    path = epath.Path(path)
+    if (path / PARAMS_ITEM).exists():
+        raise FileExistsError(f"{path / PARAMS_ITEM} exists; choose another --out or delete it")
+    expected = jax.tree.map(lambda x: tuple(x.shape), abstract_params(spec))
+    got = jax.tree.map(lambda x: tuple(x.shape), params)
+    if expected != got:
+        raise ValueError(f"parameters do not match the model spec for {path}")
+    path.mkdir(parents=True, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save((path / PARAMS_ITEM).resolve(), params)
+    checkpointer.wait_until_finished()
+    (path / SPEC_FILE).write_text(spec.to_json())
+    preprocessing = preprocessing or Preprocessing(image_size=spec.backbone.img_size)
+    (path / PREPROCESSING_FILE).write_text(preprocessing.to_json())
+    return path
+
+
+def load_spec(path: str | epath.Path) -> ModelSpec:
+    path = epath.Path(path)
+    if not (path / SPEC_FILE).exists():
+        raise FileNotFoundError(
+            f"{path} is not a raddino_jax parameter checkpoint (no {SPEC_FILE}); "
+            "create one with `python -m raddino_jax.convert from-torch`"
+        )
+    return ModelSpec.from_json((path / SPEC_FILE).read_text())
+
+
+def load_preprocessing(path: str | epath.Path) -> Preprocessing:
+    path = epath.Path(path) / PREPROCESSING_FILE
+    return Preprocessing(**json.loads(path.read_text())) if path.exists() else Preprocessing()
+
+
+def load_params(path: str | epath.Path, shardings=None) -> tuple[ModelSpec, dict]:
+    """Restore (spec, params); `shardings` (a matching tree of Shardings) places them directly."""
+    path = epath.Path(path)
+    spec = load_spec(path)
+    target = abstract_params(spec)
+    if shardings is not None:
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings
+        )
+    params = ocp.StandardCheckpointer().restore((path / PARAMS_ITEM).resolve(), target)
+    return spec, params
+
+
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_ITEMS = ("teacher", "student")
+
+
+def is_run_dir(path: str | epath.Path) -> bool:
+    """A training workdir: spec file plus an Orbax CheckpointManager directory."""
+    path = epath.Path(path)
+    return (path / SPEC_FILE).exists() and (path / CHECKPOINTS_DIR).is_dir()
+
+
+def load_run_params(path: str | epath.Path, which: str = "teacher", step: int | None = None):
+    """(spec, params) of `which` model from the latest (or given) step of a training run."""
+    if which not in MODEL_ITEMS:
+        raise ValueError(f"--which must be one of {MODEL_ITEMS}, got {which!r}")
+    path = epath.Path(path)
+    spec = load_spec(path)
+    manager = ocp.CheckpointManager((path / CHECKPOINTS_DIR).resolve(), item_names=MODEL_ITEMS)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{path / CHECKPOINTS_DIR} holds no finished checkpoint yet")
+    restored = manager.restore(
+        step, args=ocp.args.Composite(**{which: ocp.args.StandardRestore(abstract_params(spec))})
+    )
+    manager.close()
+    return spec, restored[which]
+
+
+def load_any_params(path: str | epath.Path, which: str = "teacher") -> tuple[ModelSpec, dict]:
+    """Params from a parameter checkpoint (from-torch output) or a training run directory.
+
+    For a training run the latest checkpoint's `which` model ("teacher", as dinov2 evaluates the
+    teacher, recipe s4; or "student") is restored.
+    """
+    path = epath.Path(path)
+    if is_param_checkpoint(path):
+        return load_params(path)
+    if is_run_dir(path):
+        return load_run_params(path, which)
+    raise FileNotFoundError(
+        f"{path} is neither a parameter checkpoint ({SPEC_FILE} + {PARAMS_ITEM}/) nor a training "
+        "run directory (checkpoints/); create one with `python -m raddino_jax.convert from-torch` "
+        "or `python -m raddino_jax.main`"
+    )
+
+
+def load_any_preprocessing(path: str | epath.Path) -> Preprocessing:
+    return load_preprocessing(path)
