@@ -3,7 +3,7 @@
 A parameter checkpoint is a directory (local or gs://) holding:
 - `model_spec.json`: the `ModelSpec` (architecture of backbone and heads);
 - `preprocessing.json`: the inference preprocessing the weights expect;
-- `params/`: an Orbax `StandardCheckpointer` item, the pure dict {"backbone": ..., "dino_head": ...}.
+- `params/`: an Orbax `StandardCheckpointer` item, the pure dict {"backbone", "dino_head", ...}.
 Restores always go through a target built from the spec, so shapes are checked and the arrays can
 land directly in any sharding.
 """

@@ -19,8 +19,12 @@ TINY = dict(embed_dim=32, depth=2, num_heads=2, img_size=56, layerscale_init=0.5
 
 @pytest.mark.parametrize(
     "arch, expected",
-    [("vit_small", 22_056_576), ("vit_base", 86_580_480), ("vit_large", 304_368_640),
-     ("vit_giant2", 1_136_480_768)],
+    [
+        ("vit_small", 22_056_576),
+        ("vit_base", 86_580_480),
+        ("vit_large", 304_368_640),
+        ("vit_giant2", 1_136_480_768),
+    ],
 )
 def test_param_counts_match_recipe(arch, expected):
     # recipe s1: 22.06M / 86.58M / 304.37M / 1136.5M at 518 px (pos 37x37), mask token included
@@ -40,11 +44,13 @@ def test_interpolation_matches_torch(m, out_hw, mode):
     grid = np.random.default_rng(0).standard_normal((m, m, 6)).astype(np.float32)
     t = torch.from_numpy(grid).permute(2, 0, 1)[None]
     if mode == "offset":  # original dinov2 call (recipe s1)
-        ref = F.interpolate(t, scale_factor=((out_hw[0] + 0.1) / m, (out_hw[1] + 0.1) / m),
-                            mode="bicubic")
+        ref = F.interpolate(
+            t, scale_factor=((out_hw[0] + 0.1) / m, (out_hw[1] + 0.1) / m), mode="bicubic"
+        )
     else:
-        ref = F.interpolate(t, size=out_hw, mode="bicubic", align_corners=False,
-                            antialias=mode == "size_antialias")
+        ref = F.interpolate(
+            t, size=out_hw, mode="bicubic", align_corners=False, antialias=mode == "size_antialias"
+        )
     ref = ref[0].permute(1, 2, 0).numpy()
     ours = np.asarray(resample_grid(jnp.asarray(grid), out_hw, mode))
     assert ours.shape == ref.shape
@@ -172,8 +178,11 @@ class TorchDINOHead(torch.nn.Module):
     def __init__(self, din, k, hidden, bottleneck):
         super().__init__()
         self.mlp = torch.nn.Sequential(
-            torch.nn.Linear(din, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden),
-            torch.nn.GELU(), torch.nn.Linear(hidden, bottleneck),
+            torch.nn.Linear(din, hidden),
+            torch.nn.GELU(),
+            torch.nn.Linear(hidden, hidden),
+            torch.nn.GELU(),
+            torch.nn.Linear(hidden, bottleneck),
         )
         self.last_layer = torch.nn.utils.weight_norm(torch.nn.Linear(bottleneck, k, bias=False))
 
@@ -190,7 +199,9 @@ def test_dino_head_matches_torch_reference():
     state = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
     cfg = HeadConfig(in_dim=16, out_dim=40, hidden_dim=24, bottleneck_dim=8)
     head = DINOHead(cfg, rngs=nnx.Rngs(0))
-    expected = {k: v.shape for k, v in names.flatten(nnx.state(head, nnx.Param).to_pure_dict()).items()}
+    expected = {
+        k: v.shape for k, v in names.flatten(nnx.state(head, nnx.Param).to_pure_dict()).items()
+    }
     flat = names.torch_to_ours(state, expected, names.HEAD_RULES, "head")
     nnx.state(head, nnx.Param).replace_by_pure_dict(names.unflatten(flat))
     graphdef, st = nnx.split(head)

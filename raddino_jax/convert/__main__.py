@@ -21,32 +21,53 @@ from raddino_jax.models import ModelSpec
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m raddino_jax.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m raddino_jax.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     imp = sub.add_parser("from-torch", help="PyTorch DINOv2 / RAD-DINO weights -> Orbax params")
     imp.add_argument("--input", required=True, help="transformers folder, .safetensors or .pth")
     imp.add_argument("--heads", help="DINO head file (e.g. RAD-DINO dino_head.safetensors)")
     imp.add_argument("--out", required=True, help="output directory (local or gs://)")
-    imp.add_argument("--which", default="teacher", choices=["teacher", "student"],
-                     help="which model of a dinov2 training checkpoint to import")
+    imp.add_argument(
+        "--which",
+        default="teacher",
+        choices=["teacher", "student"],
+        help="which model of a dinov2 training checkpoint to import",
+    )
     imp.add_argument("--num-heads", type=int, help="attention heads (default: config.json or D/64)")
-    imp.add_argument("--interpolate-mode", choices=["offset", "size", "size_antialias"],
-                     help="positional-embedding resampling (default: what the source used)")
+    imp.add_argument("--patch-size", type=int, help="expected patch size (checked against weights)")
+    imp.add_argument(
+        "--interpolate-mode",
+        choices=["offset", "size", "size_antialias"],
+        help="positional-embedding resampling (default: what the source used)",
+    )
     imp.add_argument("--mean", type=float, default=checkpoint.Preprocessing.mean)
     imp.add_argument("--std", type=float, default=checkpoint.Preprocessing.std)
 
-    for name, help_text in (("to-hf", "-> transformers Dinov2Model folder"),
-                            ("to-dinov2", "-> original dinov2 hub layout file")):
+    for name, help_text in (
+        ("to-hf", "-> transformers Dinov2Model folder"),
+        ("to-dinov2", "-> original dinov2 hub layout file"),
+    ):
         exp = sub.add_parser(name, help=help_text)
-        exp.add_argument("--checkpoint", required=True,
-                         help="a from-torch output or a training run directory")
+        exp.add_argument(
+            "--checkpoint", required=True, help="a from-torch output or a training run directory"
+        )
         exp.add_argument("--out", required=True)
-        exp.add_argument("--which", default="teacher", choices=["teacher", "student"],
-                         help="model of a training run to export (default: teacher)")
-        exp.add_argument("--verify", action="store_true",
-                         help="reload with torch/transformers and compare outputs")
+        exp.add_argument(
+            "--which",
+            default="teacher",
+            choices=["teacher", "student"],
+            help="model of a training run to export (default: teacher)",
+        )
+        exp.add_argument(
+            "--verify",
+            action="store_true",
+            help="reload with torch/transformers and compare outputs",
+        )
         if name == "to-dinov2":
             exp.add_argument("--heads", help="also write the DINO head (RAD-DINO dino_head layout)")
     return parser
@@ -63,8 +84,12 @@ def cmd_from_torch(args: argparse.Namespace) -> None:
     if (out / checkpoint.PARAMS_ITEM).exists():
         raise FileExistsError(f"{out} already holds a checkpoint; choose another --out")
     spec, params = from_torch.read_torch_weights(
-        args.input, args.heads, which=args.which,
-        num_heads=args.num_heads, interpolate_mode=args.interpolate_mode,
+        args.input,
+        args.heads,
+        which=args.which,
+        num_heads=args.num_heads,
+        interpolate_mode=args.interpolate_mode,
+        patch_size=args.patch_size,
     )
     pre = checkpoint.Preprocessing(image_size=spec.backbone.img_size, mean=args.mean, std=args.std)
     checkpoint.save_params(out, spec, params, pre)
@@ -90,7 +115,9 @@ def cmd_to_dinov2(args: argparse.Namespace) -> None:
     path = to_torch.write_state_dict(args.out, to_torch.backbone_to_dinov2(params))
     print(f"wrote dinov2 hub-layout backbone {path}")
     if args.heads:
-        head_path = to_torch.write_state_dict(args.heads, to_torch.head_to_dinov2(params["dino_head"]))
+        head_path = to_torch.write_state_dict(
+            args.heads, to_torch.head_to_dinov2(params["dino_head"])
+        )
         print(f"wrote DINO head {head_path}")
     if args.verify:
         from raddino_jax.convert import verify

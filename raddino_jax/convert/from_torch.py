@@ -42,7 +42,9 @@ def load_tensor_file(path: str | epath.Path) -> dict:
             return _load_safetensors_with_torch(data)
     if path.suffix in TORCH_SUFFIXES:
         return _load_torch_pickle(data, path)
-    raise ValueError(f"{path}: unknown weight file type; expected .safetensors or one of {TORCH_SUFFIXES}")
+    raise ValueError(
+        f"{path}: unknown weight file type; expected .safetensors or one of {TORCH_SUFFIXES}"
+    )
 
 
 def _load_safetensors_with_torch(data: bytes) -> dict:
@@ -82,7 +84,9 @@ def _read_hf_folder(folder: epath.Path) -> tuple[dict, dict]:
         return config, state
     if (folder / "pytorch_model.bin").exists():
         return config, load_tensor_file(folder / "pytorch_model.bin")
-    raise FileNotFoundError(f"{folder}: no model.safetensors / pytorch_model.bin next to config.json")
+    raise FileNotFoundError(
+        f"{folder}: no model.safetensors / pytorch_model.bin next to config.json"
+    )
 
 
 def _unwrap(obj: dict, which: str) -> dict:
@@ -114,6 +118,15 @@ def infer_vit_config(state: dict, hf_config: dict | None = None, **overrides) ->
             raise names.ConversionError("cannot infer the architecture", missing=[key])
     dim = state["cls_token"].shape[-1]
     patch = state["patch_embed.proj.weight"].shape[-1]
+    declared = overrides.get("patch_size") or (hf_config or {}).get("patch_size")
+    if declared is not None and declared != patch:
+        raise names.ConversionError(
+            "patch size disagrees with the weights",
+            misshaped=[
+                f"patch_embed.proj.weight: {patch}x{patch} kernel, but patch_size={declared} "
+                "(from config.json or --patch-size)"
+            ],
+        )
     in_chans = state["patch_embed.proj.weight"].shape[1]
     positions = state["pos_embed"].shape[1] - 1
     grid = math.isqrt(positions)
@@ -122,13 +135,21 @@ def infer_vit_config(state: dict, hf_config: dict | None = None, **overrides) ->
     block_ids = {int(m[1]) for k in state if (m := re.match(r"^blocks\.(\d+)\.", k))}
     depth = max(block_ids) + 1 if block_ids else 0
     swiglu = "blocks.0.mlp.w12.weight" in state
-    hidden = state["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in state else 4 * dim
+    hidden = (
+        state["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in state else 4 * dim
+    )
     registers = state["register_tokens"].shape[1] if "register_tokens" in state else 0
     heads = (hf_config or {}).get("num_attention_heads") or max(dim // 64, 1)
     mlp_ratio = (hf_config or {}).get("mlp_ratio") or (4.0 if swiglu else hidden / dim)
     kwargs = dict(
-        embed_dim=dim, depth=depth, num_heads=heads, patch_size=patch, img_size=grid * patch,
-        in_chans=in_chans, mlp_ratio=float(mlp_ratio), ffn_layer="swiglu" if swiglu else "mlp",
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        patch_size=patch,
+        img_size=grid * patch,
+        in_chans=in_chans,
+        mlp_ratio=float(mlp_ratio),
+        ffn_layer="swiglu" if swiglu else "mlp",
         num_register_tokens=registers,
         interpolate_mode="size_antialias" if registers else "offset",
     )
@@ -148,8 +169,12 @@ def infer_head_config(state: dict, dtype: str = "float32") -> HeadConfig:
         )
     first, last = state[f"mlp.{layers[0]}.weight"], state[f"mlp.{layers[-1]}.weight"]
     return HeadConfig(
-        in_dim=first.shape[1], hidden_dim=first.shape[0], bottleneck_dim=last.shape[0],
-        out_dim=state["last_layer.weight_v"].shape[0], nlayers=len(layers), dtype=dtype,
+        in_dim=first.shape[1],
+        hidden_dim=first.shape[0],
+        bottleneck_dim=last.shape[0],
+        out_dim=state["last_layer.weight_v"].shape[0],
+        nlayers=len(layers),
+        dtype=dtype,
     )
 
 
@@ -168,7 +193,9 @@ def read_torch_weights(
     hf_config = None
     if input_path.is_dir():
         if not (input_path / "config.json").exists():
-            raise FileNotFoundError(f"{input_path}: a folder input needs a transformers config.json")
+            raise FileNotFoundError(
+                f"{input_path}: a folder input needs a transformers config.json"
+            )
         hf_config, raw = _read_hf_folder(input_path)
     else:
         raw = load_tensor_file(input_path)
@@ -186,7 +213,9 @@ def read_torch_weights(
     head_states = {k: names.weight_norm_aliases(v) for k, v in groups.items()}
     if heads_path is not None:
         if "dino_head" in head_states:
-            raise ValueError(f"{input_path} already contains a dino_head; drop --heads {heads_path}")
+            raise ValueError(
+                f"{input_path} already contains a dino_head; drop --heads {heads_path}"
+            )
         head_raw = _unwrap(load_tensor_file(heads_path), which)
         head_raw = names.split_prefixed(head_raw, ("dino_head",))
         head_states["dino_head"] = names.weight_norm_aliases(
@@ -196,17 +225,32 @@ def read_torch_weights(
     vit = infer_vit_config(backbone, hf_config, **overrides)
     spec = ModelSpec(
         backbone=vit,
-        dino_head=infer_head_config(head_states["dino_head"]) if "dino_head" in head_states else None,
-        ibot_head=infer_head_config(head_states["ibot_head"]) if "ibot_head" in head_states else None,
+        dino_head=infer_head_config(head_states["dino_head"])
+        if "dino_head" in head_states
+        else None,
+        ibot_head=infer_head_config(head_states["ibot_head"])
+        if "ibot_head" in head_states
+        else None,
     )
     abstract = abstract_params(spec)
-    params = {"backbone": names.unflatten(names.torch_to_ours(
-        backbone, _expected(abstract["backbone"]), names.BACKBONE_RULES, f"backbone of {input_path}"
-    ))}
+    params = {
+        "backbone": names.unflatten(
+            names.torch_to_ours(
+                backbone,
+                _expected(abstract["backbone"]),
+                names.BACKBONE_RULES,
+                f"backbone of {input_path}",
+            )
+        )
+    }
     for head in ("dino_head", "ibot_head"):
         if head in head_states:
-            params[head] = names.unflatten(names.torch_to_ours(
-                head_states[head], _expected(abstract[head]), names.HEAD_RULES,
-                f"{head} of {heads_path or input_path}",
-            ))
+            params[head] = names.unflatten(
+                names.torch_to_ours(
+                    head_states[head],
+                    _expected(abstract[head]),
+                    names.HEAD_RULES,
+                    f"{head} of {heads_path or input_path}",
+                )
+            )
     return spec, params

@@ -26,7 +26,11 @@ class ConversionError(ValueError):
     """A strict conversion failed; the message lists every offending tensor name."""
 
     def __init__(self, what: str, missing=(), unexpected=(), misshaped=()):
-        self.missing, self.unexpected, self.misshaped = list(missing), list(unexpected), list(misshaped)
+        self.missing, self.unexpected, self.misshaped = (
+            list(missing),
+            list(unexpected),
+            list(misshaped),
+        )
         lines = [f"{what}: nothing was written."]
         for title, items in (
             ("missing (expected but absent)", self.missing),
@@ -169,7 +173,9 @@ def torch_to_ours(
             )
             continue
         out[path] = value
-    missing = sorted(set(expected) - set(out) - {m.split(" -> ")[1].split(":")[0] for m in misshaped})
+    missing = sorted(
+        set(expected) - set(out) - {m.split(" -> ")[1].split(":")[0] for m in misshaped}
+    )
     if unexpected or misshaped or missing:
         raise ConversionError(what, missing=missing, unexpected=unexpected, misshaped=misshaped)
     return out
@@ -188,22 +194,32 @@ def ours_to_torch(flat: dict[str, Array], rules: list[tuple[str, str, str]]) -> 
 def _inverse_rules(rules: list[tuple[str, str, str]]) -> list[tuple[re.Pattern, Callable, str]]:
     """Our-path regexes that regenerate the torch key, built from the forward rules."""
     table = {
-        "cls_token": "cls_token", "pos_embed": "pos_embed", "mask_token": "mask_token",
+        "cls_token": "cls_token",
+        "pos_embed": "pos_embed",
+        "mask_token": "mask_token",
         "register_tokens": "register_tokens",
         "patch_embed/proj/kernel": "patch_embed.proj.weight",
         "patch_embed/proj/bias": "patch_embed.proj.bias",
-        "norm/scale": "norm.weight", "norm/bias": "norm.bias",
-        "last_layer/weight_g": "last_layer.weight_g", "last_layer/weight_v": "last_layer.weight_v",
+        "norm/scale": "norm.weight",
+        "norm/bias": "norm.bias",
+        "last_layer/weight_g": "last_layer.weight_g",
+        "last_layer/weight_v": "last_layer.weight_v",
     }
     inverse: list[tuple[re.Pattern, Callable, str]] = []
     for path, key in table.items():
         inverse.append((re.compile(f"^{path}$"), lambda m, key=key: key, ""))
     block = r"^blocks/(\d+)/"
     inverse += [
-        (re.compile(block + r"(attn|mlp)/(\w+)/kernel$"),
-         lambda m: f"blocks.{m[1]}.{m[2]}.{m[3]}.weight", "linear"),
-        (re.compile(block + r"(attn|mlp)/(\w+)/bias$"),
-         lambda m: f"blocks.{m[1]}.{m[2]}.{m[3]}.bias", "identity"),
+        (
+            re.compile(block + r"(attn|mlp)/(\w+)/kernel$"),
+            lambda m: f"blocks.{m[1]}.{m[2]}.{m[3]}.weight",
+            "linear",
+        ),
+        (
+            re.compile(block + r"(attn|mlp)/(\w+)/bias$"),
+            lambda m: f"blocks.{m[1]}.{m[2]}.{m[3]}.bias",
+            "identity",
+        ),
         (re.compile(block + r"(norm1|norm2)/scale$"), lambda m: f"blocks.{m[1]}.{m[2]}.weight", ""),
         (re.compile(block + r"(norm1|norm2)/bias$"), lambda m: f"blocks.{m[1]}.{m[2]}.bias", ""),
         (re.compile(block + r"(ls1|ls2)/gamma$"), lambda m: f"blocks.{m[1]}.{m[2]}.gamma", ""),
@@ -238,9 +254,14 @@ _HF_EMBED = {
     "norm.bias": "layernorm.bias",
 }
 _HF_BLOCK = {  # dinov2 block suffix -> HF v4 layer suffix (qkv is split separately)
-    "norm1": "norm1", "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
-    "mlp.w12": "mlp.weights_in", "mlp.w3": "mlp.weights_out",
-    "ls1.gamma": "layer_scale1.lambda1", "ls2.gamma": "layer_scale2.lambda1",
+    "norm1": "norm1",
+    "norm2": "norm2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "mlp.w12": "mlp.weights_in",
+    "mlp.w3": "mlp.weights_out",
+    "ls1.gamma": "layer_scale1.lambda1",
+    "ls2.gamma": "layer_scale2.lambda1",
     "attn.proj": "attention.output.dense",
 }
 # transformers 5 in-memory names -> v4 on-disk names (recipe s9)
@@ -323,7 +344,9 @@ def hf_to_dinov2(state: dict[str, Array]) -> dict[str, Array]:
     for (layer, kind), parts in qkv.items():
         if set(parts) != {"query", "key", "value"}:
             for name, value in parts.items():
-                out[f"encoder.layer.{layer}.attention.attention.{name}.{kind}(incomplete qkv)"] = value
+                out[f"encoder.layer.{layer}.attention.attention.{name}.{kind}(incomplete qkv)"] = (
+                    value
+                )
             continue
         out[f"blocks.{layer}.attn.qkv.{kind}"] = np.concatenate(
             [parts["query"], parts["key"], parts["value"]], axis=0

@@ -86,7 +86,9 @@ def preprocessor_config(pre: Preprocessing) -> dict:
     }
 
 
-def write_hf(out: str | epath.Path, spec: ModelSpec, params: dict, pre: Preprocessing) -> epath.Path:
+def write_hf(
+    out: str | epath.Path, spec: ModelSpec, params: dict, pre: Preprocessing
+) -> epath.Path:
     """Write config.json, model.safetensors (v4 names) and preprocessor_config.json."""
     from safetensors.numpy import save as save_np
 
@@ -113,7 +115,9 @@ def write_state_dict(path: str | epath.Path, tensors: dict[str, np.ndarray]) -> 
         import torch
 
         buffer = io.BytesIO()
-        torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, buffer)
+        torch.save(
+            {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, buffer
+        )
         path.write_bytes(buffer.getvalue())
     else:
         raise ValueError(f"{path}: output must end in .safetensors, .pth or .pt")

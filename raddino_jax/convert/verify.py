@@ -63,9 +63,15 @@ def verify_hf_folder(folder: str | epath.Path, spec: ModelSpec, params: dict) ->
         )
     model.eval()
     images = random_images(spec)
-    diff = float(np.abs(torch_last_hidden_state(model, images) - jax_last_hidden_state(spec, params, images)).max())
+    diff = float(
+        np.abs(
+            torch_last_hidden_state(model, images) - jax_last_hidden_state(spec, params, images)
+        ).max()
+    )
     if not diff <= VERIFY_ATOL:
-        raise AssertionError(f"{folder}: torch and JAX outputs differ by {diff:.3g} > {VERIFY_ATOL}")
+        raise AssertionError(
+            f"{folder}: torch and JAX outputs differ by {diff:.3g} > {VERIFY_ATOL}"
+        )
     return diff
 
 

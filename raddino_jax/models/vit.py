@@ -52,9 +52,13 @@ class ViTConfig:
 
     def __post_init__(self):
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} not divisible by num_heads {self.num_heads}")
+            raise ValueError(
+                f"embed_dim {self.embed_dim} not divisible by num_heads {self.num_heads}"
+            )
         if self.img_size % self.patch_size:
-            raise ValueError(f"img_size {self.img_size} not a multiple of patch_size {self.patch_size}")
+            raise ValueError(
+                f"img_size {self.img_size} not a multiple of patch_size {self.patch_size}"
+            )
         if self.ffn_layer not in ("mlp", "swiglu"):
             raise ValueError(f"ffn_layer must be 'mlp' or 'swiglu', got {self.ffn_layer!r}")
         if self.interpolate_mode not in INTERPOLATE_MODES:
@@ -110,14 +114,22 @@ def _normal(std: float):
 def _torch_default_uniform(fan_in: int):
     """PyTorch's default Linear/Conv init: U(+-1/sqrt(fan_in)) (kaiming_uniform with a=sqrt 5)."""
     bound = 1.0 / math.sqrt(fan_in)
-    return lambda key, shape, dtype=PARAM_DTYPE: jax.random.uniform(key, shape, dtype, -bound, bound)
+    return lambda key, shape, dtype=PARAM_DTYPE: jax.random.uniform(
+        key, shape, dtype, -bound, bound
+    )
 
 
 def linear(din: int, dout: int, rngs: nnx.Rngs, dtype, *, use_bias: bool = True) -> nnx.Linear:
     """Linear with the dinov2 init: trunc_normal(0.02) kernel, zero bias."""
     return nnx.Linear(
-        din, dout, use_bias=use_bias, dtype=dtype, param_dtype=PARAM_DTYPE,
-        kernel_init=_trunc_normal_002, bias_init=nnx.initializers.zeros_init(), rngs=rngs,
+        din,
+        dout,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=PARAM_DTYPE,
+        kernel_init=_trunc_normal_002,
+        bias_init=nnx.initializers.zeros_init(),
+        rngs=rngs,
     )
 
 
@@ -132,10 +144,16 @@ class PatchEmbed(nnx.Module):
         fan_in = cfg.in_chans * cfg.patch_size**2
         self.patch_size = cfg.patch_size
         self.proj = nnx.Conv(
-            cfg.in_chans, cfg.embed_dim, (cfg.patch_size, cfg.patch_size),
-            strides=(cfg.patch_size, cfg.patch_size), padding="VALID", dtype=cfg.compute_dtype,
-            param_dtype=PARAM_DTYPE, kernel_init=_torch_default_uniform(fan_in),
-            bias_init=_torch_default_uniform(fan_in), rngs=rngs,
+            cfg.in_chans,
+            cfg.embed_dim,
+            (cfg.patch_size, cfg.patch_size),
+            strides=(cfg.patch_size, cfg.patch_size),
+            padding="VALID",
+            dtype=cfg.compute_dtype,
+            param_dtype=PARAM_DTYPE,
+            kernel_init=_torch_default_uniform(fan_in),
+            bias_init=_torch_default_uniform(fan_in),
+            rngs=rngs,
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -259,7 +277,9 @@ class DinoVisionTransformer(nnx.Module):
         if tuple(grid_hw) == (m, m):  # dinov2 and HF both skip interpolation here
             return pos
         patch = resample_grid(
-            pos[0, 1:].reshape(m, m, -1), grid_hw, self.cfg.interpolate_mode,
+            pos[0, 1:].reshape(m, m, -1),
+            grid_hw,
+            self.cfg.interpolate_mode,
             self.cfg.interpolate_offset,
         )
         return jnp.concatenate([pos[:, :1], patch.reshape(1, -1, pos.shape[-1])], axis=1)

@@ -1,0 +1,343 @@
+"""Pure pieces of the DINOv2 / iBOT / KoLeo objective (recipe s3).
+
+Every function here is a pure ``jax.numpy`` function of its arguments: no state, no RNG, no
+collectives. All arithmetic runs in float32 whatever the input dtype (bf16 head outputs are cast
+up first), as the recipe asks for softmax, log-softmax, Sinkhorn, centering and KoLeo (recipe s4,
+"Precision").
+
+Distributed semantics: the reference computes the losses per device and all-reduces the teacher
+statistics (centre, Sinkhorn sums). Under ``jax.jit`` with a batch sharded over a mesh, every
+``jnp.sum`` / ``jnp.mean`` below is already a *global* reduction, so the teacher statistics match
+the all-reduced reference, and the losses equal the reference's mean over devices whenever every
+device holds the same number of rows (what the reference's gradient averaging computes). KoLeo
+is the exception: it is per device batch in the reference, hence :func:`koleo_loss_grouped`.
+
+Names: ``n`` rows (samples or tokens), ``K`` prototypes, ``S`` student crops, ``T`` teacher
+crops, ``B`` images per crop, ``M`` masked-token buffer rows.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "dino_loss",
+    "entropy",
+    "ibot_loss",
+    "koleo_loss",
+    "koleo_loss_grouped",
+    "mean_kl_divergence",
+    "sinkhorn_knopp_teacher",
+    "softmax_center_teacher",
+    "update_center",
+]
+
+# torch F.normalize(eps=1e-8) and F.pairwise_distance(eps=1e-8) in dinov2's KoLeoLoss (recipe s3).
+_KOLEO_EPS = 1e-8
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _f32(x: jax.Array) -> jax.Array:
+    """Casts an array to float32 (no-op when it already is)."""
+    return jnp.asarray(x, dtype=jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher targets
+# ----------------------------------------------------------------------------------------------
+
+
+def softmax_center_teacher(
+    teacher_logits: jax.Array, center: jax.Array, temperature: float | jax.Array
+) -> jax.Array:
+    """Centred, sharpened teacher distribution ``softmax((z - c) / T)`` (recipe s3).
+
+    Args:
+      teacher_logits: ``[n, K]`` teacher head outputs (any float dtype).
+      center: ``[K]`` (or anything broadcastable to ``[n, K]``) running centre.
+      temperature: teacher temperature ``T`` (python float or traced scalar).
+
+    Returns:
+      ``[n, K]`` float32 probabilities, treated as constants (``stop_gradient``): they are targets.
+    """
+    scaled = (_f32(teacher_logits) - _f32(center)) / _f32(temperature)
+    return jax.lax.stop_gradient(jax.nn.softmax(scaled, axis=-1))
+
+
+def update_center(
+    center: jax.Array,
+    teacher_logits: jax.Array,
+    momentum: float | jax.Array,
+    *,
+    valid: jax.Array | None = None,
+) -> jax.Array:
+    """EMA of the batch-mean teacher logits: ``c * m + (1 - m) * mean_rows(z)`` (recipe s3).
+
+    The caller applies the result at the *next* step (the reference's lagged update).
+
+    By default the mean runs over **all** rows, padding included: for the iBOT centre the
+    reference averages over the whole ``upperbound`` buffer, zero-logit padding rows and all
+    (recipe s3 quirk), so pass the padded buffer with ``valid=None`` to reproduce it. With
+    ``valid`` given, only the valid rows are averaged (a clean alternative; an all-invalid batch
+    leaves the centre's data term at 0).
+
+    Under ``jax.jit`` with a sharded batch ``jnp.mean`` / ``jnp.sum`` are global reductions, so
+    this equals the reference's all-reduced mean.
+
+    Args:
+      center: ``[K]`` current centre.
+      teacher_logits: ``[n, K]`` teacher head outputs of this step.
+      momentum: EMA momentum ``m`` (0.9 in the reference).
+      valid: optional ``bool[n]``; rows to average.
+
+    Returns:
+      ``[K]`` float32 updated centre.
+    """
+    logits = _f32(teacher_logits)
+    if valid is None:
+        batch_mean = jnp.mean(logits, axis=0)
+    else:
+        row_weight = _f32(valid)[:, None]
+        safe_logits = jnp.where(row_weight > 0, logits, 0.0)
+        count = jnp.maximum(jnp.sum(row_weight), 1.0)
+        batch_mean = jnp.sum(safe_logits * row_weight, axis=0) / count
+    momentum = _f32(momentum)
+    return _f32(center) * momentum + (1.0 - momentum) * batch_mean
+
+
+def _safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+    """``numerator / denominator`` with 0 where the denominator is 0 (empty rows/columns)."""
+    nonzero = denominator > 0
+    return jnp.where(nonzero, numerator / jnp.where(nonzero, denominator, 1.0), 0.0)
+
+
+def sinkhorn_knopp_teacher(
+    teacher_logits: jax.Array,
+    temperature: float | jax.Array,
+    n_iterations: int = 3,
+    valid: jax.Array | None = None,
+) -> jax.Array:
+    """Sinkhorn-Knopp teacher targets (recipe s3, ``centering: sinkhorn_knopp``).
+
+    The reference works on ``Q = exp(z / T)^T`` of shape ``[K, B]``; we keep the ``[n, K]``
+    layout, so its "row sums" (over samples, one per prototype) are our ``axis=0`` sums and its
+    "column sums" (over prototypes, one per sample) our ``axis=1`` sums:
+
+    1. ``Q /= sum(Q)``;
+    2. ``n_iterations`` times: ``Q /= per-prototype sums; Q /= K``, then
+       ``Q /= per-sample sums; Q /= B_tot``;
+    3. ``Q *= B_tot``, so each sample's row is a distribution.
+
+    The global max (over valid entries) is subtracted before ``exp``; this is a common factor
+    that the first normalisation removes, so the result is unchanged but cannot overflow.
+    A prototype whose mass underflows to 0 for every sample stays at 0 instead of producing
+    ``0/0`` (where the float32 reference would return NaN).
+
+    Args:
+      teacher_logits: ``[n, K]`` teacher head outputs.
+      temperature: teacher temperature ``T``.
+      n_iterations: Sinkhorn iterations (3 in the reference).
+      valid: optional ``bool[n]``. Invalid rows (e.g. masked-token padding) are excluded from
+        every sum, ``B_tot`` is the number of valid rows, and they come back as exact zeros.
+        Under ``jit`` with a sharded batch all sums (and ``B_tot``) are global, matching the
+        reference's all-reduces.
+
+    Returns:
+      ``[n, K]`` float32 probabilities (``stop_gradient``): valid rows sum to 1.
+    """
+    scaled = _f32(teacher_logits) / _f32(temperature)
+    n_rows, n_prototypes = scaled.shape
+    if valid is None:
+        row_valid = jnp.ones((n_rows, 1), dtype=bool)
+        batch_total = jnp.float32(n_rows)
+    else:
+        row_valid = jnp.asarray(valid, dtype=bool)[:, None]
+        batch_total = jnp.sum(row_valid, dtype=jnp.float32)
+    global_max = jnp.max(jnp.where(row_valid, scaled, -jnp.inf))
+    # If no row is valid, the max is -inf; keep exp's argument finite (everything is masked).
+    global_max = jnp.where(jnp.isfinite(global_max), global_max, 0.0)
+    q = jnp.where(row_valid, jnp.exp(scaled - global_max), 0.0)
+    # Dividing by max(B_tot, 1) keeps an all-invalid batch at exact zeros instead of 0/0.
+    safe_total = jnp.maximum(batch_total, 1.0)
+    q = _safe_divide(q, jnp.sum(q))
+    for _ in range(n_iterations):
+        q = _safe_divide(q, jnp.sum(q, axis=0, keepdims=True)) / n_prototypes
+        q = _safe_divide(q, jnp.sum(q, axis=1, keepdims=True)) / safe_total
+    return jax.lax.stop_gradient(q * batch_total)
+
+
+# ----------------------------------------------------------------------------------------------
+# Student losses
+# ----------------------------------------------------------------------------------------------
+
+
+def dino_loss(
+    student_logits: jax.Array, teacher_probs: jax.Array, student_temperature: float | jax.Array
+) -> jax.Array:
+    """DINO [CLS] cross-entropy over all (student crop, other teacher crop) pairs (recipe s3).
+
+    Pair ``(s, t)`` contributes ``mean_b H(p_t, softmax(z_s / tau))`` for every ``s != t``; the
+    result is the mean over those ``S*T - T`` pairs (18 for S=10, T=2). The first ``T`` student
+    crops are the global crops the teacher saw, in the teacher's order, so excluding ``s == t``
+    pairs student global 1 with teacher global 2 and vice versa: the reference's crop swap.
+
+    Identity used to avoid materialising ``[S, T, B, K]``: with ``l_s = log_softmax(z_s / tau)``,
+
+        sum_{s, t != s} sum_{b,k} p_tbk l_sbk
+          = sum_s sum_{b,k} (sum_t p_tbk) l_sbk  -  sum_{s < T} sum_{b,k} p_sbk l_sbk,
+
+    i.e. the teacher probabilities summed over crops, minus the diagonal (same-crop) term.
+
+    Args:
+      student_logits: ``[S, B, K]`` student head outputs, globals first then locals.
+      teacher_probs: ``[T, B, K]`` teacher targets (each row a distribution), ``T <= S``.
+      student_temperature: ``tau`` (0.1 in the reference).
+
+    Returns:
+      float32 scalar loss.
+    """
+    n_student, batch, _ = student_logits.shape
+    n_teacher = teacher_probs.shape[0]
+    if n_teacher > n_student:
+        raise ValueError(f"need T <= S teacher crops, got T={n_teacher}, S={n_student}")
+    n_pairs = n_student * n_teacher - n_teacher
+    if n_pairs == 0:
+        raise ValueError("dino_loss needs at least one (s, t) pair with s != t")
+    log_q = jax.nn.log_softmax(_f32(student_logits) / _f32(student_temperature), axis=-1)
+    probs = _f32(teacher_probs)
+    all_pairs = jnp.sum(log_q * jnp.sum(probs, axis=0)[None])
+    same_crop = jnp.sum(log_q[:n_teacher] * probs)
+    return -(all_pairs - same_crop) / (batch * n_pairs)
+
+
+def ibot_loss(
+    student_logits: jax.Array,
+    teacher_probs: jax.Array,
+    token_weights: jax.Array,
+    n_crops: int | jax.Array,
+    student_temperature: float | jax.Array,
+) -> jax.Array:
+    """iBOT masked-patch loss over a padded token buffer (recipe s3).
+
+    ``-(1 / n_crops) * sum_m w_m * sum_k p_mk * log softmax(z_m / tau)_k`` with ``w_m = 1/M_i``
+    for a masked token of crop ``i`` (so each masked crop contributes its mean cross-entropy)
+    and ``n_crops = 2B`` counting unmasked crops too (recipe s3, pitfall 5).
+
+    Padding rows have ``w = 0``. Their logits and targets may be garbage (uninitialised buffer
+    rows, inf, NaN): they are replaced by zeros *before* any arithmetic, so neither the value
+    nor the gradient can pick up a NaN.
+
+    Args:
+      student_logits: ``[M, K]`` student head outputs at masked positions (padded buffer).
+      teacher_probs: ``[M, K]`` teacher targets at the same positions.
+      token_weights: ``[M]`` ``1/M_i`` per masked token, 0 for padding.
+      n_crops: number of global crops in the batch (``2B``; global under jit).
+      student_temperature: ``tau``.
+
+    Returns:
+      float32 scalar loss.
+    """
+    weights = _f32(token_weights)
+    is_token = (weights != 0)[:, None]
+    logits = jnp.where(is_token, _f32(student_logits), 0.0)
+    probs = jnp.where(is_token, _f32(teacher_probs), 0.0)
+    log_q = jax.nn.log_softmax(logits / _f32(student_temperature), axis=-1)
+    cross_entropy = -jnp.sum(probs * log_q, axis=-1)
+    return jnp.sum(weights * cross_entropy) / _f32(n_crops)
+
+
+def _l2_normalize_rows(x: jax.Array) -> jax.Array:
+    """``x / max(||x||, 1e-8)`` row-wise (torch ``F.normalize(eps=1e-8)``), NaN-free gradient.
+
+    ``sqrt(max(|x|^2, eps^2))`` equals ``max(|x|, eps)`` but has a finite gradient at ``x = 0``.
+    """
+    squared_norm = jnp.sum(x * x, axis=-1, keepdims=True)
+    return x / jnp.sqrt(jnp.maximum(squared_norm, _KOLEO_EPS**2))
+
+
+def koleo_loss(x: jax.Array) -> jax.Array:
+    """KoLeo entropy regulariser on one batch of features (recipe s3).
+
+    ``xhat = x / max(||x||, 1e-8)``; the nearest neighbour of row ``b`` is the argmax of
+    ``xhat xhat^T`` with the diagonal set to -1; ``d_b = || xhat_b - xhat_nn(b) + 1e-8 ||`` (torch
+    ``pairwise_distance`` adds its eps to the difference); loss ``= -mean_b log(d_b + 1e-8)``.
+
+    Duplicate rows give ``d_b = 1e-8 * sqrt(D)``: a large but finite loss with finite gradient.
+    The neighbour index is a discrete choice and carries no gradient (as in torch).
+
+    Args:
+      x: ``[B, D]`` features (the student backbone's pre-head CLS), ``B >= 2``.
+
+    Returns:
+      float32 scalar (unweighted: the 0.1 weight and the sum over crops belong to the step).
+    """
+    features = _l2_normalize_rows(_f32(x))
+    similarity = jnp.matmul(features, features.T, precision=_HIGHEST)
+    diagonal = jnp.eye(features.shape[0], dtype=bool)
+    neighbour = jnp.argmax(jnp.where(diagonal, -1.0, similarity), axis=1)
+    difference = features - features[neighbour] + _KOLEO_EPS
+    distance = jnp.sqrt(jnp.sum(difference * difference, axis=-1))
+    return -jnp.mean(jnp.log(distance + _KOLEO_EPS))
+
+
+def koleo_loss_grouped(x: jax.Array, group_size: int) -> jax.Array:
+    """Mean of :func:`koleo_loss` over consecutive groups of ``group_size`` rows.
+
+    The reference computes KoLeo per device batch (no all-gather, recipe s3), and gradient
+    averaging over devices makes the effective loss the mean over devices. With one global
+    crop's features laid out device-major as ``[devices * B, D]``, ``group_size = B`` reproduces
+    that: neighbours are only searched inside each device's ``B`` rows.
+
+    Args:
+      x: ``[N, D]`` features, ``N`` divisible by ``group_size``.
+      group_size: rows per group (the per-device batch ``B``).
+
+    Returns:
+      float32 scalar.
+    """
+    n_rows = x.shape[0]
+    if group_size <= 0 or n_rows % group_size != 0:
+        raise ValueError(f"{n_rows} rows cannot be split into groups of {group_size}")
+    groups = x.reshape(n_rows // group_size, group_size, *x.shape[1:])
+    return jnp.mean(jax.vmap(koleo_loss)(groups))
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _xlogy(p: jax.Array, q: jax.Array) -> jax.Array:
+    """``p * log(q)`` with the convention ``0 * log(0) = 0`` (finite everywhere)."""
+    positive = p > 0
+    return jnp.where(positive, p * jnp.log(jnp.where(positive, q, 1.0)), 0.0)
+
+
+def entropy(probs: jax.Array) -> jax.Array:
+    """Mean entropy in nats of ``[n, K]`` row distributions (``0 log 0 = 0``); float32 scalar.
+
+    Useful to watch teacher collapse (entropy -> 0) or uniformity (entropy -> log K).
+    """
+    probs = _f32(probs)
+    return -jnp.mean(jnp.sum(_xlogy(probs, probs), axis=-1))
+
+
+def mean_kl_divergence(
+    teacher_probs: jax.Array, student_logits: jax.Array, student_temperature: float | jax.Array
+) -> jax.Array:
+    """Mean over rows of ``KL(p_teacher || softmax(z_student / tau))`` in nats; float32 scalar.
+
+    Equals the cross-entropy loss minus the teacher entropy: the part of the loss the student
+    can still remove.
+
+    Args:
+      teacher_probs: ``[n, K]`` teacher distributions.
+      student_logits: ``[n, K]`` student head outputs.
+      student_temperature: ``tau``.
+    """
+    probs = _f32(teacher_probs)
+    log_q = jax.nn.log_softmax(_f32(student_logits) / _f32(student_temperature), axis=-1)
+    cross_term = jnp.where(probs > 0, probs * log_q, 0.0)
+    return jnp.mean(jnp.sum(_xlogy(probs, probs) - cross_term, axis=-1))
