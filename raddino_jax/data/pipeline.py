@@ -1,0 +1,324 @@
+"""Grain input pipeline: records -> multi-crop host batches with iBOT masks -> global jax.Arrays.
+
+The pipeline (recipe s5, s7), built on ``grain.MapDataset`` so that every element is a pure
+function of (seed, position) and the iterator state is a single index:
+
+1. ``shuffle(seed)`` over the whole source, ``repeat()`` forever. Grain folds the epoch into
+   the shuffle seed, so every epoch is a different, deterministic permutation.
+2. ``random_map`` decode (PNG bytes or an already decoded array) + multi-crop. Its rng is keyed
+   by the *global* position in the shuffled stream, so an image's crops do not depend on how
+   many processes share the work (Grain's maps are lazy: only this process's positions are
+   ever computed).
+3. Per-process shard ``[process_index::process_count]``: disjoint, and within an epoch whose
+   length is a multiple of ``process_count`` together covering the source.
+4. ``batch(per_process_batch, drop_remainder=True)`` into crop-major arrays (recipe s7).
+5. Batch-level ``random_map`` adding iBOT masks, drawn per group of ``mask_group_size``
+   consecutive images (the reference draws per device batch).
+6. ``to_iter_dataset`` and, optionally, ``mp_prefetch`` worker processes.
+
+Host batch layout (``Bp`` = per_process_batch, ``n_groups = Bp / mask_group_size``, ``b`` =
+mask_group_size, ``N = (G // patch)**2``, ``U = mask_upper_bound(2b, N)``):
+
+- ``global_crops`` float32 [2, Bp, G, G, 1]; ``local_crops`` float32 [n_local, Bp, L, L, 1]
+- ``masks`` bool [2, Bp, N]
+- ``mask_indices`` int32 [n_groups, U]: flat ``crop * N + patch`` into the group's
+  [2, b, N] tokens (crop = k * b + i for global crop k of the group's image i)
+- ``mask_weights`` float32 [n_groups, U]; ``mask_valid`` bool [n_groups, U]
+
+Record metadata other than ``image`` is dropped. Keep this module importable without side
+effects: Grain worker processes re-import it and unpickle the transforms below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import cv2
+import grain
+import jax
+import numpy as np
+
+from raddino_jax.data import augment
+from raddino_jax.ssl import masking
+
+# Axis of each batch array that indexes images; it is the axis that is split across
+# processes and devices (see ``to_global_batch``).
+IMAGE_AXIS: dict[str, int] = {
+    "global_crops": 1,
+    "local_crops": 1,
+    "masks": 1,
+    "mask_indices": 0,
+    "mask_weights": 0,
+    "mask_valid": 0,
+}
+
+# Stream identifiers mixed into the user seed so the pipeline's random ops are independent.
+_CROP_STREAM = 1
+_MASK_STREAM = 2
+
+
+class RandomAccessSource(Protocol):
+    """What the pipeline reads: ``len(source)`` and ``source[i] -> {"image": ..., ...}``."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Mapping[str, Any]: ...
+
+
+def derive_seed(*words: int) -> int:
+    """A 32-bit seed (Grain's range) derived from a tuple of non-negative ints."""
+    return int(np.random.SeedSequence(list(words)).generate_state(1, dtype=np.uint32)[0])
+
+
+def decode_image(image: bytes | np.ndarray) -> np.ndarray:
+    """PNG bytes (8- or 16-bit grayscale) or a decoded [H, W(, 1)] array -> [H, W] uint8/16.
+
+    A 1-D uint8 array is taken as encoded bytes (how some readers hand out binary fields).
+    """
+    if isinstance(image, np.ndarray) and image.ndim >= 2:
+        return augment.as_2d_image(image)
+    if isinstance(image, np.ndarray):
+        encoded = image.view(np.uint8).reshape(-1)
+    else:
+        encoded = np.frombuffer(image, dtype=np.uint8)
+    decoded = cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED)
+    if decoded is None:
+        raise ValueError(f"could not decode an image from {encoded.size} bytes")
+    return augment.as_2d_image(decoded)
+
+
+class DecodeAndMultiCrop(grain.transforms.RandomMap):
+    """Record -> {"global_crops": [2, G, G, 1], "local_crops": [n_local, L, L, 1]} float32."""
+
+    def __init__(self, crop_cfg: augment.MultiCropConfig):
+        self.crop_cfg = crop_cfg
+
+    def random_map(self, element: Mapping[str, Any], rng: np.random.Generator) -> dict:
+        image = decode_image(element["image"])
+        return augment.multi_crop(image, rng, self.crop_cfg)
+
+
+def stack_crop_major(samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Batches per-image crops [n_crops, S, S, 1] into crop-major [n_crops, B, S, S, 1].
+
+    Crop-major with an explicit crop axis is DINOv2's collate layout (recipe s7) and keeps the
+    image axis (1) shardable.
+    """
+    return {key: np.stack([s[key] for s in samples], axis=1) for key in samples[0]}
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    """Static shapes of the iBOT masks of one host batch."""
+
+    per_process_batch: int
+    mask_group_size: int
+    grid_hw: tuple[int, int]
+    mask_ratio_min_max: tuple[float, float]
+    mask_sample_probability: float
+
+    @property
+    def n_groups(self) -> int:
+        return self.per_process_batch // self.mask_group_size
+
+    @property
+    def n_tokens(self) -> int:
+        return self.grid_hw[0] * self.grid_hw[1]
+
+    @property
+    def upper_bound(self) -> int:
+        """U, the static masked-token buffer per group (recipe s7)."""
+        return masking.mask_upper_bound(
+            2 * self.mask_group_size,
+            self.n_tokens,
+            self.mask_ratio_min_max,
+            self.mask_sample_probability,
+        )
+
+
+class AddIbotMasks(grain.transforms.RandomMap):
+    """Adds masks / mask_indices / mask_weights / mask_valid to a crop-major host batch."""
+
+    def __init__(self, spec: MaskSpec):
+        self.spec = spec
+
+    def random_map(self, batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict:
+        spec = self.spec
+        b, upper = spec.mask_group_size, spec.upper_bound
+        masks = np.zeros((2, spec.per_process_batch, spec.n_tokens), dtype=bool)
+        indices = np.zeros((spec.n_groups, upper), dtype=np.int32)
+        weights = np.zeros((spec.n_groups, upper), dtype=np.float32)
+        valid = np.zeros((spec.n_groups, upper), dtype=bool)
+        for g in range(spec.n_groups):
+            group = masking.sample_ibot_masks(
+                rng,
+                2 * b,
+                spec.grid_hw,
+                spec.mask_ratio_min_max,
+                spec.mask_sample_probability,
+                upper_bound=upper,
+            )
+            # Group rows are crop-major [crop 1 of the b images; crop 2 of the b images].
+            masks[:, g * b : (g + 1) * b] = group.masks.reshape(2, b, spec.n_tokens)
+            indices[g], weights[g], valid[g] = group.indices, group.weights, group.valid
+        return {
+            **batch,
+            "masks": masks,
+            "mask_indices": indices,
+            "mask_weights": weights,
+            "mask_valid": valid,
+        }
+
+
+def shuffled_stream(source: RandomAccessSource, seed: int) -> grain.MapDataset:
+    """Infinite stream of records, a fresh seeded permutation of the source every epoch."""
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    return grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+
+
+def shard(dataset: grain.MapDataset, process_index: int, process_count: int) -> grain.MapDataset:
+    """This process's disjoint share: positions process_index, +process_count, ..."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"bad process_index={process_index} for process_count={process_count}")
+    return dataset[process_index::process_count]
+
+
+def sharded_records(
+    source: RandomAccessSource,
+    *,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.MapDataset:
+    """The raw records this process reads, in order (the order ``make_dataset`` uses)."""
+    process_index, process_count = _process_layout(process_index, process_count)
+    return shard(shuffled_stream(source, seed), process_index, process_count)
+
+
+def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """Defaults to this JAX process's (index, count)."""
+    if process_index is None:
+        process_index = jax.process_index()
+    if process_count is None:
+        process_count = jax.process_count()
+    return process_index, process_count
+
+
+def make_dataset(
+    source: RandomAccessSource,
+    *,
+    seed: int,
+    per_process_batch: int,
+    crop_cfg: augment.MultiCropConfig,
+    mask_group_size: int,
+    patch_size: int = 14,
+    mask_ratio_min_max: tuple[float, float] = (0.1, 0.5),
+    mask_sample_probability: float = 0.5,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_workers: int = 0,
+    read_threads: int = 0,
+    prefetch_buffer: int = 2,
+) -> grain.IterDataset:
+    """The training input pipeline: an infinite, deterministic, resumable stream of host batches.
+
+    Args:
+      source: random-access records with an ``image`` (PNG bytes or [H, W(, 1)] uint8/uint16).
+      seed: pipeline seed in [0, 2**32); shuffle, crops and masks derive from it.
+      per_process_batch: images per host batch, Bp.
+      crop_cfg: multi-crop recipe; ``global_size`` must be a multiple of ``patch_size``.
+      mask_group_size: images per mask draw (the per-device batch); must divide Bp.
+      patch_size: ViT patch size; the mask grid is global_size // patch_size.
+      mask_ratio_min_max, mask_sample_probability: iBOT masking (recipe s7).
+      process_index, process_count: data-parallel layout; default jax.process_index()/count().
+      num_workers: Grain worker processes (0: compute in this process).
+      read_threads: threads per process computing batches (0: on demand in ``next``).
+      prefetch_buffer: batches buffered per worker (and per process when read_threads > 0).
+
+    Returns:
+      A ``grain.IterDataset`` of host batches (layout in the module docstring). Iterators
+      support ``get_state`` / ``set_state`` and Orbax via ``checkpoint_save_args``.
+    """
+    if per_process_batch <= 0 or mask_group_size <= 0 or per_process_batch % mask_group_size:
+        raise ValueError(
+            f"mask_group_size={mask_group_size} must divide per_process_batch={per_process_batch}"
+        )
+    if crop_cfg.global_size % patch_size:
+        raise ValueError(f"global_size={crop_cfg.global_size} is not a multiple of {patch_size}")
+    process_index, process_count = _process_layout(process_index, process_count)
+    grid = crop_cfg.global_size // patch_size
+    spec = MaskSpec(
+        per_process_batch=per_process_batch,
+        mask_group_size=mask_group_size,
+        grid_hw=(grid, grid),
+        mask_ratio_min_max=tuple(mask_ratio_min_max),
+        mask_sample_probability=mask_sample_probability,
+    )
+    crops = shuffled_stream(source, seed).random_map(
+        DecodeAndMultiCrop(crop_cfg), seed=derive_seed(seed, _CROP_STREAM)
+    )
+    batches = (
+        shard(crops, process_index, process_count)
+        .batch(per_process_batch, drop_remainder=True, batch_fn=stack_crop_major)
+        .random_map(
+            AddIbotMasks(spec),
+            seed=derive_seed(seed, _MASK_STREAM, process_index, process_count),
+        )
+    )
+    read_options = grain.ReadOptions(
+        num_threads=read_threads,
+        prefetch_buffer_size=max(prefetch_buffer, read_threads) if read_threads else 0,
+    )
+    dataset = batches.to_iter_dataset(read_options)
+    if num_workers > 0:
+        dataset = dataset.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=num_workers, per_worker_buffer_size=prefetch_buffer
+            )
+        )
+    return dataset
+
+
+# ---------------------------------------------------------------------------------------------
+# Iterator state and Orbax
+# ---------------------------------------------------------------------------------------------
+
+
+def checkpoint_save_args(iterator: grain.DatasetIterator) -> Any:
+    """Orbax args saving this iterator, e.g. ``ocp.args.Composite(data=...)``.
+
+    Grain's handler writes ``process_<i>-of-<n>.json`` per process with the iterator state.
+    """
+    return grain.checkpoint.CheckpointSave(item=iterator)
+
+
+def checkpoint_restore_args(iterator: grain.DatasetIterator) -> Any:
+    """Orbax args restoring into ``iterator`` (a fresh iterator of the same dataset)."""
+    return grain.checkpoint.CheckpointRestore(item=iterator)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host batch -> global jax.Array
+# ---------------------------------------------------------------------------------------------
+
+
+def to_global_batch(
+    host_batch: Mapping[str, np.ndarray], shardings: Mapping[str, jax.sharding.Sharding]
+) -> dict[str, jax.Array]:
+    """Assembles every process's host batch into global arrays.
+
+    Each process passes its own batch; the global shape is inferred from the sharding (its
+    image axis, ``IMAGE_AXIS``, is ``process_count`` times longer). ``shardings`` must name
+    exactly the batch's keys, so a typo is an error rather than a silently unsharded array.
+    """
+    if set(host_batch) != set(shardings):
+        raise KeyError(
+            f"batch keys {sorted(host_batch)} differ from sharding keys {sorted(shardings)}"
+        )
+    return {
+        key: jax.make_array_from_process_local_data(shardings[key], np.asarray(value))
+        for key, value in host_batch.items()
+    }
