@@ -1,0 +1,58 @@
+"""Inference preprocessing, identical to the exported `preprocessor_config.json` (recipe s8).
+
+transformers' BitImageProcessor: resize the shorter side to S (PIL bicubic on 8-bit pixels, the
+longer side truncated: int(S * long / short)), centre crop S x S, rescale 1/255, normalise with
+the radiograph mean/std on every channel. Grayscale is replicated to 3 channels (NHWC).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from etils import epath
+from PIL import Image
+
+from raddino_jax.checkpoint import Preprocessing
+
+
+def to_uint8(pixels01: np.ndarray) -> np.ndarray:
+    """[0, 1] float image -> uint8 (round half to even, like PIL's conversion of 255 * x)."""
+    return np.clip(np.rint(np.asarray(pixels01, np.float64) * 255.0), 0, 255).astype(np.uint8)
+
+
+def preprocess_uint8(image: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """uint8 [H, W] (or [H, W, 1|3]) -> float32 [S, S, 3] normalised network input."""
+    image = np.asarray(image)
+    if image.ndim == 3:
+        image = image[..., 0] if image.shape[-1] == 1 else image
+    if image.dtype != np.uint8:
+        raise TypeError(f"preprocess_uint8 expects uint8 pixels, got {image.dtype}")
+    pil = Image.fromarray(image)
+    width, height = pil.size
+    size = pre.image_size
+    if width <= height:
+        new_w, new_h = size, int(size * height / width)
+    else:
+        new_w, new_h = int(size * width / height), size
+    pil = pil.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
+    array = np.asarray(pil)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    array = array[top : top + size, left : left + size]
+    out = (array.astype(np.float64) / 255.0 - pre.mean) / pre.std
+    if out.ndim == 2:
+        out = np.repeat(out[..., None], 3, axis=-1)
+    return out.astype(np.float32)
+
+
+def load_image_uint8(path: str | epath.Path) -> np.ndarray:
+    """A DICOM / PNG / JPEG file -> uint8 [H, W] with high = dense (data_prep decoders)."""
+    from data_prep.build import classify_file
+    from data_prep.dicom import decode_dicom
+    from data_prep.images import decode_raster
+
+    path = epath.Path(path)
+    kind = classify_file(path)
+    if kind == "dicom":
+        return to_uint8(decode_dicom(path).pixels)
+    if kind == "raster":
+        return to_uint8(decode_raster(path).pixels)
+    raise ValueError(f"{path}: not an image this project reads (DICOM, PNG or JPEG)")
