@@ -77,7 +77,9 @@ def iter_batches(
         with source.open("rb") as handle:
             array = np.load(handle)
         if array.ndim != 4 or array.shape[-1] != 3:
-            raise ValueError(f"{source}: expected (N, H, W, 3) preprocessed images, got {array.shape}")
+            raise ValueError(
+                f"{source}: expected (N, H, W, 3) preprocessed images, got {array.shape}"
+            )
         for start in range(0, len(array), batch_size):
             yield array[start : start + batch_size].astype(np.float32), []
         return
@@ -114,8 +116,11 @@ def extract_features(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m raddino_jax.extract", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m raddino_jax.extract",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--checkpoint", required=True, help="params checkpoint or training run dir")
     parser.add_argument("--input", required=True, help=".npy, folder, .txt list or image file")
     parser.add_argument("--out", required=True, help="output .npz")
@@ -124,8 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--which", default="teacher", choices=["teacher", "student"])
     args = parser.parse_args(argv)
     try:
-        result = extract_features(args.checkpoint, args.input, n_layers=args.layers,
-                                  batch_size=args.batch_size, which=args.which)
+        result = extract_features(
+            args.checkpoint,
+            args.input,
+            n_layers=args.layers,
+            batch_size=args.batch_size,
+            which=args.which,
+        )
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -18,8 +18,9 @@ from raddino_jax.models.vit import vit_config
 def test_preprocessing_equals_exported_bit_image_processor(shape):
     pre = checkpoint.Preprocessing(image_size=56, mean=0.5307, std=0.2583)
     gray = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    processor = BitImageProcessor(**{k: v for k, v in preprocessor_config(pre).items()
-                                     if k != "image_processor_type"})
+    processor = BitImageProcessor(
+        **{k: v for k, v in preprocessor_config(pre).items() if k != "image_processor_type"}
+    )
     want = processor(Image.fromarray(gray).convert("RGB"), return_tensors="np")["pixel_values"][0]
     got = preprocess_uint8(gray, pre)
     assert got.shape == (56, 56, 3)
@@ -40,12 +41,28 @@ def test_extract_from_npy_matches_model(tiny_checkpoint, tmp_path):
     images = np.random.default_rng(0).standard_normal((5, 56, 56, 3)).astype(np.float32)
     np.save(tmp_path / "x.npy", images)
     out = tmp_path / "f.npz"
-    argv = ["--checkpoint", str(path), "--input", str(tmp_path / "x.npy"), "--out", str(out),
-            "--layers", "2", "--batch-size", "2"]
+    argv = [
+        "--checkpoint",
+        str(path),
+        "--input",
+        str(tmp_path / "x.npy"),
+        "--out",
+        str(out),
+        "--layers",
+        "2",
+        "--batch-size",
+        "2",
+    ]
     assert extract.main(argv) == 0
     feats = np.load(out)
     assert feats["cls"].shape == (5, 32) and feats["patch"].shape == (5, 4, 4, 32)
-    assert feats["layers_cls"].shape == (5, 2, 32) and feats["layers_patch"].shape == (5, 2, 4, 4, 32)
+    assert feats["layers_cls"].shape == (5, 2, 32) and feats["layers_patch"].shape == (
+        5,
+        2,
+        4,
+        4,
+        32,
+    )
     tokens = jax_last_hidden_state(spec, params, images)
     np.testing.assert_allclose(feats["cls"], tokens[:, 0], atol=1e-5)
     np.testing.assert_allclose(feats["patch"].reshape(5, 16, 32), tokens[:, 1:], atol=1e-5)
@@ -71,8 +88,14 @@ def test_extract_from_folder_of_files(tiny_checkpoint, tmp_path):
 def test_extract_bad_input_is_a_clear_error(tiny_checkpoint, tmp_path, capsys):
     path, _, _ = tiny_checkpoint
     np.save(tmp_path / "bad.npy", np.zeros((2, 56, 56), np.float32))
-    argv = ["--checkpoint", str(path), "--input", str(tmp_path / "bad.npy"), "--out",
-            str(tmp_path / "f.npz")]
+    argv = [
+        "--checkpoint",
+        str(path),
+        "--input",
+        str(tmp_path / "bad.npy"),
+        "--out",
+        str(tmp_path / "f.npz"),
+    ]
     assert extract.main(argv) == 1
     assert "(N, H, W, 3)" in capsys.readouterr().err
     assert extract.main(["--checkpoint", str(tmp_path), "--input", "x.npy", "--out", "f.npz"]) == 1
