@@ -1,0 +1,129 @@
+"""The ONE place that maps parameter / state / batch names to mesh axes.
+
+Parameters: tensor parallelism is declared per name pattern (attention and MLP weights, the head's
+prototype axis); FSDP then takes the largest remaining dimension divisible by the fsdp size.
+Anything else is replicated. Optimizer-state leaves inherit the spec of the parameter whose path
+they end with (Adam's mu/nu mirror the parameter tree), scalars are replicated.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from raddino_jax.parallel.mesh import BATCH_AXES
+
+# (regex on the "/"-joined path, per-dimension tensor-parallel placement)
+TENSOR_RULES: list[tuple[str, tuple[str | None, ...]]] = [
+    (r"attn/qkv/kernel$", (None, "tensor")),  # column parallel
+    (r"attn/qkv/bias$", ("tensor",)),
+    (r"attn/proj/kernel$", ("tensor", None)),  # row parallel
+    (r"mlp/(fc1|w12)/kernel$", (None, "tensor")),
+    (r"mlp/(fc1|w12)/bias$", ("tensor",)),
+    (r"mlp/(fc2|w3)/kernel$", ("tensor", None)),
+    (r"last_layer/weight_v$", (None, "tensor")),  # prototypes K split over tensor
+    (r"last_layer/weight_g$", ("tensor",)),
+]
+
+# Where the image axis sits in each batch array (see data.pipeline's crop-major layout).
+BATCH_IMAGE_AXIS = {
+    "global_crops": 1,
+    "local_crops": 1,
+    "masks": 1,
+    "mask_indices": 0,
+    "mask_weights": 0,
+    "mask_valid": 0,
+}
+
+
+def path_str(path) -> str:
+    parts = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(str(key.idx))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            parts.append(key.name)
+        else:
+            parts.append(str(getattr(key, "key", key)))
+    return "/".join(parts)
+
+
+def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec of one parameter: tensor rule, then FSDP on the largest divisible dim."""
+    dims: list[str | None] = [None] * len(shape)
+    tensor = mesh.shape["tensor"]
+    for pattern, placement in TENSOR_RULES:
+        if re.search(pattern, path) and len(placement) == len(shape):
+            for i, axis in enumerate(placement):
+                if axis is not None and tensor > 1 and shape[i] % tensor == 0:
+                    dims[i] = axis
+            break
+    fsdp = mesh.shape["fsdp"]
+    if fsdp > 1:
+        free = [i for i in range(len(shape)) if dims[i] is None and shape[i] % fsdp == 0]
+        if free:
+            dims[max(free, key=lambda i: (shape[i], -i))] = "fsdp"
+    return PartitionSpec(*dims)
+
+
+def param_specs(params, mesh: Mesh):
+    """Tree of PartitionSpecs matching a parameter tree (arrays or ShapeDtypeStructs)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: param_spec(path_str(p), tuple(x.shape), mesh), params
+    )
+
+
+def _suffix_index(param_tree, mesh: Mesh) -> dict[str, tuple[tuple[int, ...], PartitionSpec]]:
+    flat = jax.tree_util.tree_flatten_with_path(param_tree)[0]
+    return {path_str(p): (tuple(x.shape), param_spec(path_str(p), tuple(x.shape), mesh)) for p, x in flat}
+
+
+def state_specs(state, params_like: Mapping[str, object], mesh: Mesh):
+    """Specs for any tree containing parameter-shaped leaves (train state, optimizer state).
+
+    A leaf whose path ends with a parameter path (e.g. ".../mu/backbone/blocks/0/attn/qkv/kernel"
+    or "student/backbone/...") and has that parameter's shape gets the parameter's spec.
+    """
+    index = _suffix_index(params_like, mesh)
+
+    def spec(path, leaf) -> PartitionSpec:
+        text = path_str(path)
+        shape = tuple(getattr(leaf, "shape", ()))
+        parts = text.split("/")
+        for start in range(len(parts)):
+            hit = index.get("/".join(parts[start:]))
+            if hit is not None and hit[0] == shape:
+                return hit[1]
+        return PartitionSpec()
+
+    return jax.tree_util.tree_map_with_path(spec, state)
+
+
+def to_shardings(specs, mesh: Mesh):
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
+
+
+def batch_specs(keys) -> dict[str, PartitionSpec]:
+    """Every batch array splits its image axis over ("data", "fsdp")."""
+    specs = {}
+    for key in keys:
+        if key not in BATCH_IMAGE_AXIS:
+            raise KeyError(f"no sharding rule for batch key {key!r}")
+        axis = BATCH_IMAGE_AXIS[key]
+        specs[key] = PartitionSpec(*([None] * axis), BATCH_AXES)
+    return specs
+
+
+def batch_shardings(keys, mesh: Mesh) -> dict[str, NamedSharding]:
+    return {k: NamedSharding(mesh, s) for k, s in batch_specs(keys).items()}
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,182 @@
+"""The DINOv2 objective on one batch: teacher targets, DINO + iBOT + KoLeo (recipe s3, s7).
+
+Pure function of (student params, teacher params, centres, batch, key, scalars). The batch uses
+the pipeline's crop-major layout with an explicit crop axis:
+  global_crops [2, B, G, G, C], local_crops [n_local, B, L, L, C], masks [2, B, N],
+  mask_indices / mask_weights / mask_valid [n_groups, U] (flat indices into a group's
+  [2, b, N] tokens, b = B / n_groups; masks are drawn per group as the reference draws them per
+  device batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from raddino_jax.models import ModelSpec, bind
+from raddino_jax.ssl import losses
+
+CENTERINGS = ("centering", "sinkhorn_knopp")
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """Static knobs of the loss (recipe s3 defaults).
+
+    `koleo_group_size` is the number of images per KoLeo group: the reference computes KoLeo per
+    device batch, so set it to the per-device batch of the run you reproduce. It is a fixed
+    number (not derived from the mesh) so that the loss does not change with the mesh layout.
+    """
+
+    student_temperature: float = 0.1
+    centering: str = "centering"  # "centering" (softmax - centre) or "sinkhorn_knopp"
+    center_momentum: float = 0.9
+    sinkhorn_iterations: int = 3
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    koleo_group_size: int = 0  # 0: the whole batch is one group
+    # recipe s3 quirk: the iBOT centre averages the whole static buffer, padding rows counted
+    # as zero logits.
+    ibot_center_counts_padding: bool = True
+
+    def __post_init__(self):
+        if self.centering not in CENTERINGS:
+            raise ValueError(f"ssl.centering must be one of {CENTERINGS}, got {self.centering!r}")
+        if self.student_temperature <= 0:
+            raise ValueError("ssl.student_temperature must be > 0")
+        if not 0.0 <= self.center_momentum < 1.0:
+            raise ValueError("ssl.center_momentum must be in [0, 1)")
+        if self.koleo_group_size < 0:
+            raise ValueError("ssl.koleo_group_size must be >= 0")
+
+
+def to_input_channels(images: jax.Array, in_chans: int) -> jax.Array:
+    """Grayscale crops [..., 1] are replicated to the backbone's channels (RGB weights)."""
+    if images.shape[-1] == in_chans:
+        return images
+    if images.shape[-1] != 1:
+        raise ValueError(f"images have {images.shape[-1]} channels, backbone expects {in_chans}")
+    return jnp.broadcast_to(images, images.shape[:-1] + (in_chans,))
+
+
+def gather_masked_tokens(tokens: jax.Array, indices: jax.Array) -> jax.Array:
+    """Patch tokens of crop-major globals [2B, N, D] -> masked-token buffer [n_groups * U, D].
+
+    Group g holds images g*b..(g+1)*b-1 of both crops, flattened as (crop*b + image)*N + patch,
+    which is where the pipeline's indices point. The group axis follows the sharded image axis,
+    so the gather stays local to each batch shard.
+    """
+    two_b, n, d = tokens.shape
+    n_groups = indices.shape[0]
+    b = two_b // 2 // n_groups
+    grouped = tokens.reshape(2, n_groups, b, n, d).transpose(1, 0, 2, 3, 4)
+    grouped = grouped.reshape(n_groups, 2 * b * n, d)
+    picked = jnp.take_along_axis(grouped, indices[..., None].astype(jnp.int32), axis=1)
+    return picked.reshape(-1, d)
+
+
+def teacher_targets(
+    logits: jax.Array,
+    center: jax.Array,
+    temperature: jax.Array,
+    cfg: ObjectiveConfig,
+    valid: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """(probs [n, K], next centre [K]). Centering uses the previous step's centre and returns the
+    lagged update (recipe s3); Sinkhorn-Knopp leaves the centre untouched."""
+    if cfg.centering == "sinkhorn_knopp":
+        probs = losses.sinkhorn_knopp_teacher(logits, temperature, cfg.sinkhorn_iterations, valid)
+        return probs, center
+    probs = losses.softmax_center_teacher(logits, center, temperature)
+    if valid is not None:
+        probs = probs * valid[:, None]
+        if cfg.ibot_center_counts_padding:
+            new_center = losses.update_center(
+                center, jnp.where(valid[:, None], logits, 0.0), cfg.center_momentum
+            )
+        else:
+            new_center = losses.update_center(center, logits, cfg.center_momentum, valid=valid)
+    else:
+        new_center = losses.update_center(center, logits, cfg.center_momentum)
+    return probs, new_center
+
+
+def ssl_loss(
+    student_params: dict,
+    teacher_params: dict,
+    dino_center: jax.Array,
+    ibot_center: jax.Array,
+    batch: dict[str, jax.Array],
+    key: jax.Array,
+    teacher_temperature: jax.Array,
+    *,
+    spec: ModelSpec,
+    cfg: ObjectiveConfig,
+) -> tuple[jax.Array, dict]:
+    """Total loss and auxiliaries (terms, next centres, monitors). Differentiable in the student."""
+    vit = spec.backbone
+    student, teacher = bind(spec, student_params), bind(spec, teacher_params)
+    student_ibot_head = student.ibot_head if spec.ibot_head is not None else student.dino_head
+    teacher_ibot_head = teacher.ibot_head if spec.ibot_head is not None else teacher.dino_head
+
+    global_crops = to_input_channels(batch["global_crops"], vit.in_chans)
+    local_crops = to_input_channels(batch["local_crops"], vit.in_chans)
+    n_global, batch_size = global_crops.shape[:2]
+    n_local = local_crops.shape[0]
+    globals_flat = global_crops.reshape(n_global * batch_size, *global_crops.shape[2:])
+    locals_flat = local_crops.reshape(n_local * batch_size, *local_crops.shape[2:])
+    masks = batch["masks"].reshape(n_global * batch_size, -1)
+    valid = batch["mask_valid"].reshape(-1)
+    weights = jnp.where(valid, batch["mask_weights"].reshape(-1), 0.0)
+
+    # Teacher: both globals, unmasked, no drop path (recipe s7).
+    t_out = teacher.backbone(globals_flat)
+    t_cls_logits = teacher.dino_head(t_out["x_norm_clstoken"])
+    t_patch = gather_masked_tokens(t_out["x_norm_patchtokens"], batch["mask_indices"])
+    t_patch_logits = teacher_ibot_head(t_patch)
+    t_cls_logits, t_patch_logits = jax.lax.stop_gradient((t_cls_logits, t_patch_logits))
+    t_cls_probs, next_dino_center = teacher_targets(
+        t_cls_logits, dino_center, teacher_temperature, cfg
+    )
+    t_patch_probs, next_ibot_center = teacher_targets(
+        t_patch_logits, ibot_center, teacher_temperature, cfg, valid
+    )
+
+    # Student: masked globals and locals (two passes, equivalent to the reference's one list pass).
+    key_global, key_local = jax.random.split(key)
+    s_global = student.backbone(globals_flat, masks, drop_path_key=key_global)
+    s_local = student.backbone(locals_flat, drop_path_key=key_local)
+    s_cls = jnp.concatenate([s_global["x_norm_clstoken"], s_local["x_norm_clstoken"]])
+    s_cls_logits = student.dino_head(s_cls).reshape(n_global + n_local, batch_size, -1)
+    s_patch_logits = student_ibot_head(
+        gather_masked_tokens(s_global["x_norm_patchtokens"], batch["mask_indices"])
+    )
+
+    tau = cfg.student_temperature
+    teacher_probs = t_cls_probs.reshape(n_global, batch_size, -1)
+    dino = losses.dino_loss(s_cls_logits, teacher_probs, tau)
+    ibot = losses.ibot_loss(s_patch_logits, t_patch_probs, weights, n_global * batch_size, tau)
+    group = cfg.koleo_group_size or batch_size
+    if batch_size % group:
+        raise ValueError(f"ssl.koleo_group_size {group} does not divide the batch {batch_size}")
+    cls_per_crop = s_global["x_norm_clstoken"].reshape(n_global, batch_size, -1)
+    koleo = sum(losses.koleo_loss_grouped(cls_per_crop[c], group) for c in range(n_global))
+    total = cfg.dino_weight * dino + cfg.ibot_weight * ibot + cfg.koleo_weight * koleo
+
+    swapped = teacher_probs[::-1].reshape(n_global * batch_size, -1)  # crop swap, recipe s3
+    aux = {
+        "dino_loss": dino,
+        "ibot_loss": ibot,
+        "koleo_loss": koleo,
+        "next_dino_center": next_dino_center,
+        "next_ibot_center": next_ibot_center,
+        "teacher_entropy": losses.entropy(t_cls_probs),
+        "student_teacher_kl": losses.mean_kl_divergence(
+            swapped, s_cls_logits[:n_global].reshape(n_global * batch_size, -1), tau
+        ),
+        "masked_tokens": jnp.sum(valid.astype(jnp.float32)),
+    }
+    return total, aux

@@ -1,0 +1,93 @@
+"""The train state pytree and its creation directly in its sharding."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from raddino_jax.models import ModelSpec, init_params
+from raddino_jax.parallel import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (the data iterator is checkpointed beside it).
+
+    step: updates applied so far (int32 scalar).
+    student / teacher: parameter dicts {"backbone", "dino_head", ["ibot_head"]}.
+    opt_state: the student's optax state (holds its own step count for the schedules).
+    dino_center [K] / ibot_center [K_ibot]: teacher centring EMAs (recipe s3).
+    """
+
+    step: jax.Array
+    student: dict
+    teacher: dict
+    opt_state: Any
+    dino_center: jax.Array
+    ibot_center: jax.Array
+
+
+def head_sizes(spec: ModelSpec) -> tuple[int, int]:
+    if spec.dino_head is None:
+        raise ValueError("training needs a DINO head: set model.dino_head (HeadConfig)")
+    ibot = spec.ibot_head or spec.dino_head
+    return spec.dino_head.out_dim, ibot.out_dim
+
+
+def new_state(params: dict, optimizer: optax.GradientTransformation, spec: ModelSpec) -> TrainState:
+    """Teacher starts as a copy of the student (recipe s4); centres start at zero."""
+    k_dino, k_ibot = head_sizes(spec)
+    teacher = jax.tree.map(jnp.copy, params)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        student=params,
+        teacher=teacher,
+        opt_state=optimizer.init(params),
+        dino_center=jnp.zeros((k_dino,), jnp.float32),
+        ibot_center=jnp.zeros((k_ibot,), jnp.float32),
+    )
+
+
+def state_shardings(abstract_state: TrainState, mesh: Mesh):
+    """NamedShardings for every leaf of a (possibly abstract) train state."""
+    specs = sharding.state_specs(abstract_state, abstract_state.student, mesh)
+    return sharding.to_shardings(specs, mesh)
+
+
+def abstract_state(
+    spec: ModelSpec, optimizer: optax.GradientTransformation, mesh: Mesh
+) -> tuple[TrainState, Any]:
+    """(ShapeDtypeStruct state with shardings, shardings) without allocating anything."""
+    shapes = jax.eval_shape(lambda: new_state(init_params(spec, 0), optimizer, spec))
+    shardings = state_shardings(shapes, mesh)
+    with_shardings = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
+    )
+    return with_shardings, shardings
+
+
+def create_state(
+    spec: ModelSpec,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    seed: int,
+    params: dict | None = None,
+) -> TrainState:
+    """A train state created inside jit straight into its shardings (no single-device copy).
+
+    `params` (e.g. imported DINOv2 / RAD-DINO weights, possibly with fresh heads merged in)
+    replaces the random initialisation.
+    """
+    _, shardings = abstract_state(spec, optimizer, mesh)
+    if params is None:
+        make = jax.jit(lambda: new_state(init_params(spec, seed), optimizer, spec),
+                       out_shardings=shardings)
+        return make()
+    make = jax.jit(lambda p: new_state(p, optimizer, spec), out_shardings=shardings)
+    return make(params)

@@ -1,0 +1,104 @@
+"""One pure train step `(state, batch, rng) -> (state, metrics)` and its sharded compilation.
+
+student forward/backward on 2 masked globals + n locals, teacher forward on the 2 unmasked
+globals, DINO + iBOT + KoLeo, AdamW update with per-parameter rules, teacher EMA, lagged centre
+update (recipe s3, s4). Schedules are evaluated at `state.step`, inside the step.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from raddino_jax.models import ModelSpec
+from raddino_jax.parallel import sharding
+from raddino_jax.ssl.objective import ObjectiveConfig, ssl_loss
+from raddino_jax.ssl.schedules import Schedules
+from raddino_jax.train.optim import submodule_grad_norms
+from raddino_jax.train.state import TrainState
+
+
+def ema(teacher: dict, student: dict, momentum: jax.Array) -> dict:
+    """theta_t <- m theta_t + (1 - m) theta_s over every teacher parameter (recipe s4)."""
+    momentum = jnp.asarray(momentum, jnp.float32)
+    return jax.tree.map(lambda t, s: t * momentum + s * (1.0 - momentum), teacher, student)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    spec: ModelSpec,
+    objective: ObjectiveConfig,
+    optimizer: optax.GradientTransformation,
+    schedules: Schedules,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The pure step. `rng` drives stochastic depth (and nothing else)."""
+    step = state.step
+    teacher_temperature = schedules.teacher_temperature(step)
+    momentum = schedules.teacher_momentum(step)
+
+    loss_fn = functools.partial(ssl_loss, spec=spec, cfg=objective)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.student, state.teacher, state.dino_center, state.ibot_center, batch, rng,
+        teacher_temperature,
+    )
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.student)
+    student = optax.apply_updates(state.student, updates)
+    teacher = ema(state.teacher, student, momentum)
+
+    metrics = {
+        "loss": loss,
+        "dino_loss": aux["dino_loss"],
+        "ibot_loss": aux["ibot_loss"],
+        "koleo_loss": aux["koleo_loss"],
+        "lr": schedules.lr(step),
+        "last_layer_lr": schedules.last_layer_lr(step),
+        "wd": schedules.weight_decay(step),
+        "momentum": momentum,
+        "teacher_temperature": teacher_temperature,
+        "teacher_entropy": aux["teacher_entropy"],
+        "student_teacher_kl": aux["student_teacher_kl"],
+        "masked_tokens": aux["masked_tokens"],
+    }
+    for name, norm in submodule_grad_norms(grads).items():
+        metrics[f"grad_norm/{name}"] = norm
+    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    new_state = state.replace(
+        step=step + 1,
+        student=student,
+        teacher=teacher,
+        opt_state=opt_state,
+        dino_center=aux["next_dino_center"],
+        ibot_center=aux["next_ibot_center"],
+    )
+    return new_state, metrics
+
+
+def compile_train_step(
+    mesh: Mesh,
+    state_shardings,
+    batch_keys,
+    *,
+    spec: ModelSpec,
+    objective: ObjectiveConfig,
+    optimizer: optax.GradientTransformation,
+    schedules: Schedules,
+) -> Callable:
+    """`jax.jit` of `train_step` with explicit in/out shardings and the state donated."""
+    step_fn = functools.partial(
+        train_step, spec=spec, objective=objective, optimizer=optimizer, schedules=schedules
+    )
+    replicated = sharding.replicated(mesh)
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, sharding.batch_shardings(batch_keys, mesh), replicated),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )
