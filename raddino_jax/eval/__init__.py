@@ -1,0 +1,10 @@
+"""Evaluation on frozen features (recipe s10).
+
+features.py: dataset images -> cached uint8 crops -> jitted teacher features; labels, splits.
+knn.py: weighted kNN (cosine, T = 0.07, k in {10, 20, 100, 200}).
+linear.py: logistic-regression probe (optax L-BFGS, C chosen on validation) and the metrics.
+metadata.py: RAD-DINO's sex (AUROC) and age (ridge: MAE, R^2) probes.
+segmentation.py: linear probe on patch tokens against lesion masks (Dice).
+hook.py: `KnnEvaluator`, the periodic kNN evaluation for the training loop.
+The CLI is `python -m raddino_jax.evaluate`.
+"""

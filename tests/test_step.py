@@ -1,0 +1,122 @@
+"""The sharded train step: mesh invariance, parameter shardings, one compile, learning."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from raddino_jax.data import pipeline
+from raddino_jax.parallel import sharding
+from raddino_jax.parallel.mesh import make_mesh
+from raddino_jax.ssl.objective import ObjectiveConfig, gather_masked_tokens
+from raddino_jax.train import state as train_state
+from raddino_jax.train.step import compile_train_step
+from tests.tiny import tiny_dataset, tiny_optimizer, tiny_spec
+
+LAYOUTS = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)]
+# Expected placements (data x fsdp x tensor) for a few parameters of the tiny model (D=32).
+EXPECTED_SPECS = {
+    (1, 1, 1): {"qkv": P(None, None), "proj": P(None, None), "pos": P(None, None, None), "v": P(None, None)},
+    (8, 1, 1): {"qkv": P(None, None), "proj": P(None, None), "pos": P(None, None, None), "v": P(None, None)},
+    (2, 4, 1): {"qkv": P(None, "fsdp"), "proj": P("fsdp", None), "pos": P(None, None, "fsdp"), "v": P(None, "fsdp")},
+    (1, 8, 1): {"qkv": P(None, "fsdp"), "proj": P("fsdp", None), "pos": P(None, None, "fsdp"), "v": P(None, "fsdp")},
+    (2, 2, 2): {"qkv": P("fsdp", "tensor"), "proj": P("tensor", "fsdp"), "pos": P(None, None, "fsdp"), "v": P("fsdp", "tensor")},
+}
+
+
+def _setup(layout, objective=None):
+    spec = tiny_spec()
+    optimizer, schedules = tiny_optimizer(spec)
+    mesh = make_mesh(layout, jax.devices()[: int(np.prod(layout))])
+    state = train_state.create_state(spec, optimizer, mesh, seed=0)
+    _, shardings = train_state.abstract_state(spec, optimizer, mesh)
+    keys = ("global_crops", "local_crops", "masks", "mask_indices", "mask_weights", "mask_valid")
+    step = compile_train_step(
+        mesh, shardings, keys, spec=spec, objective=objective or ObjectiveConfig(koleo_group_size=2),
+        optimizer=optimizer, schedules=schedules,
+    )
+    return spec, mesh, state, step
+
+
+@pytest.fixture(scope="module")
+def host_batches():
+    iterator = iter(tiny_dataset())
+    return [next(iterator) for _ in range(2)]
+
+
+def _leaf(tree, *path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def test_same_step_on_every_mesh_layout(host_batches):
+    reference = None
+    for layout in LAYOUTS:
+        spec, mesh, state, step = _setup(layout)
+        qkv = _leaf(state.student, "backbone", "blocks", 0, "attn", "qkv", "kernel")
+        proj = _leaf(state.student, "backbone", "blocks", 1, "attn", "proj", "kernel")
+        pos = _leaf(state.student, "backbone", "pos_embed")
+        weight_v = _leaf(state.opt_state[1].mu, "dino_head", "last_layer", "weight_v")
+        expected = EXPECTED_SPECS[layout]
+        assert qkv.sharding.spec == expected["qkv"], layout
+        assert proj.sharding.spec == expected["proj"], layout
+        assert pos.sharding.spec == expected["pos"], layout
+        assert weight_v.sharding.spec == expected["v"], layout  # Adam state follows its param
+        metrics_all = []
+        for host in host_batches:
+            batch = pipeline.to_global_batch(host, sharding.batch_shardings(host.keys(), mesh))
+            assert batch["global_crops"].sharding.spec == P(None, ("data", "fsdp"))
+            state, metrics = step(state, batch, jax.random.key(7))
+            metrics_all.append(jax.device_get(metrics))
+        params = jax.device_get(state.student)
+        teacher = jax.device_get(state.teacher)
+        if reference is None:
+            reference = (metrics_all, params, teacher)
+            continue
+        for got, want in zip(metrics_all, reference[0]):
+            for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss"):
+                np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=f"{layout} {key}")
+        for got_tree, want_tree in ((params, reference[1]), (teacher, reference[2])):
+            for a, b in zip(jax.tree.leaves(got_tree), jax.tree.leaves(want_tree)):
+                np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=str(layout))
+
+
+def test_compiles_once_over_five_steps(host_batches):
+    _, mesh, state, step = _setup((2, 4, 1))
+    iterator = iter(tiny_dataset(seed=3))
+    for _ in range(5):
+        host = next(iterator)
+        batch = pipeline.to_global_batch(host, sharding.batch_shardings(host.keys(), mesh))
+        state, metrics = step(state, batch, jax.random.key(int(state.step)))
+    assert step._cache_size() == 1
+    assert int(state.step) == 5
+
+
+def test_gather_masked_tokens_follows_group_layout():
+    b, n_groups, n, d = 2, 3, 4, 5
+    tokens = jnp.arange(2 * b * n_groups * n * d, dtype=jnp.float32).reshape(2 * b * n_groups, n, d)
+    # group 1, crop 1 (second global), image 0 of the group, patch 3
+    index = (1 * b + 0) * n + 3
+    indices = jnp.zeros((n_groups, 2), jnp.int32).at[1, 1].set(index)
+    out = gather_masked_tokens(tokens, indices).reshape(n_groups, 2, d)
+    global_row = 1 * (b * n_groups) + 1 * b + 0  # crop-major row of (crop 1, image b*1 + 0)
+    np.testing.assert_array_equal(out[1, 1], tokens[global_row, 3])
+
+
+@pytest.mark.slow
+def test_training_lowers_loss_without_collapse():
+    spec, mesh, state, step = _setup((4, 2, 1))
+    iterator = iter(tiny_dataset(seed=1))
+    losses, entropies = [], []
+    for _ in range(100):
+        host = next(iterator)
+        batch = pipeline.to_global_batch(host, sharding.batch_shardings(host.keys(), mesh))
+        state, metrics = step(state, batch, jax.random.fold_in(jax.random.key(0), state.step))
+        losses.append(float(metrics["loss"]))
+        entropies.append(float(metrics["teacher_entropy"]))
+    log_k = np.log(spec.dino_head.out_dim)
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.1, (losses[:10], losses[-10:])
+    assert 0.1 * log_k < np.mean(entropies[-10:]) < 0.9 * log_k, entropies[-10:]
+    assert all(np.isfinite(losses))

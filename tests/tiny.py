@@ -1,0 +1,64 @@
+"""Tiny shared building blocks for the training tests (a few layers, small crops)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from raddino_jax.data import augment, pipeline
+from raddino_jax.models import ModelSpec, abstract_params
+from raddino_jax.models.heads import HeadConfig
+from raddino_jax.models.vit import vit_config
+from raddino_jax.ssl.schedules import build_schedules
+from raddino_jax.train.optim import OptimizerConfig, build_optimizer
+
+GLOBAL, LOCAL, N_LOCAL = 56, 28, 2
+
+
+def tiny_spec(k: int = 64) -> ModelSpec:
+    return ModelSpec(
+        vit_config("vit_small", embed_dim=32, depth=2, num_heads=2, img_size=GLOBAL,
+                   layerscale_init=0.1),
+        HeadConfig(in_dim=32, out_dim=k, hidden_dim=32, bottleneck_dim=16),
+    )
+
+
+def synthetic_source(n: int = 32, seed: int = 0) -> list[dict]:
+    """PNG-encoded grey images, each a distinct texture: a sinusoidal grating (random orientation,
+    frequency, contrast, brightness) under a few bright blobs. Distinct textures give distinct
+    features from the start, so a 100-step run has structure to learn."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:72, 0:64].astype(np.float32)
+    records = []
+    for _ in range(n):
+        angle, freq = rng.uniform(0, np.pi), rng.uniform(0.05, 0.5)
+        phase = (xx * np.cos(angle) + yy * np.sin(angle)) * freq
+        image = rng.uniform(60, 190) + rng.uniform(20, 60) * np.sin(phase)
+        for _ in range(rng.integers(0, 3)):
+            centre = (int(rng.integers(8, 56)), int(rng.integers(8, 64)))
+            mask = np.zeros((72, 64), np.uint8)
+            cv2.circle(mask, centre, int(rng.integers(4, 14)), 1, -1)
+            image = np.where(mask > 0, 250.0, image)
+        image = np.clip(image, 0, 255).astype(np.uint8)
+        records.append({"image": cv2.imencode(".png", image)[1].tobytes()})
+    return records
+
+
+def tiny_dataset(batch: int = 16, group: int = 2, seed: int = 0, source=None):
+    crop = augment.MultiCropConfig(global_size=GLOBAL, local_size=LOCAL, n_local=N_LOCAL)
+    return pipeline.make_dataset(
+        source if source is not None else synthetic_source(), seed=seed, per_process_batch=batch,
+        crop_cfg=crop, mask_group_size=group, process_index=0, process_count=1,
+    )
+
+
+def tiny_optimizer(spec: ModelSpec, total_steps: int = 100, global_batch: int = 16):
+    schedules = build_schedules(
+        base_lr=2e-3, global_batch=global_batch, total_steps=total_steps, warmup_steps=10,
+        freeze_last_layer_steps=5, warmup_teacher_temp_steps=20, momentum_teacher=0.99,
+    )
+    optimizer = build_optimizer(
+        abstract_params(spec), OptimizerConfig(), lr_schedule=schedules.lr,
+        last_layer_lr_schedule=schedules.last_layer_lr, wd_schedule=schedules.weight_decay,
+    )
+    return optimizer, schedules
