@@ -12,17 +12,48 @@ from raddino_jax.parallel.mesh import make_mesh
 from raddino_jax.ssl.objective import ObjectiveConfig, gather_masked_tokens
 from raddino_jax.train import state as train_state
 from raddino_jax.train.step import compile_train_step
+from raddino_jax.models import abstract_params
+from raddino_jax.ssl.schedules import build_schedules
+from raddino_jax.train.optim import OptimizerConfig, build_optimizer
 from tests.tiny import tiny_dataset, tiny_optimizer, tiny_spec
 
 LAYOUTS = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)]
 # Expected placements (data x fsdp x tensor) for a few parameters of the tiny model (D=32).
 EXPECTED_SPECS = {
-    (1, 1, 1): {"qkv": P(None, None), "proj": P(None, None), "pos": P(None, None, None), "v": P(None, None)},
-    (8, 1, 1): {"qkv": P(None, None), "proj": P(None, None), "pos": P(None, None, None), "v": P(None, None)},
-    (2, 4, 1): {"qkv": P(None, "fsdp"), "proj": P("fsdp", None), "pos": P(None, None, "fsdp"), "v": P(None, "fsdp")},
-    (1, 8, 1): {"qkv": P(None, "fsdp"), "proj": P("fsdp", None), "pos": P(None, None, "fsdp"), "v": P(None, "fsdp")},
-    (2, 2, 2): {"qkv": P("fsdp", "tensor"), "proj": P("tensor", "fsdp"), "pos": P(None, None, "fsdp"), "v": P("fsdp", "tensor")},
+    (1, 1, 1): {
+        "qkv": P(None, None),
+        "proj": P(None, None),
+        "pos": P(None, None, None),
+        "v": P(None, None),
+    },
+    (8, 1, 1): {
+        "qkv": P(None, None),
+        "proj": P(None, None),
+        "pos": P(None, None, None),
+        "v": P(None, None),
+    },
+    (2, 4, 1): {
+        "qkv": P(None, "fsdp"),
+        "proj": P("fsdp", None),
+        "pos": P(None, None, "fsdp"),
+        "v": P(None, "fsdp"),
+    },
+    (1, 8, 1): {
+        "qkv": P(None, "fsdp"),
+        "proj": P("fsdp", None),
+        "pos": P(None, None, "fsdp"),
+        "v": P(None, "fsdp"),
+    },
+    (2, 2, 2): {
+        "qkv": P("fsdp", "tensor"),
+        "proj": P("tensor", "fsdp"),
+        "pos": P(None, None, "fsdp"),
+        "v": P("fsdp", "tensor"),
+    },
 }
+
+
+KEYS = ("global_crops", "local_crops", "masks", "mask_indices", "mask_weights", "mask_valid")
 
 
 def _setup(layout, objective=None):
@@ -31,10 +62,14 @@ def _setup(layout, objective=None):
     mesh = make_mesh(layout, jax.devices()[: int(np.prod(layout))])
     state = train_state.create_state(spec, optimizer, mesh, seed=0)
     _, shardings = train_state.abstract_state(spec, optimizer, mesh)
-    keys = ("global_crops", "local_crops", "masks", "mask_indices", "mask_weights", "mask_valid")
     step = compile_train_step(
-        mesh, shardings, keys, spec=spec, objective=objective or ObjectiveConfig(koleo_group_size=2),
-        optimizer=optimizer, schedules=schedules,
+        mesh,
+        shardings,
+        KEYS,
+        spec=spec,
+        objective=objective or ObjectiveConfig(koleo_group_size=2),
+        optimizer=optimizer,
+        schedules=schedules,
     )
     return spec, mesh, state, step
 
@@ -77,7 +112,9 @@ def test_same_step_on_every_mesh_layout(host_batches):
             continue
         for got, want in zip(metrics_all, reference[0]):
             for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss"):
-                np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=f"{layout} {key}")
+                np.testing.assert_allclose(
+                    got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=f"{layout} {key}"
+                )
         for got_tree, want_tree in ((params, reference[1]), (teacher, reference[2])):
             for a, b in zip(jax.tree.leaves(got_tree), jax.tree.leaves(want_tree)):
                 np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=str(layout))
@@ -105,18 +142,68 @@ def test_gather_masked_tokens_follows_group_layout():
     np.testing.assert_array_equal(out[1, 1], tokens[global_row, 3])
 
 
-@pytest.mark.slow
-def test_training_lowers_loss_without_collapse():
-    spec, mesh, state, step = _setup((4, 2, 1))
+def _train(momentum: float, steps: int = 100):
+    """`steps` updates of a D=64 model (D=32 with the 0.02 init barely separates images) with a
+    constant teacher temperature 0.04, so that the targets' sharpness is not itself a schedule."""
+    spec = tiny_spec(embed_dim=64)
+    schedules = build_schedules(
+        base_lr=0.1,
+        global_batch=16,
+        total_steps=steps,
+        warmup_steps=10,
+        freeze_last_layer_steps=5,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.04,
+        warmup_teacher_temp_steps=1,
+        momentum_teacher=momentum,
+        weight_decay_end=0.04,
+    )
+    optimizer = build_optimizer(
+        abstract_params(spec),
+        OptimizerConfig(),
+        lr_schedule=schedules.lr,
+        last_layer_lr_schedule=schedules.last_layer_lr,
+        wd_schedule=schedules.weight_decay,
+    )
+    mesh = make_mesh((4, 2, 1))
+    state = train_state.create_state(spec, optimizer, mesh, seed=0)
+    _, shardings = train_state.abstract_state(spec, optimizer, mesh)
+    step = compile_train_step(
+        mesh,
+        shardings,
+        KEYS,
+        spec=spec,
+        objective=ObjectiveConfig(koleo_group_size=2),
+        optimizer=optimizer,
+        schedules=schedules,
+    )
     iterator = iter(tiny_dataset(seed=1))
-    losses, entropies = [], []
-    for _ in range(100):
+    history = []
+    for _ in range(steps):
         host = next(iterator)
         batch = pipeline.to_global_batch(host, sharding.batch_shardings(host.keys(), mesh))
         state, metrics = step(state, batch, jax.random.fold_in(jax.random.key(0), state.step))
-        losses.append(float(metrics["loss"]))
-        entropies.append(float(metrics["teacher_entropy"]))
+        history.append(jax.device_get(metrics))
+    return spec, {k: np.array([h[k] for h in history]) for k in history[0]}
+
+
+@pytest.mark.slow
+def test_training_lowers_loss_without_collapse():
+    """Frozen teacher (momentum 1): the objective is stationary, so the total loss must fall."""
+    spec, history = _train(momentum=1.0)
     log_k = np.log(spec.dino_head.out_dim)
-    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.1, (losses[:10], losses[-10:])
-    assert 0.1 * log_k < np.mean(entropies[-10:]) < 0.9 * log_k, entropies[-10:]
-    assert all(np.isfinite(losses))
+    assert np.all(np.isfinite(history["loss"]))
+    assert history["loss"][-10:].mean() < history["loss"][:10].mean() - 0.5, history["loss"]
+    assert 0.1 * log_k < history["teacher_entropy"][-10:].mean() < 0.9 * log_k
+
+
+@pytest.mark.slow
+def test_ema_teacher_student_catches_up_without_collapse():
+    """EMA teacher (0.99 -> 1): the centre catching up flattens the targets, so the total loss is
+    not monotone at this scale; the student-teacher KL must fall and the teacher stay between
+    uniform and one-hot (recipe s3 collapse monitors)."""
+    spec, history = _train(momentum=0.99)
+    log_k = np.log(spec.dino_head.out_dim)
+    kl = history["student_teacher_kl"]
+    assert kl[-10:].mean() < 0.6 * kl[:10].mean(), kl
+    assert 0.1 * log_k < history["teacher_entropy"][-10:].mean() < 0.9 * log_k

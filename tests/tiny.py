@@ -15,11 +15,11 @@ from raddino_jax.train.optim import OptimizerConfig, build_optimizer
 GLOBAL, LOCAL, N_LOCAL = 56, 28, 2
 
 
-def tiny_spec(k: int = 64) -> ModelSpec:
+def tiny_spec(k: int = 64, embed_dim: int = 32) -> ModelSpec:
     return ModelSpec(
-        vit_config("vit_small", embed_dim=32, depth=2, num_heads=2, img_size=GLOBAL,
-                   layerscale_init=0.1),
-        HeadConfig(in_dim=32, out_dim=k, hidden_dim=32, bottleneck_dim=16),
+        vit_config("vit_small", embed_dim=embed_dim, depth=2, num_heads=2, img_size=GLOBAL,
+                   layerscale_init=0.1 if embed_dim == 32 else 1.0),
+        HeadConfig(in_dim=embed_dim, out_dim=k, hidden_dim=embed_dim, bottleneck_dim=16),
     )
 
 

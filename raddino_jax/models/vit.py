@@ -22,6 +22,7 @@ from raddino_jax.models.interpolate import INTERPOLATE_MODES, resample_grid
 
 PARAM_DTYPE = jnp.float32
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ATTENTION_IMPLS = (None, "einsum", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +49,9 @@ class ViTConfig:
     layer_norm_eps: float = 1e-6
     dtype: str = "float32"  # compute dtype; parameters stay float32
     remat: bool = False
-    attention_impl: str | None = None  # jax.nn.dot_product_attention implementation
+    # None: the backend's default (see `attention`); "einsum": hand-written softmax attention;
+    # "xla" | "cudnn": jax.nn.dot_product_attention with that implementation.
+    attention_impl: str | None = None
 
     def __post_init__(self):
         if self.embed_dim % self.num_heads:
@@ -65,6 +68,10 @@ class ViTConfig:
             raise ValueError(f"interpolate_mode must be one of {INTERPOLATE_MODES}")
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(COMPUTE_DTYPES)}, got {self.dtype!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}"
+            )
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
 
@@ -174,9 +181,40 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+        out = attention(qkv, self.attention_impl)
         return self.proj(out.reshape(batch, tokens, dim))
+
+
+def attention(qkv: jax.Array, impl: str | None) -> jax.Array:
+    """Softmax attention of fused qkv [B, N, 3, heads, hd] -> [B, N, heads, hd], scale hd^-0.5.
+
+    `impl` None picks "einsum" when the default backend is CPU (decided at trace time, so a
+    function traced for CPU keeps it) and jax.nn.dot_product_attention's own default elsewhere.
+    See benchmarks/RESULTS.md for the CPU measurements behind that choice.
+    """
+    if impl is None:
+        impl = "einsum" if jax.default_backend() == "cpu" else None
+    if impl == "einsum":
+        return einsum_attention(qkv)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+
+
+def einsum_attention(qkv: jax.Array) -> jax.Array:
+    """Plain softmax attention with heads-major operands: [B, N, 3, h, d] -> [B, N, h, d].
+
+    One transpose of the fused qkv to [3, B, h, N, d] makes both batched matmuls contiguous;
+    jax.nn.dot_product_attention keeps [B, N, h, d] operands plus a grouped-query axis, and
+    XLA's CPU layout assignment then copies the [B, h, N, N] score matrices in the backward
+    pass. Softmax runs in float32 like dot_product_attention's.
+    """
+    head_dim = qkv.shape[-1]
+    q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))
+    q = q * jnp.asarray(head_dim**-0.5, q.dtype)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+    return jnp.transpose(out, (0, 2, 1, 3))
 
 
 class Mlp(nnx.Module):
