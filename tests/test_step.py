@@ -7,14 +7,14 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from raddino_jax.data import pipeline
+from raddino_jax.models import abstract_params
 from raddino_jax.parallel import sharding
 from raddino_jax.parallel.mesh import make_mesh
 from raddino_jax.ssl.objective import ObjectiveConfig, gather_masked_tokens
-from raddino_jax.train import state as train_state
-from raddino_jax.train.step import compile_train_step
-from raddino_jax.models import abstract_params
 from raddino_jax.ssl.schedules import build_schedules
+from raddino_jax.train import state as train_state
 from raddino_jax.train.optim import OptimizerConfig, build_optimizer
+from raddino_jax.train.step import compile_train_step
 from tests.tiny import tiny_dataset, tiny_optimizer, tiny_spec
 
 LAYOUTS = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)]

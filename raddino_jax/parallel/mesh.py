@@ -56,7 +56,7 @@ def make_mesh(
 
 
 def parse_layout(text: str) -> tuple[int, int, int]:
-    """"2x4x1" (data x fsdp x tensor) -> (2, 4, 1)."""
+    """ "2x4x1" (data x fsdp x tensor) -> (2, 4, 1)."""
     parts = text.lower().split("x")
     if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise ValueError(f"mesh layout {text!r} must look like DATAxFSDPxTENSOR, e.g. 2x4x1")

@@ -80,7 +80,10 @@ def param_specs(params, mesh: Mesh):
 
 def _suffix_index(param_tree, mesh: Mesh) -> dict[str, tuple[tuple[int, ...], PartitionSpec]]:
     flat = jax.tree_util.tree_flatten_with_path(param_tree)[0]
-    return {path_str(p): (tuple(x.shape), param_spec(path_str(p), tuple(x.shape), mesh)) for p, x in flat}
+    return {
+        path_str(p): (tuple(x.shape), param_spec(path_str(p), tuple(x.shape), mesh))
+        for p, x in flat
+    }
 
 
 def state_specs(state, params_like: Mapping[str, object], mesh: Mesh):

@@ -86,8 +86,9 @@ def create_state(
     """
     _, shardings = abstract_state(spec, optimizer, mesh)
     if params is None:
-        make = jax.jit(lambda: new_state(init_params(spec, seed), optimizer, spec),
-                       out_shardings=shardings)
+        make = jax.jit(
+            lambda: new_state(init_params(spec, seed), optimizer, spec), out_shardings=shardings
+        )
         return make()
     make = jax.jit(lambda p: new_state(p, optimizer, spec), out_shardings=shardings)
     return make(params)

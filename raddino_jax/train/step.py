@@ -46,7 +46,12 @@ def train_step(
 
     loss_fn = functools.partial(ssl_loss, spec=spec, cfg=objective)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.student, state.teacher, state.dino_center, state.ibot_center, batch, rng,
+        state.student,
+        state.teacher,
+        state.dino_center,
+        state.ibot_center,
+        batch,
+        rng,
         teacher_temperature,
     )
     updates, opt_state = optimizer.update(grads, state.opt_state, state.student)
