@@ -143,3 +143,99 @@ def load_any_params(path: str | epath.Path, which: str = "teacher") -> tuple[Mod
 
 def load_any_preprocessing(path: str | epath.Path) -> Preprocessing:
     return load_preprocessing(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training checkpoints: student, teacher, optimizer + centres + step, and the data iterator
+# ----------------------------------------------------------------------------------------------
+
+TRAIN_ITEMS = ("student", "teacher", "train", "data")
+
+
+class TrainCheckpointer:
+    """Orbax CheckpointManager over `WORKDIR/checkpoints`, one step per directory.
+
+    Items: `student`, `teacher` (pure param dicts, also readable alone by the exporter),
+    `train` (optimizer state, step, centres) and `data` (the Grain iterator, one file per
+    process). Saves are asynchronous; `check()` re-raises a failed background save.
+    """
+
+    def __init__(self, workdir: str | epath.Path, keep: int, async_save: bool = True):
+        self.directory = (epath.Path(workdir) / CHECKPOINTS_DIR).resolve()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+        )
+        self.manager = ocp.CheckpointManager(self.directory, item_names=TRAIN_ITEMS, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state, data_iterator, *, force: bool = False) -> bool:
+        import grain
+
+        step = int(state.step)
+        train = {
+            "step": state.step,
+            "opt_state": state.opt_state,
+            "dino_center": state.dino_center,
+            "ibot_center": state.ibot_center,
+        }
+        args = ocp.args.Composite(
+            student=ocp.args.StandardSave(state.student),
+            teacher=ocp.args.StandardSave(state.teacher),
+            train=ocp.args.StandardSave(train),
+            data=grain.checkpoint.CheckpointSave(item=data_iterator),
+        )
+        return self.manager.save(step, args=args, force=force)
+
+    def _check_process_count(self, step: int) -> None:
+        data_dir = self.directory / str(step) / "data"
+        files = [p.name for p in data_dir.iterdir()] if data_dir.exists() else []
+        counts = {name.split("-of-")[1].split(".")[0] for name in files if "-of-" in name}
+        if counts and counts != {str(jax.process_count())}:
+            raise ValueError(
+                f"checkpoint {self.directory / str(step)} holds the data iterator of "
+                f"{sorted(counts)} process(es) but this run has {jax.process_count()}: the "
+                "model state restores onto any mesh or device count, the data iterator only "
+                "onto the same number of processes. Relaunch with that many processes."
+            )
+
+    def restore(self, step: int, abstract_state, data_iterator):
+        """The train state at `step`, placed in `abstract_state`'s shardings, and the iterator
+        advanced to where it was (restored in place)."""
+        import grain
+
+        self._check_process_count(step)
+        train_target = {
+            "step": abstract_state.step,
+            "opt_state": abstract_state.opt_state,
+            "dino_center": abstract_state.dino_center,
+            "ibot_center": abstract_state.ibot_center,
+        }
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                student=ocp.args.StandardRestore(abstract_state.student),
+                teacher=ocp.args.StandardRestore(abstract_state.teacher),
+                train=ocp.args.StandardRestore(train_target),
+                data=grain.checkpoint.CheckpointRestore(item=data_iterator),
+            ),
+        )
+        train = restored["train"]
+        return abstract_state.replace(
+            step=train["step"],
+            student=restored["student"],
+            teacher=restored["teacher"],
+            opt_state=train["opt_state"],
+            dino_center=train["dino_center"],
+            ibot_center=train["ibot_center"],
+        )
+
+    def check(self) -> None:
+        self.manager.check_for_errors()
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

@@ -38,8 +38,14 @@ def train_step(
     objective: ObjectiveConfig,
     optimizer: optax.GradientTransformation,
     schedules: Schedules,
+    debug_nan_step: int = -1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """The pure step. `rng` drives stochastic depth (and nothing else)."""
+    """The pure step. `rng` drives stochastic depth (and nothing else).
+
+    Guard: when the loss or a gradient norm is not finite, the returned state is the input
+    state (nothing is updated) and `metrics["finite"]` is 0, so the loop can stop with the last
+    good state and checkpoint intact. `debug_nan_step` (tests) poisons the loss at that step.
+    """
     step = state.step
     teacher_temperature = schedules.teacher_temperature(step)
     momentum = schedules.teacher_momentum(step)
@@ -54,6 +60,8 @@ def train_step(
         rng,
         teacher_temperature,
     )
+    if debug_nan_step >= 0:
+        loss = jnp.where(step == debug_nan_step, jnp.nan, loss)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.student)
     student = optax.apply_updates(state.student, updates)
     teacher = ema(state.teacher, student, momentum)
@@ -72,8 +80,13 @@ def train_step(
         "student_teacher_kl": aux["student_teacher_kl"],
         "masked_tokens": aux["masked_tokens"],
     }
-    for name, norm in submodule_grad_norms(grads).items():
+    grad_norms = submodule_grad_norms(grads)
+    for name, norm in grad_norms.items():
         metrics[f"grad_norm/{name}"] = norm
+    finite = jnp.isfinite(loss)
+    for norm in grad_norms.values():
+        finite &= jnp.isfinite(norm)
+    metrics["finite"] = finite
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
     new_state = state.replace(
         step=step + 1,
@@ -83,6 +96,7 @@ def train_step(
         dino_center=aux["next_dino_center"],
         ibot_center=aux["next_ibot_center"],
     )
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     return new_state, metrics
 
 
@@ -95,10 +109,16 @@ def compile_train_step(
     objective: ObjectiveConfig,
     optimizer: optax.GradientTransformation,
     schedules: Schedules,
+    debug_nan_step: int = -1,
 ) -> Callable:
     """`jax.jit` of `train_step` with explicit in/out shardings and the state donated."""
     step_fn = functools.partial(
-        train_step, spec=spec, objective=objective, optimizer=optimizer, schedules=schedules
+        train_step,
+        spec=spec,
+        objective=objective,
+        optimizer=optimizer,
+        schedules=schedules,
+        debug_nan_step=debug_nan_step,
     )
     replicated = sharding.replicated(mesh)
     return jax.jit(

@@ -1,0 +1,399 @@
+"""The training loop: build everything from the config, resume, step, log, checkpoint, evaluate.
+
+One batch's path: Grain iterator (host batch, crop-major) -> `to_global_batch` (global
+jax.Array sharded over data x fsdp) -> jitted `train_step` -> metrics (fetched one step late so
+dispatch never waits) -> metrics.jsonl / TensorBoard / progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from raddino_jax import checkpoint
+from raddino_jax import config as config_lib
+from raddino_jax.data import pipeline, sources
+from raddino_jax.models import ModelSpec, abstract_params, init_params
+from raddino_jax.parallel import sharding
+from raddino_jax.parallel.mesh import make_mesh
+from raddino_jax.train import state as train_state
+from raddino_jax.train.metrics import MetricsWriter
+from raddino_jax.train.optim import build_optimizer
+from raddino_jax.train.step import compile_train_step
+
+BATCH_KEYS = ("global_crops", "local_crops", "masks", "mask_indices", "mask_weights", "mask_valid")
+
+
+def say(message: str) -> None:
+    """Console line from process 0 (absl INFO is left to the libraries' chatter)."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient norm became NaN/inf; the last good checkpoint is kept."""
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGINT arrived; a checkpoint of the current step was written."""
+
+    def __init__(self, signum: int, step: int):
+        self.signum, self.step = signum, step
+        super().__init__(f"received {signal.Signals(signum).name}: saved checkpoint at step {step}")
+
+
+class _SignalFlag:
+    """Records SIGTERM / SIGINT instead of dying mid-step (preemption, Ctrl-C)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def raised(self) -> int | None:
+        """The signal, agreed across processes (any process preempted -> all save)."""
+        flag = np.int32(self.signum or 0)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flag = np.max(multihost_utils.process_allgather(flag))
+        return int(flag) or None
+
+
+def initial_params(config: ml_collections.ConfigDict, spec: ModelSpec) -> dict | None:
+    """Pretrained weights from `config.init` merged with fresh heads where none are given."""
+    path = config.init.checkpoint
+    if not path:
+        return None
+    if checkpoint.is_param_checkpoint(path) or checkpoint.is_run_dir(path):
+        _, loaded = checkpoint.load_any_params(path, which=config.init.which)
+    else:
+        from raddino_jax.convert.from_torch import read_torch_weights
+
+        _, loaded = read_torch_weights(
+            path,
+            config.init.heads or None,
+            which=config.init.which,
+            num_heads=spec.backbone.num_heads,
+        )
+    expected = abstract_params(spec)
+    shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)  # noqa: E731
+    if shapes(loaded["backbone"]) != shapes(expected["backbone"]):
+        raise config_lib.ConfigError(
+            f"config.init.checkpoint: the backbone in {path} does not match config.model "
+            f"(e.g. pos_embed {loaded['backbone']['pos_embed'].shape} vs "
+            f"{expected['backbone']['pos_embed'].shape}, depth/width/patch); set config.model "
+            "(arch, img_size, patch_size, num_register_tokens) to the checkpoint's architecture"
+        )
+    fresh = init_params(spec, config.seed)
+    params = {"backbone": loaded["backbone"]}
+    for head in ("dino_head", "ibot_head"):
+        if head not in expected:
+            continue
+        if head in loaded and shapes(loaded[head]) == shapes(expected[head]):
+            params[head] = loaded[head]
+            say(f"init: {head} from {path}")
+        else:
+            params[head] = fresh[head]
+            say(f"init: fresh {head} (none matching in {path})")
+    return params
+
+
+def _write_run_files(workdir: epath.Path, config, spec: ModelSpec) -> None:
+    if jax.process_index() != 0:
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / checkpoint.SPEC_FILE).write_text(spec.to_json())
+    pre = checkpoint.Preprocessing(
+        image_size=config.data.global_size, mean=config.data.mean, std=config.data.std
+    )
+    (workdir / checkpoint.PREPROCESSING_FILE).write_text(pre.to_json())
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+
+def _step_flops(config, spec: ModelSpec, objective, upper_bound: int, n_groups: int):
+    from raddino_jax import flops
+
+    return flops.ssl_step_flops(
+        spec,
+        global_size=config.data.global_size,
+        local_size=config.data.local_size,
+        n_local=config.data.n_local,
+        batch=config.batch_size,
+        n_masked_tokens=upper_bound * n_groups,
+        separate_ibot_head=spec.ibot_head is not None,
+        remat=spec.backbone.remat,
+    )["total"]
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Run (or resume) training to `config.total_steps`; returns the last logged metrics."""
+    workdir = epath.Path(workdir)
+    devices = jax.devices()
+    config_lib.validate(config, n_devices=len(devices), process_count=jax.process_count())
+    mesh = make_mesh(dict(config.mesh), devices)
+    spec = config_lib.model_spec(config)
+    objective = config_lib.objective_config(config, len(devices))
+    schedules = config_lib.schedules(config)
+    optimizer = build_optimizer(
+        abstract_params(spec),
+        config_lib.optimizer_config(config),
+        lr_schedule=schedules.lr,
+        last_layer_lr_schedule=schedules.last_layer_lr,
+        wd_schedule=schedules.weight_decay,
+    )
+    is_main = jax.process_index() == 0
+    say(f"run: {config_lib.describe(config)}")
+    say(
+        f"mesh {dict(mesh.shape)} over {len(devices)} {devices[0].device_kind} device(s), "
+        f"{jax.process_count()} process(es)"
+    )
+
+    # Data
+    if config.data.dir:
+        data_dir, name = config.data.dir, config.data.name
+    else:
+        data_dir, name = sources.builtin_dataset(
+            workdir, config.data.builtin_phantoms, config.data.builtin_size
+        )
+        say(
+            f"no dataset configured (config.data.dir): training on the built-in samples at "
+            f"{data_dir}/{name}"
+        )
+    source = sources.open_training_split(data_dir, name, config.data.split)
+    group = config_lib.mask_group_size(config, len(devices))
+    per_process = config.batch_size // jax.process_count()
+    dataset = pipeline.make_dataset(
+        source,
+        seed=config.seed,
+        per_process_batch=per_process,
+        crop_cfg=config_lib.crop_config(config),
+        mask_group_size=group,
+        patch_size=spec.backbone.patch_size,
+        mask_ratio_min_max=tuple(config.data.mask_ratio_min_max),
+        mask_sample_probability=config.data.mask_sample_probability,
+        num_workers=config.data.num_workers,
+        read_threads=config.data.read_threads,
+        prefetch_buffer=config.data.prefetch,
+    )
+    data_iterator = iter(dataset)
+
+    # State: resume, or start from pretrained / random weights
+    abstract, shardings = train_state.abstract_state(spec, optimizer, mesh)
+    checkpointer = checkpoint.TrainCheckpointer(workdir, config.keep_checkpoints)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state = checkpointer.restore(latest, abstract, data_iterator)
+        say(f"resumed from {checkpointer.directory} at step {latest}")
+    else:
+        state = train_state.create_state(
+            spec, optimizer, mesh, seed=config.seed, params=initial_params(config, spec)
+        )
+    _write_run_files(workdir, config, spec)
+    writer = MetricsWriter(workdir, enabled=is_main)
+    writer.truncate_after(int(state.step))
+
+    step_fn = compile_train_step(
+        mesh,
+        shardings,
+        BATCH_KEYS,
+        spec=spec,
+        objective=objective,
+        optimizer=optimizer,
+        schedules=schedules,
+        debug_nan_step=config.debug_nan_step,
+    )
+    batch_shardings = sharding.batch_shardings(BATCH_KEYS, mesh)
+    upper_bound = pipeline.MaskSpec(
+        per_process,
+        group,
+        (config.data.global_size // spec.backbone.patch_size,) * 2,
+        tuple(config.data.mask_ratio_min_max),
+        config.data.mask_sample_probability,
+    ).upper_bound
+    flops_per_step = _step_flops(config, spec, objective, upper_bound, config.batch_size // group)
+    from raddino_jax import flops
+
+    peak = flops.peak_flops_per_device(
+        devices[0].device_kind,
+        spec.backbone.dtype,
+        override=config.peak_tflops_per_device * 1e12 or None,
+    )
+    evaluator = _make_evaluator(config, spec, data_dir, name)
+    profile = (
+        tuple(int(x) for x in config.profile_steps.split(":")) if config.profile_steps else None
+    )
+
+    base_key = jax.random.key(config.seed)
+    progress = _progress(is_main, int(state.step), config.total_steps)
+    last = {}
+    pending = None  # (step number after the update, metrics) fetched one step late
+    saved_step = latest
+    window_start, window_steps = time.perf_counter(), 0
+    try:
+        with _SignalFlag() as signals:
+            while int(state.step) < config.total_steps:
+                step = int(state.step)
+                if profile and step == profile[0] and is_main:
+                    jax.profiler.start_trace(str(workdir / "profile"))
+                batch = pipeline.to_global_batch(next(data_iterator), batch_shardings)
+                state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
+                if pending is not None:
+                    last = (
+                        _finish_step(
+                            pending,
+                            config,
+                            writer,
+                            progress,
+                            window_start,
+                            window_steps,
+                            flops_per_step,
+                            peak,
+                            len(devices),
+                        )
+                        or last
+                    )
+                    if pending[0] % config.log_every == 0:
+                        window_start, window_steps = time.perf_counter(), 0
+                pending = (step + 1, metrics)
+                window_steps += 1
+                if profile and step + 1 == profile[1] and is_main:
+                    jax.block_until_ready(metrics)
+                    jax.profiler.stop_trace()
+                if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.total_steps:
+                    _check_finite(pending)
+                    checkpointer.save(state, data_iterator)
+                    saved_step = step + 1
+                    checkpointer.check()
+                if evaluator is not None and (step + 1) % config.eval.every == 0:
+                    results = evaluator(state.teacher)
+                    writer.write(step + 1, results)
+                    say(
+                        f"step {step + 1} eval "
+                        + ", ".join(f"{k}={v:.3f}" for k, v in results.items())
+                    )
+                if config.debug_kill_after_step == step + 1:  # tests: die like a lost node
+                    checkpointer.wait()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                signum = signals.raised()
+                if signum:
+                    _check_finite(pending)
+                    if saved_step != step + 1:
+                        checkpointer.save(state, data_iterator, force=True)
+                    checkpointer.wait()
+                    raise Preempted(signum, int(state.step))
+            if pending is not None:
+                last = (
+                    _finish_step(
+                        pending,
+                        config,
+                        writer,
+                        progress,
+                        window_start,
+                        window_steps,
+                        flops_per_step,
+                        peak,
+                        len(devices),
+                    )
+                    or last
+                )
+        checkpointer.wait()
+        checkpointer.check()
+    finally:
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
+        if progress is not None:
+            progress.close()
+    return last
+
+
+def _check_finite(pending) -> None:
+    step, metrics = pending
+    values = jax.device_get(metrics)
+    if values["finite"]:
+        return
+    bad = [k for k, v in values.items() if k == "loss" or k.startswith("grad_norm/")]
+    bad = [k for k in bad if not np.isfinite(values[k])]
+    raise NonFiniteError(
+        f"non-finite {', '.join(bad)} at step {step} "
+        f"({', '.join(f'{k}={values[k]}' for k in bad)}); the update was not applied and the "
+        "last good checkpoint is kept. Lower optim.base_lr, raise optim.warmup_steps or use "
+        "model.dtype=float32 to investigate."
+    )
+
+
+def _finish_step(
+    pending, config, writer, progress, window_start, window_steps, flops_per_step, peak, n_devices
+) -> dict | None:
+    step, metrics = pending
+    _check_finite(pending)
+    if progress is not None:
+        progress.update(1)
+    if step % config.log_every and step != config.total_steps:
+        return None
+    values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+    elapsed = time.perf_counter() - window_start
+    step_time = elapsed / max(window_steps, 1)
+    values["step_time_s"] = step_time
+    values["images_per_s"] = config.batch_size / step_time
+    values["model_tflops_per_s"] = flops_per_step / step_time / 1e12
+    if peak:
+        values["mfu"] = flops_per_step / step_time / (peak * n_devices)
+    writer.write(step, values)
+    if progress is not None:
+        progress.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.1f}")
+    return values
+
+
+def _progress(enabled: bool, initial: int, total: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _make_evaluator(config, spec: ModelSpec, data_dir: str, name: str) -> Any:
+    if not config.eval.every:
+        return None
+    from raddino_jax.eval.hook import KnnEvaluator
+
+    pre = checkpoint.Preprocessing(
+        image_size=config.data.global_size, mean=config.data.mean, std=config.data.std
+    )
+    return KnnEvaluator(
+        data_dir,
+        name,
+        config.eval.label,
+        pre,
+        spec,
+        train_split=config.eval.train_split,
+        eval_split=config.eval.eval_split,
+        max_examples=config.eval.max_examples or None,
+    )
+
+
+def summary(workdir: str | epath.Path) -> str:
+    path = epath.Path(workdir) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.dumps(json.loads(lines[-1])) if lines else "{}"
