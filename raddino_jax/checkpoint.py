@@ -165,7 +165,9 @@ class TrainCheckpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True
         )
-        self.manager = ocp.CheckpointManager(self.directory, item_names=TRAIN_ITEMS, options=options)
+        self.manager = ocp.CheckpointManager(
+            self.directory, item_names=TRAIN_ITEMS, options=options
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
