@@ -152,6 +152,10 @@ def load_any_preprocessing(path: str | epath.Path) -> Preprocessing:
 TRAIN_ITEMS = ("student", "teacher", "train", "data")
 
 
+class RestoreError(ValueError):
+    """A training checkpoint cannot be restored into this run (and why)."""
+
+
 class TrainCheckpointer:
     """Orbax CheckpointManager over `WORKDIR/checkpoints`, one step per directory.
 
@@ -195,7 +199,7 @@ class TrainCheckpointer:
         files = [p.name for p in data_dir.iterdir()] if data_dir.exists() else []
         counts = {name.split("-of-")[1].split(".")[0] for name in files if "-of-" in name}
         if counts and counts != {str(jax.process_count())}:
-            raise ValueError(
+            raise RestoreError(
                 f"checkpoint {self.directory / str(step)} holds the data iterator of "
                 f"{sorted(counts)} process(es) but this run has {jax.process_count()}: the "
                 "model state restores onto any mesh or device count, the data iterator only "

@@ -71,13 +71,14 @@ def main(argv: list[str]) -> None:
     init_distributed()
     import jax
 
+    from raddino_jax.checkpoint import RestoreError
     from raddino_jax.config import ConfigError
     from raddino_jax.train import loop
 
     logging.set_verbosity(logging.WARNING)  # orbax/grain INFO chatter; the loop prints its own
     try:
         last = loop.train(_CONFIG.value, _WORKDIR.value)
-    except ConfigError as err:
+    except (ConfigError, RestoreError) as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     except loop.NonFiniteError as err:

@@ -62,3 +62,50 @@ def tiny_optimizer(spec: ModelSpec, total_steps: int = 100, global_batch: int = 
         last_layer_lr_schedule=schedules.last_layer_lr, wd_schedule=schedules.weight_decay,
     )
     return optimizer, schedules
+
+
+def tiny_run_config(data_dir: str, name: str, **overrides):
+    """A driver config for a 2-block ViT on 56/28 px crops over a prebuilt tiny dataset."""
+    from raddino_jax.config import base_config
+
+    c = base_config()
+    c.total_steps = 6
+    c.log_every = 1
+    c.checkpoint_every = 3
+    c.batch_size = 16
+    c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
+    c.model.arch = "vit_small"
+    c.model.embed_dim = 32
+    c.model.depth = 2
+    c.model.num_heads = 2
+    c.model.layerscale_init = 0.1
+    c.model.drop_path_rate = 0.1
+    c.model.dtype = "float32"
+    c.model.head_out_dim = 64
+    c.model.head_hidden_dim = 32
+    c.model.head_bottleneck_dim = 16
+    c.data.dir, c.data.name = data_dir, name
+    c.data.global_size, c.data.local_size, c.data.n_local = GLOBAL, LOCAL, N_LOCAL
+    c.data.mask_group_size = 2
+    c.ssl.koleo_group_size = 2
+    c.optim.warmup_steps = 2
+    c.optim.freeze_last_layer_steps = 1
+    c.teacher.warmup_temperature_steps = 3
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return c
+
+
+def build_tiny_dataset(root) -> tuple[str, str]:
+    """Built-in samples (few phantoms, 64 px records) as a tfds dataset under `root`."""
+    from data_prep.build import BuildOptions, build_dataset
+    from data_prep.samples import generate_samples
+
+    generate_samples(f"{root}/samples", n_phantoms=24, size=64, seed=0)
+    build_dataset(BuildOptions(input=f"{root}/samples/labels.csv", output=f"{root}/tfds",
+                               name="tiny", size=64, workers=1))
+    return f"{root}/tfds", "tiny"

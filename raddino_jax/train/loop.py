@@ -245,10 +245,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     base_key = jax.random.key(config.seed)
     progress = _progress(is_main, int(state.step), config.total_steps)
-    last = {}
-    pending = None  # (step number after the update, metrics) fetched one step late
+    log = _StepLog(config, writer, progress, flops_per_step, peak, len(devices))
     saved_step = latest
-    window_start, window_steps = time.perf_counter(), 0
     try:
         with _SignalFlag() as signals:
             while int(state.step) < config.total_steps:
@@ -257,30 +255,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     jax.profiler.start_trace(str(workdir / "profile"))
                 batch = pipeline.to_global_batch(next(data_iterator), batch_shardings)
                 state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
-                if pending is not None:
-                    last = (
-                        _finish_step(
-                            pending,
-                            config,
-                            writer,
-                            progress,
-                            window_start,
-                            window_steps,
-                            flops_per_step,
-                            peak,
-                            len(devices),
-                        )
-                        or last
-                    )
-                    if pending[0] % config.log_every == 0:
-                        window_start, window_steps = time.perf_counter(), 0
-                pending = (step + 1, metrics)
-                window_steps += 1
+                log.flush()  # the previous step's metrics: fetched while this one runs
+                log.pending = (step + 1, metrics)
                 if profile and step + 1 == profile[1] and is_main:
                     jax.block_until_ready(metrics)
                     jax.profiler.stop_trace()
                 if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.total_steps:
-                    _check_finite(pending)
+                    # finish this step's metrics first: a checkpoint never holds a bad update,
+                    # and metrics.jsonl has its line if the process dies right after
+                    log.flush()
                     checkpointer.save(state, data_iterator)
                     saved_step = step + 1
                     checkpointer.check()
@@ -296,26 +279,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     os.kill(os.getpid(), signal.SIGKILL)
                 signum = signals.raised()
                 if signum:
-                    _check_finite(pending)
+                    log.flush()
                     if saved_step != step + 1:
                         checkpointer.save(state, data_iterator, force=True)
                     checkpointer.wait()
                     raise Preempted(signum, int(state.step))
-            if pending is not None:
-                last = (
-                    _finish_step(
-                        pending,
-                        config,
-                        writer,
-                        progress,
-                        window_start,
-                        window_steps,
-                        flops_per_step,
-                        peak,
-                        len(devices),
-                    )
-                    or last
-                )
+            log.flush()
         checkpointer.wait()
         checkpointer.check()
     finally:
@@ -324,45 +293,61 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         writer.close()
         if progress is not None:
             progress.close()
-    return last
+    return log.last
 
 
-def _check_finite(pending) -> None:
-    step, metrics = pending
+class _StepLog:
+    """Turns each step's device metrics into log records, one step late (no dispatch stall).
+
+    Step time and images/s are averaged over the steps since the previous log line.
+    """
+
+    def __init__(self, config, writer, progress, flops_per_step, peak, n_devices):
+        self.config, self.writer, self.progress = config, writer, progress
+        self.flops_per_step, self.peak, self.n_devices = flops_per_step, peak, n_devices
+        self.pending = None  # (step number after the update, device metrics)
+        self.last: dict[str, float] = {}
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        step, metrics = self.pending
+        self.pending = None
+        _check_finite(step, metrics)
+        self.window_steps += 1
+        if self.progress is not None:
+            self.progress.update(1)
+        if step % self.config.log_every and step != self.config.total_steps:
+            return
+        values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+        step_time = (time.perf_counter() - self.window_start) / self.window_steps
+        values["step_time_s"] = step_time
+        values["images_per_s"] = self.config.batch_size / step_time
+        values["model_tflops_per_s"] = self.flops_per_step / step_time / 1e12
+        if self.peak:
+            values["mfu"] = self.flops_per_step / step_time / (self.peak * self.n_devices)
+        self.writer.write(step, values)
+        if self.progress is not None:
+            self.progress.set_postfix(
+                loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.1f}"
+            )
+        self.last = values
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+
+def _check_finite(step: int, metrics) -> None:
     values = jax.device_get(metrics)
     if values["finite"]:
         return
-    bad = [k for k, v in values.items() if k == "loss" or k.startswith("grad_norm/")]
-    bad = [k for k in bad if not np.isfinite(values[k])]
+    names = [k for k in values if k == "loss" or k.startswith("grad_norm/")]
+    bad = [k for k in names if not np.isfinite(values[k])]
     raise NonFiniteError(
         f"non-finite {', '.join(bad)} at step {step} "
         f"({', '.join(f'{k}={values[k]}' for k in bad)}); the update was not applied and the "
         "last good checkpoint is kept. Lower optim.base_lr, raise optim.warmup_steps or use "
         "model.dtype=float32 to investigate."
     )
-
-
-def _finish_step(
-    pending, config, writer, progress, window_start, window_steps, flops_per_step, peak, n_devices
-) -> dict | None:
-    step, metrics = pending
-    _check_finite(pending)
-    if progress is not None:
-        progress.update(1)
-    if step % config.log_every and step != config.total_steps:
-        return None
-    values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
-    elapsed = time.perf_counter() - window_start
-    step_time = elapsed / max(window_steps, 1)
-    values["step_time_s"] = step_time
-    values["images_per_s"] = config.batch_size / step_time
-    values["model_tflops_per_s"] = flops_per_step / step_time / 1e12
-    if peak:
-        values["mfu"] = flops_per_step / step_time / (peak * n_devices)
-    writer.write(step, values)
-    if progress is not None:
-        progress.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.1f}")
-    return values
 
 
 def _progress(enabled: bool, initial: int, total: int):
