@@ -55,8 +55,9 @@ def init_distributed() -> None:
     explicit = _COORDINATOR.value is not None
     if mode == "off" or (mode == "auto" and not explicit and not _in_cluster()):
         return
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU processes need a collectives backend; the setting is ignored by GPU/TPU backends (and
+    # querying the backend here would initialise it too early).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=_COORDINATOR.value,
         num_processes=_NUM_PROCESSES.value,

@@ -17,8 +17,14 @@ GLOBAL, LOCAL, N_LOCAL = 56, 28, 2
 
 def tiny_spec(k: int = 64, embed_dim: int = 32) -> ModelSpec:
     return ModelSpec(
-        vit_config("vit_small", embed_dim=embed_dim, depth=2, num_heads=2, img_size=GLOBAL,
-                   layerscale_init=0.1 if embed_dim == 32 else 1.0),
+        vit_config(
+            "vit_small",
+            embed_dim=embed_dim,
+            depth=2,
+            num_heads=2,
+            img_size=GLOBAL,
+            layerscale_init=0.1 if embed_dim == 32 else 1.0,
+        ),
         HeadConfig(in_dim=embed_dim, out_dim=k, hidden_dim=embed_dim, bottleneck_dim=16),
     )
 
@@ -47,19 +53,32 @@ def synthetic_source(n: int = 32, seed: int = 0) -> list[dict]:
 def tiny_dataset(batch: int = 16, group: int = 2, seed: int = 0, source=None):
     crop = augment.MultiCropConfig(global_size=GLOBAL, local_size=LOCAL, n_local=N_LOCAL)
     return pipeline.make_dataset(
-        source if source is not None else synthetic_source(), seed=seed, per_process_batch=batch,
-        crop_cfg=crop, mask_group_size=group, process_index=0, process_count=1,
+        source if source is not None else synthetic_source(),
+        seed=seed,
+        per_process_batch=batch,
+        crop_cfg=crop,
+        mask_group_size=group,
+        process_index=0,
+        process_count=1,
     )
 
 
 def tiny_optimizer(spec: ModelSpec, total_steps: int = 100, global_batch: int = 16):
     schedules = build_schedules(
-        base_lr=2e-3, global_batch=global_batch, total_steps=total_steps, warmup_steps=10,
-        freeze_last_layer_steps=5, warmup_teacher_temp_steps=20, momentum_teacher=0.99,
+        base_lr=2e-3,
+        global_batch=global_batch,
+        total_steps=total_steps,
+        warmup_steps=10,
+        freeze_last_layer_steps=5,
+        warmup_teacher_temp_steps=20,
+        momentum_teacher=0.99,
     )
     optimizer = build_optimizer(
-        abstract_params(spec), OptimizerConfig(), lr_schedule=schedules.lr,
-        last_layer_lr_schedule=schedules.last_layer_lr, wd_schedule=schedules.weight_decay,
+        abstract_params(spec),
+        OptimizerConfig(),
+        lr_schedule=schedules.lr,
+        last_layer_lr_schedule=schedules.last_layer_lr,
+        wd_schedule=schedules.weight_decay,
     )
     return optimizer, schedules
 
@@ -106,6 +125,13 @@ def build_tiny_dataset(root) -> tuple[str, str]:
     from data_prep.samples import generate_samples
 
     generate_samples(f"{root}/samples", n_phantoms=24, size=64, seed=0)
-    build_dataset(BuildOptions(input=f"{root}/samples/labels.csv", output=f"{root}/tfds",
-                               name="tiny", size=64, workers=1))
+    build_dataset(
+        BuildOptions(
+            input=f"{root}/samples/labels.csv",
+            output=f"{root}/tfds",
+            name="tiny",
+            size=64,
+            workers=1,
+        )
+    )
     return f"{root}/tfds", "tiny"

@@ -1,0 +1,256 @@
+"""The training driver end to end: exact resume, preemption, meshes, processes, guards, config."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from etils import epath
+
+from raddino_jax import checkpoint
+from raddino_jax import config as config_lib
+from raddino_jax.train import loop
+from raddino_jax.train.metrics import read_metrics
+from tests.tiny import build_tiny_dataset, tiny_run_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOSS_KEYS = (
+    "loss",
+    "dino_loss",
+    "ibot_loss",
+    "koleo_loss",
+    "teacher_entropy",
+    "grad_norm/backbone",
+)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return build_tiny_dataset(tmp_path_factory.mktemp("data"))
+
+
+def _env(dataset, devices: int = 8) -> dict:
+    env = dict(os.environ)
+    env["RADDINO_TEST_DATA"] = "/".join(dataset)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = REPO
+    return env
+
+
+def _command(workdir, *overrides) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "raddino_jax.main",
+        "--config=tests/tiny_config.py",
+        f"--workdir={workdir}",
+        *overrides,
+    ]
+
+
+def _run(dataset, workdir, *overrides, devices=8, check=True):
+    result = subprocess.run(
+        _command(workdir, *overrides),
+        env=_env(dataset, devices),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stderr[-3000:]}")
+    return result
+
+
+def _by_step(workdir) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(workdir) if "loss" in r}
+
+
+def _assert_same_params(workdir_a, workdir_b, atol=0.0):
+    for which in ("student", "teacher"):
+        _, a = checkpoint.load_run_params(workdir_a, which)
+        _, b = checkpoint.load_run_params(workdir_b, which)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_exact(dataset, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    _run(dataset, straight)
+    first = _run(dataset, killed, "--config.debug_kill_after_step=3", check=False)
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+    assert sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit()) == [
+        3
+    ]
+    second = _run(dataset, killed, "--config.debug_kill_after_step=3")  # the same command again
+    assert "resumed" in second.stdout
+    a, b = _by_step(straight), _by_step(killed)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        for key in LOSS_KEYS:
+            assert a[step][key] == b[step][key], (step, key)
+    _assert_same_params(straight, killed)
+
+
+@pytest.mark.slow
+def test_sigterm_leaves_restorable_checkpoint_at_current_step(dataset, tmp_path):
+    workdir = tmp_path / "run"
+    process = subprocess.Popen(
+        _command(
+            workdir,
+            "--config.total_steps=400",
+            "--config.checkpoint_every=1000",
+            "--config.optim.warmup_steps=10",
+        ),
+        env=_env(dataset),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    metrics = workdir / "metrics.jsonl"
+    while time.time() < deadline and (
+        not metrics.exists() or len(metrics.read_text().splitlines()) < 3
+    ):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    step = int(stderr.split("saved checkpoint at step ")[1].split()[0])
+    assert 3 <= step < 400
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [step]
+    spec, teacher = checkpoint.load_run_params(workdir, "teacher")
+    assert jax.tree.leaves(teacher)[0].shape  # restorable
+    resumed = _run(
+        dataset,
+        workdir,
+        "--config.total_steps=400",
+        "--config.checkpoint_every=1000",
+        "--config.optim.warmup_steps=10",
+        f"--config.debug_kill_after_step={step + 1}",
+        check=False,
+    )
+    assert f"resumed from {workdir / 'checkpoints'} at step {step}" in resumed.stdout
+
+
+@pytest.mark.slow
+def test_meshes_agree_and_checkpoint_moves_between_them(dataset, tmp_path):
+    wide = tmp_path / "8x1x1"
+    loop.train(tiny_run_config(*dataset, mesh={"data": 8, "fsdp": 1, "tensor": 1}), str(wide))
+    fsdp = tmp_path / "2x4x1"
+    loop.train(tiny_run_config(*dataset, mesh={"data": 2, "fsdp": 4, "tensor": 1}), str(fsdp))
+    a, b = _by_step(wide), _by_step(fsdp)
+    for step in range(1, 6):
+        for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss"):
+            np.testing.assert_allclose(a[step][key], b[step][key], atol=1e-5, rtol=1e-5)
+
+    moved = tmp_path / "moved"
+    shutil.copytree(wide, moved)
+    shutil.rmtree(moved / "checkpoints" / "6")
+    loop.train(tiny_run_config(*dataset, mesh={"data": 2, "fsdp": 4, "tensor": 1}), str(moved))
+    c = _by_step(moved)
+    for step in (4, 5, 6):
+        for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss"):
+            np.testing.assert_allclose(c[step][key], a[step][key], atol=1e-5, rtol=1e-5)
+    _assert_same_params(wide, moved, atol=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_checkpoint_together(dataset, tmp_path):
+    workdir = tmp_path / "two"
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            _command(
+                workdir,
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                "--config.total_steps=4",
+                "--config.checkpoint_every=2",
+            ),
+            env=_env(dataset, devices=4),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    assert "8 cpu device(s), 2 process(es)" in outputs[0][0]
+    data = workdir / "checkpoints" / "4" / "data"
+    files = sorted(p.name for p in data.iterdir() if p.suffix == ".json")
+    assert files == ["process_0-of-2.json", "process_1-of-2.json"], files
+    assert sorted(_by_step(workdir)) == [1, 2, 3, 4]
+    # the model restores with one process; the data iterator refuses with a clear reason
+    result = _run(dataset, workdir, "--config.total_steps=6", check=False)
+    assert result.returncode == 3 and "2" in result.stderr and "processes" in result.stderr
+
+
+def test_per_process_shards_are_disjoint(dataset):
+    from raddino_jax.data import pipeline, sources
+
+    source = sources.open_training_split(*dataset, "train")
+    seen = []
+    for index in range(2):
+        records = pipeline.sharded_records(source, seed=0, process_index=index, process_count=2)
+        seen.append({bytes(records[i]["path"]) for i in range(len(source) // 2)})
+    assert not seen[0] & seen[1]
+
+
+def test_injected_nan_stops_and_keeps_last_good_checkpoint(dataset, tmp_path):
+    cfg = tiny_run_config(*dataset, debug_nan_step=4)
+    with pytest.raises(loop.NonFiniteError, match=r"non-finite loss at step 5"):
+        loop.train(cfg, str(tmp_path))
+    manager = checkpoint.TrainCheckpointer(tmp_path, 3)
+    assert manager.latest_step() == 3
+    manager.close()
+    assert max(r["step"] for r in read_metrics(tmp_path)) == 4
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"total_steps": 0}, "config.total_steps"),
+        ({"batch_size": 12}, "config.batch_size"),
+        ({"data.global_size": 50}, "config.data.global_size"),
+        ({"data.local_size": 30}, "config.data.local_size"),
+        ({"data.dir": "/nonexistent/dir"}, "config.data.dir"),
+        ({"data.mask_group_size": 3}, "config.data.mask_group_size"),
+        ({"model.arch": "vit_huge"}, "config.model.arch"),
+        ({"ssl.centering": "median"}, "config.ssl.centering"),
+        ({"init.checkpoint": "/no/such/weights.pth"}, "config.init.checkpoint"),
+        ({"mesh": {"data": 3, "fsdp": 1, "tensor": 1}}, "config.mesh"),
+        ({"eval.every": 5}, "config.eval.label"),
+    ],
+)
+def test_bad_configs_fail_before_compiling(dataset, tmp_path, overrides, key):
+    cfg = tiny_run_config(*dataset, **overrides)
+    with pytest.raises(config_lib.ConfigError, match=key.replace(".", r"\.")):
+        loop.train(cfg, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unknown_config_key_is_rejected_by_the_cli(dataset, tmp_path):
+    result = _run(dataset, tmp_path, "--config.model.archh=vit_base", check=False)
+    assert result.returncode != 0 and "archh" in result.stderr
+    assert not epath.Path(tmp_path / "checkpoints").exists()
