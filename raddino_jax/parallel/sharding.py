@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from raddino_jax.data.pipeline import IMAGE_AXIS
 from raddino_jax.parallel.mesh import BATCH_AXES
 
 # (regex on the "/"-joined path, per-dimension tensor-parallel placement)
@@ -28,15 +29,8 @@ TENSOR_RULES: list[tuple[str, tuple[str | None, ...]]] = [
     (r"last_layer/weight_g$", ("tensor",)),
 ]
 
-# Where the image axis sits in each batch array (see data.pipeline's crop-major layout).
-BATCH_IMAGE_AXIS = {
-    "global_crops": 1,
-    "local_crops": 1,
-    "masks": 1,
-    "mask_indices": 0,
-    "mask_weights": 0,
-    "mask_valid": 0,
-}
+# Where the image axis sits in each batch array: the pipeline owns the layout.
+BATCH_IMAGE_AXIS = IMAGE_AXIS
 
 
 def path_str(path) -> str:
