@@ -217,3 +217,19 @@ def test_dino_head_matches_torch_reference():
     assert set(back) == set(state)
     for key in state:
         np.testing.assert_array_equal(back[key], state[key])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_attention_implementations_agree(dtype):
+    """The CPU default (hand-written einsum softmax) equals jax.nn.dot_product_attention."""
+    spec = ModelSpec(vit_config("vit_small", **{**TINY, "dtype": dtype}))
+    params = init_params(spec, 0)
+    x = jax.random.normal(jax.random.key(2), (2, 56, 42, 3))
+    outs = {}
+    for impl in ("einsum", "xla"):
+        s = spec.replace(backbone=spec.backbone.replace(attention_impl=impl))
+        outs[impl] = np.asarray(
+            jax.jit(lambda p, s=s: bind(s, p).backbone(x)["x_prenorm"])(params), np.float32
+        )
+    atol = 1e-5 if dtype == "float32" else 5e-2
+    np.testing.assert_allclose(outs["einsum"], outs["xla"], atol=atol)

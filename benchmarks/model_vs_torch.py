@@ -1,0 +1,268 @@
+"""Backbone forward+backward time on CPU: ours (jax.jit) vs transformers `Dinov2Model` (eager).
+
+Both sides compute loss = sum(last_hidden_state ** 2) (the final-LayerNorm'd CLS + patch
+tokens) and its gradient w.r.t. every backbone parameter, in float32, on identical weights:
+a randomly initialised HF model is `save_pretrained` into a temporary folder and imported with
+`convert.from_torch.read_torch_weights`; forward outputs and a few gradients are compared
+before anything is timed.
+
+Thread pinning (both frameworks get the same n cores, default n = os.cpu_count()):
+- the process CPU affinity is restricted to n cores with `os.sched_setaffinity` *before* jax
+  and torch are imported: XLA's CPU client sizes its intra-op (Eigen) thread pool from the
+  affinity mask (tsl::port::MaxParallelism);
+- `torch.set_num_threads(n)` and `torch.set_num_interop_threads(1)` for PyTorch.
+XLA flags are taken from `--xla-flags` (appended to $XLA_FLAGS) so each variant can be tried.
+
+Timing: after warm-up (compilation, allocator), rounds alternate ours / torch so both see the
+same machine load. Reported: median and min..max over rounds, the median (and range) of the
+per-round ratio ours/torch (paired, so slow load drift cancels), and the ratio of the minima
+(the least-disturbed samples; the most stable figure on a shared machine).
+
+Run: PYTHONPATH=. .venv/bin/python benchmarks/model_vs_torch.py [--archs vit_small vit_base]
+     [--batch 8] [--size 224] [--rounds 7] [--threads N] [--attention-impls default xla einsum]
+     [--xla-flags "..."] [--profile DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--archs", nargs="+", default=["vit_small", "vit_base"])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument(
+        "--attention-impls",
+        nargs="+",
+        default=["default"],
+        help="ViTConfig.attention_impl values to time for ours, interleaved in one process "
+        "('default' keeps the config default, 'None' is None)",
+    )
+    p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the jax side")
+    p.add_argument("--profile", default="", help="write a jax.profiler trace of ours here")
+    p.add_argument("--only", choices=["both", "jax", "torch"], default="both")
+    return p.parse_args(argv)
+
+
+def _pin_threads(n: int, xla_flags: str) -> None:
+    """Restrict this process to n cores and set XLA_FLAGS; must run before importing jax/torch."""
+    cores = sorted(os.sched_getaffinity(0))
+    if n > len(cores):
+        raise SystemExit(f"--threads {n} > {len(cores)} available cores")
+    os.sched_setaffinity(0, cores[:n])
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), xla_flags]))
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def build_models(arch: str, size: int, folder: str):
+    """Random HF Dinov2Model (eval, float32) and our (spec, backbone params) with its weights."""
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    from raddino_jax.convert.from_torch import read_torch_weights
+    from raddino_jax.models.vit import ARCHS
+
+    arch_cfg = ARCHS[arch]
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=arch_cfg["embed_dim"],
+        num_hidden_layers=arch_cfg["depth"],
+        num_attention_heads=arch_cfg["num_heads"],
+        image_size=size,
+        patch_size=14,
+        layerscale_value=1.0,
+    )
+    hf = Dinov2Model(config).eval()  # default attention: torch SDPA
+    _randomise_layer_norms(hf, torch.Generator().manual_seed(1))
+    hf.save_pretrained(folder)
+    spec, params = read_torch_weights(folder)
+    return hf, spec, params["backbone"]
+
+
+def with_attention_impl(spec, name: str):
+    """`spec` with backbone.attention_impl set from a CLI name ('default' leaves it)."""
+    if name == "default":
+        return spec
+    impl = None if name == "None" else name
+    return spec.replace(backbone=spec.backbone.replace(attention_impl=impl))
+
+
+def _randomise_layer_norms(model, generator) -> None:
+    """Give every LayerNorm a random affine map (weight 1 + 0.2 N, bias 0.2 N).
+
+    With the default (1, 0) the loss sum(LN(x) ** 2) is constant (every normed token has squared
+    norm D), so all gradients below the final norm would be rounding noise and the agreement
+    check meaningless. Timing does not depend on the values.
+    """
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(1 + 0.2 * torch.randn(module.weight.shape, generator=generator))
+                module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=generator))
+
+
+def make_jax_step(spec):
+    """jit(value_and_grad) of sum(last_hidden_state**2) w.r.t. the backbone params (pure dict)."""
+    import jax
+    import jax.numpy as jnp
+
+    from raddino_jax.models import bind
+
+    backbone_spec = spec.replace(dino_head=None, ibot_head=None)
+
+    def loss(params, images):
+        out = bind(backbone_spec, {"backbone": params}).backbone(images)
+        hidden = jnp.concatenate([out["x_norm_clstoken"][:, None], out["x_norm_patchtokens"]], 1)
+        return jnp.sum(jnp.square(hidden)), hidden
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+
+def make_torch_step(model):
+    """Eager forward + backward of sum(last_hidden_state**2); returns (loss, hidden, grads)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(pixel_values):
+        for p in params:
+            p.grad = None
+        hidden = model(pixel_values=pixel_values).last_hidden_state
+        loss = hidden.square().sum()
+        loss.backward()
+        return loss, hidden
+
+    return step, torch
+
+
+def check_agreement(jax_step, params, torch_step, torch_model, images_nhwc) -> dict[str, float]:
+    """Max |ours - torch| of the hidden states and of three gradients (relative to their max)."""
+    import numpy as np
+    import torch
+
+    (_, hidden), grads = jax_step(params, images_nhwc)
+    _, t_hidden = torch_step(torch.from_numpy(images_nhwc.transpose(0, 3, 1, 2).copy()))
+    sd = dict(torch_model.named_parameters())
+    pairs = {
+        "grad fc1 (block 0)": (
+            grads["blocks"][0]["mlp"]["fc1"]["kernel"],
+            sd["encoder.layer.0.mlp.fc1.weight"].grad.T,
+        ),
+        "grad patch bias": (
+            grads["patch_embed"]["proj"]["bias"],
+            sd["embeddings.patch_embeddings.projection.bias"].grad,
+        ),
+        "grad final norm": (grads["norm"]["scale"], sd["layernorm.weight"].grad),
+    }
+    report = {"hidden max abs": float(np.abs(np.asarray(hidden) - t_hidden.detach().numpy()).max())}
+    for name, (ours, ref) in pairs.items():
+        ref = ref.detach().numpy()
+        report[name + " (rel)"] = float(np.abs(np.asarray(ours) - ref).max() / np.abs(ref).max())
+    return report
+
+
+def time_interleaved(fns: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Alternate the named zero-arg callables `rounds` times after `warmup` untimed calls each."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def run_arch(args, arch: str) -> dict[str, list[float]]:
+    import jax
+    import numpy as np
+    import torch
+
+    with tempfile.TemporaryDirectory() as folder:
+        hf, spec, params = build_models(arch, args.size, folder)
+    images = np.random.default_rng(0).standard_normal((args.batch, args.size, args.size, 3))
+    images = images.astype(np.float32)
+    torch_step, _ = make_torch_step(hf)
+    images_jax = jax.device_put(images)
+    images_torch = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    fns = {}
+    for name in args.attention_impls:
+        variant = with_attention_impl(spec, name)
+        jax_step = make_jax_step(variant)
+        agreement = check_agreement(jax_step, params, torch_step, hf, images)
+        print(
+            f"{arch} ours[{name}] (attention_impl={variant.backbone.attention_impl!r}) vs torch: "
+            + ", ".join(f"{k} {v:.2e}" for k, v in agreement.items())
+        )
+        if agreement["hidden max abs"] > 1e-4:
+            raise SystemExit(f"{arch}: outputs disagree, not timing")
+        if args.only in ("both", "jax"):
+            fns[f"ours[{name}]"] = lambda step=jax_step: jax.block_until_ready(
+                step(params, images_jax)
+            )
+    if args.only in ("both", "torch"):
+        fns["torch"] = lambda: torch_step(images_torch)
+    times = time_interleaved(fns, args.rounds, args.warmup)
+    if args.profile:
+        first = next(k for k in fns if k.startswith("ours"))
+        with jax.profiler.trace(os.path.join(args.profile, arch)):
+            for _ in range(2):
+                fns[first]()
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    _pin_threads(args.threads, args.xla_flags)
+    import jax
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    print(
+        f"threads={args.threads} (affinity {sorted(os.sched_getaffinity(0))}), "
+        f"jax {jax.__version__} {jax.default_backend()}, torch {torch.__version__}, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, batch {args.batch}, "
+        f"{args.size} px, {args.rounds} rounds"
+    )
+    rows = []
+    for arch in args.archs:
+        times = run_arch(args, arch)
+        rows.append((arch, times))
+    print(
+        f"\n{'arch':10s} | {'variant':14s} | {'median s':>8s} | {'min..max s':>14s} | "
+        "ours/torch: median of paired ratios (range) | ratio of mins"
+    )
+    for arch, times in rows:
+        ref = times.get("torch")
+        for name, ts in times.items():
+            ratio = "-"
+            if ref and name != "torch":
+                paired = [a / b for a, b in zip(ts, ref)]  # same round: same machine load
+                ratio = (
+                    f"{statistics.median(paired):.2f} ({min(paired):.2f}..{max(paired):.2f})"
+                    f" | {min(ts) / min(ref):.2f}"
+                )
+            print(
+                f"{arch:10s} | {name:14s} | {statistics.median(ts):8.3f} | "
+                f"{min(ts):6.3f}..{max(ts):6.3f} | {ratio}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
