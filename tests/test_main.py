@@ -98,6 +98,13 @@ def test_resume_after_sigkill_is_exact(dataset, tmp_path):
         for key in LOSS_KEYS:
             assert a[step][key] == b[step][key], (step, key)
     _assert_same_params(straight, killed)
+    # the exporter reads a run directory (teacher by default, --which student)
+    from raddino_jax.convert import __main__ as convert_cli
+
+    for which in ("teacher", "student"):
+        out = tmp_path / f"hf_{which}"
+        argv = ["to-hf", "--checkpoint", str(straight), "--out", str(out), "--which", which]
+        assert convert_cli.main([*argv, "--verify"]) == 0
 
 
 @pytest.mark.slow
@@ -218,13 +225,17 @@ def test_per_process_shards_are_disjoint(dataset):
 
 
 def test_injected_nan_stops_and_keeps_last_good_checkpoint(dataset, tmp_path):
-    cfg = tiny_run_config(*dataset, debug_nan_step=4)
+    """Also runs the periodic kNN evaluation (config.eval) and checks it is logged."""
+    cfg = tiny_run_config(*dataset, debug_nan_step=4, **{"eval.every": 3, "eval.label": "nodule"})
     with pytest.raises(loop.NonFiniteError, match=r"non-finite loss at step 5"):
         loop.train(cfg, str(tmp_path))
     manager = checkpoint.TrainCheckpointer(tmp_path, 3)
     assert manager.latest_step() == 3
     manager.close()
-    assert max(r["step"] for r in read_metrics(tmp_path)) == 4
+    records = read_metrics(tmp_path)
+    assert max(r["step"] for r in records) == 4
+    knn = [r for r in records if "knn/top1_k10" in r]
+    assert [r["step"] for r in knn] == [3] and 0.0 <= knn[0]["knn/top1_k10"] <= 1.0
 
 
 @pytest.mark.parametrize(
