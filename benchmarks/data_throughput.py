@@ -8,10 +8,15 @@ side of 518, like RAD-DINO's preprocessed PNGs (recipe s8). One process, one thr
 ``cv2.setNumThreads(1)``; PIL is single-threaded. Rounds alternate ours / PIL so both see the
 same machine load; the table reports the median round.
 
-A third row times the whole Grain pipeline (``make_dataset``: shuffle, decode, crops,
-batching, iBOT masks) at batch 32, num_workers=0, to show the per-batch overhead.
+The last column times the whole Grain pipeline (``make_dataset``: shuffle, decode, crops,
+batching, iBOT masks) at batch 32, num_workers=0, to show the per-batch overhead. Each figure
+is the median of the interleaved rounds, with the (min-max) spread.
 
-Run: .venv/bin/python benchmarks/data_throughput.py [--samples 100] [--rounds 5]
+``--accuracy`` also prints how far the fast antialiased resize (``augment.resize_crop``) is
+from PIL's antialiased bicubic, next to the previous path (cv2's generic INTER_AREA), on 300
+recipe-s5 boxes of the radiograph, and the time of the PNG decoders.
+
+Run: .venv/bin/python benchmarks/data_throughput.py [--samples 100] [--rounds 5] [--accuracy]
 """
 
 from __future__ import annotations
@@ -121,12 +126,94 @@ def samples_per_second(fn: Callable[[], object], n: int) -> float:
 def pipeline_samples_per_second(png: bytes, cfg: augment.MultiCropConfig, batches: int) -> float:
     source = [{"image": png}] * 64
     ds = pipeline.make_dataset(
-        source, seed=0, per_process_batch=32, crop_cfg=cfg, mask_group_size=32,
-        process_index=0, process_count=1,
+        source,
+        seed=0,
+        per_process_batch=32,
+        crop_cfg=cfg,
+        mask_group_size=32,
+        process_index=0,
+        process_count=1,
     )
     it = iter(ds)
     next(it)  # warm-up
     return 32 * samples_per_second(lambda: next(it), batches)
+
+
+def median_and_spread(values: list[float]) -> str:
+    """'median (min-max)' of per-round rates."""
+    return f"{statistics.median(values):.1f} ({min(values):.0f}-{max(values):.0f})"
+
+
+def _area_resize(image: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """The previous resize path for shrinks >= 1.25x: cv2's generic INTER_AREA."""
+    t, l, h, w = box
+    return cv2.resize(image[t : t + h, l : l + w], (size, size), interpolation=cv2.INTER_AREA)
+
+
+def _mean_rmse(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return float(np.mean([np.sqrt(np.mean((x - y) ** 2)) for x, y in zip(a, b, strict=True)]))
+
+
+def _ms_per_box(fn: Callable[..., object], image, boxes, size: int, rounds: int) -> float:
+    """Best-of-rounds milliseconds per box of ``fn(image, box, size)``."""
+    best = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for box in boxes:
+            fn(image, box, size)
+        best.append((time.perf_counter() - start) / len(boxes) * 1e3)
+    return min(best)
+
+
+def _fast_resize(image: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    return augment.resize_crop(image, box, size, 1.25)
+
+
+def resize_accuracy(png: bytes, rounds: int = 3) -> None:
+    """RMSE (8-bit levels) vs PIL of the fast resize and of cv2's generic INTER_AREA."""
+    image = pipeline.decode_image(png)
+    pil = Image.fromarray(image)
+    print(
+        "\n| crop | boxes shrunk >= 1.25x | RMSE vs PIL: ours | generic INTER_AREA "
+        "| ours vs INTER_AREA | ms ours | ms INTER_AREA |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, size, scale in (("global 224", 224, (0.32, 1.0)), ("local 98", 98, (0.05, 0.32))):
+        rng = np.random.default_rng(0)
+        boxes = [
+            augment.sample_resized_crop_box(rng, *image.shape, scale, (3 / 4, 4 / 3))
+            for _ in range(300)
+        ]
+        boxes = [b for b in boxes if min(b[2], b[3]) / size >= 1.25]
+        ours = [_fast_resize(image, b, size).astype(np.float64) for b in boxes]
+        area = [_area_resize(image, b, size).astype(np.float64) for b in boxes]
+        refs = [
+            np.asarray(pil.resize((size, size), Image.BICUBIC, box=(l, t, l + w, t + h)))
+            for t, l, h, w in boxes
+        ]
+        t_ours = _ms_per_box(_fast_resize, image, boxes, size, rounds)
+        t_area = _ms_per_box(_area_resize, image, boxes, size, rounds)
+        print(
+            f"| {name} | {len(boxes)} | {_mean_rmse(ours, refs):.3f} "
+            f"| {_mean_rmse(area, refs):.3f} | {_mean_rmse(ours, area):.3f} "
+            f"| {t_ours:.3f} | {t_area:.3f} |"
+        )
+
+    encoded = np.frombuffer(png, np.uint8)
+    decoders = {
+        "decode_image (fast PNG path)": lambda: pipeline.decode_image(png),
+        "cv2.imdecode IMREAD_UNCHANGED": lambda: cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED),
+        "cv2.imdecode IMREAD_GRAYSCALE": lambda: cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE),
+        "PIL open + load": lambda: Image.open(io.BytesIO(png)).load(),
+    }
+    times = {name: [] for name in decoders}
+    for _ in range(5):  # interleaved
+        for name, fn in decoders.items():
+            times[name].append(1e3 / samples_per_second(fn, 50))
+    print("\n| PNG decode | ms, min of 5 | median |")
+    print("|---|---:|---:|")
+    for name, values in times.items():
+        print(f"| {name} | {min(values):.2f} | {statistics.median(values):.2f} |")
 
 
 def main() -> None:
@@ -134,6 +221,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=100, help="samples per timed round")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per size")
     parser.add_argument("--pipeline-batches", type=int, default=3)
+    parser.add_argument("--accuracy", action="store_true", help="resize error + decode times")
     args = parser.parse_args()
 
     cv2.setNumThreads(1)
@@ -144,22 +232,30 @@ def main() -> None:
     for global_size in (224, 518):
         cfg = augment.MultiCropConfig(global_size=global_size, local_size=98, n_local=8)
         rng_ours, rng_pil = np.random.default_rng(0), np.random.default_rng(0)
-        ours, pil = [], []
+        ours, pil, grain_rates = [], [], []
         for _ in range(args.rounds):
             run_ours = functools.partial(ours_sample, png, rng_ours, cfg)
             run_pil = functools.partial(pil_sample, png, rng_pil, cfg)
             ours.append(samples_per_second(run_ours, args.samples))
             pil.append(samples_per_second(run_pil, args.samples))
-        grain_rate = pipeline_samples_per_second(png, cfg, args.pipeline_batches)
-        rows.append((global_size, statistics.median(ours), statistics.median(pil), grain_rate))
+            grain_rates.append(pipeline_samples_per_second(png, cfg, args.pipeline_batches))
+        ratios = [o / p for o, p in zip(ours, pil, strict=True)]
+        rows.append((global_size, ours, pil, ratios, grain_rates))
 
     print()
-    print("| crops | ours (samples/s/core) | PIL (samples/s/core) | ours/PIL "
-          "| grain pipeline, B=32 (samples/s) |")
+    print(
+        "| crops | ours (samples/s/core) | PIL (samples/s/core) | ours/PIL per round "
+        "| grain pipeline, B=32 (samples/s) |"
+    )
     print("|---|---:|---:|---:|---:|")
-    for global_size, ours_rate, pil_rate, grain_rate in rows:
-        print(f"| {global_size}/98 x2+8 | {ours_rate:.1f} | {pil_rate:.1f} | "
-              f"{ours_rate / pil_rate:.2f} | {grain_rate:.1f} |")
+    for global_size, ours, pil, ratios, grain_rates in rows:
+        ratio = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+        print(
+            f"| {global_size}/98 x2+8 | {median_and_spread(ours)} | {median_and_spread(pil)} "
+            f"| {ratio} | {median_and_spread(grain_rates)} |"
+        )
+    if args.accuracy:
+        resize_accuracy(png)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Tests for raddino_jax.data.pipeline: determinism, resumption, sharding, masks, global arrays."""
 
 import itertools
+import struct
+import zlib
 
 import cv2
 import jax
@@ -11,7 +13,7 @@ from absl import flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from raddino_jax.data import pipeline
+from raddino_jax.data import augment, pipeline
 from raddino_jax.data.augment import MultiCropConfig
 from raddino_jax.ssl import masking
 
@@ -237,3 +239,85 @@ def test_to_global_batch_on_eight_devices():
         np.testing.assert_array_equal(np.asarray(array), host[key])
     with pytest.raises(KeyError):
         pipeline.to_global_batch(host, {k: v for k, v in shardings.items() if k != "masks"})
+
+
+# ------------------------------------------------------------------------------------------
+# Fast PNG decode and the batch function
+# ------------------------------------------------------------------------------------------
+
+
+def _encode_png(image: np.ndarray, filters: list[int]) -> bytes:
+    """Independent minimal PNG writer (grayscale, 8/16-bit) with a chosen filter per row."""
+    height, width = image.shape
+    depth = 16 if image.dtype == np.uint16 else 8
+    raw = image.astype(">u2").view(np.uint8) if depth == 16 else image
+    raw = raw.reshape(height, -1).astype(np.int64)
+    step = depth // 8
+    rows = []
+    for y, kind in enumerate(filters):
+        cur, above = raw[y], raw[y - 1] if y else np.zeros_like(raw[0])
+        left = np.concatenate([np.zeros(step, np.int64), cur[:-step]])
+        if kind == 0:
+            out = cur
+        elif kind == 1:
+            out = cur - left
+        elif kind == 2:
+            out = cur - above
+        else:  # Avg
+            out = cur - (left + above) // 2
+        rows.append(bytes([kind]) + (out % 256).astype(np.uint8).tobytes())
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        body = kind + payload
+        return struct.pack(">I", len(payload)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, depth, 0, 0, 0, 0)
+    data = zlib.compress(b"".join(rows), 6)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data[:50])
+            + chunk(b"IDAT", data[50:]) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("row_filter", [0, 1, 2])
+def test_fast_png_decode_matches_the_image_and_cv2(dtype, row_filter):
+    rng = np.random.default_rng(row_filter)
+    img = rng.integers(0, np.iinfo(dtype).max + 1, (23, 17)).astype(dtype)
+    png = _encode_png(img, [row_filter] * 23)
+    np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(png, np.uint8), -1), img)
+    fast = pipeline.decode_png_fast(png)
+    assert fast is not None and fast.dtype == dtype
+    np.testing.assert_array_equal(fast, img)
+    np.testing.assert_array_equal(pipeline.decode_image(np.frombuffer(png, np.uint8)), img)
+    # What cv2.imencode writes (the data preparation's encoder) takes the fast path.
+    assert pipeline.decode_png_fast(cv2.imencode(".png", img)[1].tobytes()) is not None
+
+
+def test_other_pngs_fall_back_to_cv2():
+    img = np.random.default_rng(0).integers(0, 256, (12, 9)).astype(np.uint8)
+    for filters in ([1] * 6 + [2] * 6, [3] * 12):  # mixed filters, Avg
+        png = _encode_png(img, filters)
+        assert pipeline.decode_png_fast(png) is None
+        np.testing.assert_array_equal(pipeline.decode_image(png), img)
+    rgb = cv2.imencode(".png", np.dstack([img] * 3))[1].tobytes()
+    assert pipeline.decode_png_fast(rgb) is None
+    good = _encode_png(img, [1] * 12)
+    corrupt = good[:60] + bytes([good[60] ^ 0xFF]) + good[61:]
+    assert pipeline.decode_png_fast(corrupt) is None
+    assert pipeline.decode_png_fast(good[:-40]) is None
+    with pytest.raises(ValueError):
+        pipeline.decode_image(b"not a png at all")
+
+
+def test_batch_function_equals_stacking_float_crops():
+    source = _png_source(3)
+    images = [pipeline.decode_image(r["image"]) for r in source]
+    levels = [
+        augment.multi_crop_levels(im, np.random.default_rng(k), CFG) for k, im in enumerate(images)
+    ]
+    floats = [augment.multi_crop(im, np.random.default_rng(k), CFG) for k, im in enumerate(images)]
+    batch = pipeline.batch_crop_levels(levels)
+    expected = pipeline.stack_crop_major(floats)
+    assert set(batch) == set(expected)
+    for key in batch:
+        assert batch[key].shape == expected[key].shape and batch[key].dtype == np.float32
+        np.testing.assert_array_equal(batch[key], expected[key])

@@ -15,8 +15,13 @@ into 2 global and ``n_local`` local crops, normalised float32. Per crop, in DINO
 5. ``(x / dtype_max - mean) / std`` with RAD-DINO's radiograph statistics (recipe s8).
 
 Pixel ops 2-5 are pointwise except the blur, so they run as lookup tables on the integer
-image: exact PIL/torchvision uint8 semantics (truncation after each blend) and fast. All
-randomness comes from the ``np.random.Generator`` passed in (Grain hands one per element).
+image: exact PIL/torchvision uint8 semantics (truncation after each blend) and fast. The two
+jitter blends compose into one integer table, and everything after the blur (or after the
+jitter when there is no blur) folds into one level -> float32 table per crop, so the float
+image is written exactly once. :func:`multi_crop_levels` stops before that last table and
+returns the integer crops with their tables: the input pipeline applies them straight into
+its batch arrays (no per-sample float copies). All randomness comes from the
+``np.random.Generator`` passed in (Grain hands one per element).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -157,19 +164,35 @@ def resize_crop(
     """Crops ``box`` from a [H, W] image and resizes it to [size, size], same dtype.
 
     torchvision resizes PIL images with PIL's antialiased bicubic filter. cv2's INTER_CUBIC is
-    not antialiased and aliases badly when shrinking; INTER_AREA is. Measured against PIL
-    (RMSE in uint8 levels, 98 px output, blurred-noise image sigma 0.5 / 1.0 px):
-    shrink 1.1x: cubic 6.2/1.7, area 7.0/2.9; 1.25x: 11.9/2.3 vs 5.8/2.8; 1.5x: 19.6/3.7 vs
-    5.9/2.4; 2x: 22.6/7.5 vs 9.8/2.7; 3x: 43.9/15.1 vs 8.3/4.1. On the real radiograph the mean
-    RMSE for the 224 globals is 0.98 (cubic) vs 0.54 (area). So cubic below
-    ``antialias_min_downscale`` (default 1.25, and for upscaling), area above. Area costs
-    ~0.37 ms vs ~0.11 ms (cubic) and ~0.85 ms (PIL) for a 224 global crop on one core.
+    not antialiased and aliases badly when shrinking, so crops shrunk by at least
+    ``antialias_min_downscale`` (the smaller of the two axis factors) take an antialiased path,
+    :func:`_antialiased_shrink`; milder shrinks and upscales use INTER_CUBIC. The crop is a
+    view: cv2 reads the ROI through its row stride, nothing is copied.
     """
     top, left, h, w = box
     crop = image[top : top + h, left : left + w]
     shrink = min(h / size, w / size)
-    interpolation = cv2.INTER_AREA if shrink >= antialias_min_downscale else cv2.INTER_CUBIC
-    return cv2.resize(crop, (size, size), interpolation=interpolation)
+    if shrink >= antialias_min_downscale:
+        return _antialiased_shrink(crop, size, shrink)
+    return cv2.resize(crop, (size, size), interpolation=cv2.INTER_CUBIC)
+
+
+def _antialiased_shrink(crop: np.ndarray, size: int, shrink: float) -> np.ndarray:
+    """[h, w] -> [size, size] antialiased: bilinear to k*size, then exact k x k box averaging.
+
+    ``k = ceil(shrink)`` makes the bilinear step an upscale on the short axis (and at most a
+    4/3 shrink on the long one, the aspect-ratio bound of RandomResizedCrop), so it cannot
+    alias; cv2's INTER_AREA with an integer factor is its fast exact box-average path. The
+    result is a low-pass of about ``shrink`` source pixels, like cv2's generic INTER_AREA (the
+    previous path) and close to PIL's antialiased bicubic. Measured on one core against PIL
+    (RMSE in 8-bit levels, 200 recipe-s5 boxes, ``benchmarks/data_throughput.py
+    --accuracy``): radiograph 224 globals 0.57 (generic INTER_AREA 0.55), 98 locals 0.57
+    (0.55); blurred-noise texture 224: mean 2.9 / max 3.8 (2.8 / 5.9). It is ~2x faster than
+    generic INTER_AREA for the 224 globals (~0.38 vs ~0.75 ms on a loaded core).
+    """
+    factor = math.ceil(shrink - 1e-9)
+    upscaled = cv2.resize(crop, (factor * size, factor * size), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(upscaled, (size, size), interpolation=cv2.INTER_AREA)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,9 +200,12 @@ def resize_crop(
 # ---------------------------------------------------------------------------------------------
 
 
-def _identity_table(dtype: np.dtype) -> np.ndarray:
-    """[dtype_max + 1] float64 table of the input levels 0..max."""
-    return np.arange(dtype_max(dtype) + 1, dtype=np.float64)
+@functools.lru_cache(maxsize=4)
+def _float_levels(dtype: np.dtype) -> np.ndarray:
+    """[dtype_max + 1] float32 levels 0..max (cached, read-only)."""
+    levels = np.arange(dtype_max(dtype) + 1, dtype=np.float32)
+    levels.flags.writeable = False
+    return levels
 
 
 def blend_table(dtype: np.dtype, factor: float, degenerate: float) -> np.ndarray:
@@ -189,17 +215,40 @@ def blend_table(dtype: np.dtype, factor: float, degenerate: float) -> np.ndarray
     both PIL (ImageEnhance) and torchvision's tensor ``_blend`` use for integer images.
     """
     # float32 arithmetic like PIL's ImagingBlend (exact for uint16 levels, < 2**24).
-    levels = _identity_table(dtype).astype(np.float32)
     grey = np.float32(degenerate)
-    out = grey + np.float32(factor) * (levels - grey)
-    return np.floor(np.clip(out, 0, dtype_max(dtype))).astype(dtype)
+    out = _float_levels(dtype) - grey
+    out *= np.float32(factor)
+    out += grey
+    np.maximum(out, 0, out=out)
+    np.minimum(out, dtype_max(dtype), out=out)
+    # Non-negative, so the float -> int cast truncates like floor.
+    return out.astype(dtype)
 
 
-def apply_table(image: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """Applies a per-level lookup table to an integer image ([H, W] -> [H, W], table dtype)."""
+def apply_table(image: np.ndarray, table: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Applies a per-level lookup table to an integer image ([H, W] -> [H, W], table dtype).
+
+    ``out``, a C-contiguous [H, W] array of the table's dtype, receives the result in place
+    (e.g. a slice of a batch array).
+    """
     if image.dtype == np.uint8:
-        return cv2.LUT(image, table)
-    return table[image]
+        return cv2.LUT(image, table, dst=out)
+    return np.take(table, image, out=out)
+
+
+def mean_level(image: np.ndarray, table: np.ndarray | None = None) -> float:
+    """Mean grey level of ``table[image]`` (of ``image`` when ``table`` is None), exactly.
+
+    The level sum is an exact integer divided once, as PIL's ImageStat computes it (cv2.mean
+    multiplies by 1/n and can be one ulp off, which matters at the int(mean + 0.5) rounding).
+    """
+    if table is not None:
+        image = apply_table(image, table)
+    if image.dtype == np.uint8:
+        level_sum = int(cv2.sumElems(image)[0])  # exact: integer partial sums < 2**53
+    else:
+        level_sum = int(image.sum(dtype=np.uint64))
+    return level_sum / image.size
 
 
 def adjust_brightness(image: np.ndarray, factor: float) -> np.ndarray:
@@ -207,14 +256,33 @@ def adjust_brightness(image: np.ndarray, factor: float) -> np.ndarray:
     return apply_table(image, blend_table(image.dtype, factor, 0.0))
 
 
-def adjust_contrast(image: np.ndarray, factor: float) -> np.ndarray:
-    """torchvision/PIL contrast: blend with the image's mean grey level rounded to an integer.
+def contrast_table(image: np.ndarray, factor: float, table: np.ndarray | None = None) -> np.ndarray:
+    """The contrast table for ``table[image]`` (``image`` itself when ``table`` is None).
 
-    PIL's ImageEnhance.Contrast uses int(mean + 0.5) as the degenerate grey (DINOv2 augments
-    PIL images, recipe s5).
+    PIL's ImageEnhance.Contrast blends with the mean grey level rounded to an integer,
+    int(mean + 0.5) (DINOv2 augments PIL images, recipe s5).
     """
-    mean_level = int(cv2.mean(image)[0] + 0.5)
-    return apply_table(image, blend_table(image.dtype, factor, float(mean_level)))
+    grey = int(mean_level(image, table) + 0.5)
+    return blend_table(image.dtype, factor, float(grey))
+
+
+def adjust_contrast(image: np.ndarray, factor: float) -> np.ndarray:
+    """torchvision/PIL contrast: blend with the image's mean grey level rounded to an integer."""
+    return apply_table(image, contrast_table(image, factor))
+
+
+def jitter_table(
+    image: np.ndarray, brightness: float, contrast: float, brightness_first: bool
+) -> np.ndarray:
+    """One integer table equal to ColorJitter's brightness and contrast in the given order.
+
+    Each blend truncates to integers (PIL semantics), so composing the two tables is exact;
+    only the contrast grey depends on the pixels, via the mean of the first op's output.
+    """
+    brightness_t = blend_table(image.dtype, brightness, 0.0)
+    if brightness_first:
+        return contrast_table(image, contrast, brightness_t)[brightness_t]
+    return brightness_t[contrast_table(image, contrast)]
 
 
 def gaussian_blur(image: np.ndarray, sigma: float, kernel: int) -> np.ndarray:
@@ -246,8 +314,22 @@ def scaled_solarize_threshold(threshold_255: int, dtype: np.dtype) -> int:
 @functools.lru_cache(maxsize=16)
 def normalise_table(dtype: np.dtype, mean: float, std: float) -> np.ndarray:
     """float32 table of (level / max - mean) / std (cached, read-only)."""
-    table = ((_identity_table(dtype) / dtype_max(dtype) - mean) / std).astype(np.float32)
+    levels = np.arange(dtype_max(dtype) + 1, dtype=np.float64)
+    table = ((levels / dtype_max(dtype) - mean) / std).astype(np.float32)
     table.flags.writeable = False
+    return table
+
+
+@functools.lru_cache(maxsize=16)
+def output_table(dtype: np.dtype, mean: float, std: float, solarize_threshold: int | None):
+    """Level -> float32 table of solarize (when ``solarize_threshold`` is set) then normalise.
+
+    Cached and read-only: most crops share one of these two tables.
+    """
+    table = normalise_table(dtype, mean, std)
+    if solarize_threshold is not None:
+        table = table[solarize_table(dtype, solarize_threshold)]
+        table.flags.writeable = False
     return table
 
 
@@ -265,6 +347,64 @@ def jitter(
     return adjust_brightness(adjust_contrast(image, contrast), brightness)
 
 
+def augment_crop_levels(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    cfg: MultiCropConfig,
+    *,
+    size: int,
+    scale: tuple[float, float],
+    blur_p: float,
+    solarize_p: float,
+) -> tuple[np.ndarray, np.ndarray, CropParams]:
+    """One augmented crop of a [H, W] integer image, before its last lookup table.
+
+    Returns ([size, size] integer levels, level -> float32 table, params):
+    ``apply_table(levels, table)`` is the normalised crop. Without blur the jitter table is
+    folded into the float table, so the jittered integer image is never materialised.
+    """
+    box = sample_resized_crop_box(rng, image.shape[0], image.shape[1], scale, cfg.ratio)
+    crop = resize_crop(image, box, size, cfg.antialias_min_downscale)
+    flipped = bool(rng.random() < cfg.flip_p)
+    if flipped:
+        crop = cv2.flip(crop, 1)
+
+    jittered = bool(rng.random() < cfg.jitter_p)
+    brightness = contrast = 1.0
+    brightness_first = True
+    pending = None  # integer table not yet applied to ``crop``
+    if jittered:
+        brightness = float(rng.uniform(1 - cfg.brightness, 1 + cfg.brightness))
+        contrast = float(rng.uniform(1 - cfg.contrast, 1 + cfg.contrast))
+        brightness_first = bool(rng.random() < 0.5)
+        pending = jitter_table(crop, brightness, contrast, brightness_first)
+
+    blur_sigma = 0.0
+    if blur_p > 0 and rng.random() < blur_p:
+        blur_sigma = float(rng.uniform(cfg.blur_sigma[0], cfg.blur_sigma[1]))
+        if pending is not None:
+            crop, pending = apply_table(crop, pending), None
+        crop = gaussian_blur(crop, blur_sigma, cfg.blur_kernel)
+
+    # Solarize and normalise are both pointwise: one level -> float32 table.
+    solarized = bool(solarize_p > 0 and rng.random() < solarize_p)
+    threshold = scaled_solarize_threshold(cfg.solarize_threshold, crop.dtype)
+    table = output_table(crop.dtype, cfg.mean, cfg.std, threshold if solarized else None)
+    if pending is not None:
+        table = table[pending]
+    params = CropParams(
+        box=box,
+        flipped=flipped,
+        jittered=jittered,
+        brightness=brightness,
+        contrast=contrast,
+        brightness_first=brightness_first,
+        blur_sigma=blur_sigma,
+        solarized=solarized,
+    )
+    return crop, table, params
+
+
 def augment_crop(
     image: np.ndarray,
     rng: np.random.Generator,
@@ -276,44 +416,77 @@ def augment_crop(
     solarize_p: float,
 ) -> tuple[np.ndarray, CropParams]:
     """One augmented crop of a [H, W] integer image -> ([size, size] float32, its params)."""
-    box = sample_resized_crop_box(rng, image.shape[0], image.shape[1], scale, cfg.ratio)
-    crop = resize_crop(image, box, size, cfg.antialias_min_downscale)
-    flipped = bool(rng.random() < cfg.flip_p)
-    if flipped:
-        crop = cv2.flip(crop, 1)
-
-    jittered = bool(rng.random() < cfg.jitter_p)
-    brightness = contrast = 1.0
-    brightness_first = True
-    if jittered:
-        brightness = float(rng.uniform(1 - cfg.brightness, 1 + cfg.brightness))
-        contrast = float(rng.uniform(1 - cfg.contrast, 1 + cfg.contrast))
-        brightness_first = bool(rng.random() < 0.5)
-        crop = jitter(crop, brightness, contrast, brightness_first)
-
-    blur_sigma = 0.0
-    if blur_p > 0 and rng.random() < blur_p:
-        blur_sigma = float(rng.uniform(cfg.blur_sigma[0], cfg.blur_sigma[1]))
-        crop = gaussian_blur(crop, blur_sigma, cfg.blur_kernel)
-
-    # Solarize and normalise are both pointwise: fold them into one level -> float32 table.
-    table = normalise_table(crop.dtype, cfg.mean, cfg.std)
-    solarized = bool(solarize_p > 0 and rng.random() < solarize_p)
-    if solarized:
-        threshold = scaled_solarize_threshold(cfg.solarize_threshold, crop.dtype)
-        table = table[solarize_table(crop.dtype, threshold)]
-    out = apply_table(crop, table)
-    params = CropParams(
-        box=box,
-        flipped=flipped,
-        jittered=jittered,
-        brightness=brightness,
-        contrast=contrast,
-        brightness_first=brightness_first,
-        blur_sigma=blur_sigma,
-        solarized=solarized,
+    levels, table, params = augment_crop_levels(
+        image, rng, cfg, size=size, scale=scale, blur_p=blur_p, solarize_p=solarize_p
     )
-    return out, params
+    return apply_table(levels, table), params
+
+
+class MultiCropLevels(NamedTuple):
+    """One image's crops as integer levels plus the table that finishes each (recipe s5).
+
+    ``apply_table(global_levels[k], global_tables[k])`` is global crop k, normalised float32
+    (likewise for the locals). Tables are often shared, cached read-only arrays.
+
+    Attributes:
+      global_levels: [2, G, G] uint8/uint16.
+      global_tables: 2 float32 [dtype_max + 1] tables.
+      local_levels: [n_local, L, L] uint8/uint16.
+      local_tables: n_local float32 tables.
+      params: the 2 + n_local ``CropParams`` (global 1, global 2, locals).
+    """
+
+    global_levels: np.ndarray
+    global_tables: tuple[np.ndarray, ...]
+    local_levels: np.ndarray
+    local_tables: tuple[np.ndarray, ...]
+    params: tuple[CropParams, ...]
+
+
+def multi_crop_levels(
+    image: np.ndarray, rng: np.random.Generator, cfg: MultiCropConfig
+) -> MultiCropLevels:
+    """DINOv2 multi-crop of one [H, W(, 1)] uint8/uint16 image, before the float tables.
+
+    Draws exactly what :func:`multi_crop` draws, in the same order, from ``rng``.
+    """
+    image = as_2d_image(image)
+    g, l = cfg.global_size, cfg.local_size
+    global_levels = np.empty((2, g, g), image.dtype)
+    local_levels = np.empty((cfg.n_local, l, l), image.dtype)
+    global_tables, local_tables, params = [], [], []
+    # Effective blur probabilities and solarize-on-global-2-only, recipe s5.
+    global_settings = ((cfg.blur_p[0], 0.0), (cfg.blur_p[1], cfg.solarize_p))
+    for k, (blur_p, solarize_p) in enumerate(global_settings):
+        global_levels[k], table, p = augment_crop_levels(
+            image, rng, cfg, size=g, scale=cfg.global_scale, blur_p=blur_p, solarize_p=solarize_p
+        )
+        global_tables.append(table)
+        params.append(p)
+    for k in range(cfg.n_local):
+        local_levels[k], table, p = augment_crop_levels(
+            image, rng, cfg, size=l, scale=cfg.local_scale, blur_p=cfg.blur_p[2], solarize_p=0.0
+        )
+        local_tables.append(table)
+        params.append(p)
+    return MultiCropLevels(
+        global_levels, tuple(global_tables), local_levels, tuple(local_tables), tuple(params)
+    )
+
+
+def apply_tables(
+    levels: np.ndarray, tables: Sequence[np.ndarray], out: np.ndarray | None = None
+) -> np.ndarray:
+    """Finishes crops: [n, S, S] levels and n tables -> float32 [n, S, S] (into ``out``).
+
+    ``out`` may be any float32 array whose [k] slices are C-contiguous [S, S], e.g. a strided
+    crop-major batch view ``batch[:, i, :, :, 0]``; each crop is written there directly.
+    """
+    if out is None:
+        out = np.empty(levels.shape, np.float32)
+    for k, table in enumerate(tables):
+        apply_table(levels[k], table, out=out[k])
+    return out
 
 
 def multi_crop(
@@ -335,24 +508,10 @@ def multi_crop(
       {"global_crops": float32 [2, G, G, 1], "local_crops": float32 [n_local, L, L, 1]},
       normalised; plus the params list when ``return_params``.
     """
-    image = as_2d_image(image)
-    g, l = cfg.global_size, cfg.local_size
-    global_crops = np.empty((2, g, g, 1), np.float32)
-    local_crops = np.empty((cfg.n_local, l, l, 1), np.float32)
-    params = []
-    # Effective blur probabilities and solarize-on-global-2-only, recipe s5.
-    global_settings = ((cfg.blur_p[0], 0.0), (cfg.blur_p[1], cfg.solarize_p))
-    for k, (blur_p, solarize_p) in enumerate(global_settings):
-        global_crops[k, :, :, 0], p = augment_crop(
-            image, rng, cfg, size=g, scale=cfg.global_scale, blur_p=blur_p, solarize_p=solarize_p
-        )
-        params.append(p)
-    for k in range(cfg.n_local):
-        local_crops[k, :, :, 0], p = augment_crop(
-            image, rng, cfg, size=l, scale=cfg.local_scale, blur_p=cfg.blur_p[2], solarize_p=0.0
-        )
-        params.append(p)
+    levels = multi_crop_levels(image, rng, cfg)
+    global_crops = apply_tables(levels.global_levels, levels.global_tables)[..., None]
+    local_crops = apply_tables(levels.local_levels, levels.local_tables)[..., None]
     crops = {"global_crops": global_crops, "local_crops": local_crops}
     if return_params:
-        return crops, params
+        return crops, list(levels.params)
     return crops
