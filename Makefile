@@ -21,7 +21,7 @@ lint: setup
 	$(PY) -m ruff check raddino_jax data_prep configs tests benchmarks
 
 test: setup lint
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q --timeout=900
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q --timeout=900 -n 2 --durations=15
 
 demo: setup
 	bash scripts/demo.sh $(DEMO_DIR)

@@ -1,9 +1,15 @@
 """Test setup: 8 fake CPU devices, float32 matmuls at full precision."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Persistent compilation cache, inherited by the driver subprocesses: runs of the same config
+# (e.g. a run and its resumed restart) compile once per test session.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "raddino_jax_test_jit_cache")
+)
 
 import jax  # noqa: E402
 

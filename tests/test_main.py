@@ -137,17 +137,10 @@ def test_sigterm_leaves_restorable_checkpoint_at_current_step(dataset, tmp_path)
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == [step]
     spec, teacher = checkpoint.load_run_params(workdir, "teacher")
-    assert jax.tree.leaves(teacher)[0].shape  # restorable
-    resumed = _run(
-        dataset,
-        workdir,
-        "--config.total_steps=400",
-        "--config.checkpoint_every=1000",
-        "--config.optim.warmup_steps=10",
-        f"--config.debug_kill_after_step={step + 1}",
-        check=False,
-    )
-    assert f"resumed from {workdir / 'checkpoints'} at step {step}" in resumed.stdout
+    assert jax.tree.leaves(teacher)[0].shape  # restorable (resuming is tested above)
+    manager = checkpoint.TrainCheckpointer(workdir, 3)
+    assert manager.latest_step() == step
+    manager.close()
 
 
 @pytest.mark.slow
