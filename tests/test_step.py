@@ -138,8 +138,9 @@ def test_gather_masked_tokens_follows_group_layout():
     index = (1 * b + 0) * n + 3
     indices = jnp.zeros((n_groups, 2), jnp.int32).at[1, 1].set(index)
     out = gather_masked_tokens(tokens, indices).reshape(n_groups, 2, d)
-    global_row = 1 * (b * n_groups) + 1 * b + 0  # crop-major row of (crop 1, image b*1 + 0)
-    np.testing.assert_array_equal(out[1, 1], tokens[global_row, 3])
+    image = 1 * b + 0  # global image index of (group 1, image 0)
+    row = image * 2 + 1  # image-major rows (image, crop)
+    np.testing.assert_array_equal(out[1, 1], tokens[row, 3])
 
 
 def _train(momentum: float, steps: int = 100):
@@ -207,3 +208,15 @@ def test_ema_teacher_student_catches_up_without_collapse():
     kl = history["student_teacher_kl"]
     assert kl[-10:].mean() < 0.6 * kl[:10].mean(), kl
     assert 0.1 * log_k < history["teacher_entropy"][-10:].mean() < 0.9 * log_k
+
+
+def test_gathered_tokens_are_the_masked_ones(host_batches):
+    """Pipeline indices + the step's image-major layout pick exactly the masked patches."""
+    from raddino_jax.ssl.objective import _image_major
+
+    host = host_batches[0]
+    masks = _image_major(jnp.asarray(host["masks"]))  # [B * 2, N], rows (image, crop)
+    picked = gather_masked_tokens(masks[..., None].astype(jnp.float32), host["mask_indices"])
+    valid = np.asarray(host["mask_valid"]).reshape(-1)
+    np.testing.assert_array_equal(np.asarray(picked[:, 0])[valid], 1.0)
+    assert valid.sum() == np.asarray(host["masks"]).sum()  # and every masked patch once

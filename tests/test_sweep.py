@@ -19,6 +19,7 @@ from raddino_jax import flops, sweep
 from raddino_jax.models import abstract_params
 from raddino_jax.parallel.mesh import make_mesh
 from raddino_jax.ssl.masking import mask_upper_bound
+from raddino_jax.train import state as train_state
 
 LAYOUTS = [(8, 1, 1), (4, 2, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)]
 IMPOSSIBLE = (3, 3, 1)  # 9 devices
@@ -55,9 +56,13 @@ def tiny_config():
     return c
 
 
-@pytest.fixture(scope="module")
-def tiny_sweep(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sweep")
+def test_tiny_sweep(tmp_path):
+    """One sweep (compiles dominate the cost), three groups of checks on it.
+
+    A single test rather than a module fixture shared by several: pytest-xdist (make test: -n 2)
+    may send tests of one module to different workers, each rebuilding the fixture.
+    """
+    out = tmp_path
     rows = sweep.sweep(
         tiny_config(),
         [*LAYOUTS, IMPOSSIBLE, SINGLE],
@@ -68,11 +73,15 @@ def tiny_sweep(tmp_path_factory):
         log=lambda line: None,
     )
     sweep.write_outputs(rows, str(out), {"config": "tiny demo", "n_devices": 8, "device": "cpu"})
-    return {sweep.layout_name(tuple(int(x) for x in r.layout.split("x"))): r for r in rows}, out
+    by_layout = {r.layout: r for r in rows}
+    assert list(by_layout) == [sweep.layout_name(x) for x in [*LAYOUTS, IMPOSSIBLE, SINGLE]]
+    check_rows(by_layout)
+    check_files(by_layout, out)
+    check_flops(by_layout)
 
 
-def test_sweep_rows_for_every_layout(tiny_sweep):
-    rows, _ = tiny_sweep
+def check_rows(rows: dict) -> None:
+    """Every feasible layout ran; the impossible one is a row with its reason."""
     impossible = rows["3x3x1"]
     assert impossible.status == "failed"
     assert "needs 9 devices" in impossible.reason
@@ -98,8 +107,8 @@ def test_sweep_rows_for_every_layout(tiny_sweep):
     assert per_device == sorted(per_device, reverse=True) and per_device[-1] < per_device[0] / 4
 
 
-def test_sweep_files(tiny_sweep):
-    rows, out = tiny_sweep
+def check_files(rows: dict, out) -> None:
+    """csv / json / md / png written, md ranked by images/s with the best row marked."""
     with open(out / "sweep.csv") as f:
         table = list(csv.DictReader(f))
     assert [r["layout"] for r in table] == list(rows)
@@ -120,8 +129,8 @@ def test_sweep_files(tiny_sweep):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
-def test_sweep_flops_are_the_analytic_model_and_match_xla(tiny_sweep):
-    rows, _ = tiny_sweep
+def check_flops(rows: dict) -> None:
+    """The sweep's FLOPs are flops.ssl_step_flops; XLA's count agrees on one device."""
     c = tiny_config()
     spec = config_lib.model_spec(c)
     n_groups = c.batch_size // c.data.mask_group_size
@@ -257,3 +266,13 @@ def test_cli_state_only(tmp_path):
     assert by_key[("3x3x1", 16, False)]["status"] == "failed"
     assert by_key[("1x8x1", 32, False)]["status"] == "state"
     assert (tmp_path / "sweep.png").exists() and (tmp_path / "sweep.md").exists()
+
+
+def test_cached_abstract_state_equals_train_state_abstract_state():
+    c = sweep.point_config(tiny_config(), (2, 2, 2), 16, False)
+    point = sweep.build_point(c, jax.devices())
+    want, want_shardings = train_state.abstract_state(point.spec, point.optimizer, point.mesh)
+    assert jax.tree.structure(point.abstract_state) == jax.tree.structure(want)
+    for got, ref in zip(jax.tree.leaves(point.abstract_state), jax.tree.leaves(want)):
+        assert (got.shape, got.dtype, got.sharding) == (ref.shape, ref.dtype, ref.sharding)
+    assert jax.tree.leaves(point.shardings) == jax.tree.leaves(want_shardings)

@@ -62,8 +62,24 @@ def to_input_channels(images: jax.Array, in_chans: int) -> jax.Array:
     return jnp.broadcast_to(images, images.shape[:-1] + (in_chans,))
 
 
+def _image_major(crops: jax.Array) -> jax.Array:
+    """[C, B, ...] -> [B * C, ...] with rows (image, crop).
+
+    Flattening image-major keeps the sharded image axis outermost, so every device keeps its
+    own images; a crop-major flatten ([C * B]) would make XLA all-gather the batch on each
+    data-parallel device (found by the mesh sweep: 8x the work on 8x1x1).
+    """
+    return jnp.swapaxes(crops, 0, 1).reshape(-1, *crops.shape[2:])
+
+
+def _crop_major(x: jax.Array, n_crops: int) -> jax.Array:
+    """[B * C, ...] rows (image, crop) -> [C, B, ...]: the layout the losses expect."""
+    return jnp.swapaxes(x.reshape(-1, n_crops, *x.shape[1:]), 0, 1)
+
+
 def gather_masked_tokens(tokens: jax.Array, indices: jax.Array) -> jax.Array:
-    """Patch tokens of crop-major globals [2B, N, D] -> masked-token buffer [n_groups * U, D].
+    """Patch tokens of image-major globals [B * 2, N, D] (rows (image, crop)) -> masked-token
+    buffer [n_groups * U, D].
 
     Group g holds images g*b..(g+1)*b-1 of both crops, flattened as (crop*b + image)*N + patch,
     which is where the pipeline's indices point. The group axis follows the sharded image axis,
@@ -72,7 +88,7 @@ def gather_masked_tokens(tokens: jax.Array, indices: jax.Array) -> jax.Array:
     two_b, n, d = tokens.shape
     n_groups = indices.shape[0]
     b = two_b // 2 // n_groups
-    grouped = tokens.reshape(2, n_groups, b, n, d).transpose(1, 0, 2, 3, 4)
+    grouped = tokens.reshape(n_groups, b, 2, n, d).transpose(0, 2, 1, 3, 4)
     grouped = grouped.reshape(n_groups, 2 * b * n, d)
     picked = jnp.take_along_axis(grouped, indices[..., None].astype(jnp.int32), axis=1)
     return picked.reshape(-1, d)
@@ -126,15 +142,16 @@ def ssl_loss(
     local_crops = to_input_channels(batch["local_crops"], vit.in_chans)
     n_global, batch_size = global_crops.shape[:2]
     n_local = local_crops.shape[0]
-    globals_flat = global_crops.reshape(n_global * batch_size, *global_crops.shape[2:])
-    locals_flat = local_crops.reshape(n_local * batch_size, *local_crops.shape[2:])
-    masks = batch["masks"].reshape(n_global * batch_size, -1)
+    globals_flat = _image_major(global_crops)
+    locals_flat = _image_major(local_crops)
+    masks = _image_major(batch["masks"])
     valid = batch["mask_valid"].reshape(-1)
     weights = jnp.where(valid, batch["mask_weights"].reshape(-1), 0.0)
 
     # Teacher: both globals, unmasked, no drop path (recipe s7).
     t_out = teacher.backbone(globals_flat)
-    t_cls_logits = teacher.dino_head(t_out["x_norm_clstoken"])
+    t_cls_logits = teacher.dino_head(_crop_major(t_out["x_norm_clstoken"], n_global))
+    t_cls_logits = t_cls_logits.reshape(n_global * batch_size, -1)
     t_patch = gather_masked_tokens(t_out["x_norm_patchtokens"], batch["mask_indices"])
     t_patch_logits = teacher_ibot_head(t_patch)
     t_cls_logits, t_patch_logits = jax.lax.stop_gradient((t_cls_logits, t_patch_logits))
@@ -149,8 +166,9 @@ def ssl_loss(
     key_global, key_local = jax.random.split(key)
     s_global = student.backbone(globals_flat, masks, drop_path_key=key_global)
     s_local = student.backbone(locals_flat, drop_path_key=key_local)
-    s_cls = jnp.concatenate([s_global["x_norm_clstoken"], s_local["x_norm_clstoken"]])
-    s_cls_logits = student.dino_head(s_cls).reshape(n_global + n_local, batch_size, -1)
+    s_global_cls = _crop_major(s_global["x_norm_clstoken"], n_global)
+    s_cls = jnp.concatenate([s_global_cls, _crop_major(s_local["x_norm_clstoken"], n_local)])
+    s_cls_logits = student.dino_head(s_cls)
     s_patch_logits = student_ibot_head(
         gather_masked_tokens(s_global["x_norm_patchtokens"], batch["mask_indices"])
     )
@@ -162,7 +180,7 @@ def ssl_loss(
     group = cfg.koleo_group_size or batch_size
     if batch_size % group:
         raise ValueError(f"ssl.koleo_group_size {group} does not divide the batch {batch_size}")
-    cls_per_crop = s_global["x_norm_clstoken"].reshape(n_global, batch_size, -1)
+    cls_per_crop = s_global_cls
     koleo = sum(losses.koleo_loss_grouped(cls_per_crop[c], group) for c in range(n_global))
     total = cfg.dino_weight * dino + cfg.ibot_weight * ibot + cfg.koleo_weight * koleo
 

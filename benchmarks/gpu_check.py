@@ -1,0 +1,217 @@
+"""One-GPU check, run by benchmarks/gpu_check.sh: correctness vs CPU, ViT-B/14 speed, a sweep.
+
+1. correctness: two train steps of a tiny float32 model (drop path off) on the GPU and on the
+   CPU (jax.devices("cpu")) from the same initial state and batch, with float32 matmuls at
+   "highest" precision on both (GPU float32 defaults to TF32 otherwise). Two steps because the
+   lr is 0 at step 0 (warmup): step 1 applies a real update. Every metric of both steps (loss
+   terms, per-submodule gradient norms, teacher entropy, ...) must agree to rtol 1e-4 and
+   every student/teacher parameter afterwards to atol 1e-4 + rtol 1e-4 (float32
+   reassociation across different kernels; a real bug moves them by >= 1e-2).
+2. ViT-B/14 SSL step in bfloat16, 8 local crops of 98 px, global crops 224 and 518:
+   images/s, MFU (analytic FLOPs, `raddino_jax.flops`), XLA's memory analysis and the
+   device's allocator statistics.
+3. a small sweep at 224/98: batch size, remat, attention implementation
+   (model.attention_impl "" = jax's choice, "xla", "cudnn"), printed as one table.
+All on one device (1x1x1 mesh). Budget: under ~8 minutes on an H100 (compiles dominate).
+
+--dry-run: the same three parts on CPU with a tiny model, 2 timed steps (checks the script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+from raddino_jax import sweep
+
+CORRECTNESS_RTOL = 1e-4
+CORRECTNESS_ATOL = 1e-4
+
+
+def tiny_overrides(config) -> None:
+    """Shrink any config to a 2-block, 32-wide ViT on 56/28 px crops (tests' tiny model)."""
+    config.model.arch = "vit_small"
+    config.model.embed_dim, config.model.depth, config.model.num_heads = 32, 2, 2
+    config.model.img_size = 0
+    config.model.head_out_dim, config.model.head_hidden_dim = 64, 32
+    config.model.head_bottleneck_dim = 16
+    config.data.global_size, config.data.local_size, config.data.n_local = 56, 28, 2
+    config.model.drop_path_rate = 0.0
+
+
+def vitb_config(global_size: int, batch: int, *, tiny: bool):
+    """configs/vitb14.py (bf16, 8 x 98 px locals) at `global_size`, one device's batch."""
+    from configs import vitb14
+
+    c = vitb14.get_config()
+    c.data.global_size = global_size
+    c.model.img_size = global_size
+    c.batch_size = batch
+    c.data.mask_group_size = batch  # one device: masks and KoLeo per device batch (recipe s7)
+    c.ssl.koleo_group_size = batch
+    c.eval.every = 0
+    if tiny:
+        tiny_overrides(c)
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. correctness
+# ----------------------------------------------------------------------------------------------
+
+
+def run_steps(config, device: jax.Device, n_steps: int = 2) -> tuple[list[dict], dict]:
+    """([metrics of each step], {"student", "teacher"} afterwards) on `device`, as numpy."""
+    from raddino_jax.data import pipeline
+    from raddino_jax.parallel import sharding
+    from raddino_jax.train import state as train_state
+    from raddino_jax.train.loop import BATCH_KEYS
+
+    point = sweep.build_point(config, [device])
+    state = train_state.create_state(point.spec, point.optimizer, point.mesh, seed=0)
+    batch = pipeline.to_global_batch(
+        sweep.host_batch(point, seed=0), sharding.batch_shardings(BATCH_KEYS, point.mesh)
+    )
+    history = []
+    for key in sweep.step_keys(point, n_steps, seed=0):
+        state, metrics = point.step_fn(state, batch, key)
+        history.append(jax.device_get(metrics))
+    params = {"student": state.student, "teacher": state.teacher}
+    return history, jax.device_get(params)
+
+
+def check_correctness(device: jax.Device) -> float:
+    """Largest parameter difference GPU vs CPU after two steps; raises if out of tolerance."""
+    from configs import demo
+
+    config = demo.get_config()
+    tiny_overrides(config)
+    config.model.dtype = "float32"
+    config.batch_size, config.data.mask_group_size, config.ssl.koleo_group_size = 8, 4, 4
+    config = sweep.point_config(config, (1, 1, 1), 8, False)
+    cpu = jax.devices("cpu")[0]
+    with jax.default_matmul_precision("highest"):
+        got_history, got = run_steps(config, device)
+        want_history, want = run_steps(config, cpu)
+    for step, (got_metrics, want_metrics) in enumerate(zip(got_history, want_history)):
+        for key in want_metrics:
+            np.testing.assert_allclose(
+                got_metrics[key],
+                want_metrics[key],
+                rtol=CORRECTNESS_RTOL,
+                atol=1e-6,
+                err_msg=f"{step} {key}",
+            )
+    got_metrics, want_metrics = got_history[-1], want_history[-1]
+    worst = 0.0
+    for (path, a), b in zip(
+        jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want), strict=True
+    ):
+        np.testing.assert_allclose(
+            a, b, atol=CORRECTNESS_ATOL, rtol=CORRECTNESS_RTOL, err_msg=jax.tree_util.keystr(path)
+        )
+        worst = max(worst, float(np.max(np.abs(a - b))))
+    print(
+        f"[1] correctness {device.device_kind} vs {cpu.device_kind}: loss "
+        f"{got_metrics['loss']:.6f} vs {want_metrics['loss']:.6f}, max |param diff| "
+        f"{worst:.2e} (tolerance atol {CORRECTNESS_ATOL} + rtol {CORRECTNESS_RTOL}): OK"
+    )
+    return worst
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. + 3. timed rows
+# ----------------------------------------------------------------------------------------------
+
+
+def timed_row(config, device, batch: int, remat: bool, attention: str, steps: int, warmup: int):
+    """One sweep row on `device` plus the allocator's statistics afterwards."""
+    c = config.copy_and_resolve_references()
+    c.model.attention_impl = attention
+    row = sweep.run_point(c, (1, 1, 1), batch, remat, devices=[device], steps=steps, warmup=warmup)
+    stats = device.memory_stats() or {}
+    return row, {
+        "in_use_mib": stats.get("bytes_in_use", 0) / sweep.MiB,
+        "process_peak_mib": stats.get("peak_bytes_in_use", 0) / sweep.MiB,
+        "limit_mib": stats.get("bytes_limit", 0) / sweep.MiB,
+    }
+
+
+def format_rows(title: str, entries) -> str:
+    """One table: config, status, compile, ms/step, img/s, TFLOP/s, MFU, memory."""
+    lines = [
+        title,
+        "| global px | batch | remat | attention | status | compile s | ms/step | img/s "
+        "| TFLOP/s | MFU | XLA peak MiB | temp MiB | allocator peak so far MiB | note |",
+        "|" + "---|" * 14,
+    ]
+    for size, attention, row, mem in entries:
+        ok = row.status == "ok"
+        lines.append(
+            f"| {size} | {row.batch_size} | {'yes' if row.remat else 'no'} "
+            f"| {attention or 'default'} | {row.status} "
+            f"| {sweep._fmt(row.compile_time_s, '.1f')} "
+            f"| {sweep._fmt(row.step_time_s and row.step_time_s * 1e3, '.1f')} "
+            f"| {sweep._fmt(row.images_per_s, '.1f')} | {sweep._fmt(row.tflops_per_s, '.1f')} "
+            f"| {sweep._fmt(row.mfu, '.3f')} | {sweep._mib(row.peak_bytes_per_device)} "
+            f"| {sweep._mib(row.temp_bytes)} | {mem['process_peak_mib']:.0f} "
+            f"| {'' if ok else row.reason[:120]} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dry-run", action="store_true", help="tiny model on CPU, 2 steps")
+    p.add_argument("--steps", type=int, default=0, help="timed steps (default 5; dry-run 2)")
+    args = p.parse_args(argv)
+    tiny = args.dry_run
+    steps, warmup = args.steps or (2 if tiny else 5), 1 if tiny else 2
+    device = jax.devices()[0]
+    if not tiny and device.platform != "gpu":
+        raise SystemExit(f"no GPU visible (default device {device}); use --dry-run on CPU")
+    print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}")
+    start = time.perf_counter()
+
+    check_correctness(device)
+    print(f"    ({time.perf_counter() - start:.0f} s so far)", flush=True)
+
+    # 2. ViT-B/14 at 224 and 518 (the 224 row doubles as the sweep's reference row).
+    big_batch, small_batch = (16, 8) if tiny else (64, 16)
+    size_224, size_518 = (56, 70) if tiny else (224, 518)
+    config_224 = vitb_config(size_224, big_batch, tiny=tiny)
+    config_518 = vitb_config(size_518, small_batch, tiny=tiny)
+    entries = []
+    for size, config, batch in (
+        (size_224, config_224, big_batch),
+        (size_518, config_518, small_batch),
+    ):
+        row, mem = timed_row(config, device, batch, False, "", steps, warmup)
+        entries.append((size, "", row, mem))
+        print(sweep.describe_row(row), flush=True)
+    print(format_rows("[2] ViT-B/14 SSL step, bfloat16, 8 local crops", entries))
+    print(f"    ({time.perf_counter() - start:.0f} s so far)", flush=True)
+
+    # 3. batch x remat x attention at 224/98 (reusing the 224 row above).
+    sweep_entries = [entries[0]]
+    plan = [
+        (big_batch // 2, False, ""),
+        (big_batch, True, ""),
+        (big_batch, False, "xla"),
+        (big_batch, False, "cudnn"),
+    ]
+    for batch, remat, attention in plan:
+        c = vitb_config(size_224, batch, tiny=tiny)
+        row, mem = timed_row(c, device, batch, remat, attention, steps, warmup)
+        sweep_entries.append((size_224, attention, row, mem))
+        print(sweep.describe_row(row), flush=True)
+    local = config_224.data.local_size
+    print(format_rows(f"[3] sweep at {size_224}/{local} px (ViT-B/14, bfloat16)", sweep_entries))
+    print(f"total {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

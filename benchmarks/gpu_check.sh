@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One prepared GPU check (see benchmarks/gpu_check.py for what it runs and its tolerances):
+#   [1] one tiny float32 train step on the GPU vs the CPU of the same machine,
+#   [2] ViT-B/14 SSL step in bfloat16 at 224 and 518 px globals (8 x 98 px locals):
+#       images/s, MFU, XLA memory analysis, allocator statistics,
+#   [3] a small sweep at 224/98: batch size x remat x attention implementation.
+# Expected total under ~8 minutes on one H100 (mostly compiles).
+#
+# Usage (from anywhere; it cds to the repo root):
+#   bash benchmarks/gpu_check.sh             # GPU machine
+#   bash benchmarks/gpu_check.sh --dry-run   # CPU, tiny model, 2 steps: checks the script
+#
+# Python environment, first match wins:
+#   $PYTHON if set (an interpreter that already has the project's requirements + GPU jax);
+#   .venv-gpu/bin/python if it exists;
+#   otherwise .venv-gpu is created from requirements.txt plus jax[$JAX_CUDA] (needs network).
+# JAX_CUDA defaults to cuda12: jax 0.10's CUDA 12 wheels (jax-cuda12-plugin[with-cuda]) bring
+# their own CUDA 12 runtime from pip and only need an NVIDIA driver >= 525, which every H100
+# image has; jax[cuda13] needs driver >= 580. Use JAX_CUDA=cuda13 on hosts with a 580+ driver.
+# --dry-run uses $PYTHON or the existing .venv (CPU jax) and never installs anything.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+DRY_RUN=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    *) echo "unknown argument: $arg" >&2; exit 2 ;;
+  esac
+done
+
+JAX_CUDA="${JAX_CUDA:-cuda12}"
+VENV="${VENV:-.venv-gpu}"
+
+if [[ "$DRY_RUN" == 1 ]]; then
+  PY="${PYTHON:-.venv/bin/python}"
+  export JAX_PLATFORMS=cpu
+  unset XLA_FLAGS  # one CPU device, as on the GPU machine
+else
+  if [[ -n "${PYTHON:-}" ]]; then
+    PY="$PYTHON"
+  elif [[ -x "$VENV/bin/python" ]]; then
+    PY="$VENV/bin/python"
+  else
+    echo "creating $VENV with requirements.txt + jax[$JAX_CUDA]" >&2
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip
+    "$VENV/bin/pip" install -q -r requirements.txt "jax[$JAX_CUDA]>=0.10,<0.11"
+    PY="$VENV/bin/python"
+  fi
+  # Both backends: the GPU for the runs, the CPU for the reference in part [1].
+  export JAX_PLATFORMS="cuda,cpu"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+fi
+
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" -c "import jax; print('jax', jax.__version__, 'devices', jax.devices())"
+if [[ "$DRY_RUN" == 1 ]]; then
+  exec "$PY" benchmarks/gpu_check.py --dry-run
+fi
+exec "$PY" benchmarks/gpu_check.py
