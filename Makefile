@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 DEMO_DIR ?= runs/demo
 
 .PHONY: setup test lint demo clean
@@ -21,7 +20,7 @@ lint: setup
 	$(PY) -m ruff check raddino_jax data_prep configs tests benchmarks
 
 test: setup lint
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q --timeout=900 -n 2 --durations=15
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu $(PY) -m pytest -q --timeout=900 -n 2 --durations=15
 
 demo: setup
 	bash scripts/demo.sh $(DEMO_DIR)

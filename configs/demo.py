@@ -36,8 +36,8 @@ def get_config():
     c.data.global_size = 112
     c.data.local_size = 56
     c.data.n_local = 4
-    c.data.mask_group_size = 8
-    c.ssl.koleo_group_size = 8
+    c.data.mask_group_size = 0  # 0: per-device batch, so the demo runs on any device count
+    c.ssl.koleo_group_size = 0
 
     c.optim.base_lr = 5e-3
     c.optim.warmup_steps = 15
