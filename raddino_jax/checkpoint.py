@@ -150,6 +150,13 @@ def load_any_preprocessing(path: str | epath.Path) -> Preprocessing:
 # ----------------------------------------------------------------------------------------------
 
 TRAIN_ITEMS = ("student", "teacher", "train", "data")
+# TrainState fields stored in the `train` item (student/teacher are items of their own).
+_TRAIN_FIELDS = ("step", "opt_state", "dino_center", "ibot_center")
+
+
+def _train_item(state) -> dict:
+    """The `train` item of a (possibly abstract) TrainState."""
+    return {name: getattr(state, name) for name in _TRAIN_FIELDS}
 
 
 class RestoreError(ValueError):
@@ -180,16 +187,10 @@ class TrainCheckpointer:
         import grain
 
         step = int(state.step)
-        train = {
-            "step": state.step,
-            "opt_state": state.opt_state,
-            "dino_center": state.dino_center,
-            "ibot_center": state.ibot_center,
-        }
         args = ocp.args.Composite(
             student=ocp.args.StandardSave(state.student),
             teacher=ocp.args.StandardSave(state.teacher),
-            train=ocp.args.StandardSave(train),
+            train=ocp.args.StandardSave(_train_item(state)),
             data=grain.checkpoint.CheckpointSave(item=data_iterator),
         )
         return self.manager.save(step, args=args, force=force)
@@ -212,29 +213,17 @@ class TrainCheckpointer:
         import grain
 
         self._check_process_count(step)
-        train_target = {
-            "step": abstract_state.step,
-            "opt_state": abstract_state.opt_state,
-            "dino_center": abstract_state.dino_center,
-            "ibot_center": abstract_state.ibot_center,
-        }
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
                 student=ocp.args.StandardRestore(abstract_state.student),
                 teacher=ocp.args.StandardRestore(abstract_state.teacher),
-                train=ocp.args.StandardRestore(train_target),
+                train=ocp.args.StandardRestore(_train_item(abstract_state)),
                 data=grain.checkpoint.CheckpointRestore(item=data_iterator),
             ),
         )
-        train = restored["train"]
         return abstract_state.replace(
-            step=train["step"],
-            student=restored["student"],
-            teacher=restored["teacher"],
-            opt_state=train["opt_state"],
-            dino_center=train["dino_center"],
-            ibot_center=train["ibot_center"],
+            student=restored["student"], teacher=restored["teacher"], **restored["train"]
         )
 
     def check(self) -> None:

@@ -240,14 +240,17 @@ def validate(config: ml_collections.ConfigDict, *, n_devices: int, process_count
         _require(bool(config.eval.label), "eval.label", "set the label field for periodic kNN")
 
 
-def mask_group_size(config: ml_collections.ConfigDict, n_devices: int) -> int:
-    """Images per iBOT mask draw: `data.mask_group_size`, or the per-device batch."""
-    if config.data.mask_group_size:
-        return config.data.mask_group_size
+def per_device_batch(config: ml_collections.ConfigDict, n_devices: int) -> int:
+    """Images per batch shard (data x fsdp) of the configured mesh."""
     from raddino_jax.parallel.mesh import resolve_mesh_shape
 
     shape = resolve_mesh_shape(dict(config.mesh), n_devices)
     return max(config.batch_size // (shape[0] * shape[1]), 1)
+
+
+def mask_group_size(config: ml_collections.ConfigDict, n_devices: int) -> int:
+    """Images per iBOT mask draw: `data.mask_group_size`, or the per-device batch."""
+    return config.data.mask_group_size or per_device_batch(config, n_devices)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,9 +292,6 @@ def model_spec(config: ml_collections.ConfigDict) -> ModelSpec:
 
 def objective_config(config: ml_collections.ConfigDict, n_devices: int) -> ObjectiveConfig:
     s = config.ssl
-    from raddino_jax.parallel.mesh import resolve_mesh_shape
-
-    shape = resolve_mesh_shape(dict(config.mesh), n_devices)
     return ObjectiveConfig(
         student_temperature=s.student_temperature,
         centering=s.centering,
@@ -300,7 +300,7 @@ def objective_config(config: ml_collections.ConfigDict, n_devices: int) -> Objec
         dino_weight=s.dino_weight,
         ibot_weight=s.ibot_weight,
         koleo_weight=s.koleo_weight,
-        koleo_group_size=s.koleo_group_size or max(config.batch_size // (shape[0] * shape[1]), 1),
+        koleo_group_size=s.koleo_group_size or per_device_batch(config, n_devices),
     )
 
 
@@ -344,6 +344,44 @@ def crop_config(config: ml_collections.ConfigDict) -> MultiCropConfig:
         mean=d.mean,
         std=d.std,
     )
+
+
+def mask_spec(
+    config: ml_collections.ConfigDict,
+    n_devices: int,
+    patch_size: int,
+    per_process_batch: int | None = None,
+):
+    """Static iBOT mask shapes of one host batch (default: one process holds the whole batch)."""
+    from raddino_jax.data.pipeline import MaskSpec
+
+    grid = config.data.global_size // patch_size
+    return MaskSpec(
+        per_process_batch or config.batch_size,
+        mask_group_size(config, n_devices),
+        (grid, grid),
+        tuple(config.data.mask_ratio_min_max),
+        config.data.mask_sample_probability,
+    )
+
+
+def step_flops(config: ml_collections.ConfigDict, spec: ModelSpec, n_devices: int) -> float:
+    """Analytic FLOPs of one global train step (`flops.ssl_step_flops`): what the loop's MFU and
+    the sweep both use. The iBOT buffer is the static one, padding included."""
+    from raddino_jax import flops
+
+    masks = mask_spec(config, n_devices, spec.backbone.patch_size)
+    n_groups = config.batch_size // masks.mask_group_size
+    return flops.ssl_step_flops(
+        spec,
+        global_size=config.data.global_size,
+        local_size=config.data.local_size,
+        n_local=config.data.n_local,
+        batch=config.batch_size,
+        n_masked_tokens=masks.upper_bound * n_groups,
+        separate_ibot_head=spec.ibot_head is not None,
+        remat=spec.backbone.remat,
+    )["total"]
 
 
 def describe(config: ml_collections.ConfigDict) -> str:

@@ -211,14 +211,8 @@ def build_point(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
         optimizer=optimizer,
         schedules=schedules,
     )
-    grid = config.data.global_size // spec.backbone.patch_size
-    mask_spec = pipeline.MaskSpec(
-        config.batch_size,  # single process: the host batch is the global batch
-        config_lib.mask_group_size(config, n_devices),
-        (grid, grid),
-        tuple(config.data.mask_ratio_min_max),
-        config.data.mask_sample_probability,
-    )
+    # single process: the host batch is the global batch
+    mask_spec = config_lib.mask_spec(config, n_devices, spec.backbone.patch_size)
     return Point(config, mesh, spec, optimizer, abstract, shardings, step_fn, mask_spec)
 
 
@@ -237,18 +231,8 @@ def state_bytes(abstract_state) -> tuple[int, int]:
 
 
 def step_flops(point: Point) -> float:
-    """Analytic FLOPs of one step (`flops.ssl_step_flops`, the same count the loop logs)."""
-    c, spec = point.config, point.spec
-    return flops.ssl_step_flops(
-        spec,
-        global_size=c.data.global_size,
-        local_size=c.data.local_size,
-        n_local=c.data.n_local,
-        batch=c.batch_size,
-        n_masked_tokens=point.mask_spec.upper_bound * point.mask_spec.n_groups,
-        separate_ibot_head=spec.ibot_head is not None,
-        remat=spec.backbone.remat,
-    )["total"]
+    """Analytic FLOPs of one step: `config.step_flops`, the same count the loop logs."""
+    return config_lib.step_flops(point.config, point.spec, point.mesh.devices.size)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,13 +7,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from raddino_jax.data import pipeline
-from raddino_jax.models import abstract_params
 from raddino_jax.parallel import sharding
 from raddino_jax.parallel.mesh import make_mesh
 from raddino_jax.ssl.objective import ObjectiveConfig, gather_masked_tokens
-from raddino_jax.ssl.schedules import build_schedules
 from raddino_jax.train import state as train_state
-from raddino_jax.train.optim import OptimizerConfig, build_optimizer
 from raddino_jax.train.step import compile_train_step
 from tests.tiny import tiny_dataset, tiny_optimizer, tiny_spec
 
@@ -147,24 +144,15 @@ def _train(momentum: float, steps: int = 100):
     """`steps` updates of a D=64 model (D=32 with the 0.02 init barely separates images) with a
     constant teacher temperature 0.04, so that the targets' sharpness is not itself a schedule."""
     spec = tiny_spec(embed_dim=64)
-    schedules = build_schedules(
-        base_lr=0.1,
-        global_batch=16,
+    optimizer, schedules = tiny_optimizer(
+        spec,
         total_steps=steps,
-        warmup_steps=10,
-        freeze_last_layer_steps=5,
+        base_lr=0.1,
         warmup_teacher_temp=0.04,
         teacher_temp=0.04,
         warmup_teacher_temp_steps=1,
         momentum_teacher=momentum,
         weight_decay_end=0.04,
-    )
-    optimizer = build_optimizer(
-        abstract_params(spec),
-        OptimizerConfig(),
-        lr_schedule=schedules.lr,
-        last_layer_lr_schedule=schedules.last_layer_lr,
-        wd_schedule=schedules.weight_decay,
     )
     mesh = make_mesh((4, 2, 1))
     state = train_state.create_state(spec, optimizer, mesh, seed=0)

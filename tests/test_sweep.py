@@ -20,6 +20,7 @@ from raddino_jax.models import abstract_params
 from raddino_jax.parallel.mesh import make_mesh
 from raddino_jax.ssl.masking import mask_upper_bound
 from raddino_jax.train import state as train_state
+from tests.tiny import set_dotted
 
 LAYOUTS = [(8, 1, 1), (4, 2, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)]
 IMPOSSIBLE = (3, 3, 1)  # 9 devices
@@ -46,14 +47,7 @@ TINY_OVERRIDES = {
 
 def tiny_config():
     """configs/demo.py shrunk to a 2-block, 32-wide ViT on 56/28 px crops."""
-    c = demo.get_config()
-    for key, value in TINY_OVERRIDES.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return c
+    return set_dotted(demo.get_config(), TINY_OVERRIDES)
 
 
 def test_tiny_sweep(tmp_path):

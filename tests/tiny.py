@@ -63,15 +63,20 @@ def tiny_dataset(batch: int = 16, group: int = 2, seed: int = 0, source=None):
     )
 
 
-def tiny_optimizer(spec: ModelSpec, total_steps: int = 100, global_batch: int = 16):
+def tiny_optimizer(spec: ModelSpec, total_steps: int = 100, global_batch: int = 16, **schedule):
+    """(optimizer, schedules) of the recipe's shape with short lengths; `schedule` overrides
+    any `build_schedules` argument."""
     schedules = build_schedules(
-        base_lr=2e-3,
-        global_batch=global_batch,
-        total_steps=total_steps,
-        warmup_steps=10,
-        freeze_last_layer_steps=5,
-        warmup_teacher_temp_steps=20,
-        momentum_teacher=0.99,
+        **{
+            "base_lr": 2e-3,
+            "global_batch": global_batch,
+            "total_steps": total_steps,
+            "warmup_steps": 10,
+            "freeze_last_layer_steps": 5,
+            "warmup_teacher_temp_steps": 20,
+            "momentum_teacher": 0.99,
+            **schedule,
+        }
     )
     optimizer = build_optimizer(
         abstract_params(spec),
@@ -110,13 +115,18 @@ def tiny_run_config(data_dir: str, name: str, **overrides):
     c.optim.warmup_steps = 2
     c.optim.freeze_last_layer_steps = 1
     c.teacher.warmup_temperature_steps = 3
+    return set_dotted(c, overrides)
+
+
+def set_dotted(config, overrides: dict):
+    """Apply {"data.global_size": 56, ...} to a ConfigDict (like --config.key=value)."""
     for key, value in overrides.items():
-        node = c
+        node = config
         *parents, leaf = key.split(".")
         for parent in parents:
             node = node[parent]
         node[leaf] = value
-    return c
+    return config
 
 
 def build_tiny_dataset(root) -> tuple[str, str]:

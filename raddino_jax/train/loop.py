@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from raddino_jax import checkpoint
+from raddino_jax import checkpoint, flops
 from raddino_jax import config as config_lib
 from raddino_jax.data import pipeline, sources
 from raddino_jax.models import ModelSpec, abstract_params, init_params
@@ -130,21 +130,6 @@ def _write_run_files(workdir: epath.Path, config, spec: ModelSpec) -> None:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
 
-def _step_flops(config, spec: ModelSpec, objective, upper_bound: int, n_groups: int):
-    from raddino_jax import flops
-
-    return flops.ssl_step_flops(
-        spec,
-        global_size=config.data.global_size,
-        local_size=config.data.local_size,
-        n_local=config.data.n_local,
-        batch=config.batch_size,
-        n_masked_tokens=upper_bound * n_groups,
-        separate_ibot_head=spec.ibot_head is not None,
-        remat=spec.backbone.remat,
-    )["total"]
-
-
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Run (or resume) training to `config.total_steps`; returns the last logged metrics."""
     workdir = epath.Path(workdir)
@@ -223,16 +208,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         debug_nan_step=config.debug_nan_step,
     )
     batch_shardings = sharding.batch_shardings(BATCH_KEYS, mesh)
-    upper_bound = pipeline.MaskSpec(
-        per_process,
-        group,
-        (config.data.global_size // spec.backbone.patch_size,) * 2,
-        tuple(config.data.mask_ratio_min_max),
-        config.data.mask_sample_probability,
-    ).upper_bound
-    flops_per_step = _step_flops(config, spec, objective, upper_bound, config.batch_size // group)
-    from raddino_jax import flops
-
+    flops_per_step = config_lib.step_flops(config, spec, len(devices))
     peak = flops.peak_flops_per_device(
         devices[0].device_kind,
         spec.backbone.dtype,
