@@ -61,6 +61,9 @@ IMAGE_AXIS: dict[str, int] = {
     "mask_weights": 0,
     "mask_valid": 0,
 }
+# The arrays of one batch (layout in the module docstring), in the order the train step takes
+# them; the loop, the sweep and the benchmarks build their batch shardings from this.
+BATCH_KEYS: tuple[str, ...] = tuple(IMAGE_AXIS)
 
 # Stream identifiers mixed into the user seed so the pipeline's random ops are independent.
 _CROP_STREAM = 1

@@ -29,7 +29,7 @@ from raddino_jax.train.metrics import MetricsWriter
 from raddino_jax.train.optim import build_optimizer
 from raddino_jax.train.step import compile_train_step
 
-BATCH_KEYS = ("global_crops", "local_crops", "masks", "mask_indices", "mask_weights", "mask_valid")
+BATCH_KEYS = pipeline.BATCH_KEYS  # defined with the batch layout, in data/pipeline.py
 
 
 def say(message: str) -> None:
