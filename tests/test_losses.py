@@ -96,17 +96,22 @@ def test_softmax_center_teacher_matches_reference():
     assert_close(got, np_softmax((logits - center) / 0.04), atol=1e-7)
 
 
-def test_update_center_default_averages_padding_rows_too():
-    """Recipe s3 quirk: the iBOT centre mean runs over the whole buffer, padding included."""
+def np_update_center_groups(center, buffer, valid, n_groups, momentum):
+    """float64 reference of dinov2's iBOT centre: each device (mask group) slices its buffer to
+    its real masked rows and takes their mean; the all-reduce averages the per-group means."""
+    rows = np.asarray(buffer, np.float64).reshape(n_groups, -1, buffer.shape[-1])
+    keep = np.asarray(valid).reshape(n_groups, -1)
+    means = [g[k].mean(axis=0) if k.any() else np.zeros(g.shape[-1]) for g, k in zip(rows, keep)]
+    return center * momentum + (1 - momentum) * np.mean(means, axis=0)
+
+
+def test_update_center_without_valid_is_plain_row_mean():
+    """The DINO [CLS] centre: mean over every row."""
     rng = np.random.default_rng(1)
-    real = rng.normal(size=(5, 7))
-    buffer = np.concatenate([real, np.zeros((3, 7))])  # 3 zero-logit padding rows
+    logits = rng.normal(size=(8, 7))
     center = rng.normal(size=(7,))
-    got = losses.update_center(center, jnp.asarray(buffer, jnp.float32), 0.9)
-    assert_close(got, center * 0.9 + 0.1 * buffer.mean(axis=0), atol=1e-7)
-    # The padded mean is 5/8 of the real mean: the quirk is visible.
-    quirk_free = center * 0.9 + 0.1 * real.mean(axis=0)
-    assert not np.allclose(np.asarray(got), quirk_free, atol=1e-4)
+    got = losses.update_center(center, jnp.asarray(logits, jnp.float32), 0.9)
+    assert_close(got, center * 0.9 + 0.1 * logits.mean(axis=0), atol=1e-7)
 
 
 def test_update_center_with_valid_ignores_garbage_rows():
@@ -118,6 +123,44 @@ def test_update_center_with_valid_ignores_garbage_rows():
     center = rng.normal(size=(7,))
     got = losses.update_center(center, buffer, 0.8, valid=valid)
     assert_close(got, center * 0.8 + 0.2 * real.mean(axis=0), atol=1e-7)
+
+
+def test_update_center_groups_average_per_group_means_of_masked_rows_only():
+    """recipe s3: the iBOT centre's batch term is the mean of per-group (per-device) means over
+    the real masked rows; padding rows never count, whatever they hold."""
+    rng = np.random.default_rng(4)
+    n_groups, upper, k = 3, 6, 5
+    counts = [6, 2, 4]  # real rows per group; groups are padded to `upper`
+    valid = np.zeros((n_groups, upper), bool)
+    for g, c in enumerate(counts):
+        valid[g, :c] = True
+    buffer = rng.normal(size=(n_groups * upper, k)) * 3.0
+    buffer[~valid.reshape(-1)] = 1e6  # padding holds garbage
+    center = rng.normal(size=(k,))
+    got = losses.update_center(
+        center, jnp.asarray(buffer, jnp.float32), 0.9, valid=valid.reshape(-1), n_groups=n_groups
+    )
+    want = np_update_center_groups(center, buffer, valid, n_groups, 0.9)
+    assert_close(got, want, atol=1e-6)
+    # Unequal group sizes: the average of group means differs from the pooled masked-row mean.
+    pooled = center * 0.9 + 0.1 * buffer[valid.reshape(-1)].mean(axis=0)
+    assert not np.allclose(np.asarray(got), pooled, atol=1e-3)
+
+
+def test_update_center_empty_group_contributes_zero():
+    rng = np.random.default_rng(5)
+    buffer = rng.normal(size=(8, 3))
+    valid = np.array([True, True, False, False] + [False] * 4)
+    center = np.zeros(3)
+    got = losses.update_center(center, buffer, 0.5, valid=valid, n_groups=2)
+    assert_close(got, 0.5 * (buffer[:2].mean(axis=0) + 0.0) / 2, atol=1e-7)
+
+
+def test_update_center_rejects_uneven_groups():
+    with pytest.raises(ValueError, match="mask groups"):
+        losses.update_center(
+            jnp.zeros(2), jnp.zeros((7, 2)), 0.9, valid=jnp.ones(7, bool), n_groups=2
+        )
 
 
 def test_sinkhorn_matches_reference_and_marginals():

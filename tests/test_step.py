@@ -208,3 +208,42 @@ def test_gathered_tokens_are_the_masked_ones(host_batches):
     valid = np.asarray(host["mask_valid"]).reshape(-1)
     np.testing.assert_array_equal(np.asarray(picked[:, 0])[valid], 1.0)
     assert valid.sum() == np.asarray(host["masks"]).sum()  # and every masked patch once
+
+
+def test_ibot_centre_is_mean_of_per_group_means_over_masked_rows(host_batches):
+    """recipe s3: the objective's next iBOT centre uses the teacher's logits on the real masked
+    tokens only, averaged per mask group, then over groups (float64 reference)."""
+    from raddino_jax.models import bind
+    from raddino_jax.ssl.objective import _image_major, ssl_loss, to_input_channels
+
+    spec, _, state, _ = _setup((1, 1, 1))
+    host = host_batches[0]
+    batch = {k: jnp.asarray(host[k]) for k in KEYS}
+    center = jnp.asarray(np.random.default_rng(0).normal(size=(spec.dino_head.out_dim,)))
+    center = center.astype(jnp.float32)
+    cfg = ObjectiveConfig(koleo_group_size=2, center_momentum=0.9)
+    _, aux = ssl_loss(
+        state.student,
+        state.teacher,
+        center,
+        center,
+        batch,
+        jax.random.key(0),
+        jnp.float32(0.04),
+        spec=spec,
+        cfg=cfg,
+    )
+    teacher = bind(spec, state.teacher)
+    globals_flat = _image_major(to_input_channels(batch["global_crops"], spec.backbone.in_chans))
+    tokens = teacher.backbone(globals_flat)["x_norm_patchtokens"]
+    logits = np.asarray(
+        teacher.dino_head(gather_masked_tokens(tokens, batch["mask_indices"])), np.float64
+    )
+    n_groups, upper = host["mask_valid"].shape
+    assert n_groups > 1 and not host["mask_valid"].all()  # padding and several groups present
+    valid = host["mask_valid"].astype(bool)
+    group_means = [
+        logits.reshape(n_groups, upper, -1)[g][valid[g]].mean(axis=0) for g in range(n_groups)
+    ]
+    want = 0.9 * np.asarray(center, np.float64) + 0.1 * np.mean(group_means, axis=0)
+    np.testing.assert_allclose(np.asarray(aux["next_ibot_center"]), want, rtol=1e-5, atol=1e-6)

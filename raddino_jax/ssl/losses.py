@@ -72,25 +72,30 @@ def update_center(
     momentum: float | jax.Array,
     *,
     valid: jax.Array | None = None,
+    n_groups: int = 1,
 ) -> jax.Array:
-    """EMA of the batch-mean teacher logits: ``c * m + (1 - m) * mean_rows(z)`` (recipe s3).
+    """EMA of the batch-mean teacher logits: ``c * m + (1 - m) * batch_mean(z)`` (recipe s3).
 
     The caller applies the result at the *next* step (the reference's lagged update).
 
-    By default the mean runs over **all** rows, padding included: for the iBOT centre the
-    reference averages over the whole ``upperbound`` buffer, zero-logit padding rows and all
-    (recipe s3 quirk), so pass the padded buffer with ``valid=None`` to reproduce it. With
-    ``valid`` given, only the valid rows are averaged (a clean alternative; an all-invalid batch
-    leaves the centre's data term at 0).
+    Without ``valid`` (the DINO [CLS] centre) the batch mean runs over all rows. With ``valid``
+    (the iBOT centre over the static masked-token buffer) the rows are ``n_groups`` equal mask
+    groups of ``U`` rows each; each group's mean runs over its valid rows only and the batch
+    mean is the average of the group means. This is the reference's semantics: each device
+    slices its head output to its ``n_masked_patches`` real rows, takes their mean, and the
+    all-reduce divides the sum of per-device means by the world size (recipe s3). Padding rows
+    never enter; a group without a masked token contributes 0 to the average.
 
     Under ``jax.jit`` with a sharded batch ``jnp.mean`` / ``jnp.sum`` are global reductions, so
     this equals the reference's all-reduced mean.
 
     Args:
       center: ``[K]`` current centre.
-      teacher_logits: ``[n, K]`` teacher head outputs of this step.
+      teacher_logits: ``[n, K]`` teacher head outputs of this step (``n = n_groups * U`` when
+        ``valid`` is given).
       momentum: EMA momentum ``m`` (0.9 in the reference).
-      valid: optional ``bool[n]``; rows to average.
+      valid: optional ``bool[n]``; the real (masked-token) rows.
+      n_groups: number of mask groups the ``n`` rows split into (group-major).
 
     Returns:
       ``[K]`` float32 updated centre.
@@ -99,10 +104,14 @@ def update_center(
     if valid is None:
         batch_mean = jnp.mean(logits, axis=0)
     else:
-        row_weight = _f32(valid)[:, None]
-        safe_logits = jnp.where(row_weight > 0, logits, 0.0)
-        count = jnp.maximum(jnp.sum(row_weight), 1.0)
-        batch_mean = jnp.sum(safe_logits * row_weight, axis=0) / count
+        n, k = logits.shape
+        if n % n_groups:
+            raise ValueError(f"{n} buffer rows do not split into {n_groups} mask groups")
+        row_weight = _f32(valid).reshape(n_groups, n // n_groups, 1)
+        safe_logits = jnp.where(row_weight > 0, logits.reshape(n_groups, -1, k), 0.0)
+        count = jnp.maximum(jnp.sum(row_weight, axis=1), 1.0)  # [n_groups, 1]
+        group_means = jnp.sum(safe_logits * row_weight, axis=1) / count  # [n_groups, K]
+        batch_mean = jnp.mean(group_means, axis=0)
     momentum = _f32(momentum)
     return _f32(center) * momentum + (1.0 - momentum) * batch_mean
 

@@ -38,9 +38,6 @@ class ObjectiveConfig:
     ibot_weight: float = 1.0
     koleo_weight: float = 0.1
     koleo_group_size: int = 0  # 0: the whole batch is one group
-    # recipe s3 quirk: the iBOT centre averages the whole static buffer, padding rows counted
-    # as zero logits.
-    ibot_center_counts_padding: bool = True
 
     def __post_init__(self):
         if self.centering not in CENTERINGS:
@@ -100,21 +97,22 @@ def teacher_targets(
     temperature: jax.Array,
     cfg: ObjectiveConfig,
     valid: jax.Array | None = None,
+    n_groups: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """(probs [n, K], next centre [K]). Centering uses the previous step's centre and returns the
-    lagged update (recipe s3); Sinkhorn-Knopp leaves the centre untouched."""
+    lagged update (recipe s3); Sinkhorn-Knopp leaves the centre untouched.
+
+    `valid` marks the real rows of a padded masked-token buffer of `n_groups` mask groups: padding
+    rows get zero probability and stay out of the centre (per-group means, averaged)."""
     if cfg.centering == "sinkhorn_knopp":
         probs = losses.sinkhorn_knopp_teacher(logits, temperature, cfg.sinkhorn_iterations, valid)
         return probs, center
     probs = losses.softmax_center_teacher(logits, center, temperature)
     if valid is not None:
         probs = probs * valid[:, None]
-        if cfg.ibot_center_counts_padding:
-            new_center = losses.update_center(
-                center, jnp.where(valid[:, None], logits, 0.0), cfg.center_momentum
-            )
-        else:
-            new_center = losses.update_center(center, logits, cfg.center_momentum, valid=valid)
+        new_center = losses.update_center(
+            center, logits, cfg.center_momentum, valid=valid, n_groups=n_groups
+        )
     else:
         new_center = losses.update_center(center, logits, cfg.center_momentum)
     return probs, new_center
@@ -159,7 +157,12 @@ def ssl_loss(
         t_cls_logits, dino_center, teacher_temperature, cfg
     )
     t_patch_probs, next_ibot_center = teacher_targets(
-        t_patch_logits, ibot_center, teacher_temperature, cfg, valid
+        t_patch_logits,
+        ibot_center,
+        teacher_temperature,
+        cfg,
+        valid,
+        n_groups=batch["mask_indices"].shape[0],
     )
 
     # Student: masked globals and locals (two passes, equivalent to the reference's one list pass).
