@@ -78,11 +78,10 @@ def step_timer(point, compiled, seed: int = 0):
     from raddino_jax.data import pipeline
     from raddino_jax.parallel import sharding
     from raddino_jax.train import state as train_state
-    from raddino_jax.train.loop import BATCH_KEYS
 
     holder = {"state": train_state.create_state(point.spec, point.optimizer, point.mesh, seed=0)}
     batch = pipeline.to_global_batch(
-        sweep.host_batch(point, seed), sharding.batch_shardings(BATCH_KEYS, point.mesh)
+        sweep.host_batch(point, seed), sharding.batch_shardings(pipeline.BATCH_KEYS, point.mesh)
     )
     keys = iter(sweep.step_keys(point, 10_000, seed))
 

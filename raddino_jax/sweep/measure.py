@@ -1,38 +1,26 @@
-"""Mesh-layout sweeps: compile (and time) the SSL train step for each (layout, batch, remat).
+"""Measuring one sweep point: build, compile (and time) the SSL train step for a layout.
 
-  python -m raddino_jax.sweep --config=configs/demo.py \
-      --meshes=8x1x1,4x2x1,2x4x1,1x8x1,2x2x2 --batch-sizes=32,64 --remat=false,true \
-      --steps=5 --out=runs/sweep
-
-Layouts are DATAxFSDPxTENSOR; each uses the first data*fsdp*tensor devices. Per combination:
+A point is (layout DATAxFSDPxTENSOR, global batch, remat); it uses the first data*fsdp*tensor
+devices. What `run_point` fills in (`row.SweepRow`):
 - `state_bytes_per_device`: the train state's bytes on one device, exact from its shardings
   (sum over leaves of prod(shard_shape) * itemsize), computed on the abstract state (nothing is
   allocated);
 - compile with `jax.jit(...).lower(...).compile()` (`compile_time_s`) and read XLA's
   `memory_analysis()` (argument / output / temp / generated-code bytes per device; peak =
   argument + output + temp - alias) and `cost_analysis()` flops;
-- unless --compile-only: warm-up steps, then --steps timed steps on a synthetic batch (random
-  normalised crops, masks from the real iBOT mask sampler so the static buffer size is right):
-  median step time, images/s, analytic TFLOP/s (`flops.ssl_step_flops`) and MFU.
-A combination that cannot run is a row with status "failed" and the reason.
-
-Modes: default (compile + time), --compile-only (no state allocated, no step run: AOT memory
-check for a topology, e.g. ViT-g/14 under FSDP) and --state-only (no compilation at all: only
-the exact state bytes per device and the analytic FLOPs; ~8 s for ViT-g/14 over five layouts,
-whose 40-block step took 12.6 min and 3.8 GB of host RAM to compile for 1x8x1 on a 2-core
-CPU host: see benchmarks/RESULTS.md).
-
-Writes OUT/sweep.csv, OUT/sweep.json, OUT/sweep.md (sorted by images/s, or by memory without
-timing; the best row marked) and OUT/sweep.png (images/s and per-device memory per layout).
-Config overrides work as in raddino_jax.main: `--config.model.depth=2`. Single process only.
+- in mode "run": warm-up steps, then timed steps on a synthetic batch (random normalised
+  crops, masks from the real iBOT mask sampler so the static buffer size is right): median
+  step time, images/s, analytic TFLOP/s (`config.step_flops`) and MFU.
+Mode "compile" stops after compiling (no state allocated, no step run: an AOT memory check for
+a topology); mode "state" compiles nothing (exact state bytes and analytic FLOPs only).
+A point that cannot run is a row with status "failed" and the reason; `sweep` never raises for
+one. Single process only: the host batch is the global batch.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
-import json
 import math
 import statistics
 import time
@@ -41,65 +29,20 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 import numpy as np
-from etils import epath
 
 from raddino_jax import config as config_lib
 from raddino_jax import flops
 from raddino_jax.data import pipeline
+from raddino_jax.data.pipeline import BATCH_KEYS
 from raddino_jax.models import ModelSpec, abstract_params, init_params
 from raddino_jax.parallel import sharding
-from raddino_jax.parallel.mesh import make_mesh, parse_layout
+from raddino_jax.parallel.mesh import make_mesh
+from raddino_jax.sweep.row import SweepRow, describe_row, layout_name
 from raddino_jax.train import state as train_state
-from raddino_jax.train.loop import BATCH_KEYS
 from raddino_jax.train.optim import build_optimizer
 from raddino_jax.train.step import compile_train_step
 
 MODES = ("run", "compile", "state")
-MiB = 2**20
-
-
-@dataclasses.dataclass
-class SweepRow:
-    """One (layout, batch, remat) result; byte counts are per device, FLOPs per step (global).
-
-    status: "ok" (timed), "compiled" (--compile-only), "state" (--state-only) or "failed"
-    (then `reason` says why). Fields a mode does not measure stay None (NaN in the CSV).
-    """
-
-    layout: str
-    batch_size: int
-    remat: bool
-    status: str = "failed"
-    reason: str = ""
-    n_devices: int = 0
-    state_bytes_total: int | None = None
-    state_bytes_per_device: int | None = None
-    compile_time_s: float | None = None
-    argument_bytes: int | None = None
-    output_bytes: int | None = None
-    temp_bytes: int | None = None
-    generated_code_bytes: int | None = None
-    alias_bytes: int | None = None
-    peak_bytes_per_device: int | None = None
-    xla_flops_per_device: float | None = None
-    analytic_flops_per_step: float | None = None
-    # xla_flops_per_device * n_devices / analytic: ~1 when the batch's compute is split over the
-    # devices, ~n_devices when every device computes the whole batch (XLA also counts
-    # elementwise work, a few % at tiny widths).
-    replication: float | None = None
-    step_time_s: float | None = None
-    images_per_s: float | None = None
-    tflops_per_s: float | None = None
-    mfu: float | None = None
-
-    @property
-    def label(self) -> str:
-        return f"{self.layout} b{self.batch_size}" + (" remat" if self.remat else "")
-
-    @property
-    def memory_bytes(self) -> int | None:
-        """Best available per-device memory: XLA's peak estimate, else the state alone."""
-        return self.peak_bytes_per_device or self.state_bytes_per_device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,248 +404,3 @@ def sweep(
                 log(describe_row(row))
                 rows.append(row)
     return rows
-
-
-def layout_name(layout: tuple[int, int, int]) -> str:
-    return "x".join(str(n) for n in layout)
-
-
-def describe_row(row: SweepRow) -> str:
-    """One console line per point."""
-    if row.status == "failed":
-        return f"{row.label}: failed ({row.reason})"
-    parts = [f"{row.label}: {row.status}", f"state {_mib(row.state_bytes_per_device)} MiB/dev"]
-    if row.peak_bytes_per_device is not None:
-        parts.append(f"peak {_mib(row.peak_bytes_per_device)} MiB/dev")
-    if row.compile_time_s is not None:
-        parts.append(f"compile {row.compile_time_s:.1f} s")
-    if row.images_per_s is not None:
-        parts.append(f"{row.step_time_s * 1e3:.0f} ms/step, {row.images_per_s:.1f} img/s")
-    return ", ".join(parts)
-
-
-# ----------------------------------------------------------------------------------------------
-# Outputs
-# ----------------------------------------------------------------------------------------------
-
-
-def ranked(rows: Sequence[SweepRow]) -> list[SweepRow]:
-    """Working rows first, fastest first (or least memory first without timings); then failures."""
-    good = [r for r in rows if r.status != "failed"]
-    if any(r.images_per_s is not None for r in good):
-        good.sort(key=lambda r: -(r.images_per_s or 0.0))
-    else:
-        good.sort(key=lambda r: r.memory_bytes or 0)
-    return good + [r for r in rows if r.status == "failed"]
-
-
-def write_csv(rows: Sequence[SweepRow], path: epath.Path) -> None:
-    fields = [f.name for f in dataclasses.fields(SweepRow)]
-    with path.open("w") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(
-                {k: ("" if v is None else v) for k, v in dataclasses.asdict(row).items()}
-            )
-
-
-def write_json(rows: Sequence[SweepRow], path: epath.Path, meta: dict) -> None:
-    payload = {**meta, "rows": [_finite_or_none(dataclasses.asdict(r)) for r in rows]}
-    path.write_text(json.dumps(payload, indent=2, allow_nan=False, default=_json_default))
-
-
-def _finite_or_none(record: dict) -> dict:
-    """NaN (e.g. MFU without a known peak) becomes null: strict JSON has no NaN."""
-    return {
-        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
-    }
-
-
-def _json_default(value):
-    return float(value) if isinstance(value, np.floating) else str(value)
-
-
-def _mib(value: int | None) -> str:
-    return "" if value is None else f"{value / MiB:.1f}"
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return format(value, spec)
-
-
-def markdown_table(rows: Sequence[SweepRow]) -> str:
-    """The ranked table; the first working row is marked best."""
-    header = (
-        "| | layout (d x f x t) | batch | remat | status | state MiB/dev | peak MiB/dev "
-        "| temp MiB/dev | compile s | XLA/analytic FLOPs | step ms | img/s | TFLOP/s | MFU "
-        "| reason |"
-    )
-    lines = [header, "|" + "---|" * 15]
-    ordered = ranked(rows)
-    for i, r in enumerate(ordered):
-        best = "**best**" if i == 0 and r.status != "failed" else ""
-        lines.append(
-            f"| {best} | {r.layout} | {r.batch_size} | {'yes' if r.remat else 'no'} | {r.status} "
-            f"| {_mib(r.state_bytes_per_device)} | {_mib(r.peak_bytes_per_device)} "
-            f"| {_mib(r.temp_bytes)} | {_fmt(r.compile_time_s, '.1f')} "
-            f"| {_fmt(r.replication, '.2f')} "
-            f"| {_fmt(r.step_time_s and r.step_time_s * 1e3, '.0f')} "
-            f"| {_fmt(r.images_per_s, '.2f')} | {_fmt(r.tflops_per_s, '.4f')} "
-            f"| {_fmt(r.mfu, '.3f')} | {r.reason} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def plot(rows: Sequence[SweepRow], path: epath.Path, title: str) -> None:
-    """Two panels per point: images/s and per-device memory (peak, else state), in MiB."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [r.label for r in rows]
-    speed = [r.images_per_s or 0.0 for r in rows]
-    memory = [(r.memory_bytes or 0) / MiB for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(rows) + 4), 4.5))
-    for ax, values, name in ((axes[0], speed, "images/s"), (axes[1], memory, "MiB per device")):
-        bars = ax.bar(range(len(rows)), values, color="tab:blue")
-        for bar, row in zip(bars, rows):
-            if row.status == "failed":
-                bar.set_color("tab:red")
-                ax.annotate(
-                    "failed",
-                    (bar.get_x() + bar.get_width() / 2, 0),
-                    ha="center",
-                    va="bottom",
-                    rotation=90,
-                    fontsize=8,
-                )
-        ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=8)
-        ax.set_ylabel(name)
-    axes[0].set_title("throughput" if any(speed) else "throughput (not timed)")
-    axes[1].set_title("memory (XLA peak estimate, else train state)")
-    fig.suptitle(title)
-    fig.tight_layout()
-    with path.open("wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
-
-
-def write_outputs(rows: Sequence[SweepRow], out_dir: str, meta: dict) -> epath.Path:
-    """sweep.csv, sweep.json, sweep.md and sweep.png under `out_dir` (local or gs://)."""
-    out = epath.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out / "sweep.csv")
-    write_json(rows, out / "sweep.json", meta)
-    title = f"{meta.get('config', '')} on {meta.get('n_devices', '')} x {meta.get('device', '')}"
-    (out / "sweep.md").write_text(f"# Sweep: {title}\n\n{markdown_table(rows)}")
-    plot(rows, out / "sweep.png", title)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------
-
-
-def _parse_bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"--remat values must be true/false, got {text!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Flags:
-    """The CLI's absl flag holders (defined only when run as a program, so importing this
-    module never registers a second --config next to raddino_jax.main's)."""
-
-    config: object
-    meshes: object
-    batch_sizes: object
-    remat: object
-    steps: object
-    warmup: object
-    compile_only: object
-    state_only: object
-    peak_tflops: object
-    out: object
-
-
-def define_flags() -> _Flags:
-    from absl import flags
-    from ml_collections import config_flags
-
-    return _Flags(
-        config=config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)"),
-        meshes=flags.DEFINE_list(
-            "meshes", ["8x1x1", "4x2x1", "2x4x1", "1x8x1", "2x2x2"], "DATAxFSDPxTENSOR layouts"
-        ),
-        batch_sizes=flags.DEFINE_list("batch-sizes", [], "global batch sizes (default: config's)"),
-        remat=flags.DEFINE_list("remat", [], "remat values, e.g. false,true (default: config's)"),
-        steps=flags.DEFINE_integer("steps", 5, "timed steps per point"),
-        warmup=flags.DEFINE_integer("warmup", 2, "untimed steps before timing"),
-        compile_only=flags.DEFINE_bool(
-            "compile-only", False, "compile and report memory; allocate and run nothing"
-        ),
-        state_only=flags.DEFINE_bool(
-            "state-only", False, "no compilation: exact state bytes per device + analytic FLOPs"
-        ),
-        peak_tflops=flags.DEFINE_float(
-            "peak-tflops", 0.0, "peak TFLOP/s per device for MFU (0: look up the device kind)"
-        ),
-        out=flags.DEFINE_string("out", None, "output folder (local or gs://)", required=True),
-    )
-
-
-def main(cli: _Flags, argv: Sequence[str]) -> None:
-    """Run the sweep the flags describe and write its four files."""
-    del argv
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config = cli.config.value
-    if config is None:
-        raise app.UsageError("--config=configs/<name>.py is required")
-    if cli.compile_only.value and cli.state_only.value:
-        raise app.UsageError("--compile-only and --state-only exclude each other")
-    mode = "state" if cli.state_only.value else "compile" if cli.compile_only.value else "run"
-    devices = jax.devices()
-    rows = sweep(
-        config,
-        [parse_layout(text) for text in cli.meshes.value],
-        batch_sizes=[int(b) for b in cli.batch_sizes.value or []],
-        remats=[_parse_bool(r) for r in cli.remat.value or []],
-        devices=devices,
-        mode=mode,
-        steps=cli.steps.value,
-        warmup=cli.warmup.value,
-        peak_flops=cli.peak_tflops.value * 1e12 or None,
-    )
-    meta = {
-        "config": config_flags.get_config_filename(flags.FLAGS["config"]),
-        "mode": mode,
-        "device": devices[0].device_kind,
-        "platform": devices[0].platform,
-        "n_devices": len(devices),
-        "steps": cli.steps.value,
-        "warmup": cli.warmup.value,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "jax": jax.__version__,
-    }
-    out = write_outputs(rows, cli.out.value, meta)
-    print(markdown_table(rows))
-    print(f"wrote {out}/sweep.{{csv,json,md,png}}")
-
-
-if __name__ == "__main__":
-    import functools
-
-    from absl import app
-
-    app.run(functools.partial(main, define_flags()))

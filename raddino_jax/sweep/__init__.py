@@ -1,0 +1,60 @@
+"""Mesh-layout sweeps of the SSL train step; the CLI is `python -m raddino_jax.sweep`.
+
+row.py: `SweepRow` (one point's results) and its console line.
+measure.py: build one point (mesh, abstract state, jitted step), compile it, read XLA's memory
+  and cost analysis, time it; `sweep` loops over (layout, batch size, remat).
+report.py: rank the rows and write sweep.csv / sweep.json / sweep.md / sweep.png.
+__main__.py: the absl flags and `main`.
+
+The names below are re-exported so that `from raddino_jax import sweep; sweep.run_point(...)`
+reads as one module (the benchmarks and tests use it that way).
+"""
+
+from raddino_jax.sweep.measure import (
+    MODES,
+    Point,
+    build_point,
+    compile_step,
+    failure_reason,
+    host_batch,
+    infeasible_reason,
+    memory_fields,
+    point_config,
+    run_point,
+    state_bytes,
+    step_flops,
+    step_keys,
+    sweep,
+    time_steps,
+    xla_flops,
+)
+from raddino_jax.sweep.report import _fmt, markdown_table, ranked, write_outputs
+from raddino_jax.sweep.row import MiB, SweepRow, _mib, describe_row, layout_name
+
+__all__ = [
+    "MODES",
+    "MiB",
+    "Point",
+    "SweepRow",
+    "_fmt",
+    "_mib",
+    "build_point",
+    "compile_step",
+    "describe_row",
+    "failure_reason",
+    "host_batch",
+    "infeasible_reason",
+    "layout_name",
+    "markdown_table",
+    "memory_fields",
+    "point_config",
+    "ranked",
+    "run_point",
+    "state_bytes",
+    "step_flops",
+    "step_keys",
+    "sweep",
+    "time_steps",
+    "write_outputs",
+    "xla_flops",
+]

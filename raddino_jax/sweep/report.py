@@ -1,0 +1,133 @@
+"""Writing a sweep's rows: sweep.csv, sweep.json, sweep.md and sweep.png (local or gs://).
+
+The rows are ranked working-first: fastest first when timed, else least per-device memory
+first; failures last. sweep.md marks the first working row best; sweep.json is strict JSON
+(a NaN such as MFU without a known peak is written as null) with the run's metadata next to
+the rows; sweep.png shows images/s and per-device memory (XLA's peak, else the state) per point.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from etils import epath
+
+from raddino_jax.sweep.row import MiB, SweepRow, _mib
+
+
+def ranked(rows: Sequence[SweepRow]) -> list[SweepRow]:
+    """Working rows first, fastest first (or least memory first without timings); then failures."""
+    good = [r for r in rows if r.status != "failed"]
+    if any(r.images_per_s is not None for r in good):
+        good.sort(key=lambda r: -(r.images_per_s or 0.0))
+    else:
+        good.sort(key=lambda r: r.memory_bytes or 0)
+    return good + [r for r in rows if r.status == "failed"]
+
+
+def write_csv(rows: Sequence[SweepRow], path: epath.Path) -> None:
+    fields = [f.name for f in dataclasses.fields(SweepRow)]
+    with path.open("w") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(
+                {k: ("" if v is None else v) for k, v in dataclasses.asdict(row).items()}
+            )
+
+
+def write_json(rows: Sequence[SweepRow], path: epath.Path, meta: dict) -> None:
+    payload = {**meta, "rows": [_finite_or_none(dataclasses.asdict(r)) for r in rows]}
+    path.write_text(json.dumps(payload, indent=2, allow_nan=False, default=_json_default))
+
+
+def _finite_or_none(record: dict) -> dict:
+    """NaN (e.g. MFU without a known peak) becomes null: strict JSON has no NaN."""
+    return {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
+    }
+
+
+def _json_default(value):
+    return float(value) if isinstance(value, np.floating) else str(value)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return format(value, spec)
+
+
+def markdown_table(rows: Sequence[SweepRow]) -> str:
+    """The ranked table; the first working row is marked best."""
+    header = (
+        "| | layout (d x f x t) | batch | remat | status | state MiB/dev | peak MiB/dev "
+        "| temp MiB/dev | compile s | XLA/analytic FLOPs | step ms | img/s | TFLOP/s | MFU "
+        "| reason |"
+    )
+    lines = [header, "|" + "---|" * 15]
+    ordered = ranked(rows)
+    for i, r in enumerate(ordered):
+        best = "**best**" if i == 0 and r.status != "failed" else ""
+        lines.append(
+            f"| {best} | {r.layout} | {r.batch_size} | {'yes' if r.remat else 'no'} | {r.status} "
+            f"| {_mib(r.state_bytes_per_device)} | {_mib(r.peak_bytes_per_device)} "
+            f"| {_mib(r.temp_bytes)} | {_fmt(r.compile_time_s, '.1f')} "
+            f"| {_fmt(r.replication, '.2f')} "
+            f"| {_fmt(r.step_time_s and r.step_time_s * 1e3, '.0f')} "
+            f"| {_fmt(r.images_per_s, '.2f')} | {_fmt(r.tflops_per_s, '.4f')} "
+            f"| {_fmt(r.mfu, '.3f')} | {r.reason} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[SweepRow], path: epath.Path, title: str) -> None:
+    """Two panels per point: images/s and per-device memory (peak, else state), in MiB."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r.label for r in rows]
+    speed = [r.images_per_s or 0.0 for r in rows]
+    memory = [(r.memory_bytes or 0) / MiB for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(rows) + 4), 4.5))
+    for ax, values, name in ((axes[0], speed, "images/s"), (axes[1], memory, "MiB per device")):
+        bars = ax.bar(range(len(rows)), values, color="tab:blue")
+        for bar, row in zip(bars, rows):
+            if row.status == "failed":
+                bar.set_color("tab:red")
+                ax.annotate(
+                    "failed",
+                    (bar.get_x() + bar.get_width() / 2, 0),
+                    ha="center",
+                    va="bottom",
+                    rotation=90,
+                    fontsize=8,
+                )
+        ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel(name)
+    axes[0].set_title("throughput" if any(speed) else "throughput (not timed)")
+    axes[1].set_title("memory (XLA peak estimate, else train state)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    with path.open("wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(rows: Sequence[SweepRow], out_dir: str, meta: dict) -> epath.Path:
+    """sweep.csv, sweep.json, sweep.md and sweep.png under `out_dir` (local or gs://)."""
+    out = epath.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "sweep.csv")
+    write_json(rows, out / "sweep.json", meta)
+    title = f"{meta.get('config', '')} on {meta.get('n_devices', '')} x {meta.get('device', '')}"
+    (out / "sweep.md").write_text(f"# Sweep: {title}\n\n{markdown_table(rows)}")
+    plot(rows, out / "sweep.png", title)
+    return out
