@@ -291,3 +291,154 @@ def test_hf_config_patch_size_disagreeing_with_weights(tmp_path, capsys):
     assert cli.main(["from-torch", "--input", str(folder), "--out", str(out)]) == 1
     assert "patch_size" in capsys.readouterr().err
     assert not out.exists()
+
+
+def _hf_folder(tmp_path, registers=False, swiglu=False):
+    folder = tmp_path / "hf"
+    _random_hf(registers, swiglu).save_pretrained(folder)
+    return folder
+
+
+def _edit_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _refused(tmp_path, capsys, argv, *expect):
+    out = tmp_path / "out"
+    assert cli.main(["from-torch", *argv, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "nothing was written" in err, err
+    for text in expect:
+        assert text in err, err
+    assert not out.exists()
+    return err
+
+
+def test_registers_declared_but_missing_from_weights_is_refused(tmp_path, capsys):
+    """The issue's case: a Dinov2WithRegistersModel folder whose model.safetensors lost
+    embeddings.register_tokens must not import as a 0-register model."""
+    folder = _hf_folder(tmp_path, registers=True)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["embeddings.register_tokens"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    _refused(tmp_path, capsys, ["--input", str(folder)], "num_register_tokens=2", "register")
+
+
+def test_registers_default_of_the_with_registers_model_type_is_checked(tmp_path, capsys):
+    folder = _hf_folder(tmp_path, registers=True)
+    config = json.loads((folder / "config.json").read_text())
+    del config["num_register_tokens"]  # transformers then builds 4 registers; the weights have 2
+    (folder / "config.json").write_text(json.dumps(config))
+    _refused(tmp_path, capsys, ["--input", str(folder)], "num_register_tokens=4")
+
+
+@pytest.mark.parametrize(
+    "changes, expect",
+    [
+        ({"hidden_size": 48}, "hidden_size=48"),
+        ({"num_hidden_layers": 3}, "num_hidden_layers=3"),
+        ({"num_attention_heads": 3}, "num_attention_heads=3"),
+        ({"mlp_ratio": 2}, "mlp_ratio=2"),
+        ({"use_swiglu_ffn": True}, "use_swiglu_ffn=True"),
+        ({"image_size": 84}, "image_size=84"),
+        ({"num_channels": 1}, "num_channels=1"),
+        ({"num_register_tokens": 1}, "num_register_tokens=1"),
+        ({"layer_norm_eps": -1.0}, "layer_norm_eps=-1.0"),
+        ({"qkv_bias": False}, "qkv_bias=False"),
+        ({"hidden_act": "gelu_new"}, "hidden_act='gelu_new'"),
+    ],
+    ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
+)
+def test_each_declared_field_must_agree_with_the_weights(tmp_path, capsys, changes, expect):
+    folder = _hf_folder(tmp_path)
+    _edit_config(folder, **changes)
+    _refused(tmp_path, capsys, ["--input", str(folder)], expect)
+
+
+def test_layerscale_declared_but_absent_is_refused(tmp_path, capsys):
+    folder = _hf_folder(tmp_path)
+    tensors = {
+        k: v for k, v in load_file(folder / "model.safetensors").items() if "layer_scale" not in k
+    }
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    _refused(tmp_path, capsys, ["--input", str(folder)], "layerscale_value")
+
+
+def test_swiglu_mlp_ratio_is_checked(tmp_path, capsys):
+    folder = _hf_folder(tmp_path, swiglu=True)
+    _import(tmp_path / "ok", "--input", str(folder))  # the untouched folder imports
+    _edit_config(folder, mlp_ratio=2)
+    _refused(tmp_path, capsys, ["--input", str(folder)], "mlp_ratio=2", "weights_in")
+
+
+def test_num_heads_flag_contradicting_config_json_is_refused(tmp_path, capsys):
+    folder = _hf_folder(tmp_path)
+    _refused(tmp_path, capsys, ["--input", str(folder), "--num-heads", "4"], "--num-heads=4")
+
+
+def _head_file(tmp_path, out_dim=48):
+    from tests.test_models import TorchDINOHead
+
+    head = TorchDINOHead(32, out_dim, 24, 8)
+    path = tmp_path / "heads" / "dino_head.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().numpy().copy() for k, v in head.state_dict().items()}, path)
+    return path
+
+
+def test_head_sizes_declared_in_dinov2_yaml_must_agree(tmp_path, capsys):
+    folder = _hf_folder(tmp_path)
+    head = _head_file(tmp_path)
+    # RAD-DINO ships its dinov2 configs next to the head: the run config overrides the defaults.
+    (head.parent / "ssl_default_config.yaml").write_text(
+        "dino:\n  head_n_prototypes: 65536\n  head_hidden_dim: 24\n  head_bottleneck_dim: 8\n"
+        "  head_nlayers: 3\n"
+    )
+    (head.parent / "vitb14_cxr.yaml").write_text("dino:\n  head_n_prototypes: 48\n")
+    _import(tmp_path / "ok", "--input", str(folder), "--heads", str(head))
+    (head.parent / "vitb14_cxr.yaml").write_text("dino:\n  head_bottleneck_dim: 16\n")
+    _refused(
+        tmp_path,
+        capsys,
+        ["--input", str(folder), "--heads", str(head)],
+        "dino.head_n_prototypes in ssl_default_config.yaml, vitb14_cxr.yaml = 65536",
+        "dino.head_bottleneck_dim",
+    )
+
+
+def test_exported_head_declares_its_sizes_and_import_checks_them(tmp_path, capsys):
+    folder = _hf_folder(tmp_path)
+    out, _, _ = _import(
+        tmp_path / "a", "--input", str(folder), "--heads", str(_head_file(tmp_path))
+    )
+    back = tmp_path / "export" / "dino_head.safetensors"
+    argv = [
+        "to-dinov2",
+        "--checkpoint",
+        str(out),
+        "--out",
+        str(tmp_path / "export" / "b.safetensors"),
+    ]
+    assert cli.main([*argv, "--heads", str(back)]) == 0
+    from raddino_jax.convert import declared
+
+    sizes = {k: v for k, (v, _) in declared.declared_head_sizes(back).items()}
+    assert sizes == {
+        "head_n_prototypes": 48,
+        "head_hidden_dim": 24,
+        "head_bottleneck_dim": 8,
+        "head_nlayers": 3,
+    }
+    _import(tmp_path / "b", "--input", str(folder), "--heads", str(back))  # agrees: imports
+    tensors = load_file(back)
+    tensors["last_layer.weight_v"] = tensors["last_layer.weight_v"][:40]
+    tensors["last_layer.weight_g"] = tensors["last_layer.weight_g"][:40]
+    save_file(tensors, back, metadata={"format": "pt", **{k: str(v) for k, v in sizes.items()}})
+    _refused(
+        tmp_path,
+        capsys,
+        ["--input", str(folder), "--heads", str(back)],
+        "head_n_prototypes in the metadata of dino_head.safetensors = 48: the tensors have 40",
+    )

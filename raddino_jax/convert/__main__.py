@@ -16,7 +16,7 @@ import sys
 from etils import epath
 
 from raddino_jax import checkpoint
-from raddino_jax.convert import from_torch, names, to_torch
+from raddino_jax.convert import declared, from_torch, names, to_torch
 from raddino_jax.models import ModelSpec
 
 
@@ -115,9 +115,8 @@ def cmd_to_dinov2(args: argparse.Namespace) -> None:
     path = to_torch.write_state_dict(args.out, to_torch.backbone_to_dinov2(params))
     print(f"wrote dinov2 hub-layout backbone {path}")
     if args.heads:
-        head_path = to_torch.write_state_dict(
-            args.heads, to_torch.head_to_dinov2(params["dino_head"])
-        )
+        head = to_torch.head_to_dinov2(params["dino_head"])
+        head_path = to_torch.write_state_dict(args.heads, head, declared.head_metadata(head))
         print(f"wrote DINO head {head_path}")
     if args.verify:
         from raddino_jax.convert import verify

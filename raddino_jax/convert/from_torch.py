@@ -19,7 +19,7 @@ import re
 import numpy as np
 from etils import epath
 
-from raddino_jax.convert import names
+from raddino_jax.convert import declared, names
 from raddino_jax.models import ModelSpec, abstract_params
 from raddino_jax.models.heads import HeadConfig
 from raddino_jax.models.vit import ViTConfig
@@ -209,6 +209,9 @@ def read_torch_weights(
             hf_config = {}
         backbone = names.hf_to_dinov2(backbone)
     backbone = names.unchunk_blocks(backbone)
+    declared.check_overrides(hf_config, overrides)
+    if all(k in backbone for k in ("cls_token", "pos_embed", "patch_embed.proj.weight")):
+        declared.check_backbone(backbone, hf_config, str(input_path))
 
     head_states = {k: names.weight_norm_aliases(v) for k, v in groups.items()}
     if heads_path is not None:
@@ -221,6 +224,8 @@ def read_torch_weights(
         head_states["dino_head"] = names.weight_norm_aliases(
             head_raw.get("dino_head") or head_raw.get("", {})
         )
+        infer_head_config(head_states["dino_head"])  # a clear error when it is not a head
+        declared.check_head(head_states["dino_head"], heads_path)
 
     vit = infer_vit_config(backbone, hf_config, **overrides)
     spec = ModelSpec(

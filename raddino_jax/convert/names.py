@@ -25,17 +25,19 @@ Array = np.ndarray
 class ConversionError(ValueError):
     """A strict conversion failed; the message lists every offending tensor name."""
 
-    def __init__(self, what: str, missing=(), unexpected=(), misshaped=()):
-        self.missing, self.unexpected, self.misshaped = (
+    def __init__(self, what: str, missing=(), unexpected=(), misshaped=(), conflicts=()):
+        self.missing, self.unexpected, self.misshaped, self.conflicts = (
             list(missing),
             list(unexpected),
             list(misshaped),
+            list(conflicts),
         )
         lines = [f"{what}: nothing was written."]
         for title, items in (
             ("missing (expected but absent)", self.missing),
             ("unexpected (present but unused)", self.unexpected),
             ("wrong shape", self.misshaped),
+            ("declared architecture disagrees", self.conflicts),
         ):
             if items:
                 lines.append(f"  {len(items)} {title}:")

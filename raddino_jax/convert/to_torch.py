@@ -101,14 +101,18 @@ def write_hf(
     return out
 
 
-def write_state_dict(path: str | epath.Path, tensors: dict[str, np.ndarray]) -> epath.Path:
-    """.safetensors with NumPy only; .pth / .pt through torch (when installed)."""
+def write_state_dict(
+    path: str | epath.Path,
+    tensors: dict[str, np.ndarray],
+    metadata: dict[str, str] | None = None,
+) -> epath.Path:
+    """.safetensors with NumPy only (with `metadata` in its header); .pth / .pt through torch."""
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
         from safetensors.numpy import save as save_np
 
-        path.write_bytes(save_np(tensors, metadata={"format": "pt"}))
+        path.write_bytes(save_np(tensors, metadata={"format": "pt", **(metadata or {})}))
     elif path.suffix in (".pth", ".pt"):
         import io
 
