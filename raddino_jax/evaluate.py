@@ -18,18 +18,19 @@ image of the `data_prep` dataset DATA_DIR/NAME with the checkpoint's inference p
   --label, since records without a mask file carry an all-zero mask).
 Labels equal to -1 / NaN / '' are unknown and dropped per label. Splits: the dataset's train /
 val / test (data_prep splits by patient); a missing val or test split is carved out of train by
-patient (patient_id, else the file), and overlaps between given splits are reported.
+patient (patient_id, else the file), and overlaps between given splits are reported
+(`eval/splits.py`).
 
 The same report is produced for a random initialisation of the same architecture and, with
 --baseline, for another checkpoint (e.g. imported DINOv2 or RAD-DINO weights); eval.json holds
-every number and the differences, eval.md a table of them.
+every number and the differences, eval.md a table of them (`eval/report.py`). This module holds
+the per-task glue (labels per split -> the probes of `eval/`), the driver and the CLI.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -48,85 +49,19 @@ from raddino_jax.eval.linear import (
     select_and_fit,
 )
 from raddino_jax.eval.metadata import age_probe, sex_probe
+from raddino_jax.eval.report import differences, write_report
 from raddino_jax.eval.segmentation import segmentation_probe
+from raddino_jax.eval.splits import load_roles
 from raddino_jax.models import ModelSpec, init_params
 
 TASKS = ("knn", "linear", "metadata", "segmentation")
-CARVE_FRACTION = 0.15  # share of train patients moved to a missing val / test split
-# Settings and counts, not scores: left out of the differences.
-NOT_COMPARED = ("c", "alpha", "n", "n_test", "n_train", "effective_k")
-
-
-# ------------------------------------------------------------------------------------------
-# Data: splits by patient
-# ------------------------------------------------------------------------------------------
-
-
-def assign_roles(
-    split_names: Sequence[str], fields: dict[str, np.ndarray], seed: int
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Role ("train" / "val" / "test") of every example of the stacked splits.
-
-    `fields` must hold `_split` (the source split name per example). Given val / test splits
-    are kept; a missing one is carved out of train by patient (`CARVE_FRACTION` of its
-    patients). Returns (roles [N] object array, info with counts and patient overlaps).
-    """
-    roles = np.asarray([s if s in feats.SPLIT_ROLES else "" for s in fields["_split"]], object)
-    groups = feats.group_ids(fields)
-    missing = [r for r in ("val", "test") if r not in split_names]
-    carved = {}
-    if missing:
-        in_train = roles == "train"
-        fractions = (CARVE_FRACTION, CARVE_FRACTION if len(missing) == 2 else 0.0)
-        first, second = feats.split_by_patient(groups[in_train], fractions, seed)
-        index = np.nonzero(in_train)[0]
-        roles[index[first]] = missing[0]
-        if len(missing) == 2:
-            roles[index[second]] = missing[1]
-        carved = {r: "carved out of train by patient" for r in missing}
-    patients = {r: set(groups[roles == r]) for r in feats.SPLIT_ROLES}
-    overlap = {
-        f"{a}-{b}": len(patients[a] & patients[b])
-        for i, a in enumerate(feats.SPLIT_ROLES)
-        for b in feats.SPLIT_ROLES[i + 1 :]
-    }
-    info = {
-        "dataset_splits": list(split_names),
-        "counts": {r: int(np.sum(roles == r)) for r in feats.SPLIT_ROLES},
-        "carved": carved,
-        "patient_overlap": overlap,
-    }
-    return roles, info
-
-
-def load_roles(
-    data_dir: str,
-    name: str,
-    image_size: int,
-    *,
-    max_examples: int | None,
-    with_masks: bool,
-    seed: int,
-) -> tuple[dict[str, feats.SplitData], dict[str, Any]]:
-    """train / val / test SplitData at `image_size` (see `assign_roles`)."""
-    split_names = feats.dataset_splits(data_dir, name)
-    parts = []
-    for split in split_names:
-        part = feats.load_split(
-            data_dir, name, split, image_size, max_examples=max_examples, with_masks=with_masks
-        )
-        part.fields["_split"] = np.asarray([split] * len(part), dtype=object)
-        parts.append(part)
-    data = feats.concatenate(parts)
-    roles, info = assign_roles(split_names, data.fields, seed)
-    return {r: data.subset(roles == r) for r in feats.SPLIT_ROLES}, info
 
 
 def has_masks(data_dir: str, name: str) -> bool:
     """Whether the dataset's records carry a `mask` feature."""
     import tensorflow_datasets as tfds
 
-    from data_prep.records import dataset_dir
+    from raddino_jax.data.records import dataset_dir
 
     return "mask" in tfds.builder_from_directory(dataset_dir(data_dir, name)).info.features
 
@@ -273,90 +208,6 @@ def evaluate_model(
 
 
 # ------------------------------------------------------------------------------------------
-# Report
-# ------------------------------------------------------------------------------------------
-
-
-def flatten_scores(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """Nested metrics -> {"knn/nodule/k20/accuracy": value} for numeric scores only."""
-    flat = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten_scores(value, path + "/"))
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            if key not in NOT_COMPARED and key != "n_last_blocks":
-                flat[path] = float(value)
-    return flat
-
-
-def differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
-    """a - b for every score both reports have (NaN where either is NaN)."""
-    flat_a, flat_b = flatten_scores(a), flatten_scores(b)
-    return {key: flat_a[key] - flat_b[key] for key in flat_a if key in flat_b}
-
-
-def _cell(value: float | None) -> str:
-    if value is None:
-        return ""
-    return "nan" if math.isnan(value) else f"{value:.4f}"
-
-
-def markdown_report(report: dict[str, Any]) -> str:
-    """eval.md: one row per score, one column per model, and the differences."""
-    models = report["models"]
-    flat = {name: flatten_scores(metrics) for name, metrics in models.items()}
-    diffs = report["differences"]
-    columns = list(models) + list(diffs)
-    keys = list(dict.fromkeys(k for name in models for k in flat[name]))
-    lines = [
-        f"# Frozen-feature evaluation of `{report['checkpoint']}`",
-        "",
-        f"Data `{report['data']}`, labels {', '.join(report['labels'])}; split sizes "
-        + ", ".join(f"{k} {v}" for k, v in report["splits"]["counts"].items())
-        + f"; patient overlap {report['splits']['patient_overlap']}.",
-        "",
-        "| metric | " + " | ".join(columns) + " |",
-        "|---|" + "---|" * len(columns),
-    ]
-    for key in keys:
-        cells = [_cell(flat[name].get(key)) for name in models]
-        cells += [_cell(diffs[name].get(key)) for name in diffs]
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    notes = [f"- {k}: {v}" for k, v in _collect_notes(models).items()]
-    if notes:
-        lines += ["", "Notes:", *notes]
-    return "\n".join(lines) + "\n"
-
-
-def _collect_notes(models: dict[str, Any]) -> dict[str, str]:
-    """`skipped` / `note` strings anywhere in the reports, keyed by their path."""
-    notes = {}
-
-    def walk(tree, prefix):
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}/")
-            elif key in ("skipped", "note"):
-                notes[f"{prefix}{key}"] = str(value)
-
-    for name, metrics in models.items():
-        walk(metrics, f"{name}/")
-    return notes
-
-
-def _json_safe(tree: Any) -> Any:
-    """NaN -> None so eval.json is strict JSON."""
-    if isinstance(tree, dict):
-        return {k: _json_safe(v) for k, v in tree.items()}
-    if isinstance(tree, list | tuple):
-        return [_json_safe(v) for v in tree]
-    if isinstance(tree, float) and not math.isfinite(tree):
-        return None
-    return tree
-
-
-# ------------------------------------------------------------------------------------------
 # Driver
 # ------------------------------------------------------------------------------------------
 
@@ -458,16 +309,6 @@ def run_evaluation(
         "differences": diffs,
         "seconds": timings,
     }
-
-
-def write_report(report: dict[str, Any], out: str | epath.Path) -> tuple[epath.Path, epath.Path]:
-    """Write eval.json and eval.md into `out`; returns their paths."""
-    out = epath.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / "eval.json", out / "eval.md"
-    json_path.write_text(json.dumps(_json_safe(report), indent=2) + "\n")
-    md_path.write_text(markdown_report(report))
-    return json_path, md_path
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -8,12 +8,18 @@ import json
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.metrics import average_precision_score, balanced_accuracy_score, roc_auc_score
+from sklearn.metrics import (
+    average_precision_score,
+    balanced_accuracy_score,
+    mean_absolute_error,
+    roc_auc_score,
+)
 
 from raddino_jax import checkpoint, evaluate, extract
 from raddino_jax.data.preprocess import preprocess_uint8
 from raddino_jax.eval import features as feats
-from raddino_jax.eval import knn, linear, metadata, segmentation
+from raddino_jax.eval import knn, linear, metadata, segmentation, splits
+from raddino_jax.eval import report as eval_report
 from raddino_jax.eval.hook import KnnEvaluator
 from raddino_jax.models import ModelSpec, init_params
 from raddino_jax.models.vit import vit_config
@@ -47,6 +53,98 @@ def test_auroc_auprc_balanced_accuracy_match_sklearn_with_ties():
         balanced_accuracy_score(classes, predictions)
     )
     assert np.isnan(linear.auroc(np.ones(5), np.arange(5)))
+
+
+# Outputs of the NumPy implementations that scikit-learn replaced (linear.auroc as Mann-Whitney
+# with average ranks, linear.auprc as a step-wise sum, balanced accuracy as mean per-class
+# recall, metadata's MAE / R^2 and closed-form primal / dual ridge), recorded at commit 64d641a
+# on the seeded inputs below. Everything is float64, so scikit-learn must agree to 1e-12
+# (metrics) and 1e-9 relative (ridge: a different but equally exact linear solve).
+HAND_WRITTEN = {
+    "auroc": 0.6983901515151515,
+    "auprc": 0.6241896270676494,
+    "balanced_accuracy": 0.5776978280581736,
+    "accuracy": 0.5866666666666667,
+    "multiclass": {
+        "accuracy": 0.4,
+        "balanced_accuracy": 0.41298408951831456,
+        "n": 120,
+        "auroc_macro_ovr": 0.5462350133894079,
+    },
+    "binary": {
+        "accuracy": 0.5,
+        "balanced_accuracy": 0.49776785714285715,
+        "n": 120,
+        "auroc": 0.45814732142857145,
+        "auprc": 0.4992168720027475,
+    },
+    "mae": 4.18788221427677,
+    "r2": 0.8670935564428787,
+    # (n, d): intercept, predictions on 4 query rows, sum of squared weights
+    "ridge": {
+        (60, 7): (
+            3.7206720439986136,
+            [2.4249204151464703, 0.7179026704989209, 4.35420031703601, 2.0896417414569015],
+            4.792552631507282,
+        ),
+        (10, 25): (
+            5.732363337744383,
+            [4.624586944720274, 2.8537589837810535, 5.364813964877535, 8.77783973434483],
+            28.542817544908992,
+        ),
+    },
+    "age_probe": {
+        "mae": 4.127175585202371,
+        "r2": 0.7332146220963889,
+        "mae_predict_train_mean": 8.925320378887658,
+        "alpha": 10.0,
+        "n_test": 50,
+    },
+}
+
+
+def test_sklearn_metrics_reproduce_the_hand_written_ones():
+    rng = np.random.default_rng(2024)
+    labels = rng.integers(0, 2, 300)
+    scores = np.round(rng.normal(size=300) + 0.8 * labels, 1)  # many ties
+    assert linear.auroc(labels, scores) == pytest.approx(HAND_WRITTEN["auroc"], abs=1e-12)
+    assert linear.auprc(labels, scores) == pytest.approx(HAND_WRITTEN["auprc"], abs=1e-12)
+    classes = rng.integers(0, 5, 300)
+    predictions = np.where(rng.random(300) < 0.5, classes, rng.integers(0, 5, 300))
+    assert linear.balanced_accuracy(classes, predictions) == pytest.approx(
+        HAND_WRITTEN["balanced_accuracy"], abs=1e-12
+    )
+    assert linear.accuracy(classes, predictions) == pytest.approx(
+        HAND_WRITTEN["accuracy"], abs=1e-12
+    )
+    probabilities = rng.dirichlet(np.ones(3), size=120)
+    three = linear.classification_metrics(rng.integers(0, 3, 120), probabilities)
+    assert three == pytest.approx(HAND_WRITTEN["multiclass"], abs=1e-12)
+    probabilities = rng.dirichlet(np.ones(2), size=120)
+    two = linear.classification_metrics(rng.integers(0, 2, 120), probabilities)
+    assert two == pytest.approx(HAND_WRITTEN["binary"], abs=1e-12)
+    ages = rng.normal(50, 15, 200)
+    predicted = ages + rng.normal(0, 5, 200)
+    assert mean_absolute_error(ages, predicted) == pytest.approx(HAND_WRITTEN["mae"], abs=1e-12)
+    assert metadata._r2(ages, predicted) == pytest.approx(HAND_WRITTEN["r2"], abs=1e-12)
+    assert np.isnan(metadata._r2(np.full(4, 3.0), np.arange(4.0)))  # as before: constant -> NaN
+    for n, d in ((60, 7), (10, 25)):  # primal (d < n) and dual (d > n)
+        x = rng.normal(size=(n, d)) * rng.uniform(0.5, 3, d) + rng.normal(size=d)
+        y = x @ rng.normal(size=d) + 3.0 + rng.normal(size=n)
+        model = metadata.fit_ridge(x, y, alpha=1.7)
+        intercept, predictions, weight_norm = HAND_WRITTEN["ridge"][(n, d)]
+        assert model.intercept == pytest.approx(intercept, rel=1e-9)
+        np.testing.assert_allclose(model.predict(rng.normal(size=(4, d))), predictions, rtol=1e-9)
+        assert np.sum(model.weights**2) == pytest.approx(weight_norm, rel=1e-9)
+
+
+def test_age_probe_reproduces_the_hand_written_ridge():
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(150, 60)).astype(np.float32)
+    age = 50 + 10 * x[:, 0] - 5 * x[:, 3] + rng.normal(0, 4, 150)
+    parts = [slice(0, 70), slice(70, 100), slice(100, 150)]
+    result = metadata.age_probe(*[(x[p], age[p]) for p in parts])
+    assert result == pytest.approx(HAND_WRITTEN["age_probe"], rel=1e-9)
 
 
 @pytest.mark.parametrize("n_classes, c", [(2, 0.05), (2, 3.0), (3, 0.5)])
@@ -252,14 +350,14 @@ def test_missing_splits_are_carved_by_patient():
         "path": np.array([f"{i}.dcm".encode() for i in range(60)], dtype=object),
         "_split": np.array(["train"] * 60, dtype=object),
     }
-    roles, info = evaluate.assign_roles(["train"], fields, seed=0)
+    roles, info = splits.assign_roles(["train"], fields, seed=0)
     assert set(info["carved"]) == {"val", "test"}
     assert all(v == 0 for v in info["patient_overlap"].values())
     for patient in set(patients):
         assert len(set(roles[patients == patient])) == 1
     assert info["counts"]["val"] >= 2 and info["counts"]["test"] >= 2
     fields["_split"] = np.array(["train"] * 50 + ["test"] * 10, dtype=object)
-    roles, info = evaluate.assign_roles(["test", "train"], fields, seed=0)
+    roles, info = splits.assign_roles(["test", "train"], fields, seed=0)
     assert list(info["carved"]) == ["val"] and info["counts"]["test"] == 10
 
 
@@ -306,8 +404,8 @@ def tiny_checkpoints(tmp_path_factory):
 
 def test_knn_evaluator_matches_independent_extraction(samples_dataset, tiny_checkpoints):
     """The hook's cached uint8 path equals preprocess_uint8 + extract.make_feature_fn + kNN."""
-    from data_prep.images import decode_png
-    from data_prep.records import open_split
+    from raddino_jax.data.images import decode_png
+    from raddino_jax.data.records import open_split
 
     data_dir, name = samples_dataset
     spec, params = checkpoint.load_any_params(tiny_checkpoints[0])
@@ -339,9 +437,7 @@ def test_metadata_probes_on_phantoms(samples_dataset, tiny_checkpoints):
     data_dir, name = samples_dataset
     spec, params = checkpoint.load_any_params(tiny_checkpoints[0])
     pre = checkpoint.load_any_preprocessing(tiny_checkpoints[0])
-    roles, info = evaluate.load_roles(
-        data_dir, name, 56, max_examples=None, with_masks=False, seed=0
-    )
+    roles, info = splits.load_roles(data_dir, name, 56, max_examples=None, with_masks=False, seed=0)
     assert info["carved"] == {} and all(v == 0 for v in info["patient_overlap"].values())
     result = evaluate.evaluate_model(spec, params, pre, roles, ["nodule"], ["metadata"])
     sex, age = result["metadata"]["sex"], result["metadata"]["age"]
@@ -366,8 +462,8 @@ def test_cli_end_to_end_with_random_init_and_baseline(samples_dataset, tiny_chec
     assert evaluate.main(argv) == 0
     report = json.loads((out / "eval.json").read_text())
     assert set(report["models"]) == {"checkpoint", "random_init", "baseline"}
-    checkpoint_scores = evaluate.flatten_scores(report["models"]["checkpoint"])
-    random_scores = evaluate.flatten_scores(report["models"]["random_init"])
+    checkpoint_scores = eval_report.flatten_scores(report["models"]["checkpoint"])
+    random_scores = eval_report.flatten_scores(report["models"]["random_init"])
     for key in ("knn/nodule/k20/accuracy", "linear/nodule/auroc", "linear/effusion/accuracy"):
         assert key in checkpoint_scores
     assert "metadata/sex/auroc" in checkpoint_scores and "metadata/age/mae" in checkpoint_scores
@@ -401,8 +497,8 @@ def test_cli_other_baseline_and_single_task(samples_dataset, tiny_checkpoints, t
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["tasks"] == ["knn"] and set(report["models"]["baseline"]) == {"knn", "features"}
     diffs = report["differences"]["checkpoint_minus_baseline"]
-    ours = evaluate.flatten_scores(report["models"]["checkpoint"])
-    theirs = evaluate.flatten_scores(report["models"]["baseline"])
+    ours = eval_report.flatten_scores(report["models"]["checkpoint"])
+    theirs = eval_report.flatten_scores(report["models"]["baseline"])
     assert set(diffs) == set(ours) and "knn/label_sex/k10/balanced_accuracy" in diffs
     for key, value in diffs.items():
         assert value == pytest.approx(ours[key] - theirs[key])
