@@ -1,7 +1,28 @@
-"""Metric sinks of the training loop: `WORKDIR/metrics.jsonl`, TensorBoard events, console.
+"""Metric sinks of the training loop: `WORKDIR/metrics.jsonl`, TensorBoard events.
 
-Only process 0 writes. metrics.jsonl holds one JSON object per log step; on resume, lines past
-the restored step are dropped first so that the file reads as one uninterrupted run.
+Only process 0 writes (the loop passes `enabled=False` elsewhere). Every record is one JSON
+object on one line, `{"step": int, name: value, ...}`; non-finite values are written as strings
+("nan", "inf") so the file stays strict JSON. Each write costs O(1 line), whatever the length
+of the run, in one of two layouts chosen from the work directory:
+
+- Filesystems that can append (local disks, NFS, FUSE mounts): one file, `metrics.jsonl`,
+  opened once in append mode on the first write and kept open; each record is written and
+  flushed, so it survives the process being killed right after.
+- Object stores (`gs://`, `s3://`), which cannot append to an object: numbered part files
+  `metrics/part-000000.jsonl`, `part-000001.jsonl`, ... of at most `part_lines` records. A write
+  replaces the current part (at most `part_lines` lines uploaded, so a run of N records costs
+  O(N * part_lines), not the O(N^2) of rewriting one growing object), and each record is durable
+  as soon as its write returns (an object replacement is atomic). A restarted writer starts a new
+  part after the last existing one and never rereads old parts. Keeping the whole file open in
+  one upload was rejected: nothing is visible until it is closed, so a preempted run would lose
+  its metrics.
+
+Exact resume: `truncate_after(step)` drops the records of steps past the restored checkpoint
+(written before the process died, recomputed after the restart), so the records read as one
+uninterrupted run with no step logged twice. The loop calls it once, before the first write.
+A last line torn by a crash mid-write is dropped there too.
+
+`read_metrics(workdir)` reads either layout (both, single file first, if a run has both).
 """
 
 from __future__ import annotations
@@ -13,6 +34,9 @@ from collections.abc import Mapping
 from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
+PARTS_DIR = "metrics"  # object stores: WORKDIR/metrics/part-NNNNNN.jsonl
+PART_LINES = 200  # records per part file: bounds the bytes uploaded per write
+OBJECT_STORE_PREFIXES = ("gs://", "s3://")
 
 
 def _clean(value):
@@ -20,42 +44,109 @@ def _clean(value):
     return value if math.isfinite(value) else str(value)
 
 
+def can_append(path: epath.Path) -> bool:
+    """Whether `path` lives on a filesystem with a real append (not an object store)."""
+    return not str(path).startswith(OBJECT_STORE_PREFIXES)
+
+
+def _part_name(index: int) -> str:
+    return f"part-{index:06d}.jsonl"
+
+
+def _part_paths(workdir: epath.Path) -> list[epath.Path]:
+    """The part files in write order (zero-padded names sort numerically)."""
+    parts_dir = workdir / PARTS_DIR
+    if not parts_dir.exists():
+        return []
+    return sorted(parts_dir.glob("part-*.jsonl"), key=lambda p: p.name)
+
+
+def _parse_lines(text: str) -> tuple[list[tuple[str, dict]], bool]:
+    """([(line, record)] for every complete line, whether a torn last line was skipped).
+
+    Only the last line may be torn (a crash mid-write); a bad line elsewhere raises.
+    """
+    lines = [line for line in text.splitlines() if line.strip()]
+    parsed = []
+    for i, line in enumerate(lines):
+        try:
+            parsed.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise
+            return parsed, True
+    return parsed, False
+
+
 class MetricsWriter:
-    """Appends metrics to metrics.jsonl and TensorBoard (tensorboardX: no TensorFlow needed)."""
+    """Appends metric records to metrics.jsonl (or its part files) and to TensorBoard.
+
+    Args:
+      workdir: the run directory (local or gs://).
+      enabled: False makes every method a no-op (processes other than 0).
+      tensorboard: also write TensorBoard events (tensorboardX: no TensorFlow needed).
+      append: force the layout (True: one appended file; False: part files); None picks it
+        from `workdir` with `can_append`.
+      part_lines: records per part file in the part layout.
+    """
 
     def __init__(
-        self, workdir: str | epath.Path, *, enabled: bool = True, tensorboard: bool = True
+        self,
+        workdir: str | epath.Path,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        append: bool | None = None,
+        part_lines: int = PART_LINES,
     ):
         self.enabled = enabled
-        self.path = epath.Path(workdir) / METRICS_FILE
+        self.workdir = epath.Path(workdir)
+        self.path = self.workdir / METRICS_FILE
+        self.append = can_append(self.workdir) if append is None else append
+        self.part_lines = part_lines
+        self._handle = None  # append layout: the open file
+        self._part: tuple[epath.Path, list[str]] | None = None  # part layout: path, its lines
+        self._next_part: int | None = None
         self._tb = None
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
-        """Drop records with step > `step` (written after the checkpoint we resume from)."""
-        if not self.enabled or not self.path.exists():
+        """Drop records with step > `step` (written after the checkpoint we resume from).
+
+        Rewrites only files that lose records; call before the first `write`.
+        """
+        if not self.enabled:
             return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step
-        ]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        self._close_handle()
+        self._part, self._next_part = None, None
+        files = ([self.path] if self.path.exists() else []) + _part_paths(self.workdir)
+        for path in files:
+            parsed, torn = _parse_lines(path.read_text())
+            kept = [line for line, record in parsed if record["step"] <= step]
+            if len(kept) == len(parsed) and not torn:
+                continue
+            if kept or path == self.path:
+                _replace_text(path, "".join(line + "\n" for line in kept))
+            else:
+                path.unlink()
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        """One record `{"step": step, **metrics}`, durable when this returns."""
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _clean(v) for k, v in metrics.items()}}
-        line = json.dumps(record) + "\n"
-        if self.path.exists() and not str(self.path).startswith("gs://"):
-            with self.path.open("a") as handle:
-                handle.write(line)
-        else:  # object stores have no append: rewrite
-            previous = self.path.read_text() if self.path.exists() else ""
-            self.path.write_text(previous + line)
+        line = json.dumps(record)
+        if self.append:
+            if self._handle is None:
+                self.workdir.mkdir(parents=True, exist_ok=True)
+                self._handle = self.path.open("a")
+            self._handle.write(line + "\n")
+            self._handle.flush()
+        else:
+            self._write_part(line)
         if self._tb is not None:
             for key, value in metrics.items():
                 value = float(value)
@@ -63,11 +154,39 @@ class MetricsWriter:
                     self._tb.add_scalar(key, value, int(step))
             self._tb.flush()
 
+    def _write_part(self, line: str) -> None:
+        if self._part is None or len(self._part[1]) >= self.part_lines:
+            if self._next_part is None:  # first write of this writer: after existing parts
+                existing = _part_paths(self.workdir)
+                self._next_part = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
+                (self.workdir / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+            self._part = (self.workdir / PARTS_DIR / _part_name(self._next_part), [])
+            self._next_part += 1
+        path, lines = self._part
+        lines.append(line)
+        path.write_text("".join(text + "\n" for text in lines))
+
+    def _close_handle(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
     def close(self) -> None:
+        self._close_handle()
         if self._tb is not None:
             self._tb.close()
 
 
+def _replace_text(path: epath.Path, text: str) -> None:
+    """Write `text` to a sibling and rename it over `path` (no half-written file on a crash)."""
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def read_metrics(workdir: str | epath.Path) -> list[dict]:
-    path = epath.Path(workdir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Every record of a run, in write order, from either layout (see the module docstring)."""
+    workdir = epath.Path(workdir)
+    path = workdir / METRICS_FILE
+    files = ([path] if path.exists() else []) + _part_paths(workdir)
+    return [record for file in files for _, record in _parse_lines(file.read_text())[0]]
