@@ -14,8 +14,7 @@ default JAX device (float32, warm-started from the neighbouring C, rows padded t
 two so the sweep and the train + val refit share one compilation), so on a GPU / TPU host the
 23-45 fits of a C sweep run on the accelerator rather than in scikit-learn's float64 solver on
 the host's CPU cores. tests/test_eval.py checks the solution against scikit-learn's on the same
-objective. (The speed argument is not benchmarked on an accelerator in this repository; on a
-CPU host the two are comparable.)
+objective. (The speed argument is not benchmarked on an accelerator in this repository.)
 
 The metrics are scikit-learn's (`accuracy_score`, `balanced_accuracy_score`, `roc_auc_score`,
 `average_precision_score`) behind thin wrappers that return NaN where a score is undefined
