@@ -3,17 +3,16 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-export PYTHONPATH := $(CURDIR)
 DEMO_DIR ?= runs/demo
 
 .PHONY: setup test lint demo clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-test.txt
+$(VENV)/.installed: pyproject.toml requirements.txt requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-test.txt
+	$(PY) -m pip install --quiet -r requirements-test.txt  # the package, editable, + test extra
 	touch $@
 
 lint: setup

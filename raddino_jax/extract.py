@@ -16,44 +16,18 @@ import argparse
 import sys
 from collections.abc import Iterator
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
 from raddino_jax import checkpoint
-from raddino_jax.models import ModelSpec, bind
-
-
-def make_feature_fn(spec: ModelSpec, n_layers: int = 0):
-    """Jitted (params, images [B, H, W, 3]) -> dict of float32 features."""
-
-    @jax.jit
-    def features(params, images):
-        backbone = bind(spec, params).backbone
-        out = backbone(images, n_last_blocks=n_layers)
-        h = images.shape[1] // spec.backbone.patch_size
-        w = images.shape[2] // spec.backbone.patch_size
-        batch = images.shape[0]
-        result = {
-            "cls": out["x_norm_clstoken"],
-            "patch": out["x_norm_patchtokens"].reshape(batch, h, w, -1),
-        }
-        if n_layers:
-            r = spec.backbone.num_register_tokens
-            normed = [backbone.norm(layer) for layer in out["intermediates"]]
-            result["layers_cls"] = jnp.stack([x[:, 0] for x in normed], axis=1)
-            result["layers_patch"] = jnp.stack(
-                [x[:, 1 + r :].reshape(batch, h, w, -1) for x in normed], axis=1
-            )
-        return jax.tree.map(lambda x: x.astype(jnp.float32), result)
-
-    return features
+from raddino_jax.eval.features import make_feature_fn
 
 
 def list_image_files(path: str | epath.Path) -> list[str]:
     """A folder (recursive), a .txt list, or a single image file -> sorted image paths."""
-    from data_prep.build import classify_file, scan_directory
+    from raddino_jax.data.builder.inputs import scan_directory
+    from raddino_jax.data.decode import classify_file
 
     path = epath.Path(path)
     if path.is_dir():

@@ -1,4 +1,4 @@
-"""End-to-end tests of data_prep.build and data_prep.records (tiny --size, real DICOMs)."""
+"""End-to-end tests of the dataset builder (CLI data_prep.build) and data.records (tiny --size)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from data_prep import build, records
-from data_prep.images import decode_png
+from data_prep import build
+from raddino_jax.data import builder, records
+from raddino_jax.data.images import decode_png
 
 data_store = pytest.importorskip("data_store", reason="pydicom-data is not installed")
 REAL = pathlib.Path(data_store.__file__).parent / "data"
@@ -200,11 +201,11 @@ def _write_csv_inputs(root: pathlib.Path) -> None:
 def csv_build(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("csv")
     _write_csv_inputs(tmp / "in")
-    options = build.BuildOptions(
+    options = builder.BuildOptions(
         input=str(tmp / "in" / "labels.csv"), output=str(tmp / "out"), name="labelled",
         size=SIZE, bits=8, workers=1,
     )
-    return tmp, options, build.build_dataset(options)
+    return tmp, options, builder.build_dataset(options)
 
 
 def test_csv_labels_splits_and_masks(csv_build):
@@ -249,7 +250,7 @@ def test_csv_labels_splits_and_masks(csv_build):
 def test_overwrite_rebuilds(csv_build):
     tmp, options, report = csv_build
     (tmp / "in" / "images" / "img1.png").unlink()
-    rebuilt = build.build_dataset(build.BuildOptions(**{**vars(options), "overwrite": True}))
+    rebuilt = builder.build_dataset(builder.BuildOptions(**{**vars(options), "overwrite": True}))
     assert rebuilt["counts"] == {"found": 7, "converted": 4, "failed": 3, "duplicates": 0}
     assert len(records.open_split(tmp / "out", "labelled", "train")) == 2
 
@@ -260,19 +261,19 @@ def test_overwrite_rebuilds(csv_build):
      (["a", "1"], "text"), (["", ""], "text")],
 )
 def test_infer_label_type(values, kind):
-    assert build.infer_label_type(values) == kind
+    assert builder.infer_label_type(values) == kind
 
 
 def test_folder_without_valid_images_still_reports(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "bad.dcm").write_bytes(b"")
-    options = build.BuildOptions(
+    options = builder.BuildOptions(
         input=str(tmp_path / "in"), output=str(tmp_path / "out"), name="nothing", size=SIZE
     )
-    report = build.build_dataset(options)
+    report = builder.build_dataset(options)
     assert report["counts"] == {"found": 1, "converted": 0, "failed": 1, "duplicates": 0}
     assert not report["dataset_written"] and report["dropped_empty_splits"] == ["train"]
-    assert build.build_dataset(options) == report  # re-run is safe
+    assert builder.build_dataset(options) == report  # re-run is safe
 
 
 def test_label_name_clash_is_an_error():

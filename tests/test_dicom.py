@@ -1,4 +1,4 @@
-"""Tests for data_prep.dicom and data_prep.images on real pydicom-data radiographs."""
+"""Tests for data.dicom and data.images on real pydicom-data radiographs."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pydicom
 import pytest
 from pydicom.pixels import apply_voi_lut
 
-from data_prep import dicom, images
-from data_prep.dicom import DecodePolicy, decode_dicom
-from data_prep.images import DecodeError
+from raddino_jax.data import dicom, images
+from raddino_jax.data.dicom import DecodePolicy, decode_dicom
+from raddino_jax.data.images import DecodeError
 
 data_store = pytest.importorskip("data_store", reason="pydicom-data is not installed")
 REAL = pathlib.Path(data_store.__file__).parent / "data"
@@ -401,3 +401,121 @@ def test_quantize_rounds_to_nearest():
     values = np.array([0.0, 0.51 / 255, 0.49 / 255, 1.0, 1.2, -0.1], np.float32)
     np.testing.assert_array_equal(images.quantize(values, 8), [0, 1, 0, 255, 255, 0])
     assert images.quantize(np.array([1.0]), 16)[0] == 65535
+
+
+# ------------------------------------------------------------------------------------------
+# pydicom's windowing vs the hand-written version it replaced
+# ------------------------------------------------------------------------------------------
+
+
+def _reference_window(values, center, width, function):
+    """The formulas data_prep.dicom computed by hand before pydicom's apply_windowing."""
+    if function == "SIGMOID":
+        exponent = np.clip(-4.0 * (values - center) / max(float(width), 1e-12), -80.0, 80.0)
+        return (1.0 / (1.0 + np.exp(exponent))).astype(np.float32)
+    if function == "LINEAR_EXACT":
+        out = (values - center) / max(float(width), 1e-12) + 0.5
+        return np.clip(out, 0.0, 1.0).astype(np.float32)
+    width = max(float(width), 1.0)
+    if width == 1.0:
+        return (values > center - 0.5).astype(np.float32)
+    out = (values - (center - 0.5)) / (width - 1.0) + 0.5
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def _reference_voi_lut(values, item):
+    """The hand-written VOI LUT Sequence lookup it replaced, normalised by the LUT's range."""
+    entries, first_mapped, bits = (int(v) for v in item.LUTDescriptor)
+    entries = entries or 65536
+    lut_data = item.LUTData
+    if isinstance(lut_data, bytes):
+        lut = np.frombuffer(lut_data, dtype=np.uint16 if bits > 8 else np.uint8)
+    else:
+        lut = np.asarray(lut_data if isinstance(lut_data, list | tuple) else [lut_data])
+    lut = lut[:entries].astype(np.float32)
+    index = np.clip(np.rint(values).astype(np.int64) - first_mapped, 0, lut.size - 1)
+    low, high = float(lut.min()), float(lut.max())
+    return ((lut[index] - low) / (high - low)).astype(np.float32)
+
+
+def _reference_decode(data: bytes) -> np.ndarray:
+    """decode_dicom(policy "dicom") with the hand-written windowing, for windowed files."""
+    ds = dicom.read_dataset(data, "reference")
+    array, is_colour = dicom.stored_pixels(ds, data, "reference", DecodePolicy())
+    values = dicom.modality_values(array, ds, is_colour)
+    if ds.get("VOILUTSequence"):
+        pixels = _reference_voi_lut(values, ds.VOILUTSequence[0])
+    else:
+        center = float(np.atleast_1d(ds.WindowCenter)[0])
+        width = float(np.atleast_1d(ds.WindowWidth)[0])
+        function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+        pixels = _reference_window(values, center, width, function)
+    return 1.0 - pixels if ds.PhotometricInterpretation == "MONOCHROME1" else pixels
+
+
+def _windowed_test_files() -> dict[str, bytes]:
+    """Real files with a window or VOI LUT, one per VOI function, and the windowed phantoms."""
+    from raddino_jax.data.samples import phantom_dicom, phantoms
+
+    def with_function(function):
+        def edit(ds):
+            ds.WindowCenter, ds.WindowWidth = [1000, 50], [400, 20]
+            ds.VOILUTFunction = function
+
+        return edit
+
+    files = {
+        "RG1_UNCR": real_file("RG1_UNCR.dcm").read_bytes(),
+        "vlut_04": real_file("vlut_04.dcm").read_bytes(),
+        "MR2_sigmoid": rewritten("MR2_UNCR.dcm", with_function("SIGMOID")),
+        "MR2_linear_exact": rewritten("MR2_UNCR.dcm", with_function("LINEAR_EXACT")),
+        "MR2_linear": rewritten("MR2_UNCR.dcm", with_function("LINEAR")),
+    }
+    rng = np.random.default_rng(3)
+    params = phantoms.sample_patient(rng, 64, nodule=1)
+    image, _ = phantoms.render_phantom(rng, params)
+    meta = phantom_dicom.DicomMeta(
+        patient_id="P",
+        study_uid=phantom_dicom.deterministic_uid("windowing", "study"),
+        series_uid=phantom_dicom.deterministic_uid("windowing", "series"),
+        instance_uid=phantom_dicom.deterministic_uid("windowing", "instance"),
+        study_date="20200101",
+        study_time="120000",
+        manufacturer="Test",
+        view_position="PA",
+        pixel_spacing=None,
+    )
+    for index, variant in enumerate(phantom_dicom.VARIANTS):
+        if (variant.window or variant.voi_lut) and not variant.transfer_syntax.is_compressed:
+            files[f"phantom_variant_{index}"] = phantom_dicom.encode_dicom(
+                image, params, variant, meta
+            )
+    return files
+
+
+def test_pydicom_windowing_reproduces_the_hand_written_version():
+    """VOI LUT and LINEAR / LINEAR_EXACT / SIGMOID windows through pydicom give the outputs of
+    the hand-written formulas they replaced (SIGMOID differs below 1e-30 where the old code
+    clipped the exponent)."""
+    files = _windowed_test_files()
+    assert sum(name.startswith("phantom") for name in files) >= 3
+    methods = set()
+    for name, data in files.items():
+        decoded = decode_dicom(data, DecodePolicy(windowing="dicom"))
+        methods.add(decoded.metadata["windowing"])
+        reference = _reference_decode(data)
+        if decoded.metadata["windowing"] == "window_sigmoid":
+            np.testing.assert_allclose(decoded.pixels, reference, atol=1e-30, err_msg=name)
+        else:
+            np.testing.assert_array_equal(decoded.pixels, reference, err_msg=name)
+    assert methods == {"voi_lut", "window_linear", "window_linear_exact", "window_sigmoid"}
+
+
+def test_narrow_windows_keep_the_old_edge_cases():
+    values = np.array([-1.0, -0.5, -0.25, 0.0, 0.25, 1.0])
+    for width in (0.2, 1.0):  # LINEAR widths below 1 count as 1 (a threshold), as before
+        np.testing.assert_array_equal(
+            dicom.window_linear(values, 0.0, width), _reference_window(values, 0.0, width, "")
+        )
+    far = np.array([-1e6, 1e6])
+    np.testing.assert_allclose(dicom.window_sigmoid(far, 0.0, 1.0), [0.0, 1.0], atol=1e-30)

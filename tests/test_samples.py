@@ -11,7 +11,8 @@ from PIL import Image
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from scipy import ndimage
 
-from data_prep import phantoms, samples
+from data_prep import samples
+from raddino_jax.data.samples import generate, phantom_dicom, phantoms
 
 N_PHANTOMS = 24  # two passes over the 12 DICOM variants
 SIZE = 72
@@ -38,12 +39,12 @@ def _phantom(seed: int, **labels) -> tuple[phantoms.PhantomParams, np.ndarray, n
     return params, image, mask
 
 
-def _meta(index: int = 0) -> phantoms.DicomMeta:
-    return phantoms.DicomMeta(
+def _meta(index: int = 0) -> phantom_dicom.DicomMeta:
+    return phantom_dicom.DicomMeta(
         patient_id="P0",
-        study_uid=phantoms.deterministic_uid("test", index, "study"),
-        series_uid=phantoms.deterministic_uid("test", index, "series"),
-        instance_uid=phantoms.deterministic_uid("test", index, "instance"),
+        study_uid=phantom_dicom.deterministic_uid("test", index, "study"),
+        series_uid=phantom_dicom.deterministic_uid("test", index, "series"),
+        instance_uid=phantom_dicom.deterministic_uid("test", index, "instance"),
         study_date="20200101",
         study_time="120000",
         manufacturer="Test",
@@ -58,8 +59,8 @@ def _presentation(ds: pydicom.Dataset) -> np.ndarray:
     return -values if ds.PhotometricInterpretation == "MONOCHROME1" else values
 
 
-def _available_variants() -> list[phantoms.DicomVariant]:
-    return [v for v in phantoms.VARIANTS if phantoms.syntax_available(v.transfer_syntax)]
+def _available_variants() -> list[phantom_dicom.DicomVariant]:
+    return [v for v in phantom_dicom.VARIANTS if phantom_dicom.syntax_available(v.transfer_syntax)]
 
 
 # ------------------------------------------------------------------------------- generator
@@ -167,7 +168,8 @@ def test_followup_keeps_patient_changes_acquisition():
 def test_every_variant_round_trips_losslessly_with_declared_metadata():
     params, image, _ = _phantom(1, nodule=1, effusion=0)
     for index, variant in enumerate(_available_variants()):
-        ds = pydicom.dcmread(io.BytesIO(phantoms.encode_dicom(image, params, variant, _meta())))
+        encoded = phantom_dicom.encode_dicom(image, params, variant, _meta())
+        ds = pydicom.dcmread(io.BytesIO(encoded))
         assert ds.file_meta.TransferSyntaxUID == variant.transfer_syntax
         assert ds.PhotometricInterpretation == variant.photometric
         assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit) == (
@@ -177,14 +179,14 @@ def test_every_variant_round_trips_losslessly_with_declared_metadata():
         )
         assert ds.PixelRepresentation == int(variant.signed)
         assert ds.SOPClassUID in (
-            phantoms.CR_IMAGE_STORAGE,
-            phantoms.DX_IMAGE_STORAGE_FOR_PRESENTATION,
+            phantom_dicom.CR_IMAGE_STORAGE,
+            phantom_dicom.DX_IMAGE_STORAGE_FOR_PRESENTATION,
         )
         assert ds.SOPInstanceUID == _meta().instance_uid, index  # never a random UID
         assert ds.SOPInstanceUID.is_valid and ds.StudyInstanceUID.is_valid
         assert (ds.Rows, ds.Columns) == image.shape
         pixels = ds.pixel_array
-        np.testing.assert_array_equal(pixels, phantoms.stored_values(image, variant))
+        np.testing.assert_array_equal(pixels, phantom_dicom.stored_values(image, variant))
         assert pixels.min() >= (-(2 ** (variant.bits_stored - 1)) if variant.signed else 0)
         assert pixels.max() < 2 ** (variant.bits_stored - (1 if variant.signed else 0))
         # Modality LUT (+ MONOCHROME1 inversion) gives image * levels * slope + constant,
@@ -195,7 +197,7 @@ def test_every_variant_round_trips_losslessly_with_declared_metadata():
 
 
 def test_variant_table_covers_the_decoder_paths():
-    variants = phantoms.VARIANTS
+    variants = phantom_dicom.VARIANTS
     assert {v.photometric for v in variants} == {"MONOCHROME1", "MONOCHROME2"}
     assert {v.bits_stored for v in variants} == {10, 12, 14, 16}
     assert {v.signed for v in variants} == {False, True}
@@ -215,7 +217,8 @@ def test_monochrome1_and_monochrome2_render_the_same_anatomy():
     params, image, _ = _phantom(2, nodule=1, effusion=2)
     decoded = []
     for variant in _available_variants():
-        ds = pydicom.dcmread(io.BytesIO(phantoms.encode_dicom(image, params, variant, _meta())))
+        encoded = phantom_dicom.encode_dicom(image, params, variant, _meta())
+        ds = pydicom.dcmread(io.BytesIO(encoded))
         decoded.append((variant.photometric, _presentation(ds).ravel()))
     mono1 = [d for kind, d in decoded if kind == "MONOCHROME1"]
     mono2 = [d for kind, d in decoded if kind == "MONOCHROME2"]
@@ -224,17 +227,18 @@ def test_monochrome1_and_monochrome2_render_the_same_anatomy():
         for b in mono2:
             assert np.corrcoef(a, b)[0, 1] > 0.99
     # Raw stored values of the two interpretations are anti-correlated: the inversion matters.
-    m1 = next(v for v in phantoms.VARIANTS if v.photometric == "MONOCHROME1")
-    m2 = next(v for v in phantoms.VARIANTS if v.photometric == "MONOCHROME2")
-    raw1 = phantoms.stored_values(image, m1).astype(float).ravel()
-    raw2 = phantoms.stored_values(image, m2).astype(float).ravel()
+    m1 = next(v for v in phantom_dicom.VARIANTS if v.photometric == "MONOCHROME1")
+    m2 = next(v for v in phantom_dicom.VARIANTS if v.photometric == "MONOCHROME2")
+    raw1 = phantom_dicom.stored_values(image, m1).astype(float).ravel()
+    raw2 = phantom_dicom.stored_values(image, m2).astype(float).ravel()
     assert np.corrcoef(raw1, raw2)[0, 1] < -0.99
 
 
 def test_window_and_voi_lut_are_usable():
     params, image, _ = _phantom(4)
     for variant in [v for v in _available_variants() if v.window or v.voi_lut]:
-        ds = pydicom.dcmread(io.BytesIO(phantoms.encode_dicom(image, params, variant, _meta())))
+        encoded = phantom_dicom.encode_dicom(image, params, variant, _meta())
+        ds = pydicom.dcmread(io.BytesIO(encoded))
         assert ("VOILUTSequence" in ds) == variant.voi_lut
         # A VOI LUT is indexed by (integer) stored values; its variants have identity rescale.
         values = ds.pixel_array if variant.voi_lut else apply_modality_lut(ds.pixel_array, ds)
@@ -252,18 +256,18 @@ def test_window_and_voi_lut_are_usable():
 def test_missing_encoder_is_refused():
     params, image, _ = _phantom(0)
     unavailable = pydicom.uid.JPEGLSLossless
-    if phantoms.syntax_available(unavailable):
+    if phantom_dicom.syntax_available(unavailable):
         pytest.skip("JPEG-LS encoder installed here")
-    variant = phantoms.DicomVariant(unavailable, "MONOCHROME2", 12, False)
+    variant = phantom_dicom.DicomVariant(unavailable, "MONOCHROME2", 12, False)
     with pytest.raises(ValueError, match="no encoder"):
-        phantoms.encode_dicom(image, params, variant, _meta())
+        phantom_dicom.encode_dicom(image, params, variant, _meta())
 
 
 # ------------------------------------------------------------------------------- CLI output
 
 
 def test_labels_csv_is_consistent_with_files(sample_dir, rows):
-    assert tuple(rows[0].keys()) == samples.CSV_COLUMNS
+    assert tuple(rows[0].keys()) == generate.CSV_COLUMNS
     real = [r for r in rows if r["kind"] == "real"]
     fake = [r for r in rows if r["kind"] == "phantom"]
     assert len(fake) == N_PHANTOMS
@@ -338,10 +342,10 @@ def test_patient_splits_are_disjoint(rows):
 
 def test_split_fractions_and_plan_balance():
     ids = [f"P{i}" for i in range(200)]
-    split = samples.split_patients(np.random.default_rng(0), ids)
+    split = generate.split_patients(np.random.default_rng(0), ids)
     counts = {name: list(split.values()).count(name) for name in ("train", "val", "test")}
     assert counts == {"train": 140, "val": 30, "test": 30}
-    plans = samples.plan_phantoms(np.random.default_rng(0), 96)
+    plans = generate.plan_phantoms(np.random.default_rng(0), 96)
     assert len(plans) == 96
     first = [p for p in plans if p.study_index == 0]
     repeats = len(plans) - len(first)

@@ -44,15 +44,10 @@ def preprocess_uint8(image: np.ndarray, pre: Preprocessing) -> np.ndarray:
 
 
 def load_image_uint8(path: str | epath.Path) -> np.ndarray:
-    """A DICOM / PNG / JPEG file -> uint8 [H, W] with high = dense (data_prep decoders)."""
-    from data_prep.build import classify_file
-    from data_prep.dicom import decode_dicom
-    from data_prep.images import decode_raster
+    """A DICOM / PNG / JPEG file -> uint8 [H, W] with high = dense (default DecodePolicy)."""
+    from raddino_jax.data.decode import classify_file, decode_file
 
     path = epath.Path(path)
-    kind = classify_file(path)
-    if kind == "dicom":
-        return to_uint8(decode_dicom(path).pixels)
-    if kind == "raster":
-        return to_uint8(decode_raster(path).pixels)
-    raise ValueError(f"{path}: not an image this project reads (DICOM, PNG or JPEG)")
+    if classify_file(path) is None:
+        raise ValueError(f"{path}: not an image this project reads (DICOM, PNG or JPEG)")
+    return to_uint8(decode_file(path).pixels)

@@ -14,8 +14,8 @@ def builtin_dataset(workdir: str | epath.Path, n_phantoms: int, size: int) -> tu
 
     Process 0 generates and builds, the others wait at a barrier. Returns (data_dir, name).
     """
-    from data_prep.build import BuildOptions, build_dataset
-    from data_prep.samples import generate_samples
+    from raddino_jax.data.builder import BuildOptions, build_dataset
+    from raddino_jax.data.samples.generate import generate_samples
 
     root = epath.Path(workdir) / "builtin"
     samples, data_dir = root / "samples", root / "tfds"
@@ -41,7 +41,7 @@ def builtin_dataset(workdir: str | epath.Path, n_phantoms: int, size: int) -> tu
 
 def open_training_split(data_dir: str, name: str, split: str):
     """Random-access records (PNG bytes undecoded) of one split."""
-    from data_prep.records import open_split
+    from raddino_jax.data.records import open_split
 
     source = open_split(data_dir, name, split)
     if len(source) == 0:

@@ -1,12 +1,13 @@
 """Frozen features of a prepared dataset for the evaluations (recipe s10: the teacher backbone).
 
 Three steps, each reusable on its own:
-1. `load_split` reads one split of a `data_prep` dataset: the images, resized (shorter side) and
-   centre-cropped exactly like the exported preprocessor (`data.preprocess`), kept as uint8
-   [N, S, S] so that caching thousands of them is cheap, plus the non-image fields and, when the
-   dataset has masks, the masks under the same geometry.
+1. `load_split` reads one split of a built dataset (`data.records`): the images, resized
+   (shorter side) and centre-cropped exactly like the exported preprocessor (`data.preprocess`),
+   kept as uint8 [N, S, S] so that caching thousands of them is cheap, plus the non-image
+   fields and, when the dataset has masks, the masks under the same geometry.
 2. `make_uint8_feature_fn` is the jitted network: uint8 crops -> normalised float input
-   (/255, mean, std, grey replicated to 3 channels) -> teacher backbone -> features.
+   (/255, mean, std, grey replicated to 3 channels) -> teacher backbone (`make_feature_fn`,
+   also behind the `extract` CLI) -> features.
 3. `extract_features` runs it over fixed-size batches (the last one padded, so one compile).
 
 Labels: `encode_labels` turns record values (int, float or bytes) into class indices with -1 for
@@ -27,8 +28,7 @@ from etils import epath
 from PIL import Image
 
 from raddino_jax.checkpoint import Preprocessing
-from raddino_jax.extract import make_feature_fn
-from raddino_jax.models import ModelSpec
+from raddino_jax.models import ModelSpec, bind
 
 SPLIT_ROLES = ("train", "val", "test")
 
@@ -137,7 +137,7 @@ def dataset_splits(data_dir: epath.PathLike, name: str) -> list[str]:
     """Split names of a built dataset (tfds dataset_info), in a stable order."""
     import tensorflow_datasets as tfds
 
-    from data_prep.records import dataset_dir
+    from raddino_jax.data.records import dataset_dir
 
     builder = tfds.builder_from_directory(dataset_dir(data_dir, name))
     return sorted(builder.info.splits.keys())
@@ -158,8 +158,8 @@ def load_split(
       max_examples: keep only the first N records (records are stored in a fixed order).
       with_masks: also decode `mask` (error if the dataset has none).
     """
-    from data_prep.images import decode_png
-    from data_prep.records import open_split
+    from raddino_jax.data.images import decode_png
+    from raddino_jax.data.records import open_split
 
     source = open_split(data_dir, name, split)
     count = len(source) if max_examples is None else min(len(source), max_examples)
@@ -251,6 +251,37 @@ def split_by_patient(
 # ------------------------------------------------------------------------------------------
 # Features
 # ------------------------------------------------------------------------------------------
+
+
+def make_feature_fn(spec: ModelSpec, n_layers: int = 0):
+    """Jitted (params, images [B, H, W, 3]) -> dict of float32 features of the backbone.
+
+    Keys: `cls` [B, D] and `patch` [B, h, w, D] (normed outputs of the last block); with
+    `n_layers` > 0 also `layers_cls` [B, n_layers, D] and `layers_patch` [B, n_layers, h, w, D]
+    (normed outputs of the last n_layers blocks, like dinov2's get_intermediate_layers).
+    """
+
+    @jax.jit
+    def features(params, images):
+        backbone = bind(spec, params).backbone
+        out = backbone(images, n_last_blocks=n_layers)
+        h = images.shape[1] // spec.backbone.patch_size
+        w = images.shape[2] // spec.backbone.patch_size
+        batch = images.shape[0]
+        result = {
+            "cls": out["x_norm_clstoken"],
+            "patch": out["x_norm_patchtokens"].reshape(batch, h, w, -1),
+        }
+        if n_layers:
+            r = spec.backbone.num_register_tokens
+            normed = [backbone.norm(layer) for layer in out["intermediates"]]
+            result["layers_cls"] = jnp.stack([x[:, 0] for x in normed], axis=1)
+            result["layers_patch"] = jnp.stack(
+                [x[:, 1 + r :].reshape(batch, h, w, -1) for x in normed], axis=1
+            )
+        return jax.tree.map(lambda x: x.astype(jnp.float32), result)
+
+    return features
 
 
 def make_uint8_feature_fn(

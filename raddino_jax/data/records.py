@@ -7,8 +7,8 @@ can index directly.
 
 Feature values as read back through `open_split` (TensorFlow is not required):
   image, mask: encoded PNG `bytes` by default (tfds.decode.SkipDecoding); decode them with
-    `data_prep.images.decode_png` (cv2, keeps uint16). With `decode_images=True` they come back
-    as uint8/uint16 numpy arrays [H, W, 1], decoded by tfds with OpenCV.
+    `data.images.decode_png` (cv2, keeps uint16). With `decode_images=True` they come back as
+    uint8/uint16 numpy arrays [H, W, 1], decoded by tfds with OpenCV.
   Text features: `bytes` (UTF-8). Scalars: Python int / float (the schema's dtypes are in
     `source.dataset_info.features`).
 Unknown values: '' for text, -1 for age and pixel spacing.
@@ -43,7 +43,7 @@ FLOAT_FEATURES = ("age_years", "pixel_spacing_row_mm", "pixel_spacing_col_mm")
 INT_FEATURES = ("orig_height", "orig_width", "bits_stored", "num_frames")
 RESERVED_FEATURES = ("image", "mask", *TEXT_FEATURES, *FLOAT_FEATURES, *INT_FEATURES)
 
-# CSV label column types (see build.infer_label_types) -> tfds feature.
+# CSV label column types (see builder.inputs.infer_label_type) -> tfds feature.
 LABEL_TYPES = ("int", "float", "text")
 UNKNOWN_NUMBER = -1.0
 

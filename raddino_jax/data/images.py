@@ -1,9 +1,10 @@
-"""Image containers, PNG/JPEG decoding, resizing and PNG encoding for the offline data prep.
+"""Image containers, PNG/JPEG decoding, resizing and PNG encoding of radiographs.
 
-Every decoder in `data_prep` returns a `DecodedImage`: a float32 2-D array already windowed to
-[0, 1] with high = bright = dense (bone white, air black), plus a flat metadata dict whose keys
-are `METADATA_KEYS`. Failures raise `DecodeError` with a short machine-readable reason, so the
-builder can report them instead of crashing (recipe s8: offline preprocessing to PNG).
+Every decoder (here and in `dicom`) returns a `DecodedImage`: a float32 2-D array already
+windowed to [0, 1] with high = bright = dense (bone white, air black), plus a flat metadata
+dict whose keys are `METADATA_KEYS`. Failures raise `DecodeError` with a short
+machine-readable reason, so the dataset builder can report them instead of crashing
+(recipe s8: offline preprocessing to PNG).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DICOM decoding for the offline data prep: pixels, modality LUT, windowing, metadata.
+"""DICOM decoding of radiographs: pixels, modality LUT, windowing, metadata.
 
 `decode_dicom` turns one DICOM file into a `DecodedImage` (float32 [H, W] in [0, 1], high =
 dense) plus the metadata the records keep. The steps follow PS3.3 C.11 in order:
@@ -22,11 +22,12 @@ from typing import Any
 import numpy as np
 import pydicom
 from etils import epath
+from pydicom import pixels as pydicom_pixels
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from data_prep.images import (
+from raddino_jax.data.images import (
     DecodedImage,
     DecodeError,
     describe_input,
@@ -162,25 +163,44 @@ def dicom_metadata(ds: pydicom.Dataset, source: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------
 
 
-def window_linear(values: np.ndarray, center: float, width: float) -> np.ndarray:
-    """PS3.3 C.11.2.1.2.1 LINEAR window mapped onto [0, 1] (width >= 1)."""
-    width = max(float(width), 1.0)
-    if width == 1.0:
-        return (values > center - 0.5).astype(np.float32)
-    out = (values - (center - 0.5)) / (width - 1.0) + 0.5
+def _window_module(center: float, width: float, function: str) -> pydicom.Dataset:
+    """A VOI LUT module holding one window, for pydicom's `apply_windowing`.
+
+    pydicom maps a window onto the output range of the stored pixels; a 1-bit unsigned image
+    without rescale has the output range [0, 1], so the window lands on [0, 1] directly.
+    """
+    module = pydicom.Dataset()
+    module.PhotometricInterpretation = "MONOCHROME2"
+    module.BitsStored = 1
+    module.PixelRepresentation = 0
+    # FD instead of the tags' DS VR: the values stay exact floats, never a 16-character string.
+    module.add_new(0x00281050, "FD", float(center))  # WindowCenter
+    module.add_new(0x00281051, "FD", float(width))  # WindowWidth
+    module.VOILUTFunction = function
+    return module
+
+
+def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    with np.errstate(over="ignore"):  # SIGMOID far outside the window: exp overflows to inf -> 0
+        out = pydicom_pixels.apply_windowing(
+            np.asarray(values, np.float64), _window_module(center, width, function)
+        )
     return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def window_linear(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """PS3.3 C.11.2.1.2.1 LINEAR window mapped onto [0, 1]; widths below 1 count as 1."""
+    return _window(values, center, max(float(width), 1.0), "LINEAR")
 
 
 def window_linear_exact(values: np.ndarray, center: float, width: float) -> np.ndarray:
     """PS3.3 C.11.2.1.3.2 LINEAR_EXACT window mapped onto [0, 1] (width > 0)."""
-    out = (values - center) / max(float(width), 1e-12) + 0.5
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    return _window(values, center, max(float(width), 1e-12), "LINEAR_EXACT")
 
 
 def window_sigmoid(values: np.ndarray, center: float, width: float) -> np.ndarray:
-    """PS3.3 C.11.2.1.3.1 SIGMOID window mapped onto [0, 1]."""
-    exponent = np.clip(-4.0 * (values - center) / max(float(width), 1e-12), -80.0, 80.0)
-    return (1.0 / (1.0 + np.exp(exponent))).astype(np.float32)
+    """PS3.3 C.11.2.1.3.1 SIGMOID window mapped onto [0, 1] (width > 0)."""
+    return _window(values, center, max(float(width), 1e-12), "SIGMOID")
 
 
 def window_minmax(values: np.ndarray) -> np.ndarray:
@@ -199,25 +219,23 @@ def window_percentile(values: np.ndarray, low_pct: float, high_pct: float) -> np
     return np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32)
 
 
-def apply_voi_lut_sequence(values: np.ndarray, item: pydicom.Dataset) -> np.ndarray:
-    """Apply one VOI LUT Sequence item (PS3.3 C.11.2.1.1), normalised by the LUT's own range.
+def window_voi_lut(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """The first VOI LUT Sequence item (PS3.3 C.11.2.1.1), normalised by the LUT's own range.
 
-    LUTDescriptor = [entries (0 means 65536), first mapped input value, bits]. Inputs below the
-    first mapped value take the first entry, inputs beyond the last take the last entry.
+    pydicom's `apply_voi` reads and applies the LUT: inputs below the first mapped value take
+    the first entry, inputs beyond the last take the last entry.
     """
-    entries, first_mapped, _bits = (int(v) for v in item.LUTDescriptor)
-    entries = entries or 65536
-    lut_data = item.LUTData
-    if isinstance(lut_data, bytes):
-        lut = np.frombuffer(lut_data, dtype=np.uint16 if _bits > 8 else np.uint8)
-    else:
-        lut = np.asarray(lut_data if isinstance(lut_data, list | tuple) else [lut_data])
-    lut = lut[:entries].astype(np.float32)
-    index = np.clip(np.rint(values).astype(np.int64) - first_mapped, 0, lut.size - 1)
-    low, high = float(lut.min()), float(lut.max())
+    entries, first_mapped, _bits = (int(v) for v in ds.VOILUTSequence[0].LUTDescriptor)
+    domain = np.arange(first_mapped, first_mapped + (entries or 65536))
+    # Round to the LUT's integer inputs and clamp them to its domain first: pydicom indexes
+    # through the LUT's unsigned dtype, where values far outside would wrap around.
+    inputs = np.clip(np.rint(values), domain[0], domain[-1]).astype(np.int64)
+    table = pydicom_pixels.apply_voi(domain, ds).astype(np.float32)
+    low, high = float(table.min()), float(table.max())
     if high <= low:
         return np.zeros(values.shape, np.float32)
-    return ((lut[index] - low) / (high - low)).astype(np.float32)
+    looked_up = pydicom_pixels.apply_voi(inputs, ds).astype(np.float32)
+    return ((looked_up - low) / (high - low)).astype(np.float32)
 
 
 def _first_value(value: Any) -> float:
@@ -234,9 +252,8 @@ def window_dicom(values: np.ndarray, ds: pydicom.Dataset) -> tuple[np.ndarray, s
       (pixels float32 [H, W] in [0, 1], which method was used: "voi_lut", "window_linear",
       "window_linear_exact", "window_sigmoid" or "minmax_fallback").
     """
-    sequence = ds.get("VOILUTSequence")
-    if sequence:
-        return apply_voi_lut_sequence(values, sequence[0]), "voi_lut"
+    if ds.get("VOILUTSequence"):
+        return window_voi_lut(values, ds), "voi_lut"
     if "WindowCenter" in ds and "WindowWidth" in ds:
         try:
             center = _first_value(ds.WindowCenter)

@@ -1,0 +1,177 @@
+"""Writing the converted records as a tfds ArrayRecord dataset (no TensorFlow needed).
+
+`RadiographBuilder` is a `GeneratorBasedBuilder` whose features and split generators are given
+at run time; `BuildState` streams converted results into it in input order (dropping failures
+and exact duplicates, counting per split), so the dataset is never held in memory.
+
+Why a builder subclass and not `tfds.dataset_builders.store_as_tfds_dataset` (the adhoc
+builder): in tfds 4.9 the adhoc builder imports TensorFlow to test whether each split is a
+`tf.data.Dataset`, and it needs the `importlib_resources` backport; neither is installed here.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import tensorflow_datasets as tfds
+import tqdm
+from etils import epath
+
+from raddino_jax.data import records
+from raddino_jax.data.builder.convert import ConvertOptions, ConvertResult, convert_item
+from raddino_jax.data.builder.inputs import InputItem
+
+
+class RadiographBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A GeneratorBasedBuilder whose features and example generators are given at run time.
+
+    It is never registered (the name comes from --name); readers open the written folder
+    with tfds.builder_from_directory (records.open_split). Shuffling is disabled so records
+    keep the input order; the Grain pipeline shuffles.
+    """
+
+    VERSION = tfds.core.Version(records.DATASET_VERSION)
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> None:
+        """No source file to ship: no checksums/README lookup next to the code.
+
+        tfds 4.9.10 resolves the code path of builders defined inside a package through the
+        optional `importlib_resources` backport; returning None (as for a notebook-defined
+        builder) skips that without adding a dependency.
+        """
+        return None
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        features: tfds.features.FeaturesDict,
+        split_examples: Mapping[str, Callable[[], Iterator[tuple[int, dict[str, Any]]]]],
+        data_dir: epath.PathLike,
+        description: str = "",
+    ):
+        self.name = name
+        self._features = features
+        self._split_examples = split_examples
+        self._description = description
+        super().__init__(data_dir=os.fspath(data_dir), file_format="array_record")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self._description,
+            features=self._features,
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {split: make() for split, make in self._split_examples.items()}
+
+    def _generate_examples(self):
+        raise NotImplementedError("examples come from the split generators given at init")
+
+
+class BuildState:
+    """Bookkeeping shared by the split generators: dedup table, failures, counts, progress."""
+
+    def __init__(self, results: Callable[[list[InputItem]], Iterable[ConvertResult]], total: int):
+        self._results = results
+        self.first_by_hash: dict[str, str] = {}
+        self.failures: list[dict[str, str]] = []
+        self.duplicates: list[dict[str, str]] = []
+        self.split_counts: collections.Counter[str] = collections.Counter()
+        self.empty_split: str | None = None
+        self.progress = tqdm.tqdm(total=total, desc="converting", unit="file")
+        self._next_key = 0
+
+    def _accepted(self, results: Iterable[ConvertResult]) -> Iterator[ConvertResult]:
+        """Record failures and duplicates; pass on the first occurrence of good images."""
+        for result in results:
+            self.progress.update(1)
+            if result.failure is not None:
+                self.failures.append(result.failure)
+                continue
+            path = result.item.record_path
+            first = self.first_by_hash.get(result.pixel_hash)
+            if first is not None:
+                self.duplicates.append({"path": path, "duplicate_of": first})
+                continue
+            self.first_by_hash[result.pixel_hash] = path
+            yield result
+
+    def drain(self, items: list[InputItem]) -> None:
+        """Process items of a split known to have no good image (failures/duplicates only)."""
+        for result in self._accepted(self._results(items)):
+            raise RuntimeError(f"{result.item.record_path} converted on a re-run but not before")
+
+    def examples(
+        self, split: str, items: list[InputItem], drain_first: list[InputItem]
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Yield (key, example) for one split's items, after draining `drain_first`."""
+        self.drain(drain_first)
+        for result in self._accepted(self._results(items)):
+            self.split_counts[split] += 1
+            key, self._next_key = self._next_key, self._next_key + 1
+            yield key, result.example
+        if self.split_counts[split] == 0:
+            self.empty_split = split  # tfds will refuse to finalise it
+
+
+def result_stream(
+    pool: Any, options: ConvertOptions
+) -> Callable[[list[InputItem]], Iterable[ConvertResult]]:
+    """Map convert_item over items, in order: on the pool if given, else in this process."""
+
+    def results(items: list[InputItem]) -> Iterable[ConvertResult]:
+        tasks = ((item, options) for item in items)
+        if pool is None:
+            return map(convert_item, tasks)
+        return pool.imap(convert_item, tasks, chunksize=2)
+
+    return results
+
+
+def write_splits(
+    name: str,
+    data_dir: str,
+    description: str,
+    features: tfds.features.FeaturesDict,
+    splits: list[str],
+    by_split: Mapping[str, list[InputItem]],
+    dropped: list[str],
+    state: BuildState,
+) -> None:
+    """Run the tfds builder over the kept splits, in input order.
+
+    Items of `dropped` splits are drained (failures/duplicates recorded) at their place in the
+    order, so duplicate detection sees files in the same order as without dropping.
+    """
+    pending: list[InputItem] = []
+    plan: dict[str, tuple[list[InputItem], list[InputItem]]] = {}
+    for split in splits:
+        if split in dropped:
+            pending.extend(by_split[split])
+        else:
+            plan[split], pending = (by_split[split], pending), []
+    if plan:
+        builder = RadiographBuilder(
+            name=name,
+            features=features,
+            split_examples={
+                split: functools.partial(state.examples, split, own, drain)
+                for split, (own, drain) in plan.items()
+            },
+            data_dir=data_dir,
+            description=description,
+        )
+        with tempfile.TemporaryDirectory() as download_dir:
+            builder.download_and_prepare(download_dir=download_dir)
+    state.drain(pending)
