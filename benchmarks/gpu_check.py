@@ -66,12 +66,14 @@ def vitb_config(global_size: int, batch: int, *, tiny: bool):
 def run_steps(config, device: jax.Device, n_steps: int = 2) -> tuple[list[dict], dict]:
     """([metrics of each step], {"student", "teacher"} afterwards) on `device`, as numpy."""
     from raddino_jax.data import pipeline
+    from raddino_jax.data.layout import BATCH_KEYS
     from raddino_jax.parallel import sharding
     from raddino_jax.train import state as train_state
-    from raddino_jax.train.loop import BATCH_KEYS
 
     point = sweep.build_point(config, [device])
-    state = train_state.create_state(point.spec, point.optimizer, point.mesh, seed=0)
+    state = train_state.create_state(
+        point.spec, point.optimizer, point.mesh, seed=0, rules=point.tensor_rules
+    )
     batch = pipeline.to_global_batch(
         sweep.host_batch(point, seed=0), sharding.batch_shardings(BATCH_KEYS, point.mesh)
     )

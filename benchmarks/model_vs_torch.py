@@ -93,7 +93,7 @@ def with_attention_impl(spec, name: str):
     """`spec` with backbone.attention_impl set from a CLI name ('default' leaves it)."""
     if name == "default":
         return spec
-    impl = None if name == "None" else name
+    impl = "" if name in ("None", "auto") else name
     return spec.replace(backbone=spec.backbone.replace(attention_impl=impl))
 
 

@@ -79,7 +79,11 @@ def step_timer(point, compiled, seed: int = 0):
     from raddino_jax.parallel import sharding
     from raddino_jax.train import state as train_state
 
-    holder = {"state": train_state.create_state(point.spec, point.optimizer, point.mesh, seed=0)}
+    holder = {
+        "state": train_state.create_state(
+            point.spec, point.optimizer, point.mesh, seed=0, rules=point.tensor_rules
+        )
+    }
     batch = pipeline.to_global_batch(
         sweep.host_batch(point, seed), sharding.batch_shardings(pipeline.BATCH_KEYS, point.mesh)
     )

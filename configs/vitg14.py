@@ -15,4 +15,5 @@ from configs import vitl14
 def get_config():
     c = vitl14.get_config()
     c.model.arch = "vit_giant2"
+    c.model.ffn_layer = "swiglu"  # fused SwiGLU, as dinov2 trains and releases ViT-g
     return c

@@ -18,6 +18,7 @@ def get_config():
     c.batch_size = 1024
     c.model.arch = "vit_small"
     c.model.drop_path_rate = 0.3
+    c.model.dtype = "bfloat16"
     c.data.global_size = 224
     c.data.local_size = 98
     c.optim.base_lr = 4e-3

@@ -17,6 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from raddino_jax.data.augment import MultiCropConfig
 from raddino_jax.models import ModelSpec, abstract_params
 
 SPEC_FILE = "model_spec.json"
@@ -32,8 +33,8 @@ class Preprocessing:
     """
 
     image_size: int = 518
-    mean: float = 0.5307
-    std: float = 0.2583
+    mean: float = MultiCropConfig.mean  # training and inference share one normalisation
+    std: float = MultiCropConfig.std
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

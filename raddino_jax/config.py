@@ -3,11 +3,24 @@
 Every experiment is a `configs/<name>.py` whose `get_config()` starts from `base_config()` and
 changes values. The ConfigDict is locked, so a mistyped key (in a config file or a
 `--config.key=value` override) is an error, never a silent default.
+
+One schema, one place per default: the frozen dataclasses the code consumes (`ViTConfig`,
+`HeadConfig`, `ObjectiveConfig`, `OptimizerConfig`, `MultiCropConfig`) *are* the schema of
+their config sections. `base_config()` generates those sections from the dataclass fields and
+defaults (`_section`), and the builders construct the dataclasses back from the sections
+(`_build`), so a new dataclass field is a new config key with no other edit. Each dataclass
+validates its own fields in `__post_init__`; `validate()` turns those errors into `ConfigError`
+naming the key and adds only the checks that span sections (mesh, batch, sizes, paths). Keys
+that exist only at the run level (steps, schedules, teacher, data source, eval) are declared
+here once. `docs/architecture.md` describes the mechanism; `tests/test_config.py` walks it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
+from typing import Any
 
 import ml_collections
 from etils import epath
@@ -15,8 +28,9 @@ from etils import epath
 from raddino_jax.data.augment import MultiCropConfig
 from raddino_jax.models import ModelSpec
 from raddino_jax.models.heads import HeadConfig
-from raddino_jax.models.vit import ARCHS, vit_config
-from raddino_jax.ssl.objective import CENTERINGS, ObjectiveConfig
+from raddino_jax.models.vit import ARCHS, ViTConfig, vit_config
+from raddino_jax.parallel.sharding import TENSOR_RULES
+from raddino_jax.ssl.objective import ObjectiveConfig
 from raddino_jax.ssl.schedules import Schedules, build_schedules
 from raddino_jax.train.optim import OptimizerConfig
 
@@ -25,8 +39,72 @@ class ConfigError(ValueError):
     """A config value is wrong; the message names the key and what to do."""
 
 
+# Dataclass fields whose config value is derived from other keys. The config holds a sentinel
+# (0) meaning "derive it"; the builder fills it in. Listed so the schema walk can account for
+# every field.
+DERIVED_FIELDS: dict[str, str] = {
+    "model.embed_dim": "0: model.arch's width",
+    "model.depth": "0: model.arch's depth",
+    "model.num_heads": "0: model.arch's head count",
+    "model.ffn_layer": "'': model.arch's FFN (SwiGLU for vit_giant2, else MLP)",
+    "model.img_size": "0: data.global_size",
+    "model.head_in_dim": "the backbone width",
+    "model.head_dtype": "model.dtype",
+    "optim.n_blocks": "the backbone depth",
+}
+_SENTINELS = {"embed_dim": 0, "depth": 0, "num_heads": 0, "img_size": 0, "ffn_layer": ""}
+
+# Which dataclass fills which config section, with the key prefix its fields get there.
+SECTIONS: tuple[tuple[str, type, str], ...] = (
+    ("model", ViTConfig, ""),
+    ("model", HeadConfig, "head_"),
+    ("ssl", ObjectiveConfig, ""),
+    ("optim", OptimizerConfig, ""),
+    ("data", MultiCropConfig, ""),
+)
+
+
+def _section(cls: type, prefix: str, section: str) -> dict[str, Any]:
+    """{prefix + field: default} for every field of `cls` the config sets (derived ones get
+    their sentinel, or are left out when the builder supplies them)."""
+    values = {}
+    for field in dataclasses.fields(cls):
+        key = f"{section}.{prefix}{field.name}"
+        if key in DERIVED_FIELDS:
+            if field.name in _SENTINELS and not prefix:
+                values[field.name] = _SENTINELS[field.name]
+            continue
+        values[prefix + field.name] = field.default
+    return values
+
+
+def _build(cls: type, section: ml_collections.ConfigDict, name: str, prefix: str = "", **derived):
+    """`cls(**fields read from section)`, derived values given; its validation errors become
+    ConfigError naming `config.<name>.<key>`."""
+    kwargs = {}
+    for field in dataclasses.fields(cls):
+        if field.name in derived:
+            kwargs[field.name] = derived[field.name]
+        elif prefix + field.name in section:
+            value = section[prefix + field.name]
+            kwargs[field.name] = tuple(value) if isinstance(value, list) else value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        message = str(err)
+        field = next(
+            (f.name for f in dataclasses.fields(cls) if re.match(rf"{f.name}\b", message)), None
+        )
+        key = f"{name}.{prefix}{field}" if field else name
+        raise ConfigError(f"config.{key}: {message}") from err
+
+
 def base_config() -> ml_collections.ConfigDict:
-    """All keys with DINOv2 defaults (recipe s3-s7). Experiment configs override values."""
+    """All keys with their defaults; experiment configs override values.
+
+    Section defaults come from the dataclasses (`SECTIONS`); the run-level keys below are
+    declared only here.
+    """
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = 100_000
@@ -37,28 +115,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.peak_tflops_per_device = 0.0  # 0: look the device kind up (raddino_jax.flops)
     c.profile_steps = ""  # "START:STOP" writes a profiler trace for those steps
-    c.debug_nan_step = -1  # testing aid: make the loss NaN at this step
-    c.debug_kill_after_step = -1  # testing aid: SIGKILL this process after this step
 
-    c.model = ml_collections.ConfigDict()
-    c.model.arch = "vit_base"
-    c.model.embed_dim = 0  # 0: the arch's value
-    c.model.depth = 0
-    c.model.num_heads = 0
-    c.model.patch_size = 14
-    c.model.img_size = 0  # positional grid; 0: data.global_size
-    c.model.num_register_tokens = 0
-    c.model.layerscale_init = 1e-5
-    c.model.drop_path_rate = 0.3
-    c.model.interpolate_mode = "offset"
-    c.model.dtype = "bfloat16"
-    c.model.remat = False
-    c.model.attention_impl = ""  # "" (jax picks), "xla", "cudnn"
-    c.model.head_out_dim = 65536
-    c.model.head_hidden_dim = 2048
-    c.model.head_bottleneck_dim = 256
-    c.model.head_nlayers = 3
-    c.model.separate_ibot_head = False
+    sections: dict[str, dict[str, Any]] = {}
+    for name, cls, prefix in SECTIONS:
+        sections.setdefault(name, {}).update(_section(cls, prefix, name))
+
+    c.model = ml_collections.ConfigDict({"arch": "vit_base", **sections["model"]})
+    c.model.separate_ibot_head = False  # a second head for iBOT (DINOv2 L/g configs)
     c.model.ibot_out_dim = 0  # 0: head_out_dim
     c.model.ibot_bottleneck_dim = 256
 
@@ -67,19 +130,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.init.heads = ""  # optional head file (RAD-DINO dino_head.safetensors)
     c.init.which = "teacher"  # model of a dinov2 training checkpoint
 
-    c.data = ml_collections.ConfigDict()
+    c.data = ml_collections.ConfigDict(sections["data"])
     c.data.dir = ""  # tfds data_dir (local or gs://); "" = built-in samples
     c.data.name = ""
     c.data.split = "train"
     c.data.builtin_phantoms = 96
     c.data.builtin_size = 256  # shorter side of the built-in samples' records
-    c.data.global_size = 224
-    c.data.local_size = 98
-    c.data.n_local = 8
-    c.data.global_scale = (0.32, 1.0)
-    c.data.local_scale = (0.05, 0.32)
-    c.data.mean = 0.5307
-    c.data.std = 0.2583
     c.data.mask_group_size = 0  # images per iBOT mask draw; 0: the per-device batch
     c.data.mask_ratio_min_max = (0.1, 0.5)
     c.data.mask_sample_probability = 0.5
@@ -87,34 +143,25 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.read_threads = 0
     c.data.prefetch = 2
 
-    c.ssl = ml_collections.ConfigDict()
-    c.ssl.student_temperature = 0.1
-    c.ssl.centering = "centering"
-    c.ssl.center_momentum = 0.9
-    c.ssl.sinkhorn_iterations = 3
-    c.ssl.dino_weight = 1.0
-    c.ssl.ibot_weight = 1.0
-    c.ssl.koleo_weight = 0.1
-    c.ssl.koleo_group_size = 0  # 0: the per-device batch (as the reference)
+    c.ssl = ml_collections.ConfigDict(sections["ssl"])
 
-    c.optim = ml_collections.ConfigDict()
+    c.optim = ml_collections.ConfigDict(sections["optim"])
     c.optim.base_lr = 4e-3  # per 1024 images, sqrt scaling (recipe s4)
     c.optim.min_lr = 1e-6
     c.optim.warmup_steps = 12_500
     c.optim.weight_decay = 0.04
     c.optim.weight_decay_end = 0.4
-    c.optim.layerwise_decay = 0.9
-    c.optim.patch_embed_lr_mult = 0.2
-    c.optim.clip_norm = 3.0
     c.optim.freeze_last_layer_steps = 1250
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.999
 
     c.teacher = ml_collections.ConfigDict()
     c.teacher.momentum = 0.992
     c.teacher.warmup_temperature = 0.04
     c.teacher.temperature = 0.07
     c.teacher.warmup_temperature_steps = 37_500
+
+    # (regex on the "/"-joined parameter path, per-dimension tensor-parallel placement);
+    # FSDP then takes the largest free dimension (raddino_jax.parallel.sharding).
+    c.sharding = ml_collections.ConfigDict({"tensor_rules": TENSOR_RULES})
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0  # kNN on a held-out labelled split every N steps (0: off)
@@ -144,19 +191,18 @@ def validate(config: ml_collections.ConfigDict, *, n_devices: int, process_count
     _require(config.checkpoint_every > 0, "checkpoint_every", "must be > 0")
     _require(config.keep_checkpoints > 0, "keep_checkpoints", "must be > 0")
     _require(0 <= config.seed < 2**31, "seed", "must be in [0, 2**31)")
-    m, d, s, o = config.model, config.data, config.ssl, config.optim
+    m, d, o = config.model, config.data, config.optim
     _require(m.arch in ARCHS, "model.arch", f"unknown {m.arch!r}; expected one of {sorted(ARCHS)}")
-    _require(m.dtype in ("float32", "bfloat16"), "model.dtype", "must be float32 or bfloat16")
-    _require(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
-    _require(s.centering in CENTERINGS, "ssl.centering", f"must be one of {CENTERINGS}")
-    _require(s.student_temperature > 0, "ssl.student_temperature", "must be > 0")
+    # Each section's own fields: validated once, by its dataclass.
+    spec = model_spec(config)
+    optimizer = optimizer_config(config)
+    crop_config(config)
     _require(o.base_lr > 0, "optim.base_lr", f"must be > 0, got {o.base_lr}")
     _require(
         0 <= o.warmup_steps <= config.total_steps,
         "optim.warmup_steps",
         f"must be in [0, total_steps={config.total_steps}]",
     )
-    _require(0 < o.clip_norm, "optim.clip_norm", "must be > 0")
     _require(0.0 < config.teacher.momentum <= 1.0, "teacher.momentum", "must be in (0, 1]")
     _require(
         config.teacher.temperature > 0 and config.teacher.warmup_temperature > 0,
@@ -170,8 +216,6 @@ def validate(config: ml_collections.ConfigDict, *, n_devices: int, process_count
             f"data.{key}",
             f"{size} is not a positive multiple of model.patch_size={m.patch_size}",
         )
-    _require(d.n_local >= 0, "data.n_local", "must be >= 0")
-    _require(0 < d.std, "data.std", "must be > 0")
     try:
         mesh_shape = resolve_mesh_shape(dict(config.mesh), n_devices)
     except ValueError as err:
@@ -201,12 +245,13 @@ def validate(config: ml_collections.ConfigDict, *, n_devices: int, process_count
         f"the {config.batch_size // group} mask groups do not split over {shards} batch shards;"
         " use the per-device batch or a divisor of it",
     )
-    koleo = s.koleo_group_size or config.batch_size // shards
+    koleo = objective_config(config, n_devices).koleo_group_size
     _require(
         config.batch_size % koleo == 0,
         "ssl.koleo_group_size",
         f"{koleo} does not divide batch_size {config.batch_size}",
     )
+    _check_rules_match(spec, optimizer)
     if config.profile_steps:
         parts = config.profile_steps.split(":")
         _require(
@@ -258,30 +303,33 @@ def mask_group_size(config: ml_collections.ConfigDict, n_devices: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_rules_match(spec: ModelSpec, optimizer: OptimizerConfig) -> None:
+    """A rule regex that matches no parameter is almost always a typo: refuse it at startup."""
+    from raddino_jax.models import abstract_params
+    from raddino_jax.train.optim import unmatched_rules
+
+    params = abstract_params(spec)
+    unused = unmatched_rules(params, optimizer)
+    _require(
+        not unused,
+        "optim",
+        f"rule regexes {unused} match no parameter path (e.g. 'backbone/blocks/0/attn/qkv/"
+        "kernel'); fix the regex or remove the rule",
+    )
+
+
 def model_spec(config: ml_collections.ConfigDict) -> ModelSpec:
+    """Backbone + heads from `config.model` (arch presets fill width/depth/heads left at 0)."""
     m = config.model
-    overrides = {k: m[k] for k in ("embed_dim", "depth", "num_heads") if m[k]}
-    backbone = vit_config(
-        m.arch,
-        **overrides,
-        patch_size=m.patch_size,
-        img_size=m.img_size or config.data.global_size,
-        num_register_tokens=m.num_register_tokens,
-        layerscale_init=m.layerscale_init,
-        drop_path_rate=m.drop_path_rate,
-        interpolate_mode=m.interpolate_mode,
-        dtype=m.dtype,
-        remat=m.remat,
-        attention_impl=m.attention_impl or None,
-    )
-    head = HeadConfig(
-        in_dim=backbone.embed_dim,
-        out_dim=m.head_out_dim,
-        hidden_dim=m.head_hidden_dim,
-        bottleneck_dim=m.head_bottleneck_dim,
-        nlayers=m.head_nlayers,
-        dtype=m.dtype,
-    )
+    if m.arch not in ARCHS:
+        raise ConfigError(f"config.model.arch: unknown {m.arch!r}; expected one of {sorted(ARCHS)}")
+    preset = vit_config(m.arch)
+    derived = {
+        k: m[k] or getattr(preset, k) for k in ("embed_dim", "depth", "num_heads", "ffn_layer")
+    }
+    derived["img_size"] = m.img_size or config.data.global_size
+    backbone = _build(ViTConfig, m, "model", **derived)
+    head = _build(HeadConfig, m, "model", "head_", in_dim=backbone.embed_dim, dtype=backbone.dtype)
     ibot = None
     if m.separate_ibot_head:
         ibot = head.replace(
@@ -291,17 +339,9 @@ def model_spec(config: ml_collections.ConfigDict) -> ModelSpec:
 
 
 def objective_config(config: ml_collections.ConfigDict, n_devices: int) -> ObjectiveConfig:
-    s = config.ssl
-    return ObjectiveConfig(
-        student_temperature=s.student_temperature,
-        centering=s.centering,
-        center_momentum=s.center_momentum,
-        sinkhorn_iterations=s.sinkhorn_iterations,
-        dino_weight=s.dino_weight,
-        ibot_weight=s.ibot_weight,
-        koleo_weight=s.koleo_weight,
-        koleo_group_size=s.koleo_group_size or per_device_batch(config, n_devices),
-    )
+    """`config.ssl`, with koleo_group_size 0 resolved to the per-device batch (as the reference)."""
+    group = config.ssl.koleo_group_size or per_device_batch(config, n_devices)
+    return _build(ObjectiveConfig, config.ssl, "ssl", koleo_group_size=group)
 
 
 def schedules(config: ml_collections.ConfigDict) -> Schedules:
@@ -323,27 +363,18 @@ def schedules(config: ml_collections.ConfigDict) -> Schedules:
 
 
 def optimizer_config(config: ml_collections.ConfigDict) -> OptimizerConfig:
-    o = config.optim
-    return OptimizerConfig(
-        b1=o.b1,
-        b2=o.b2,
-        clip_norm=o.clip_norm,
-        layerwise_decay=o.layerwise_decay,
-        patch_embed_lr_mult=o.patch_embed_lr_mult,
-    )
+    """`config.optim`'s optimiser fields; the block count comes from the model."""
+    depth = model_spec(config).backbone.depth
+    return _build(OptimizerConfig, config.optim, "optim", n_blocks=depth)
 
 
 def crop_config(config: ml_collections.ConfigDict) -> MultiCropConfig:
-    d = config.data
-    return MultiCropConfig(
-        global_size=d.global_size,
-        local_size=d.local_size,
-        n_local=d.n_local,
-        global_scale=tuple(d.global_scale),
-        local_scale=tuple(d.local_scale),
-        mean=d.mean,
-        std=d.std,
-    )
+    return _build(MultiCropConfig, config.data, "data")
+
+
+def tensor_rules(config: ml_collections.ConfigDict) -> tuple:
+    """`config.sharding.tensor_rules` as the tuple table `parallel.sharding` takes."""
+    return tuple((pattern, tuple(placement)) for pattern, placement in config.sharding.tensor_rules)
 
 
 def mask_spec(

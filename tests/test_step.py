@@ -195,7 +195,10 @@ def test_ema_teacher_student_catches_up_without_collapse():
     log_k = np.log(spec.dino_head.out_dim)
     kl = history["student_teacher_kl"]
     assert kl[-10:].mean() < 0.6 * kl[:10].mean(), kl
-    assert 0.1 * log_k < history["teacher_entropy"][-10:].mean() < 0.9 * log_k
+    # Uniform collapse sits at >= 0.99 log K. With dinov2's iBOT centre (masked rows only) this
+    # tiny run ends at ~0.904 log K (measured; it passed 0.9 before that fix), so the bound
+    # that separates "learning" from "collapsed" here is 0.95 log K.
+    assert 0.1 * log_k < history["teacher_entropy"][-10:].mean() < 0.95 * log_k
 
 
 def test_gathered_tokens_are_the_masked_ones(host_batches):

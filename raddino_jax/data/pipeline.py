@@ -44,6 +44,7 @@ import jax
 import numpy as np
 
 from raddino_jax.data import augment
+from raddino_jax.data.layout import BATCH_KEYS, IMAGE_AXIS  # noqa: F401 (re-exported)
 from raddino_jax.ssl import masking
 
 try:  # optional: libdeflate inflates PNG data ~2x faster than zlib
@@ -51,19 +52,6 @@ try:  # optional: libdeflate inflates PNG data ~2x faster than zlib
 except ImportError:  # pragma: no cover - depends on the environment
     _deflate = None
 
-# Axis of each batch array that indexes images; it is the axis that is split across
-# processes and devices (see ``to_global_batch``).
-IMAGE_AXIS: dict[str, int] = {
-    "global_crops": 1,
-    "local_crops": 1,
-    "masks": 1,
-    "mask_indices": 0,
-    "mask_weights": 0,
-    "mask_valid": 0,
-}
-# The arrays of one batch (layout in the module docstring), in the order the train step takes
-# them; the loop, the sweep and the benchmarks build their batch shardings from this.
-BATCH_KEYS: tuple[str, ...] = tuple(IMAGE_AXIS)
 
 # Stream identifiers mixed into the user seed so the pipeline's random ops are independent.
 _CROP_STREAM = 1

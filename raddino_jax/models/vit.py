@@ -22,7 +22,7 @@ from raddino_jax.models.interpolate import INTERPOLATE_MODES, resample_grid
 
 PARAM_DTYPE = jnp.float32
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ATTENTION_IMPLS = (None, "einsum", "xla", "cudnn")
+ATTENTION_IMPLS = ("", "einsum", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +49,9 @@ class ViTConfig:
     layer_norm_eps: float = 1e-6
     dtype: str = "float32"  # compute dtype; parameters stay float32
     remat: bool = False
-    # None: the backend's default (see `attention`); "einsum": hand-written softmax attention;
+    # "": chosen at trace time (see `attention`); "einsum": hand-written softmax attention;
     # "xla" | "cudnn": jax.nn.dot_product_attention with that implementation.
-    attention_impl: str | None = None
+    attention_impl: str = ""
 
     def __post_init__(self):
         if self.embed_dim % self.num_heads:
@@ -185,14 +185,15 @@ class Attention(nnx.Module):
         return self.proj(out.reshape(batch, tokens, dim))
 
 
-def attention(qkv: jax.Array, impl: str | None) -> jax.Array:
+def attention(qkv: jax.Array, impl: str) -> jax.Array:
     """Softmax attention of fused qkv [B, N, 3, heads, hd] -> [B, N, heads, hd], scale hd^-0.5.
 
-    `impl` None picks "einsum" when the default backend is CPU (decided at trace time, so a
-    function traced for CPU keeps it) and jax.nn.dot_product_attention's own default elsewhere.
-    See benchmarks/RESULTS.md for the CPU measurements behind that choice.
+    `impl` "" picks "einsum" when `jax.default_backend()` is CPU at trace time and otherwise
+    calls jax.nn.dot_product_attention with implementation=None, which is XLA's unfused
+    attention on every backend (no cuDNN or Pallas kernel is chosen for you). See
+    benchmarks/RESULTS.md for the CPU measurements behind the einsum choice.
     """
-    if impl is None:
+    if not impl:
         impl = "einsum" if jax.default_backend() == "cpu" else None
     if impl == "einsum":
         return einsum_attention(qkv)

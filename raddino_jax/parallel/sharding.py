@@ -2,6 +2,8 @@
 
 Parameters: tensor parallelism is declared per name pattern (attention and MLP weights, the head's
 prototype axis); FSDP then takes the largest remaining dimension divisible by the fsdp size.
+The pattern table is data: `TENSOR_RULES` is the default of `config.sharding.tensor_rules`, and
+every function takes the table in force as `rules`.
 Anything else is replicated. Optimizer-state leaves inherit the spec of the parameter whose path
 they end with (Adam's mu/nu mirror the parameter tree), scalars are replicated.
 """
@@ -14,11 +16,13 @@ from collections.abc import Mapping
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from raddino_jax.data.pipeline import IMAGE_AXIS
+from raddino_jax.data.layout import IMAGE_AXIS
 from raddino_jax.parallel.mesh import BATCH_AXES
 
-# (regex on the "/"-joined path, per-dimension tensor-parallel placement)
-TENSOR_RULES: list[tuple[str, tuple[str | None, ...]]] = [
+Rules = tuple[tuple[str, tuple[str | None, ...]], ...]
+
+# (regex on the "/"-joined path, per-dimension tensor-parallel placement); first match wins.
+TENSOR_RULES: Rules = (
     (r"attn/qkv/kernel$", (None, "tensor")),  # column parallel
     (r"attn/qkv/bias$", ("tensor",)),
     (r"attn/proj/kernel$", ("tensor", None)),  # row parallel
@@ -27,31 +31,21 @@ TENSOR_RULES: list[tuple[str, tuple[str | None, ...]]] = [
     (r"mlp/(fc2|w3)/kernel$", ("tensor", None)),
     (r"last_layer/weight_v$", (None, "tensor")),  # prototypes K split over tensor
     (r"last_layer/weight_g$", ("tensor",)),
-]
-
-# Where the image axis sits in each batch array: the pipeline owns the layout.
-BATCH_IMAGE_AXIS = IMAGE_AXIS
+)
 
 
 def path_str(path) -> str:
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            parts.append(key.name)
-        else:
-            parts.append(str(getattr(key, "key", key)))
-    return "/".join(parts)
+    """A pytree path as "a/b/0/c" (the names the rules match)."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
-def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+def param_spec(
+    path: str, shape: tuple[int, ...], mesh: Mesh, rules: Rules = TENSOR_RULES
+) -> PartitionSpec:
     """PartitionSpec of one parameter: tensor rule, then FSDP on the largest divisible dim."""
     dims: list[str | None] = [None] * len(shape)
     tensor = mesh.shape["tensor"]
-    for pattern, placement in TENSOR_RULES:
+    for pattern, placement in rules:
         if re.search(pattern, path) and len(placement) == len(shape):
             for i, axis in enumerate(placement):
                 if axis is not None and tensor > 1 and shape[i] % tensor == 0:
@@ -65,28 +59,30 @@ def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     return PartitionSpec(*dims)
 
 
-def param_specs(params, mesh: Mesh):
+def param_specs(params, mesh: Mesh, rules: Rules = TENSOR_RULES):
     """Tree of PartitionSpecs matching a parameter tree (arrays or ShapeDtypeStructs)."""
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: param_spec(path_str(p), tuple(x.shape), mesh), params
+        lambda p, x: param_spec(path_str(p), tuple(x.shape), mesh, rules), params
     )
 
 
-def _suffix_index(param_tree, mesh: Mesh) -> dict[str, tuple[tuple[int, ...], PartitionSpec]]:
+def _suffix_index(
+    param_tree, mesh: Mesh, rules: Rules
+) -> dict[str, tuple[tuple[int, ...], PartitionSpec]]:
     flat = jax.tree_util.tree_flatten_with_path(param_tree)[0]
     return {
-        path_str(p): (tuple(x.shape), param_spec(path_str(p), tuple(x.shape), mesh))
+        path_str(p): (tuple(x.shape), param_spec(path_str(p), tuple(x.shape), mesh, rules))
         for p, x in flat
     }
 
 
-def state_specs(state, params_like: Mapping[str, object], mesh: Mesh):
+def state_specs(state, params_like: Mapping[str, object], mesh: Mesh, rules: Rules = TENSOR_RULES):
     """Specs for any tree containing parameter-shaped leaves (train state, optimizer state).
 
     A leaf whose path ends with a parameter path (e.g. ".../mu/backbone/blocks/0/attn/qkv/kernel"
     or "student/backbone/...") and has that parameter's shape gets the parameter's spec.
     """
-    index = _suffix_index(params_like, mesh)
+    index = _suffix_index(params_like, mesh, rules)
 
     def spec(path, leaf) -> PartitionSpec:
         text = path_str(path)
@@ -111,9 +107,9 @@ def batch_specs(keys) -> dict[str, PartitionSpec]:
     """Every batch array splits its image axis over ("data", "fsdp")."""
     specs = {}
     for key in keys:
-        if key not in BATCH_IMAGE_AXIS:
+        if key not in IMAGE_AXIS:
             raise KeyError(f"no sharding rule for batch key {key!r}")
-        axis = BATCH_IMAGE_AXIS[key]
+        axis = IMAGE_AXIS[key]
         specs[key] = PartitionSpec(*([None] * axis), BATCH_AXES)
     return specs
 

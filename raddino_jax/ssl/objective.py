@@ -41,13 +41,13 @@ class ObjectiveConfig:
 
     def __post_init__(self):
         if self.centering not in CENTERINGS:
-            raise ValueError(f"ssl.centering must be one of {CENTERINGS}, got {self.centering!r}")
+            raise ValueError(f"centering must be one of {CENTERINGS}, got {self.centering!r}")
         if self.student_temperature <= 0:
-            raise ValueError("ssl.student_temperature must be > 0")
+            raise ValueError("student_temperature must be > 0")
         if not 0.0 <= self.center_momentum < 1.0:
-            raise ValueError("ssl.center_momentum must be in [0, 1)")
+            raise ValueError("center_momentum must be in [0, 1)")
         if self.koleo_group_size < 0:
-            raise ValueError("ssl.koleo_group_size must be >= 0")
+            raise ValueError("koleo_group_size must be >= 0")
 
 
 def to_input_channels(images: jax.Array, in_chans: int) -> jax.Array:

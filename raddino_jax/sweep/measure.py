@@ -93,6 +93,7 @@ class Point:
     shardings: object
     step_fn: object
     mask_spec: pipeline.MaskSpec
+    tensor_rules: tuple  # config.sharding.tensor_rules, for states created from this point
 
 
 @functools.lru_cache(maxsize=8)
@@ -119,11 +120,13 @@ def _state_shapes(spec: ModelSpec, optimizer_config, optimizer) -> train_state.T
     return _STATE_SHAPES[key]
 
 
-def abstract_state(spec: ModelSpec, optimizer, optimizer_config, mesh: jax.sharding.Mesh):
+def abstract_state(
+    spec: ModelSpec, optimizer, optimizer_config, mesh: jax.sharding.Mesh, rules: tuple
+):
     """(ShapeDtypeStruct state carrying its shardings, shardings): `train_state.abstract_state`
     with the layout-independent tracing cached across the sweep's layouts."""
     shapes = _state_shapes(spec, optimizer_config, optimizer)
-    shardings = train_state.state_shardings(shapes, mesh)
+    shardings = train_state.state_shardings(shapes, mesh, rules)
     with_shardings = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
     )
@@ -144,7 +147,8 @@ def build_point(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
         last_layer_lr_schedule=schedules.last_layer_lr,
         wd_schedule=schedules.weight_decay,
     )
-    abstract, shardings = abstract_state(spec, optimizer, optimizer_config, mesh)
+    rules = config_lib.tensor_rules(config)
+    abstract, shardings = abstract_state(spec, optimizer, optimizer_config, mesh, rules)
     step_fn = compile_train_step(
         mesh,
         shardings,
@@ -156,7 +160,7 @@ def build_point(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
     )
     # single process: the host batch is the global batch
     mask_spec = config_lib.mask_spec(config, n_devices, spec.backbone.patch_size)
-    return Point(config, mesh, spec, optimizer, abstract, shardings, step_fn, mask_spec)
+    return Point(config, mesh, spec, optimizer, abstract, shardings, step_fn, mask_spec, rules)
 
 
 def state_bytes(abstract_state) -> tuple[int, int]:
@@ -274,7 +278,9 @@ def xla_flops(compiled) -> float | None:
 
 def time_steps(point: Point, compiled, *, steps: int, warmup: int, seed: int) -> list[float]:
     """Seconds of each of `steps` timed steps after `warmup` untimed ones (state donated)."""
-    state = train_state.create_state(point.spec, point.optimizer, point.mesh, seed=seed)
+    state = train_state.create_state(
+        point.spec, point.optimizer, point.mesh, seed=seed, rules=point.tensor_rules
+    )
     batch = pipeline.to_global_batch(
         host_batch(point, seed), sharding.batch_shardings(BATCH_KEYS, point.mesh)
     )

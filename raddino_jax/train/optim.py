@@ -73,8 +73,9 @@ class OptimizerConfig:
         `lr_mult_rules`).
       n_blocks: number of transformer blocks; None infers it from the parameter paths.
       lr_mult_rules: (regex, factor) rules multiplied on top of the layer decay, first match
-        wins, default 1. None means the recipe default ((r"patch_embed", patch_embed_lr_mult),).
-        A factor of 0 freezes the matched parameters' lr (big_vision's "frozen").
+        wins, default 1. Empty means the recipe's ((r"patch_embed", patch_embed_lr_mult),);
+        explicit rules replace it. A factor of 0 freezes the matched parameters' lr
+        (big_vision's "frozen").
       wd_mult_rules: (regex, factor) weight-decay multipliers, first match wins, default 1.
       layer_id_rules: (regex, value) layer-id rules, first match wins, default n_blocks + 1.
         If the regex has a named group "block", layer_id = int(block) + value, else value.
@@ -89,7 +90,7 @@ class OptimizerConfig:
     layerwise_decay: float = 0.9
     patch_embed_lr_mult: float = 0.2
     n_blocks: int | None = None
-    lr_mult_rules: Rules | None = None
+    lr_mult_rules: Rules = ()
     wd_mult_rules: Rules = DEFAULT_WD_MULT_RULES
     layer_id_rules: tuple[tuple[str, int], ...] = DEFAULT_LAYER_ID_RULES
     last_layer_regex: str = DEFAULT_LAST_LAYER_REGEX
@@ -105,15 +106,13 @@ class OptimizerConfig:
             raise ValueError(f"n_blocks must be >= 0, got {self.n_blocks}")
         if not self.submodules or isinstance(self.submodules, str):
             raise ValueError(f"submodules must be a non-empty tuple, got {self.submodules!r}")
-        for name in ("wd_mult_rules", "layer_id_rules"):
+        for name in ("lr_mult_rules", "wd_mult_rules", "layer_id_rules"):
             _check_rules(name, getattr(self, name))
-        if self.lr_mult_rules is not None:
-            _check_rules("lr_mult_rules", self.lr_mult_rules)
         re.compile(self.last_layer_regex)
 
     def resolved_lr_mult_rules(self) -> Rules:
         """The lr factor rules in force: the explicit ones, or the recipe's patch_embed rule."""
-        if self.lr_mult_rules is not None:
+        if self.lr_mult_rules:
             return tuple(self.lr_mult_rules)
         return ((r"patch_embed", self.patch_embed_lr_mult),)
 
@@ -134,23 +133,10 @@ def _check_rules(name: str, rules: Sequence[tuple[str, float]]) -> None:
 # --------------------------------------------------------------------------- paths and rules
 
 
-def _key_to_str(key: Any) -> str:
-    """One pytree path entry as a string: dict key, list index (decimal) or attribute name."""
-    if isinstance(key, jax.tree_util.DictKey):
-        return str(key.key)
-    if isinstance(key, jax.tree_util.SequenceKey):
-        return str(key.idx)
-    if isinstance(key, jax.tree_util.GetAttrKey):
-        return key.name
-    if isinstance(key, jax.tree_util.FlattenedIndexKey):
-        return str(key.key)
-    raise TypeError(f"unsupported pytree key type {type(key).__name__}: {key!r}")
-
-
 def param_paths(tree: PyTree) -> PyTree:
     """The tree with every leaf replaced by its "/"-joined path, e.g. "backbone/norm/scale"."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: "/".join(_key_to_str(k) for k in path), tree
+        lambda path, _: jax.tree_util.keystr(path, simple=True, separator="/"), tree
     )
 
 

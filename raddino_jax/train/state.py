@@ -53,18 +53,24 @@ def new_state(params: dict, optimizer: optax.GradientTransformation, spec: Model
     )
 
 
-def state_shardings(abstract_state: TrainState, mesh: Mesh):
-    """NamedShardings for every leaf of a (possibly abstract) train state."""
-    specs = sharding.state_specs(abstract_state, abstract_state.student, mesh)
+def state_shardings(
+    abstract_state: TrainState, mesh: Mesh, rules: sharding.Rules = sharding.TENSOR_RULES
+):
+    """NamedShardings for every leaf of a (possibly abstract) train state under `rules`
+    (`config.sharding.tensor_rules`)."""
+    specs = sharding.state_specs(abstract_state, abstract_state.student, mesh, rules)
     return sharding.to_shardings(specs, mesh)
 
 
 def abstract_state(
-    spec: ModelSpec, optimizer: optax.GradientTransformation, mesh: Mesh
+    spec: ModelSpec,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: sharding.Rules = sharding.TENSOR_RULES,
 ) -> tuple[TrainState, Any]:
     """(ShapeDtypeStruct state with shardings, shardings) without allocating anything."""
     shapes = jax.eval_shape(lambda: new_state(init_params(spec, 0), optimizer, spec))
-    shardings = state_shardings(shapes, mesh)
+    shardings = state_shardings(shapes, mesh, rules)
     with_shardings = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
     )
@@ -78,13 +84,14 @@ def create_state(
     *,
     seed: int,
     params: dict | None = None,
+    rules: sharding.Rules = sharding.TENSOR_RULES,
 ) -> TrainState:
     """A train state created inside jit straight into its shardings (no single-device copy).
 
     `params` (e.g. imported DINOv2 / RAD-DINO weights, possibly with fresh heads merged in)
     replaces the random initialisation.
     """
-    _, shardings = abstract_state(spec, optimizer, mesh)
+    _, shardings = abstract_state(spec, optimizer, mesh, rules)
     if params is None:
         make = jax.jit(
             lambda: new_state(init_params(spec, seed), optimizer, spec), out_shardings=shardings
