@@ -1,7 +1,7 @@
 """Export raddino_jax parameters to PyTorch layouts: transformers folders and the dinov2 hub layout.
 
 Export needs only NumPy and safetensors. Weights are written with transformers v4 names (v4 and
-v5 both load them, style.md) and the original hub names (unchunked `blocks.<i>`).
+v5 both load them, docs/conventions.md) and the original hub names (unchunked `blocks.<i>`).
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ def vit_config(arch: str, **overrides: Any) -> ViTConfig:
     return ViTConfig(**{**ARCHS[arch], **overrides})
 
 
-# Initialisers, each with an explicit dtype (style.md: weakly typed inits cause recompiles).
+# Initialisers, each with an explicit dtype (docs/conventions.md: weakly typed inits recompile).
 _trunc_normal_002 = nnx.initializers.truncated_normal(stddev=0.02, dtype=PARAM_DTYPE)
 
 
