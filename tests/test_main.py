@@ -16,7 +16,9 @@ from etils import epath
 from raddino_jax import checkpoint
 from raddino_jax import config as config_lib
 from raddino_jax.train import loop
+from raddino_jax.train import step as step_lib
 from raddino_jax.train.metrics import read_metrics
+from tests import faults
 from tests.tiny import build_tiny_dataset, tiny_run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,20 +46,21 @@ def _env(dataset, devices: int = 8) -> dict:
     return env
 
 
-def _command(workdir, *overrides) -> list[str]:
+def _command(workdir, *overrides, entry: str = "raddino_jax.main") -> list[str]:
+    """The driver's command line; `entry="tests.faults"` accepts that module's fault flags."""
     return [
         sys.executable,
         "-m",
-        "raddino_jax.main",
+        entry,
         "--config=tests/tiny_config.py",
         f"--workdir={workdir}",
         *overrides,
     ]
 
 
-def _run(dataset, workdir, *overrides, devices=8, check=True):
+def _run(dataset, workdir, *overrides, devices=8, check=True, entry="raddino_jax.main"):
     result = subprocess.run(
-        _command(workdir, *overrides),
+        _command(workdir, *overrides, entry=entry),
         env=_env(dataset, devices),
         cwd=REPO,
         capture_output=True,
@@ -85,12 +88,13 @@ def _assert_same_params(workdir_a, workdir_b, atol=0.0):
 def test_resume_after_sigkill_is_exact(dataset, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     _run(dataset, straight)
-    first = _run(dataset, killed, "--config.debug_kill_after_step=3", check=False)
+    kill_at_3 = ("--kill_after_checkpoint=3",)
+    first = _run(dataset, killed, *kill_at_3, check=False, entry="tests.faults")
     assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
     assert sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit()) == [
         3
     ]
-    second = _run(dataset, killed, "--config.debug_kill_after_step=3")  # the same command again
+    second = _run(dataset, killed, *kill_at_3, entry="tests.faults")  # the same command again
     assert "resumed" in second.stdout
     a, b = _by_step(straight), _by_step(killed)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
@@ -217,9 +221,10 @@ def test_per_process_shards_are_disjoint(dataset):
     assert not seen[0] & seen[1]
 
 
-def test_injected_nan_stops_and_keeps_last_good_checkpoint(dataset, tmp_path):
+def test_injected_nan_stops_and_keeps_last_good_checkpoint(dataset, tmp_path, monkeypatch):
     """Also runs the periodic kNN evaluation (config.eval) and checks it is logged."""
-    cfg = tiny_run_config(*dataset, debug_nan_step=4, **{"eval.every": 3, "eval.label": "nodule"})
+    monkeypatch.setattr(step_lib, "train_step", faults.train_step_with_nan_loss(4))
+    cfg = tiny_run_config(*dataset, **{"eval.every": 3, "eval.label": "nodule"})
     with pytest.raises(loop.NonFiniteError, match=r"non-finite loss at step 5"):
         loop.train(cfg, str(tmp_path))
     manager = checkpoint.TrainCheckpointer(tmp_path, 3)

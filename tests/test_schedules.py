@@ -154,14 +154,3 @@ def test_build_schedules_bundle():
     temperature = evaluate(bundle.teacher_temperature, steps)
     np.testing.assert_allclose(temperature[:30], np.linspace(0.04, 0.07, 30), rtol=RTOL)
     np.testing.assert_allclose(temperature[30:], 0.07, rtol=RTOL)
-
-    values = jax.jit(bundle.values)(jnp.int32(3))
-    assert set(values) == {
-        "lr",
-        "last_layer_lr",
-        "weight_decay",
-        "teacher_momentum",
-        "teacher_temperature",
-    }
-    np.testing.assert_allclose(float(values["lr"]), peak * 3 / 9, rtol=RTOL)
-    assert float(values["last_layer_lr"]) == 0.0

@@ -251,11 +251,6 @@ def mean_level(image: np.ndarray, table: np.ndarray | None = None) -> float:
     return level_sum / image.size
 
 
-def adjust_brightness(image: np.ndarray, factor: float) -> np.ndarray:
-    """torchvision/PIL brightness: blend with black, i.e. x * factor, clipped and truncated."""
-    return apply_table(image, blend_table(image.dtype, factor, 0.0))
-
-
 def contrast_table(image: np.ndarray, factor: float, table: np.ndarray | None = None) -> np.ndarray:
     """The contrast table for ``table[image]`` (``image`` itself when ``table`` is None).
 
@@ -264,11 +259,6 @@ def contrast_table(image: np.ndarray, factor: float, table: np.ndarray | None = 
     """
     grey = int(mean_level(image, table) + 0.5)
     return blend_table(image.dtype, factor, float(grey))
-
-
-def adjust_contrast(image: np.ndarray, factor: float) -> np.ndarray:
-    """torchvision/PIL contrast: blend with the image's mean grey level rounded to an integer."""
-    return apply_table(image, contrast_table(image, factor))
 
 
 def jitter_table(
@@ -338,15 +328,6 @@ def output_table(dtype: np.dtype, mean: float, std: float, solarize_threshold: i
 # ---------------------------------------------------------------------------------------------
 
 
-def jitter(
-    image: np.ndarray, brightness: float, contrast: float, brightness_first: bool
-) -> np.ndarray:
-    """Brightness then contrast, or the reverse (ColorJitter's random op order)."""
-    if brightness_first:
-        return adjust_contrast(adjust_brightness(image, brightness), contrast)
-    return adjust_brightness(adjust_contrast(image, contrast), brightness)
-
-
 def augment_crop_levels(
     image: np.ndarray,
     rng: np.random.Generator,
@@ -403,23 +384,6 @@ def augment_crop_levels(
         solarized=solarized,
     )
     return crop, table, params
-
-
-def augment_crop(
-    image: np.ndarray,
-    rng: np.random.Generator,
-    cfg: MultiCropConfig,
-    *,
-    size: int,
-    scale: tuple[float, float],
-    blur_p: float,
-    solarize_p: float,
-) -> tuple[np.ndarray, CropParams]:
-    """One augmented crop of a [H, W] integer image -> ([size, size] float32, its params)."""
-    levels, table, params = augment_crop_levels(
-        image, rng, cfg, size=size, scale=scale, blur_p=blur_p, solarize_p=solarize_p
-    )
-    return apply_table(levels, table), params
 
 
 class MultiCropLevels(NamedTuple):

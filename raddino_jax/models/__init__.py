@@ -6,7 +6,6 @@ import dataclasses
 import json
 from typing import Any
 
-import jax
 from flax import nnx
 
 from raddino_jax.models.heads import DINOHead, HeadConfig
@@ -78,7 +77,3 @@ def bind(spec: ModelSpec, params: dict) -> SSLModel:
     graphdef, state = nnx.split(nnx.eval_shape(lambda: SSLModel(spec, rngs=nnx.Rngs(0))))
     state.replace_by_pure_dict(params)
     return nnx.merge(graphdef, state)
-
-
-def param_shapes(params: dict) -> dict:
-    return jax.tree.map(lambda x: tuple(x.shape), params)

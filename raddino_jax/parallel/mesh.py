@@ -61,8 +61,3 @@ def parse_layout(text: str) -> tuple[int, int, int]:
     if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise ValueError(f"mesh layout {text!r} must look like DATAxFSDPxTENSOR, e.g. 2x4x1")
     return tuple(int(p) for p in parts)
-
-
-def batch_shards(mesh: Mesh) -> int:
-    """Number of pieces the batch's image axis is split into."""
-    return mesh.shape["data"] * mesh.shape["fsdp"]

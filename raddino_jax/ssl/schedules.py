@@ -195,10 +195,6 @@ class Schedules:
     teacher_momentum: optax.Schedule
     teacher_temperature: optax.Schedule
 
-    def values(self, step) -> dict[str, jnp.ndarray]:
-        """All schedule values at ``step`` (python int or traced int), e.g. for logging."""
-        return {field.name: getattr(self, field.name)(step) for field in dataclasses.fields(self)}
-
 
 def build_schedules(
     *,

@@ -1,14 +1,23 @@
 """The training loop: build everything from the config, resume, step, log, checkpoint, evaluate.
 
-One batch's path: Grain iterator (host batch, crop-major) -> `to_global_batch` (global
-jax.Array sharded over data x fsdp) -> jitted `train_step` -> metrics (fetched one step late so
-dispatch never waits) -> metrics.jsonl / TensorBoard / progress bar.
+One batch's path: Grain iterator (host batch, crop-major; `config.data.num_workers` processes
+prepare batches ahead) -> `to_global_batch` (global jax.Array sharded over data x fsdp) ->
+jitted `train_step` -> metrics (read on the host one step late) -> metrics.jsonl / TensorBoard
+/ progress bar.
+
+Where the host waits for the devices, each step:
+- `int(state.step)` at the top of the loop waits for the previous step to finish; only then
+  is the next batch put on the devices and the step dispatched, so a batch's host-to-device
+  copy does not overlap the previous step's compute.
+- After dispatching step N the host reads step N-1's metrics (all of them, for the NaN guard;
+  already computed, so this does not wait) and writes the log while step N runs.
+- On checkpoint steps (and the last step) it waits for step N's metrics before saving, so a
+  checkpoint never holds an update the NaN guard rejected; the save itself is asynchronous.
+- The preemption check is an all-gather across processes when there are several.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import time
 from typing import Any
@@ -205,7 +214,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         objective=objective,
         optimizer=optimizer,
         schedules=schedules,
-        debug_nan_step=config.debug_nan_step,
     )
     batch_shardings = sharding.batch_shardings(BATCH_KEYS, mesh)
     flops_per_step = config_lib.step_flops(config, spec, len(devices))
@@ -231,7 +239,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     jax.profiler.start_trace(str(workdir / "profile"))
                 batch = pipeline.to_global_batch(next(data_iterator), batch_shardings)
                 state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
-                log.flush()  # the previous step's metrics: fetched while this one runs
+                log.flush()  # the previous step's metrics (finished: see the loop's top)
                 log.pending = (step + 1, metrics)
                 if profile and step + 1 == profile[1] and is_main:
                     jax.block_until_ready(metrics)
@@ -250,9 +258,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                         f"step {step + 1} eval "
                         + ", ".join(f"{k}={v:.3f}" for k, v in results.items())
                     )
-                if config.debug_kill_after_step == step + 1:  # tests: die like a lost node
-                    checkpointer.wait()
-                    os.kill(os.getpid(), signal.SIGKILL)
                 signum = signals.raised()
                 if signum:
                     log.flush()
@@ -273,9 +278,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
 
 class _StepLog:
-    """Turns each step's device metrics into log records, one step late (no dispatch stall).
+    """Turns each step's device metrics into log records, one step late.
 
-    Step time and images/s are averaged over the steps since the previous log line.
+    `flush()` reads the pending step's metrics to the host (every step, for the NaN guard) and
+    writes a record every `config.log_every` steps and at the last. The loop calls it after
+    dispatching the next step. Step time and images/s are wall-clock averages over the steps
+    since the previous log line.
     """
 
     def __init__(self, config, writer, progress, flops_per_step, peak, n_devices):
@@ -352,9 +360,3 @@ def _make_evaluator(config, spec: ModelSpec, data_dir: str, name: str) -> Any:
         eval_split=config.eval.eval_split,
         max_examples=config.eval.max_examples or None,
     )
-
-
-def summary(workdir: str | epath.Path) -> str:
-    path = epath.Path(workdir) / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return json.dumps(json.loads(lines[-1])) if lines else "{}"

@@ -38,13 +38,16 @@ def train_step(
     objective: ObjectiveConfig,
     optimizer: optax.GradientTransformation,
     schedules: Schedules,
-    debug_nan_step: int = -1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """The pure step. `rng` drives stochastic depth (and nothing else).
 
+    Returns the next state and float32 scalar metrics: the losses, the schedule values used,
+    teacher entropy, student-teacher KL, masked-token count and one `grad_norm/<submodule>`
+    per top-level submodule.
+
     Guard: when the loss or a gradient norm is not finite, the returned state is the input
     state (nothing is updated) and `metrics["finite"]` is 0, so the loop can stop with the last
-    good state and checkpoint intact. `debug_nan_step` (tests) poisons the loss at that step.
+    good state and checkpoint intact.
     """
     step = state.step
     teacher_temperature = schedules.teacher_temperature(step)
@@ -60,8 +63,6 @@ def train_step(
         rng,
         teacher_temperature,
     )
-    if debug_nan_step >= 0:
-        loss = jnp.where(step == debug_nan_step, jnp.nan, loss)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.student)
     student = optax.apply_updates(state.student, updates)
     teacher = ema(state.teacher, student, momentum)
@@ -109,16 +110,18 @@ def compile_train_step(
     objective: ObjectiveConfig,
     optimizer: optax.GradientTransformation,
     schedules: Schedules,
-    debug_nan_step: int = -1,
 ) -> Callable:
-    """`jax.jit` of `train_step` with explicit in/out shardings and the state donated."""
+    """`jax.jit` of `train_step` with explicit in/out shardings and the state donated.
+
+    Tracing and compilation happen on the first call (and again only if an input's shape,
+    dtype or sharding changes); calls return as soon as the step is dispatched.
+    """
     step_fn = functools.partial(
         train_step,
         spec=spec,
         objective=objective,
         optimizer=optimizer,
         schedules=schedules,
-        debug_nan_step=debug_nan_step,
     )
     replicated = sharding.replicated(mesh)
     return jax.jit(

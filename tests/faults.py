@@ -1,0 +1,100 @@
+"""Fault injection for the driver tests: a NaN loss at a chosen step, SIGKILL after a checkpoint.
+
+Production code carries no test hooks. Each fault is a replacement for one function the
+driver looks up at call time; in-process tests install it with pytest's `monkeypatch`:
+
+    monkeypatch.setattr(step, "train_step", faults.train_step_with_nan_loss(4))
+    monkeypatch.setattr(checkpoint.TrainCheckpointer, "save", faults.save_then_kill(3))
+
+and subprocess tests run the driver through this module, which installs them and then runs
+`raddino_jax.main` with the remaining flags:
+
+    python -m tests.faults --nan_loss_at_step=4 --kill_after_checkpoint=3 \\
+        --config=tests/tiny_config.py --workdir=DIR
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import jax.numpy as jnp
+
+from raddino_jax import checkpoint
+from raddino_jax.train import step as step_lib
+
+
+def train_step_with_nan_loss(nan_step: int):
+    """A replacement for `step.train_step`: the real step, except that the loss is NaN when
+    `state.step == nan_step`. Gradients stay finite, so the step's own guard must reject the
+    update because of the loss alone (`metrics["finite"]` 0, "non-finite loss" in the loop)."""
+    real_train_step, real_ssl_loss = step_lib.train_step, step_lib.ssl_loss
+
+    def train_step(state, batch, rng, **kwargs):
+        # A constant added to the loss: NaN at nan_step, 0 otherwise; gradients are unchanged.
+        poison = jnp.where(state.step == nan_step, jnp.nan, 0.0).astype(jnp.float32)
+
+        def ssl_loss(*args, **loss_kwargs):
+            loss, aux = real_ssl_loss(*args, **loss_kwargs)
+            return loss + poison, aux
+
+        # The real step reads `ssl_loss` from its module while it is traced (under jit: once).
+        step_lib.ssl_loss = ssl_loss
+        try:
+            return real_train_step(state, batch, rng, **kwargs)
+        finally:
+            step_lib.ssl_loss = real_ssl_loss
+
+    return train_step
+
+
+def save_then_kill(kill_step: int):
+    """A replacement for `checkpoint.TrainCheckpointer.save`: the real save; when it saved step
+    `kill_step`, wait until that checkpoint is on disk, then SIGKILL this process (a lost node:
+    no cleanup, no handler runs). The metrics line of that step is already written (the loop
+    flushes a step's metrics before saving it)."""
+    real_save = checkpoint.TrainCheckpointer.save
+
+    def save(self, state, data_iterator, **kwargs):
+        saved = real_save(self, state, data_iterator, **kwargs)
+        if saved and int(state.step) == kill_step:
+            self.wait()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return saved
+
+    return save
+
+
+def install(nan_loss_at_step: int | None, kill_after_checkpoint: int | None) -> None:
+    """Install the requested faults for the rest of this process."""
+    if nan_loss_at_step is not None:
+        step_lib.train_step = train_step_with_nan_loss(nan_loss_at_step)
+    if kill_after_checkpoint is not None:
+        checkpoint.TrainCheckpointer.save = save_then_kill(kill_after_checkpoint)
+
+
+def main() -> None:
+    """The driver's command line plus the fault flags. Flags are defined only here, so
+    importing this module from a test registers nothing with absl."""
+    from absl import app, flags
+
+    from raddino_jax import main as driver
+
+    nan_loss_at_step = flags.DEFINE_integer(
+        "nan_loss_at_step", None, "make the loss NaN at this step (state.step, 0-based)"
+    )
+    kill_after_checkpoint = flags.DEFINE_integer(
+        "kill_after_checkpoint",
+        None,
+        "SIGKILL this process once the checkpoint of this step is saved",
+    )
+
+    def run(argv: list[str]) -> None:
+        install(nan_loss_at_step.value, kill_after_checkpoint.value)
+        driver.main(argv)
+
+    app.run(run)
+
+
+if __name__ == "__main__":
+    main()
