@@ -193,6 +193,13 @@ def validate(config: ml_collections.ConfigDict, *, n_devices: int, process_count
     _require(0 <= config.seed < 2**31, "seed", "must be in [0, 2**31)")
     m, d, o = config.model, config.data, config.optim
     _require(m.arch in ARCHS, "model.arch", f"unknown {m.arch!r}; expected one of {sorted(ARCHS)}")
+    for key in ("global_size", "local_size"):
+        size = d[key]
+        _require(
+            size > 0 and size % m.patch_size == 0,
+            f"data.{key}",
+            f"{size} is not a positive multiple of model.patch_size={m.patch_size}",
+        )
     # Each section's own fields: validated once, by its dataclass.
     spec = model_spec(config)
     optimizer = optimizer_config(config)
@@ -209,13 +216,6 @@ def validate(config: ml_collections.ConfigDict, *, n_devices: int, process_count
         "teacher.temperature",
         "temperatures must be > 0",
     )
-    for key in ("global_size", "local_size"):
-        size = d[key]
-        _require(
-            size > 0 and size % m.patch_size == 0,
-            f"data.{key}",
-            f"{size} is not a positive multiple of model.patch_size={m.patch_size}",
-        )
     try:
         mesh_shape = resolve_mesh_shape(dict(config.mesh), n_devices)
     except ValueError as err:

@@ -192,7 +192,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     data_iterator = iter(dataset)
 
     # State: resume, or start from pretrained / random weights
-    abstract, shardings = train_state.abstract_state(spec, optimizer, mesh)
+    rules = config_lib.tensor_rules(config)
+    abstract, shardings = train_state.abstract_state(spec, optimizer, mesh, rules)
     checkpointer = checkpoint.TrainCheckpointer(workdir, config.keep_checkpoints)
     latest = checkpointer.latest_step()
     if latest is not None:
@@ -200,7 +201,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         say(f"resumed from {checkpointer.directory} at step {latest}")
     else:
         state = train_state.create_state(
-            spec, optimizer, mesh, seed=config.seed, params=initial_params(config, spec)
+            spec,
+            optimizer,
+            mesh,
+            seed=config.seed,
+            params=initial_params(config, spec),
+            rules=rules,
         )
     _write_run_files(workdir, config, spec)
     writer = MetricsWriter(workdir, enabled=is_main)
