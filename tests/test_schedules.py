@@ -139,8 +139,12 @@ def test_build_schedules_bundle():
         total_steps=100,
         warmup_steps=10,
         freeze_last_layer_steps=5,
+        min_lr=1e-6,
+        weight_decay=0.04,
         weight_decay_end=0.2,
         momentum_teacher=0.994,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.07,
         warmup_teacher_temp_steps=30,
     )
     peak = 2e-4 * math.sqrt(2560 / 1024)

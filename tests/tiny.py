@@ -75,6 +75,11 @@ def tiny_optimizer(spec: ModelSpec, total_steps: int = 100, global_batch: int = 
             "freeze_last_layer_steps": 5,
             "warmup_teacher_temp_steps": 20,
             "momentum_teacher": 0.99,
+            "min_lr": 1e-6,
+            "weight_decay": 0.04,
+            "weight_decay_end": 0.4,
+            "warmup_teacher_temp": 0.04,
+            "teacher_temp": 0.07,
             **schedule,
         }
     )

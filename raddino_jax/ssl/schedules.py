@@ -202,16 +202,17 @@ def build_schedules(
     global_batch: int,
     total_steps: int,
     warmup_steps: int,
-    min_lr: float = 1e-6,
-    freeze_last_layer_steps: int = 1250,
-    weight_decay: float = 0.04,
-    weight_decay_end: float = 0.4,
-    momentum_teacher: float = 0.992,
-    warmup_teacher_temp: float = 0.04,
-    teacher_temp: float = 0.07,
-    warmup_teacher_temp_steps: int = 37_500,
+    min_lr: float,
+    freeze_last_layer_steps: int,
+    weight_decay: float,
+    weight_decay_end: float,
+    momentum_teacher: float,
+    warmup_teacher_temp: float,
+    teacher_temp: float,
+    warmup_teacher_temp_steps: int,
 ) -> Schedules:
-    """Builds every schedule from plain numbers (defaults: ssl_default_config, recipe s3/s4).
+    """Builds every schedule from plain numbers. No defaults here: the recipe's values
+    (ssl_default_config, recipe s3/s4) are declared once, in `config.base_config`.
 
     ``base_lr`` is per 1024 images; the peak is :func:`lr_peak` of ``global_batch``.
     """
