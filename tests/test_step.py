@@ -225,23 +225,18 @@ def test_ibot_centre_is_mean_of_per_group_means_over_masked_rows(host_batches):
     center = jnp.asarray(np.random.default_rng(0).normal(size=(spec.dino_head.out_dim,)))
     center = center.astype(jnp.float32)
     cfg = ObjectiveConfig(koleo_group_size=2, center_momentum=0.9)
-    _, aux = ssl_loss(
-        state.student,
-        state.teacher,
-        center,
-        center,
-        batch,
-        jax.random.key(0),
-        jnp.float32(0.04),
-        spec=spec,
-        cfg=cfg,
+    loss = jax.jit(
+        lambda s, t, c, b: ssl_loss(s, t, c, c, b, jax.random.key(0), 0.04, spec=spec, cfg=cfg)
     )
-    teacher = bind(spec, state.teacher)
-    globals_flat = _image_major(to_input_channels(batch["global_crops"], spec.backbone.in_chans))
-    tokens = teacher.backbone(globals_flat)["x_norm_patchtokens"]
-    logits = np.asarray(
-        teacher.dino_head(gather_masked_tokens(tokens, batch["mask_indices"])), np.float64
-    )
+    _, aux = loss(state.student, state.teacher, center, batch)
+
+    def teacher_logits(params, batch):
+        teacher = bind(spec, params)
+        crops = _image_major(to_input_channels(batch["global_crops"], spec.backbone.in_chans))
+        tokens = teacher.backbone(crops)["x_norm_patchtokens"]
+        return teacher.dino_head(gather_masked_tokens(tokens, batch["mask_indices"]))
+
+    logits = np.asarray(jax.jit(teacher_logits)(state.teacher, batch), np.float64)
     n_groups, upper = host["mask_valid"].shape
     assert n_groups > 1 and not host["mask_valid"].all()  # padding and several groups present
     valid = host["mask_valid"].astype(bool)
