@@ -411,7 +411,7 @@ def step_flops(config: ml_collections.ConfigDict, spec: ModelSpec, n_devices: in
         batch=config.batch_size,
         n_masked_tokens=masks.upper_bound * n_groups,
         separate_ibot_head=spec.ibot_head is not None,
-        remat=spec.backbone.remat,
+        remat=spec.backbone.remat == "full",
     )["total"]
 
 

@@ -1,5 +1,7 @@
 """Backbone and heads: sizes, torch-exact interpolation, masking, drop path, remat, bf16, heads."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,14 @@ from raddino_jax.convert import names
 from raddino_jax.models import ModelSpec, bind, init_params
 from raddino_jax.models.heads import DINOHead, HeadConfig
 from raddino_jax.models.interpolate import resample_grid
-from raddino_jax.models.vit import DinoVisionTransformer, count_params, drop_path, vit_config
+from raddino_jax.models.vit import (
+    DinoVisionTransformer,
+    count_params,
+    drop_path,
+    einsum_attention,
+    splash_attention,
+    vit_config,
+)
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, img_size=56, layerscale_init=0.5)
 
@@ -134,19 +143,69 @@ def test_drop_path_only_with_key():
     assert np.abs(np.asarray(a - b)).max() > 1e-4
 
 
-def test_remat_gives_identical_values_and_grads():
-    spec = ModelSpec(vit_config("vit_small", **TINY))
-    spec_remat = spec.replace(backbone=spec.backbone.replace(remat=True))
+def _backbone_grads(spec, params, x, drop_path_key=None, n_last_blocks=0):
+    def loss(p):
+        out = bind(spec, p).backbone(x, drop_path_key=drop_path_key, n_last_blocks=n_last_blocks)
+        extra = sum(jnp.sum(t**3) for t in out["intermediates"])
+        return jnp.sum(out["x_norm_clstoken"] ** 2) + jnp.sum(out["x_prenorm"] ** 3) * 1e-3 + extra
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", True])
+@pytest.mark.parametrize("scan", [False, True])
+def test_remat_and_scan_give_identical_values_and_grads(remat, scan):
+    """Every remat policy, with and without the scan over blocks, equals the plain loop."""
+    spec = ModelSpec(vit_config("vit_small", **{**TINY, "depth": 3, "drop_path_rate": 0.2}))
+    variant = spec.replace(backbone=spec.backbone.replace(remat=remat, scan_blocks=scan))
     params = init_params(spec, 0)
     x = jax.random.normal(jax.random.key(0), (2, 28, 28, 3))
+    key = jax.random.key(3)
+    for n_last in (0, 1):
+        v1, g1 = _backbone_grads(spec, params, x, key, n_last)
+        v2, g2 = _backbone_grads(variant, params, x, key, n_last)
+        np.testing.assert_allclose(v1, v2, rtol=1e-6)
+        assert jax.tree.structure(g1) == jax.tree.structure(g2)  # same parameter layout
+        for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
-    def loss(p, s):
-        return jnp.sum(bind(s, p).backbone(x)["x_norm_clstoken"] ** 2)
 
-    g1 = jax.jit(jax.grad(lambda p: loss(p, spec)))(params)
-    g2 = jax.jit(jax.grad(lambda p: loss(p, spec_remat)))(params)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+def test_remat_spellings():
+    assert vit_config("vit_small", remat=True).remat == "full"
+    assert vit_config("vit_small", remat=False).remat == "none"
+    assert vit_config("vit_small", remat="True").remat == "full"
+    with pytest.raises(ValueError, match="remat must be one of"):
+        vit_config("vit_small", remat="sometimes")
+
+
+def test_attention_is_chosen_by_the_lowering_platform():
+    spec = ModelSpec(vit_config("vit_small", **TINY))
+    assert spec.for_platform("tpu").backbone.attention_impl == "splash"
+    assert spec.for_platform("gpu").backbone.attention_impl == "cudnn"
+    assert spec.for_platform("cpu").backbone.attention_impl == "einsum"
+    forced = spec.replace(backbone=spec.backbone.replace(attention_impl="xla"))
+    assert forced.for_platform("tpu").backbone.attention_impl == "xla"
+
+
+@pytest.mark.parametrize("tokens", [130, 256])
+def test_splash_attention_equals_einsum(tokens):
+    """The Pallas TPU splash kernel (run by the Pallas interpreter on CPU), with its padding
+    to 128-token blocks, equals the einsum path in value and gradient: float32 and bfloat16."""
+    qkv = jax.random.normal(jax.random.key(0), (2, tokens, 3, 2, 64), jnp.float32)
+    cotangent = jax.random.normal(jax.random.key(1), (2, tokens, 2, 64), jnp.float32)
+
+    def grads(fn, dtype):
+        def loss(t):
+            return jnp.sum(fn(t.astype(dtype)).astype(jnp.float32) * cotangent)
+
+        return jax.value_and_grad(loss)(qkv)
+
+    for dtype, tol in ((jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)):
+        ref_value, ref_grad = grads(einsum_attention, dtype)
+        value, grad = grads(functools.partial(splash_attention, interpret=True), dtype)
+        scale = float(jnp.abs(ref_value)) + 1.0
+        assert abs(float(value - ref_value)) / scale < tol
+        np.testing.assert_allclose(grad, ref_grad, atol=tol * 4, rtol=tol * 4)
 
 
 def test_bfloat16_compute_close_to_float32():

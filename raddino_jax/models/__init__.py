@@ -9,7 +9,7 @@ from typing import Any
 from flax import nnx
 
 from raddino_jax.models.heads import DINOHead, HeadConfig
-from raddino_jax.models.vit import DinoVisionTransformer, ViTConfig
+from raddino_jax.models.vit import DinoVisionTransformer, ViTConfig, resolve_attention_impl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +47,13 @@ class ModelSpec:
 
     def replace(self, **kwargs: Any) -> ModelSpec:
         return dataclasses.replace(self, **kwargs)
+
+    def for_platform(self, platform: str) -> ModelSpec:
+        """This spec with the attention implementation resolved for `platform` (the platform
+        of the mesh's devices the step is lowered for: "tpu", "gpu", "cpu"); a forced
+        `attention_impl` is kept (`vit.resolve_attention_impl`)."""
+        impl = resolve_attention_impl(self.backbone.attention_impl, platform)
+        return self.replace(backbone=self.backbone.replace(attention_impl=impl))
 
 
 class SSLModel(nnx.Module):

@@ -10,7 +10,9 @@ stays a pure function of (params, batch, key).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -22,7 +24,36 @@ from raddino_jax.models.interpolate import INTERPOLATE_MODES, resample_grid
 
 PARAM_DTYPE = jnp.float32
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ATTENTION_IMPLS = ("", "einsum", "xla", "cudnn")
+ATTENTION_IMPLS = ("", "einsum", "xla", "cudnn", "splash")
+# Attention by the platform the step is lowered for (`resolve_attention_impl`): a fused,
+# memory-efficient kernel on accelerators, the einsum path on CPU (benchmarks/RESULTS.md).
+PLATFORM_ATTENTION = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn", "cpu": "einsum"}
+# Sequences shorter than this use the einsum path even on TPU: splash pads to 128-token blocks,
+# so a 98 px local crop (50 tokens) would pay 2.6x its attention FLOPs in padding.
+SPLASH_MIN_TOKENS = 256
+SPLASH_BLOCK = 128
+# model.remat: "none" keeps every activation; "full" recomputes each block's forward in the
+# backward (jax.checkpoint_policies.nothing_saveable); "dots" keeps the outputs of the linear
+# layers (matmuls without batch dimensions) and recomputes attention, norms and activations.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+_REMAT_ALIASES = {"true": "full", "false": "none", "1": "full", "0": "none", "": "none"}
+
+
+def normalize_remat(value: Any) -> str:
+    """A `ViTConfig.remat` policy name; the old booleans (True/"true" -> "full") are accepted."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    name = str(value).strip().lower()
+    name = _REMAT_ALIASES.get(name, name)
+    if name not in REMAT_POLICIES:
+        raise ValueError(
+            f"remat must be one of {sorted(REMAT_POLICIES)} (or a bool), got {value!r}"
+        )
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +79,13 @@ class ViTConfig:
     interpolate_offset: float = 0.1
     layer_norm_eps: float = 1e-6
     dtype: str = "float32"  # compute dtype; parameters stay float32
-    remat: bool = False
-    # "": chosen at trace time (see `attention`); "einsum": hand-written softmax attention;
-    # "xla" | "cudnn": jax.nn.dot_product_attention with that implementation.
+    remat: str = "none"  # "none" | "full" | "dots" (REMAT_POLICIES); True/False accepted
+    # Run the blocks as one jax.lax.scan over their stacked parameters (compiles one block
+    # instead of `depth`); the parameter tree keeps one entry per block.
+    scan_blocks: bool = False
+    # "": by the platform the step is lowered for (`resolve_attention_impl`); "einsum":
+    # hand-written softmax attention; "xla" | "cudnn": jax.nn.dot_product_attention with that
+    # implementation; "splash": the Pallas TPU splash-attention kernel.
     attention_impl: str = ""
 
     def __post_init__(self):
@@ -68,6 +103,7 @@ class ViTConfig:
             raise ValueError(f"interpolate_mode must be one of {INTERPOLATE_MODES}")
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(COMPUTE_DTYPES)}, got {self.dtype!r}")
+        object.__setattr__(self, "remat", normalize_remat(self.remat))
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(
                 f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}"
@@ -185,20 +221,103 @@ class Attention(nnx.Module):
         return self.proj(out.reshape(batch, tokens, dim))
 
 
+def resolve_attention_impl(impl: str, platform: str) -> str:
+    """The attention implementation for a step lowered for `platform` ("tpu", "gpu", "cpu").
+
+    A non-empty `impl` (config.model.attention_impl) is kept: it forces one implementation.
+    "" picks PLATFORM_ATTENTION[platform]: splash on TPU, cuDNN on GPU, einsum on CPU. The
+    platform is the mesh devices' (`ModelSpec.for_platform`), never `jax.default_backend()`:
+    a deviceless TPU compile runs on a CPU host.
+    """
+    if impl:
+        return impl
+    if platform not in PLATFORM_ATTENTION:
+        raise ValueError(f"no attention implementation for platform {platform!r}")
+    return PLATFORM_ATTENTION[platform]
+
+
 def attention(qkv: jax.Array, impl: str) -> jax.Array:
     """Softmax attention of fused qkv [B, N, 3, heads, hd] -> [B, N, heads, hd], scale hd^-0.5.
 
-    `impl` "" picks "einsum" when `jax.default_backend()` is CPU at trace time and otherwise
-    calls jax.nn.dot_product_attention with implementation=None, which is XLA's unfused
-    attention on every backend (no cuDNN or Pallas kernel is chosen for you). See
-    benchmarks/RESULTS.md for the CPU measurements behind the einsum choice.
+    `impl` is normally resolved before tracing (`resolve_attention_impl` via
+    `ModelSpec.for_platform`, which `train.step.compile_train_step` applies). An unresolved ""
+    (eager use, evaluation) falls back to the default backend's choice.
     """
     if not impl:
-        impl = "einsum" if jax.default_backend() == "cpu" else None
+        impl = resolve_attention_impl("", jax.default_backend())
+    if impl == "splash":
+        if qkv.shape[1] < SPLASH_MIN_TOKENS:
+            return einsum_attention(qkv)
+        return splash_attention(qkv)
     if impl == "einsum":
         return einsum_attention(qkv)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+
+
+def splash_attention(qkv: jax.Array, *, interpret: bool = False) -> jax.Array:
+    """The Pallas TPU splash-attention kernel: [B, N, 3, h, d] -> [B, N, h, d].
+
+    Memory-efficient: the [N, N] scores never leave VMEM, and the backward recomputes them from
+    the saved log-sum-exp. Tokens are padded to a multiple of the 128-token block; padding is a
+    second segment (segment ids), so real queries never see padded keys. Under a mesh (the
+    abstract mesh the step is traced under, `train.step`), the kernel runs per shard through
+    shard_map: images split over ("data", "fsdp"), heads over "tensor"; with no mesh it runs
+    on the whole array. `interpret=True` runs the kernel in the Pallas interpreter (CPU tests).
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as splash_mask,
+    )
+
+    batch, tokens, _, heads, head_dim = qkv.shape
+    padded = -(-tokens // SPLASH_BLOCK) * SPLASH_BLOCK
+    q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))  # [B, h, N, d] each
+    q = q * jnp.asarray(head_dim**-0.5, q.dtype)
+    pad = ((0, 0), (0, 0), (0, padded - tokens), (0, 0))
+    q, k, v = (jnp.pad(t, pad) for t in (q, k, v))
+    segment = jnp.asarray(np.arange(padded) >= tokens, jnp.int32)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    names = () if mesh.empty else mesh.axis_names
+    batch_axes = tuple(a for a in ("data", "fsdp") if a in names and mesh.shape[a] > 1)
+    head_axis = "tensor" if "tensor" in names and mesh.shape["tensor"] > 1 else None
+    if batch_axes and batch % math.prod(mesh.shape[a] for a in batch_axes):
+        batch_axes = ()  # e.g. an evaluation batch that does not split: run it unsplit
+    local_heads = heads // (mesh.shape[head_axis] if head_axis else 1)
+    block = splash.BlockSizes(
+        block_q=SPLASH_BLOCK,
+        block_kv=SPLASH_BLOCK,
+        block_kv_compute=SPLASH_BLOCK,
+        block_q_dkv=SPLASH_BLOCK,
+        block_kv_dkv=SPLASH_BLOCK,
+        block_kv_dkv_compute=SPLASH_BLOCK,
+        block_q_dq=SPLASH_BLOCK,
+        block_kv_dq=SPLASH_BLOCK,
+    )
+    kernel = splash.make_splash_mha(
+        splash_mask.MultiHeadMask([splash_mask.FullMask((padded, padded))] * local_heads),
+        block_sizes=block,
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=interpret,
+    )
+    segment_ids = splash.SegmentIds(q=segment, kv=segment)
+
+    def per_shard(q, k, v):
+        return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=segment_ids))(q, k, v)
+
+    if batch_axes or head_axis:
+        from jax.sharding import PartitionSpec as P
+
+        spec = P(batch_axes or None, head_axis, None, None)
+        per_shard = jax.shard_map(
+            per_shard, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False
+        )
+    out = per_shard(q, k, v)[:, :, :tokens]
+    return jnp.transpose(out, (0, 2, 1, 3)).astype(qkv.dtype)
 
 
 def einsum_attention(qkv: jax.Array) -> jax.Array:
@@ -285,7 +404,44 @@ def _call_block(block: Block, x: jax.Array, key: jax.Array | None) -> jax.Array:
     return block(x, key)
 
 
-_call_block_remat = nnx.remat(_call_block)
+def run_blocks(
+    blocks: Sequence[Block],
+    tokens: jax.Array,
+    keys: Sequence[jax.Array | None],
+    *,
+    remat: str,
+    scan: bool,
+) -> jax.Array:
+    """tokens [B, T, D] through `blocks` in order, block i with drop-path key keys[i].
+
+    `remat` names a REMAT_POLICIES entry, applied per block. With `scan` the blocks run as one
+    `jax.lax.scan` over their parameters stacked along a new leading axis: XLA compiles one
+    block body instead of len(blocks) copies. The stacking happens here, at the call, so the
+    parameter tree (checkpoints, converter, optimizer rules, sharding table) keeps its
+    `blocks.<i>` entries; the gradient flows back through the stack to each block's leaves.
+    The values equal the unrolled loop's (same keys, same ops).
+    """
+    policy = REMAT_POLICIES[remat]
+    if not scan or len(blocks) < 2:
+        call = _call_block if remat == "none" else nnx.remat(_call_block, policy=policy)
+        for block, key in zip(blocks, keys):
+            tokens = call(block, tokens, key)
+        return tokens
+    graphdef, first = nnx.split(blocks[0])
+    treedef = jax.tree.structure(first)
+    leaves = [jax.tree.leaves(nnx.split(block)[1]) for block in blocks]
+    stacked = [jnp.stack(column) for column in zip(*leaves)]
+    stacked_keys = None if keys[0] is None else jnp.stack(list(keys))
+
+    def body(x, xs):
+        block_leaves, key = xs
+        block = nnx.merge(graphdef, jax.tree.unflatten(treedef, block_leaves))
+        return block(x, key), None
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    tokens, _ = jax.lax.scan(body, tokens, (stacked, stacked_keys))
+    return tokens
 
 
 class DinoVisionTransformer(nnx.Module):
@@ -369,12 +525,14 @@ class DinoVisionTransformer(nnx.Module):
             if drop_path_key is not None and self.cfg.drop_path_rate > 0
             else [None] * self.cfg.depth
         )
-        call = _call_block_remat if self.cfg.remat else _call_block
+        # The last n_last_blocks run one at a time: their outputs are returned.
+        n_first = self.cfg.depth - n_last_blocks
+        run = functools.partial(run_blocks, remat=self.cfg.remat, scan=self.cfg.scan_blocks)
+        tokens = run(list(self.blocks)[:n_first], tokens, list(keys)[:n_first])
         intermediates = []
-        for i, (block, key) in enumerate(zip(self.blocks, keys)):
-            tokens = call(block, tokens, key)
-            if i >= self.cfg.depth - n_last_blocks:
-                intermediates.append(tokens)
+        for i in range(n_first, self.cfg.depth):
+            tokens = run([self.blocks[i]], tokens, [keys[i]])
+            intermediates.append(tokens)
         normed = self.norm(tokens)
         r = self.cfg.num_register_tokens
         return {

@@ -115,9 +115,19 @@ def compile_train_step(
 
     Tracing and compilation happen on the first call (and again only if an input's shape,
     dtype or sharding changes); calls return as soon as the step is dispatched.
+
+    Kernels are chosen for the mesh's platform (`ModelSpec.for_platform`: splash attention on
+    TPU, cuDNN on GPU, einsum on CPU), and the step is traced under the mesh's abstract mesh
+    so that a kernel that needs shard_map (splash) finds its axes.
     """
+    spec = spec.for_platform(mesh.devices.flat[0].platform)
+
+    def traced_under_mesh(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return train_step(*args, **kwargs)
+
     step_fn = functools.partial(
-        train_step,
+        traced_under_mesh,
         spec=spec,
         objective=objective,
         optimizer=optimizer,
