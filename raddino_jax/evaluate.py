@@ -40,8 +40,9 @@ import numpy as np
 from etils import epath
 
 from raddino_jax import checkpoint
+from raddino_jax.eval import bootstrap
 from raddino_jax.eval import features as feats
-from raddino_jax.eval.knn import KNN_KS, KNN_TEMPERATURE, knn_evaluate
+from raddino_jax.eval.knn import KNN_KS, KNN_TEMPERATURE, knn_class_scores, knn_metrics
 from raddino_jax.eval.linear import (
     DEFAULT_C_GRID,
     FULL_C_GRID,
@@ -49,7 +50,7 @@ from raddino_jax.eval.linear import (
     select_and_fit,
 )
 from raddino_jax.eval.metadata import age_probe, sex_probe
-from raddino_jax.eval.report import differences, write_report
+from raddino_jax.eval.report import differences, write_curve, write_report
 from raddino_jax.eval.segmentation import segmentation_probe
 from raddino_jax.eval.splits import load_roles
 from raddino_jax.models import ModelSpec, init_params
@@ -79,8 +80,12 @@ def _labels_per_role(roles: dict[str, feats.SplitData], label: str):
     return {r: codes[sizes[i] : sizes[i + 1]] for i, r in enumerate(feats.SPLIT_ROLES)}, names
 
 
-def knn_task(features, roles, labels, ks, temperature) -> dict[str, Any]:
-    """kNN per label: train split as memory, test split as queries."""
+def knn_task(features, roles, labels, ks, temperature, per_example=None) -> dict[str, Any]:
+    """kNN per label: train split as memory, test split as queries.
+
+    With a `per_example` dict, also records each test example's correctness under the score's
+    path ("knn/<label>/k<k>/accuracy" -> ("accuracy", correct [N])) for bootstrap intervals.
+    """
     out = {}
     for label in labels:
         codes, names = _labels_per_role(roles, label)
@@ -88,15 +93,19 @@ def knn_task(features, roles, labels, ks, temperature) -> dict[str, Any]:
         if train.sum() == 0 or test.sum() == 0 or len(names) < 2:
             out[label] = {"skipped": "needs >= 2 classes and known labels in train and test"}
             continue
-        result = knn_evaluate(
+        scores = knn_class_scores(
             features["train"]["cls"][train],
             codes["train"][train],
             features["test"]["cls"][test],
-            codes["test"][test],
             len(names),
             ks,
             temperature,
         )
+        result = knn_metrics(scores, codes["test"][test], int(train.sum()))
+        if per_example is not None:
+            for k, class_scores in scores.items():
+                correct = class_scores.argmax(axis=1) == codes["test"][test]
+                per_example[f"knn/{label}/k{k}/accuracy"] = ("accuracy", correct)
         result["n_train"] = int(train.sum())
         result["n_test"] = int(test.sum())
         if train.sum() < max(ks):
@@ -107,8 +116,12 @@ def knn_task(features, roles, labels, ks, temperature) -> dict[str, Any]:
     return out
 
 
-def linear_task(probe_inputs, roles, labels, c_grid) -> dict[str, Any]:
-    """Logistic probe per label, C chosen on val, metrics on test."""
+def linear_task(probe_inputs, roles, labels, c_grid, per_example=None) -> dict[str, Any]:
+    """Logistic probe per label, C chosen on val, metrics on test.
+
+    With a `per_example` dict, also records the test labels and probabilities under the AUROC's
+    path ("linear/<label>/auroc" or ".../auroc_macro_ovr" -> ("auroc", labels, probabilities)).
+    """
     out = {}
     for label in labels:
         codes, names = _labels_per_role(roles, label)
@@ -128,6 +141,13 @@ def linear_task(probe_inputs, roles, labels, c_grid) -> dict[str, Any]:
         probabilities = probe.model.probabilities(probe_inputs["test"][keep["test"]])
         metrics = classification_metrics(codes["test"][keep["test"]], probabilities)
         out[label] = {**metrics, "c": probe.best_c, "classes": names}
+        if per_example is not None:
+            name = "auroc" if len(names) == 2 else "auroc_macro_ovr"
+            per_example[f"linear/{label}/{name}"] = (
+                "auroc",
+                codes["test"][keep["test"]],
+                probabilities,
+            )
     return out
 
 
@@ -179,8 +199,12 @@ def evaluate_model(
     ks: Sequence[int] = KNN_KS,
     temperature: float = KNN_TEMPERATURE,
     batch_size: int = 32,
+    per_example: dict | None = None,
 ) -> dict[str, Any]:
-    """Every requested task for one model on the train / val / test SplitData of its size."""
+    """Every requested task for one model on the train / val / test SplitData of its size.
+
+    `per_example` (optional) collects per-test-example outcomes for `attach_intervals`.
+    """
     n_last_blocks = min(n_last_blocks, spec.backbone.depth)
     feature_fn = feats.make_uint8_feature_fn(
         spec, pre, n_layers=n_last_blocks, keep_patch="segmentation" in tasks
@@ -194,9 +218,9 @@ def evaluate_model(
     }
     result: dict[str, Any] = {}
     if "knn" in tasks:
-        result["knn"] = knn_task(features, roles, labels, ks, temperature)
+        result["knn"] = knn_task(features, roles, labels, ks, temperature, per_example)
     if "linear" in tasks:
-        result["linear"] = linear_task(probe_inputs, roles, labels, c_grid)
+        result["linear"] = linear_task(probe_inputs, roles, labels, c_grid, per_example)
     if "metadata" in tasks:
         result["metadata"] = metadata_task(probe_inputs, roles, c_grid)
     if "segmentation" in tasks:
@@ -205,6 +229,94 @@ def evaluate_model(
         )
     result["features"] = {"n_last_blocks": n_last_blocks, "avgpool": avgpool}
     return result
+
+
+PIXEL_SIZE = 28
+
+
+def pixel_features(crops: np.ndarray, size: int = PIXEL_SIZE) -> np.ndarray:
+    """uint8 crops [N, S, S] -> float32 [N, size * size]: area-downsampled pixels in [0, 1]."""
+    import cv2
+
+    return (
+        np.stack([cv2.resize(c, (size, size), interpolation=cv2.INTER_AREA) for c in crops])
+        .reshape(len(crops), -1)
+        .astype(np.float32)
+        / 255.0
+    )
+
+
+def evaluate_pixels(
+    roles: dict[str, feats.SplitData],
+    labels: Sequence[str],
+    tasks: Sequence[str],
+    *,
+    c_grid: Sequence[float] = DEFAULT_C_GRID,
+    ks: Sequence[int] = KNN_KS,
+    temperature: float = KNN_TEMPERATURE,
+    per_example: dict | None = None,
+) -> dict[str, Any]:
+    """The supervised reference: the same kNN and logistic probe on the raw pixels.
+
+    No network: the probe is a supervised model fitted to the labels on the image itself
+    (28 x 28 area-downsampled), so it shows how much of a label is recoverable with labels and
+    no representation learning; a pretrained backbone's probe should approach or pass it.
+    """
+    pixels = {r: pixel_features(roles[r].crops) for r in feats.SPLIT_ROLES}
+    result: dict[str, Any] = {}
+    if "knn" in tasks:
+        features = {r: {"cls": pixels[r]} for r in feats.SPLIT_ROLES}
+        result["knn"] = knn_task(features, roles, labels, ks, temperature, per_example)
+    if "linear" in tasks:
+        result["linear"] = linear_task(pixels, roles, labels, c_grid, per_example)
+    result["features"] = {"pixels": f"{PIXEL_SIZE}x{PIXEL_SIZE}"}
+    return result
+
+
+def attach_intervals(
+    per_example: dict[str, dict[str, tuple]],
+    pairs: Sequence[tuple[str, str]],
+    *,
+    n_resamples: int = bootstrap.N_RESAMPLES,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """95% percentile-bootstrap intervals of every recorded score, per model and for each
+    (a, b) pair of models the paired interval of a - b (same resamples for both models).
+
+    `per_example` is model -> score path -> outcome tuple (from `knn_task` / `linear_task`).
+    Returns {"level", "n_resamples", "seed", "models": {model: {path: [lo, hi]}},
+    "differences": {"a_minus_b": {path: [lo, hi]}}}.
+    """
+    samples: dict[str, dict[str, np.ndarray]] = {}
+    for model, outcomes in per_example.items():
+        samples[model] = {}
+        for path, outcome in outcomes.items():
+            n = len(outcome[1])
+            indices = bootstrap.resample_indices(n, n_resamples, seed, key=path)
+            if outcome[0] == "accuracy":
+                samples[model][path] = bootstrap.accuracy_samples(outcome[1], indices)
+            else:
+                samples[model][path] = bootstrap.auroc_samples(outcome[1], outcome[2], indices)
+    intervals = {
+        model: {path: bootstrap.interval(values) for path, values in by_path.items()}
+        for model, by_path in samples.items()
+    }
+    differences_ = {}
+    for a, b in pairs:
+        if a not in samples or b not in samples:
+            continue
+        differences_[f"{a}_minus_{b}"] = {
+            path: bootstrap.interval(samples[a][path] - samples[b][path])
+            for path in samples[a]
+            if path in samples[b] and len(samples[a][path]) == len(samples[b][path])
+        }
+    return {
+        "level": bootstrap.LEVEL,
+        "n_resamples": n_resamples,
+        "seed": seed,
+        "models": intervals,
+        "differences": differences_,
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -234,8 +346,10 @@ def run_evaluation(
     c_grid: Sequence[float] = DEFAULT_C_GRID,
     seed: int = 0,
     batch_size: int = 32,
+    n_resamples: int = bootstrap.N_RESAMPLES,
 ) -> dict[str, Any]:
-    """The whole evaluation (checkpoint, random init, optional baseline) as the eval.json dict."""
+    """The whole evaluation (checkpoint, random init, the pixel reference, optional baseline)
+    as the eval.json dict, with paired bootstrap intervals of the kNN accuracies and AUROCs."""
     data_dir, name = split_data_argument(data)
     tasks = list(tasks)
     if "segmentation" in tasks and not has_masks(data_dir, name):
@@ -253,7 +367,7 @@ def run_evaluation(
         )
     roles_by_size: dict[int, dict[str, feats.SplitData]] = {}
     split_info = None
-    results, timings = {}, {}
+    results, timings, per_example = {}, {}, {}
     for model_name, model_spec, model_params, model_pre in models:
         size = model_pre.image_size
         if size not in roles_by_size:
@@ -281,8 +395,23 @@ def run_evaluation(
             avgpool=avgpool,
             c_grid=c_grid,
             batch_size=batch_size,
+            per_example=per_example.setdefault(model_name, {}),
         )
         timings[model_name] = round(time.perf_counter() - start, 2)
+    if {"knn", "linear"} & set(tasks):
+        start = time.perf_counter()
+        results["pixels"] = evaluate_pixels(
+            roles_by_size[pre.image_size],
+            labels,
+            tasks,
+            c_grid=c_grid,
+            per_example=per_example.setdefault("pixels", {}),
+        )
+        timings["pixels"] = round(time.perf_counter() - start, 2)
+    pairs = [("checkpoint", "random_init"), ("checkpoint", "pixels")]
+    if baseline:
+        pairs.append(("checkpoint", "baseline"))
+    intervals = attach_intervals(per_example, pairs, n_resamples=n_resamples, seed=seed)
     diffs = {
         "checkpoint_minus_random_init": differences(results["checkpoint"], results["random_init"])
     }
@@ -307,7 +436,124 @@ def run_evaluation(
         },
         "models": results,
         "differences": diffs,
+        "intervals": intervals,
         "seconds": timings,
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# Learning curve: every kept checkpoint of a training run
+# ------------------------------------------------------------------------------------------
+
+CURVE_KNN_K = 20
+
+
+def run_steps(run_dir: str | epath.Path) -> list[int]:
+    """The finished checkpoint steps of a training run directory, ascending."""
+    import orbax.checkpoint as ocp
+
+    if not checkpoint.is_run_dir(run_dir):
+        raise FileNotFoundError(
+            f"--curve needs a training run directory (checkpoints/), got {run_dir}"
+        )
+    root = (epath.Path(run_dir) / checkpoint.CHECKPOINTS_DIR).resolve()
+    manager = ocp.CheckpointManager(root, item_names=checkpoint.MODEL_ITEMS)
+    steps = sorted(int(step) for step in manager.all_steps())
+    manager.close()
+    return steps
+
+
+def curve_paths(labels: Sequence[str], classes: dict[str, int]) -> dict[str, dict[str, str]]:
+    """label -> {"knn": score path of the kNN accuracy at k=20, "linear": of the probe AUROC}."""
+    return {
+        label: {
+            "knn": f"knn/{label}/k{CURVE_KNN_K}/accuracy",
+            "linear": f"linear/{label}/" + ("auroc" if classes[label] == 2 else "auroc_macro_ovr"),
+        }
+        for label in labels
+    }
+
+
+def learning_curve(
+    run_dir: str,
+    data: str,
+    labels: Sequence[str],
+    *,
+    max_examples: int | None = None,
+    n_last_blocks: int = 1,
+    avgpool: bool = True,
+    c_grid: Sequence[float] = DEFAULT_C_GRID,
+    seed: int = 0,
+    batch_size: int = 32,
+    n_resamples: int = bootstrap.N_RESAMPLES,
+) -> dict[str, Any]:
+    """kNN accuracy (k=20) and probe AUROC of the teacher at every kept checkpoint of a run,
+    of a random initialisation and of the pixel reference, each with its 95% bootstrap
+    interval and, per step, the paired interval of step minus random init.
+
+    Returns the curve.json dict: {"steps", "labels", "paths", "models": {"step_<N>" |
+    "random_init" | "pixels": {path: {"value", "ci95"}}}, "differences": {"step_<N>":
+    {path: [lo, hi]}}, "splits"}.
+    """
+    data_dir, name = split_data_argument(data)
+    steps = run_steps(run_dir)
+    if not steps:
+        raise FileNotFoundError(f"{run_dir}/checkpoints holds no finished checkpoint yet")
+    tasks = ["knn", "linear"]
+    spec = checkpoint.load_spec(run_dir)
+    pre = checkpoint.load_any_preprocessing(run_dir)
+    roles, split_info = load_roles(
+        data_dir, name, pre.image_size, max_examples=max_examples, with_masks=False, seed=seed
+    )
+    options = dict(n_last_blocks=n_last_blocks, avgpool=avgpool, c_grid=c_grid)
+    results, per_example = {}, {}
+    models = [("random_init", init_params(spec, seed))] + [(f"step_{step}", None) for step in steps]
+    for model_name, params in models:
+        if params is None:
+            _, params = checkpoint.load_run_params(run_dir, "teacher", int(model_name[5:]))
+        results[model_name] = evaluate_model(
+            spec,
+            params,
+            pre,
+            roles,
+            labels,
+            tasks,
+            batch_size=batch_size,
+            per_example=per_example.setdefault(model_name, {}),
+            **options,
+        )
+    results["pixels"] = evaluate_pixels(
+        roles, labels, tasks, c_grid=c_grid, per_example=per_example.setdefault("pixels", {})
+    )
+    pairs = [(f"step_{step}", "random_init") for step in steps]
+    intervals = attach_intervals(per_example, pairs, n_resamples=n_resamples, seed=seed)
+    classes = {label: len(_labels_per_role(roles, label)[1]) for label in labels}
+    paths = curve_paths(labels, classes)
+    wanted = [p for by_task in paths.values() for p in by_task.values()]
+    from raddino_jax.eval.report import flatten_scores
+
+    points = {}
+    for model_name, metrics in results.items():
+        flat = flatten_scores(metrics)
+        points[model_name] = {
+            path: {"value": flat[path], "ci95": intervals["models"][model_name][path]}
+            for path in wanted
+            if path in flat and path in intervals["models"][model_name]
+        }
+    return {
+        "run": str(run_dir),
+        "data": data,
+        "steps": steps,
+        "labels": list(labels),
+        "paths": paths,
+        "models": points,
+        "differences": {
+            pair.split("_minus_")[0]: {p: v for p, v in by_path.items() if p in wanted}
+            for pair, by_path in intervals["differences"].items()
+        },
+        "splits": split_info,
+        "n_resamples": n_resamples,
+        "seed": seed,
     }
 
 
@@ -334,6 +580,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0, help="random init and carved splits")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--bootstrap", type=int, default=bootstrap.N_RESAMPLES, help="bootstrap resamples"
+    )
+    parser.add_argument(
+        "--curve",
+        action="store_true",
+        help="also evaluate every kept checkpoint of the training run --checkpoint (kNN k=20 "
+        "and probe AUROC, with bootstrap intervals) and write curve.json + curve.png",
+    )
     return parser.parse_args(argv)
 
 
@@ -354,7 +609,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             c_grid=FULL_C_GRID if args.c_grid == "full" else DEFAULT_C_GRID,
             seed=args.seed,
             batch_size=args.batch_size,
+            n_resamples=args.bootstrap,
         )
+        curve = None
+        if args.curve:
+            curve = learning_curve(
+                args.checkpoint,
+                args.data,
+                labels,
+                max_examples=args.max_examples,
+                n_last_blocks=args.n_last_blocks,
+                avgpool=not args.no_avgpool,
+                c_grid=FULL_C_GRID if args.c_grid == "full" else DEFAULT_C_GRID,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                n_resamples=args.bootstrap,
+            )
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -362,6 +632,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     json_path, md_path = write_report(report, out)
     print(md_path.read_text())
     print(f"wrote {json_path} and {md_path}")
+    if curve is not None:
+        curve_json, curve_png = write_curve(curve, out)
+        print(f"wrote {curve_json} and {curve_png}")
     return 0
 
 

@@ -17,8 +17,8 @@ from sklearn.metrics import (
 
 from raddino_jax import checkpoint, evaluate, extract
 from raddino_jax.data.preprocess import preprocess_uint8
+from raddino_jax.eval import bootstrap, knn, linear, metadata, segmentation, splits
 from raddino_jax.eval import features as feats
-from raddino_jax.eval import knn, linear, metadata, segmentation, splits
 from raddino_jax.eval import report as eval_report
 from raddino_jax.eval.hook import KnnEvaluator
 from raddino_jax.models import ModelSpec, init_params
@@ -362,6 +362,82 @@ def test_missing_splits_are_carved_by_patient():
 
 
 # ------------------------------------------------------------------------------------------
+# Bootstrap intervals
+# ------------------------------------------------------------------------------------------
+
+
+def _reference_interval(values):
+    return list(np.percentile(np.asarray(values)[np.isfinite(values)], [2.5, 97.5]))
+
+
+def test_bootstrap_intervals_match_a_numpy_reference():
+    """Accuracy and AUROC intervals equal a per-resample loop with NumPy / scikit-learn."""
+    rng = np.random.default_rng(3)
+    n = 40
+    labels = rng.integers(0, 2, n)
+    scores = np.round(labels * 0.6 + rng.normal(size=n), 1)  # rounded: ties occur
+    probabilities = np.stack([1 - scores, scores], axis=1)
+    correct = rng.uniform(size=n) < 0.7
+    indices = bootstrap.resample_indices(n, 300, seed=0, key="a")
+    np.testing.assert_array_equal(indices, bootstrap.resample_indices(n, 300, seed=0, key="a"))
+    assert not np.array_equal(indices, bootstrap.resample_indices(n, 300, seed=1, key="a"))
+    assert not np.array_equal(indices, bootstrap.resample_indices(n, 300, seed=0, key="b"))
+
+    got_acc = bootstrap.accuracy_samples(correct, indices)
+    np.testing.assert_allclose(got_acc, [correct[i].mean() for i in indices])
+    want_auc = [
+        roc_auc_score(labels[i], scores[i]) if 0 < labels[i].sum() < n else np.nan for i in indices
+    ]
+    got_auc = bootstrap.auroc_samples(labels, probabilities, indices)
+    np.testing.assert_allclose(got_auc, want_auc, rtol=1e-12)
+    assert bootstrap.interval(got_auc) == pytest.approx(_reference_interval(want_auc))
+
+    # Multi-class: macro one-vs-rest over the classes present in each resample.
+    labels3 = rng.integers(0, 3, n)
+    probs3 = rng.dirichlet(np.ones(3), n)
+    idx3 = bootstrap.resample_indices(n, 50, seed=2)
+    want3 = []
+    for i in idx3:
+        present = [c for c in range(3) if 0 < np.sum(labels3[i] == c) < n]
+        want3.append(np.mean([roc_auc_score(labels3[i] == c, probs3[i, c]) for c in present]))
+    np.testing.assert_allclose(bootstrap.auroc_samples(labels3, probs3, idx3), want3)
+
+
+def test_attach_intervals_pairs_models_on_the_same_resamples():
+    rng = np.random.default_rng(4)
+    n = 60
+    labels = rng.integers(0, 2, n)
+    a = rng.uniform(size=(n, 2))
+    b = rng.uniform(size=(n, 2))
+    correct_a, correct_b = rng.uniform(size=n) < 0.8, rng.uniform(size=n) < 0.5
+    per_example = {
+        "a": {
+            "knn/y/k20/accuracy": ("accuracy", correct_a),
+            "linear/y/auroc": ("auroc", labels, a),
+        },
+        "b": {
+            "knn/y/k20/accuracy": ("accuracy", correct_b),
+            "linear/y/auroc": ("auroc", labels, b),
+        },
+    }
+    out = evaluate.attach_intervals(per_example, [("a", "b")], n_resamples=400, seed=7)
+    idx = bootstrap.resample_indices(n, 400, seed=7, key="knn/y/k20/accuracy")
+    diff = [correct_a[i].mean() - correct_b[i].mean() for i in idx]
+    got = out["differences"]["a_minus_b"]["knn/y/k20/accuracy"]
+    assert got == pytest.approx(_reference_interval(diff))
+    idx = bootstrap.resample_indices(n, 400, seed=7, key="linear/y/auroc")
+    diff = [roc_auc_score(labels[i], a[i, 1]) - roc_auc_score(labels[i], b[i, 1]) for i in idx]
+    assert out["differences"]["a_minus_b"]["linear/y/auroc"] == pytest.approx(
+        _reference_interval(diff)
+    )
+    for model in ("a", "b"):
+        low, high = out["models"][model]["knn/y/k20/accuracy"]
+        assert 0.0 <= low <= high <= 1.0
+    # The interval of a clearly better model lies above: a's accuracy ~0.8, b's ~0.5.
+    assert out["models"]["a"]["knn/y/k20/accuracy"][0] > out["models"]["b"]["knn/y/k20/accuracy"][1]
+
+
+# ------------------------------------------------------------------------------------------
 # On a built dataset with a tiny model
 # ------------------------------------------------------------------------------------------
 
@@ -461,7 +537,7 @@ def test_cli_end_to_end_with_random_init_and_baseline(samples_dataset, tiny_chec
     ]  # fmt: skip
     assert evaluate.main(argv) == 0
     report = json.loads((out / "eval.json").read_text())
-    assert set(report["models"]) == {"checkpoint", "random_init", "baseline"}
+    assert set(report["models"]) == {"checkpoint", "random_init", "baseline", "pixels"}
     checkpoint_scores = eval_report.flatten_scores(report["models"]["checkpoint"])
     random_scores = eval_report.flatten_scores(report["models"]["random_init"])
     for key in ("knn/nodule/k20/accuracy", "linear/nodule/auroc", "linear/effusion/accuracy"):
@@ -479,7 +555,7 @@ def test_cli_end_to_end_with_random_init_and_baseline(samples_dataset, tiny_chec
     assert checkpoint_scores != random_scores  # seed 1 weights vs seed 0 random init
     assert report["models"]["checkpoint"]["knn"]["nodule"]["note"].startswith("only")
     table = (out / "eval.md").read_text()
-    assert "| metric | checkpoint | random_init | baseline |" in table
+    assert "| metric | checkpoint | random_init | baseline | pixels |" in table
     assert "linear/nodule/auroc" in table
 
 
@@ -504,3 +580,70 @@ def test_cli_other_baseline_and_single_task(samples_dataset, tiny_checkpoints, t
         assert value == pytest.approx(ours[key] - theirs[key])
     argv[argv.index("label_sex")] = "no_such_field"
     assert evaluate.main(argv) == 1
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A training-run directory with teacher/student checkpoints at steps 10 and 20."""
+    import orbax.checkpoint as ocp
+
+    root = tmp_path_factory.mktemp("eval_run")
+    (root / checkpoint.SPEC_FILE).write_text(TINY_SPEC.to_json())
+    (root / checkpoint.PREPROCESSING_FILE).write_text(
+        checkpoint.Preprocessing(image_size=56).to_json()
+    )
+    manager = ocp.CheckpointManager(
+        (root / checkpoint.CHECKPOINTS_DIR).resolve(), item_names=checkpoint.MODEL_ITEMS
+    )
+    for step, seed in ((10, 1), (20, 2)):
+        params = init_params(TINY_SPEC, seed)
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                teacher=ocp.args.StandardSave(params), student=ocp.args.StandardSave(params)
+            ),
+        )
+    manager.wait_until_finished()
+    manager.close()
+    return str(root)
+
+
+def test_cli_curve_and_intervals(samples_dataset, tiny_run, tmp_path):
+    """--curve evaluates every kept step; the last step's point equals the main report's
+    checkpoint (latest step) score and interval; the figure and curve.json are written."""
+    data_dir, name = samples_dataset
+    argv = [
+        "--checkpoint", tiny_run,
+        "--data", f"{data_dir}/{name}",
+        "--label", "effusion_present,effusion",
+        "--task", "knn",
+        "--out", str(tmp_path),
+        "--bootstrap", "200",
+        "--curve",
+    ]  # fmt: skip
+    assert evaluate.main(argv) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    curve = json.loads((tmp_path / "curve.json").read_text())
+    png = tmp_path / "curve.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert curve["steps"] == [10, 20]
+    assert set(curve["models"]) == {"random_init", "step_10", "step_20", "pixels"}
+    assert curve["paths"]["effusion"]["linear"] == "linear/effusion/auroc_macro_ovr"
+    for model, points in curve["models"].items():
+        assert len(points) == 4, model  # 2 labels x (kNN, probe)
+        for point in points.values():
+            low, high = point["ci95"]
+            assert 0.0 <= low <= point["value"] <= high <= 1.0
+    path = "knn/effusion_present/k20/accuracy"
+    assert curve["models"]["step_20"][path]["value"] == pytest.approx(
+        report["models"]["checkpoint"]["knn"]["effusion_present"]["k20"]["accuracy"]
+    )
+    assert curve["models"]["step_20"][path]["ci95"] == pytest.approx(
+        report["intervals"]["models"]["checkpoint"][path]
+    )
+    assert curve["models"]["random_init"][path]["ci95"] == pytest.approx(
+        report["intervals"]["models"]["random_init"][path]
+    )
+    low, high = curve["differences"]["step_10"][path]
+    assert -1.0 <= low <= high <= 1.0
+    assert "## 95% bootstrap intervals" in (tmp_path / "eval.md").read_text()

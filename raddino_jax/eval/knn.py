@@ -79,6 +79,25 @@ def knn_class_scores(
     return {k: by_effective[min(k, n_train)] for k in ks}
 
 
+def knn_metrics(
+    scores: dict[int, np.ndarray], test_labels: np.ndarray, n_train: int
+) -> dict[str, dict[str, float]]:
+    """Accuracy and balanced accuracy of the arg-max class of `scores` (k -> [Q, C]) per k.
+
+    Returns {"k10": {"accuracy", "balanced_accuracy", "effective_k"}, ...}. Predictions are the
+    arg-max class (ties to the lower class index, deterministic).
+    """
+    result = {}
+    for k, class_scores in scores.items():
+        predictions = class_scores.argmax(axis=1)
+        result[f"k{k}"] = {
+            "accuracy": accuracy(test_labels, predictions),
+            "balanced_accuracy": balanced_accuracy(test_labels, predictions),
+            "effective_k": int(min(k, n_train)),
+        }
+    return result
+
+
 def knn_evaluate(
     train_features: np.ndarray,
     train_labels: np.ndarray,
@@ -88,20 +107,8 @@ def knn_evaluate(
     ks: Sequence[int] = KNN_KS,
     temperature: float = KNN_TEMPERATURE,
 ) -> dict[str, dict[str, float]]:
-    """Accuracy and balanced accuracy of the weighted kNN classifier for every k.
-
-    Returns {"k10": {"accuracy", "balanced_accuracy", "effective_k"}, ...}. Predictions are the
-    arg-max class (ties to the lower class index, deterministic).
-    """
+    """Accuracy and balanced accuracy of the weighted kNN classifier for every k (`knn_metrics`)."""
     scores = knn_class_scores(
         train_features, train_labels, test_features, n_classes, ks, temperature
     )
-    result = {}
-    for k, class_scores in scores.items():
-        predictions = class_scores.argmax(axis=1)
-        result[f"k{k}"] = {
-            "accuracy": accuracy(test_labels, predictions),
-            "balanced_accuracy": balanced_accuracy(test_labels, predictions),
-            "effective_k": int(min(k, len(train_features))),
-        }
-    return result
+    return knn_metrics(scores, test_labels, len(train_features))

@@ -2,7 +2,12 @@
 
 Scores are compared between models by flattening the nested per-task dicts into paths such as
 "knn/nodule/k20/accuracy"; settings and counts (`NOT_COMPARED`) are left out of the
-differences. NaN scores are written as null in eval.json and "nan" in eval.md.
+differences. NaN scores are written as null in eval.json and "nan" in eval.md. Bootstrap
+intervals (`report["intervals"]`, from `evaluate.attach_intervals`) get their own table.
+
+The learning curve (`evaluate.learning_curve`) is written as curve.json and curve.png: kNN
+accuracy and probe AUROC against the training step, one row of panels per label, the teacher's
+points with their 95% bootstrap band, random init and the pixel reference as horizontal bands.
 """
 
 from __future__ import annotations
@@ -63,10 +68,48 @@ def markdown_report(report: dict[str, Any]) -> str:
         cells = [_cell(flat[name].get(key)) for name in models]
         cells += [_cell(diffs[name].get(key)) for name in diffs]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    lines += _interval_lines(report.get("intervals"), flat)
     notes = [f"- {k}: {v}" for k, v in _collect_notes(models).items()]
     if notes:
         lines += ["", "Notes:", *notes]
     return "\n".join(lines) + "\n"
+
+
+def _interval_text(value: float | None, ci: list[float] | None) -> str:
+    if ci is None:
+        return ""
+    head = "" if value is None else _cell(value) + " "
+    return f"{head}[{_cell(ci[0])}, {_cell(ci[1])}]"
+
+
+def _interval_lines(intervals: dict[str, Any] | None, flat: dict[str, dict]) -> list[str]:
+    """The bootstrap table: score [95% interval] per model, the paired differences, and
+    whether the checkpoint's interval lies wholly above random init's."""
+    if not intervals or "checkpoint" not in intervals["models"]:
+        return []
+    models = list(intervals["models"])
+    diffs = list(intervals["differences"])
+    lines = [
+        "",
+        f"## {intervals['level']:.0%} bootstrap intervals",
+        "",
+        f"Percentile bootstrap over the test examples, {intervals['n_resamples']} resamples "
+        f"(seed {intervals['seed']}), the same resamples for every model (differences are "
+        "paired). `separated`: the checkpoint's interval lies wholly above random init's.",
+        "",
+        "| metric | " + " | ".join(models + diffs) + " | separated |",
+        "|---|" + "---|" * (len(models) + len(diffs) + 1),
+    ]
+    for path, ci in intervals["models"]["checkpoint"].items():
+        cells = [
+            _interval_text(flat.get(m, {}).get(path), intervals["models"][m].get(path))
+            for m in models
+        ]
+        cells += [_interval_text(None, intervals["differences"][d].get(path)) for d in diffs]
+        random_ci = intervals["models"].get("random_init", {}).get(path)
+        separated = random_ci is not None and ci[0] > random_ci[1]
+        lines.append(f"| {path} | " + " | ".join(cells) + f" | {'yes' if separated else 'no'} |")
+    return lines
 
 
 def _collect_notes(models: dict[str, Any]) -> dict[str, str]:
@@ -104,3 +147,57 @@ def write_report(report: dict[str, Any], out: str | epath.Path) -> tuple[epath.P
     json_path.write_text(json.dumps(_json_safe(report), indent=2) + "\n")
     md_path.write_text(markdown_report(report))
     return json_path, md_path
+
+
+def plot_curve(curve: dict[str, Any], png: str | epath.Path) -> None:
+    """curve.png: per label, kNN accuracy (k=20) and probe AUROC against the training step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, steps = curve["labels"], curve["steps"]
+    fig, axes = plt.subplots(
+        len(labels), 2, figsize=(9, 2.8 * len(labels)), squeeze=False, sharex=True
+    )
+    titles = {"knn": "kNN accuracy (k=20)", "linear": "linear-probe AUROC"}
+    for row, label in enumerate(labels):
+        for col, task in enumerate(("knn", "linear")):
+            ax, path = axes[row][col], curve["paths"][label][task]
+            for name, colour in (("random_init", "tab:gray"), ("pixels", "tab:green")):
+                point = curve["models"].get(name, {}).get(path)
+                if point is None:
+                    continue
+                ax.axhline(point["value"], color=colour, lw=1, ls="--", label=name)
+                ax.axhspan(*point["ci95"], color=colour, alpha=0.15)
+            points = [curve["models"][f"step_{s}"].get(path) for s in steps]
+            kept = [(s, p) for s, p in zip(steps, points, strict=True) if p is not None]
+            if kept:
+                xs = [s for s, _ in kept]
+                ax.plot(xs, [p["value"] for _, p in kept], "o-", color="tab:blue", label="teacher")
+                ax.fill_between(
+                    xs,
+                    [p["ci95"][0] for _, p in kept],
+                    [p["ci95"][1] for _, p in kept],
+                    color="tab:blue",
+                    alpha=0.2,
+                )
+            ax.set_title(f"{label}: {titles[task]}", fontsize=9)
+            ax.grid(alpha=0.3)
+            if row == len(labels) - 1:
+                ax.set_xlabel("training step")
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.suptitle("pretrained teacher vs random init and the pixel reference (95% bootstrap)")
+    fig.tight_layout()
+    fig.savefig(str(png), dpi=80)
+    plt.close(fig)
+
+
+def write_curve(curve: dict[str, Any], out: str | epath.Path) -> tuple[epath.Path, epath.Path]:
+    """Write curve.json and curve.png into `out`; returns their paths."""
+    out = epath.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / "curve.json", out / "curve.png"
+    json_path.write_text(json.dumps(_json_safe(curve), indent=2) + "\n")
+    plot_curve(curve, png_path)
+    return json_path, png_path
