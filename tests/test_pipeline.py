@@ -321,3 +321,112 @@ def test_batch_function_equals_stacking_float_crops():
     for key in batch:
         assert batch[key].shape == expected[key].shape and batch[key].dtype == np.float32
         np.testing.assert_array_equal(batch[key], expected[key])
+
+
+# ------------------------------------------------------------------------------------------
+# Mixtures (config.data.sources) and stage offsets
+# ------------------------------------------------------------------------------------------
+
+
+def _id_source(first: int, n: int) -> list[dict]:
+    """Records that only say who they are (the record streams never decode them)."""
+    return [{"id": first + i} for i in range(n)]
+
+
+def _mixture(weights=(0.8, 0.2), sizes=(20, 7)) -> pipeline.Mixture:
+    sources = tuple(_id_source(1000 * i, n) for i, n in enumerate(sizes))
+    return pipeline.Mixture(sources, tuple(weights), tuple(f"s{i}" for i in range(len(sizes))))
+
+
+def _source_ids(records) -> np.ndarray:
+    return np.array([r["id"] // 1000 for r in records])
+
+
+def test_mixture_counts_are_within_binomial_noise_of_the_weights():
+    mixture, n = _mixture(), 2000
+    records = pipeline.sharded_records(mixture, seed=3, process_index=0, process_count=1)
+    ids = _source_ids(records[i] for i in range(n))
+    counts = np.bincount(ids, minlength=2)
+    sigma = np.sqrt(n * 0.8 * 0.2)
+    assert abs(counts[1] - 0.2 * n) < 3 * sigma, counts
+    # Every source is read in whole epochs of its own: in the first window the small source's
+    # 7 records appear equally often (to within one epoch).
+    window = [records[i]["id"] for i in range(pipeline.MIX_WINDOW)]
+    small = np.bincount([i - 1000 for i in window if i >= 1000], minlength=7)
+    assert small.min() > 0 and small.max() - small.min() <= 1, small
+    # The window shuffle spreads the sources over processes whose stride matches the
+    # interleaving period (4:1 -> every 5th position): each of 5 processes gets about 20%.
+    for p in range(5):
+        shard_records = pipeline.sharded_records(mixture, seed=3, process_index=p, process_count=5)
+        share = _source_ids(shard_records[i] for i in range(400)).mean()
+        assert abs(share - 0.2) < 3 * np.sqrt(0.16 / 400), (p, share)
+
+
+@pytest.mark.parametrize("weights", [(0.8, 0.2), (5.0, 3.0, 2.0), (1.0, 1.0)])
+def test_source_counts_equal_the_streamed_sources(weights):
+    mixture = _mixture(weights, sizes=(20, 7, 11)[: len(weights)])
+    stream = pipeline.mixed_stream(mixture, seed=5)
+    ids = _source_ids(stream[i] for i in range(3 * pipeline.MIX_WINDOW + 100))
+    for n in (0, 1, 17, pipeline.MIX_WINDOW - 1, pipeline.MIX_WINDOW, 2 * pipeline.MIX_WINDOW + 5,
+              len(ids)):
+        expected = np.bincount(ids[:n], minlength=len(weights))
+        np.testing.assert_array_equal(pipeline.source_counts(mixture, 5, n), expected, str(n))
+    # Grain's interleaving without the window shuffle, against the closed form.
+    plain = pipeline.grain.MapDataset.mix(
+        [pipeline.grain.MapDataset.source([i]).repeat() for i in range(len(weights))],
+        weights=mixture.proportions,
+    )
+    plain_ids = np.array([plain[i] for i in range(700)])
+    for n in range(0, 700, 37):
+        np.testing.assert_array_equal(
+            pipeline._interleaved_counts(n, mixture.proportions),
+            np.bincount(plain_ids[:n], minlength=len(weights)),
+        )
+
+
+def test_mixture_weights_and_validation():
+    assert pipeline.mixture_weights([30, 10], ["proportional", "proportional"]) == (30.0, 10.0)
+    assert pipeline.mixture_weights([30, 10], [0.5, 2]) == (0.5, 2.0)
+    with pytest.raises(ValueError, match="proportional"):
+        pipeline.mixture_weights([30, 10], ["proportional", 2.0])
+    assert _mixture((0.8, 0.2)).proportions == (400, 100)
+    np.testing.assert_allclose(_mixture((3.0, 1.0)).shares, [0.75, 0.25])
+    with pytest.raises(ValueError, match="> 0"):
+        _mixture((1.0, 0.0))
+    with pytest.raises(ValueError, match="no records"):
+        pipeline.Mixture(([], [{"id": 0}]), (1.0, 1.0), ("a", "b"))
+
+
+def test_mixture_iterator_resumes_exactly():
+    """Kill and resume in the middle of a mixture: iterator state after 2 batches, restored
+    into a freshly built dataset (as after a restart), gives the next batches exactly."""
+    mixture = pipeline.Mixture(
+        (_png_source(12, seed=0), _png_source(5, seed=1)), (0.8, 0.2), ("a", "b")
+    )
+    it = iter(_dataset(mixture))
+    _take(it, 2)
+    state = it.get_state()
+    expected = _take(it, 3)
+    fresh = iter(_dataset(mixture))
+    fresh.set_state(state)
+    _assert_batches_equal(_take(fresh, 3), expected)
+    # ... and differs from the single-source stream of its first source.
+    first = _take(iter(_dataset(mixture.sources[0])), 1)[0]
+    assert not np.array_equal(first["global_crops"], _take(iter(_dataset(mixture)), 1)[0][
+        "global_crops"])
+
+
+def test_start_position_continues_the_stream():
+    """A later stage's dataset starts at a global position: same records and crops as the
+    stream from 0 there (its masks are a separate stream)."""
+    source = _png_source()
+    whole = pipeline.sharded_records(source, seed=3, process_index=0, process_count=1)
+    later = pipeline.sharded_records(
+        source, seed=3, process_index=0, process_count=1, start_position=8
+    )
+    assert [later[i]["id"] for i in range(20)] == [whole[i + 8]["id"] for i in range(20)]
+    base = _take(iter(_dataset()), 3)
+    stage = next(iter(_dataset(start_position=8)))
+    for key in ("global_crops", "local_crops"):
+        np.testing.assert_array_equal(stage[key], base[2][key])
+    assert not np.array_equal(stage["masks"], base[0]["masks"])

@@ -4,7 +4,11 @@ The pipeline (recipe s5, s7), built on ``grain.MapDataset`` so that every elemen
 function of (seed, position) and the iterator state is a single index:
 
 1. ``shuffle(seed)`` over the whole source, ``repeat()`` forever. Grain folds the epoch into
-   the shuffle seed, so every epoch is a different, deterministic permutation.
+   the shuffle seed, so every epoch is a different, deterministic permutation. A ``Mixture``
+   of several sources (``config.data.sources``) shuffles and repeats each source with its own
+   sub-seed, interleaves them with ``grain.MapDataset.mix`` in proportion to the weights, and
+   window-shuffles the result (``MIX_WINDOW`` positions) so that Grain's periodic interleaving
+   pattern does not line up with the per-process stride of step 3.
 2. ``random_map`` decode (PNG bytes or an already decoded array) + multi-crop. Its rng is keyed
    by the *global* position in the shuffled stream, so an image's crops do not depend on how
    many processes share the work (Grain's maps are lazy: only this process's positions are
@@ -56,6 +60,13 @@ except ImportError:  # pragma: no cover - depends on the environment
 # Stream identifiers mixed into the user seed so the pipeline's random ops are independent.
 _CROP_STREAM = 1
 _MASK_STREAM = 2
+_SOURCE_SHUFFLE_STREAM = 3  # one shuffle per mixture source
+_MIX_STREAM = 4  # the window shuffle of the mixed stream
+
+# Positions of the mixed stream permuted together. Every window holds the sources in the
+# mixture's exact proportions (up to rounding); a window much larger than the interleaving
+# period spreads each source evenly over processes and devices.
+MIX_WINDOW = 1024
 
 
 class RandomAccessSource(Protocol):
@@ -291,6 +302,125 @@ def shuffled_stream(source: RandomAccessSource, seed: int) -> grain.MapDataset:
     return grain.MapDataset.source(source).shuffle(seed=seed).repeat()
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Mixture:
+    """Several record sources streamed as one weighted mixture (``config.data.sources``).
+
+    ``weights`` are positive numbers (any scale); ``mixture_weights`` turns "proportional"
+    into the sources' sizes. Grain mixes integer proportions: the weights are rounded to
+    integers whose smallest is 100 (``proportions``), so the realised shares are exact to
+    about 1% of the smallest weight.
+    """
+
+    sources: tuple[RandomAccessSource, ...]
+    weights: tuple[float, ...]
+    names: tuple[str, ...]
+
+    def __post_init__(self):
+        if not self.sources or len(self.sources) != len(self.weights):
+            raise ValueError(
+                f"a mixture needs one weight per source, got {len(self.sources)} sources and "
+                f"{len(self.weights)} weights"
+            )
+        if len(self.names) != len(self.sources):
+            raise ValueError(f"a mixture needs one name per source, got {self.names}")
+        if not all(float(w) > 0 for w in self.weights):
+            raise ValueError(f"mixture weights must be > 0, got {self.weights}")
+        for name, source in zip(self.names, self.sources, strict=True):
+            if len(source) == 0:
+                raise ValueError(f"mixture source {name!r} has no records")
+
+    @property
+    def proportions(self) -> tuple[int, ...]:
+        """Integer weights with the smallest exactly 100 (Grain rescales to that; passing it
+        exactly keeps Grain's rescaling the identity, so ``source_counts`` is exact)."""
+        smallest = min(float(w) for w in self.weights)
+        return tuple(max(100, round(100 * float(w) / smallest)) for w in self.weights)
+
+    @property
+    def shares(self) -> np.ndarray:
+        """The fraction of the stream each source supplies, float64 [n_sources]."""
+        proportions = np.asarray(self.proportions, np.float64)
+        return proportions / proportions.sum()
+
+
+def mixture_weights(sizes: Sequence[int], weights: Sequence[float | str]) -> tuple[float, ...]:
+    """Explicit weights as given, or every weight "proportional": the sources' sizes."""
+    if all(w == "proportional" for w in weights):
+        return tuple(float(n) for n in sizes)
+    if any(isinstance(w, str) for w in weights):
+        raise ValueError(
+            f"weights must all be numbers or all be 'proportional', got {tuple(weights)}"
+        )
+    return tuple(float(w) for w in weights)
+
+
+def _window_shuffled(mixed: grain.MapDataset, seed: int) -> grain.MapDataset:
+    # Grain seeds window w with seed + w (32-bit): keeping the base below 2**31 leaves room for
+    # 2**31 windows (2e12 positions).
+    return grain.experimental.WindowShuffleMapDataset(
+        mixed, window_size=MIX_WINDOW, seed=derive_seed(seed, _MIX_STREAM) % 2**31
+    )
+
+
+def mixed_stream(mixture: Mixture, seed: int) -> grain.MapDataset:
+    """Infinite stream of records from every source of the mixture in its proportions.
+
+    Each source is a ``shuffled_stream`` with its own sub-seed; ``grain.MapDataset.mix``
+    interleaves them deterministically, and a window shuffle removes the interleaving's period.
+    Position k is a pure function of (seed, k), like the single-source stream.
+    """
+    streams = [
+        shuffled_stream(source, derive_seed(seed, _SOURCE_SHUFFLE_STREAM, i))
+        for i, source in enumerate(mixture.sources)
+    ]
+    return _window_shuffled(grain.MapDataset.mix(streams, weights=mixture.proportions), seed)
+
+
+def record_stream(source: RandomAccessSource | Mixture, seed: int) -> grain.MapDataset:
+    """The infinite record stream of one source or of a mixture."""
+    if isinstance(source, Mixture):
+        return mixed_stream(source, seed)
+    return shuffled_stream(source, seed)
+
+
+def _interleaved_counts(n_positions: int, proportions: Sequence[int]) -> list[int]:
+    """Elements of each source among the first ``n_positions`` of ``MapDataset.mix``.
+
+    Grain's interleaving is hierarchical: source 0 takes the positions where
+    ``floor(k * (R - p0) / R)`` does not advance, the rest go to sources 1.. in the same way
+    with ``R - p0``. ``tests/test_pipeline.py`` checks this against the mixed stream itself.
+    """
+    counts, remaining, total = [], int(n_positions), sum(proportions)
+    for p in proportions:
+        rest = remaining * (total - p) // total
+        counts.append(remaining - rest)
+        remaining, total = rest, total - p
+    return counts
+
+
+def source_counts(mixture: Mixture, seed: int, n_positions: int) -> np.ndarray:
+    """Images each source supplied to the first ``n_positions`` positions of ``mixed_stream``,
+    int64 [n_sources]: what the loop logs as ``images_seen/<name>``.
+
+    Whole windows hold exactly the interleaving's counts (the window shuffle only permutes
+    them); the last, partial window is read from a stream of source ids built like
+    ``mixed_stream``, so no record is read.
+    """
+    proportions = mixture.proportions
+    full = n_positions // MIX_WINDOW * MIX_WINDOW
+    counts = np.asarray(_interleaved_counts(full, proportions), np.int64)
+    if full < n_positions:
+        ids = grain.MapDataset.mix(
+            [grain.MapDataset.source([i]).repeat() for i in range(len(proportions))],
+            weights=proportions,
+        )
+        ids = _window_shuffled(ids, seed)
+        for position in range(full, n_positions):
+            counts[ids[position]] += 1
+    return counts
+
+
 def shard(dataset: grain.MapDataset, process_index: int, process_count: int) -> grain.MapDataset:
     """This process's disjoint share: positions process_index, +process_count, ..."""
     if not 0 <= process_index < process_count:
@@ -299,15 +429,17 @@ def shard(dataset: grain.MapDataset, process_index: int, process_count: int) -> 
 
 
 def sharded_records(
-    source: RandomAccessSource,
+    source: RandomAccessSource | Mixture,
     *,
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    start_position: int = 0,
 ) -> grain.MapDataset:
     """The raw records this process reads, in order (the order ``make_dataset`` uses)."""
     process_index, process_count = _process_layout(process_index, process_count)
-    return shard(shuffled_stream(source, seed), process_index, process_count)
+    stream = record_stream(source, seed)[start_position:]
+    return shard(stream, process_index, process_count)
 
 
 def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -320,7 +452,7 @@ def _process_layout(process_index: int | None, process_count: int | None) -> tup
 
 
 def make_dataset(
-    source: RandomAccessSource,
+    source: RandomAccessSource | Mixture,
     *,
     seed: int,
     per_process_batch: int,
@@ -334,11 +466,13 @@ def make_dataset(
     num_workers: int = 0,
     read_threads: int = 0,
     prefetch_buffer: int = 2,
+    start_position: int = 0,
 ) -> grain.IterDataset:
     """The training input pipeline: an infinite, deterministic, resumable stream of host batches.
 
     Args:
-      source: random-access records with an ``image`` (PNG bytes or [H, W(, 1)] uint8/uint16).
+      source: random-access records with an ``image`` (PNG bytes or [H, W(, 1)] uint8/uint16),
+        or a ``Mixture`` of such sources.
       seed: pipeline seed in [0, 2**32); shuffle, crops and masks derive from it.
       per_process_batch: images per host batch, Bp.
       crop_cfg: multi-crop recipe; ``global_size`` must be a multiple of ``patch_size``.
@@ -349,6 +483,9 @@ def make_dataset(
       num_workers: Grain worker processes (0: compute in this process).
       read_threads: threads per process computing batches (0: on demand in ``next``).
       prefetch_buffer: batches buffered per worker (and per process when read_threads > 0).
+      start_position: global stream position of this dataset's first image: a resolution
+        stage after the first continues the stream where the previous stage stopped
+        (``train/stages.py``), its crops keyed by the same global positions.
 
     Returns:
       A ``grain.IterDataset`` of host batches (layout in the module docstring). Iterators
@@ -369,16 +506,17 @@ def make_dataset(
         mask_ratio_min_max=tuple(mask_ratio_min_max),
         mask_sample_probability=mask_sample_probability,
     )
-    crops = shuffled_stream(source, seed).random_map(
+    if start_position < 0:
+        raise ValueError(f"start_position must be >= 0, got {start_position}")
+    crops = record_stream(source, seed).random_map(
         DecodeAndMultiCrop(crop_cfg), seed=derive_seed(seed, _CROP_STREAM)
     )
+    # A later stage's masks are drawn from their own stream (its batches count from 0 again).
+    mask_words = (process_index, process_count) + ((start_position,) if start_position else ())
     batches = (
-        shard(crops, process_index, process_count)
+        shard(crops[start_position:], process_index, process_count)
         .batch(per_process_batch, drop_remainder=True, batch_fn=batch_crop_levels)
-        .random_map(
-            AddIbotMasks(spec),
-            seed=derive_seed(seed, _MASK_STREAM, process_index, process_count),
-        )
+        .random_map(AddIbotMasks(spec), seed=derive_seed(seed, _MASK_STREAM, *mask_words))
     )
     read_options = grain.ReadOptions(
         num_threads=read_threads,

@@ -1,8 +1,14 @@
-"""Where training records come from: a built tfds dataset, or the built-in samples."""
+"""Where training records come from: a built tfds dataset, a mixture of them, or the built-in
+samples; optionally a nested, patient-level subset of them (`config.data.fraction`)."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+from typing import Any
+
 import jax
+import numpy as np
 from absl import logging
 from etils import epath
 
@@ -47,3 +53,89 @@ def open_training_split(data_dir: str, name: str, split: str):
     if len(source) == 0:
         raise ValueError(f"{epath.Path(data_dir) / name} split {split!r} has no records")
     return source
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingData:
+    """What the loop trains on: `records` is one random-access source or a `pipeline.Mixture`;
+    (data_dir, name) is the first dataset, the one periodic kNN evaluation reads."""
+
+    records: Any
+    data_dir: str
+    name: str
+    source_names: tuple[str, ...]  # one per mixture source; () for a single source
+
+
+def subset_key(record) -> str:
+    """The unit a subset keeps or drops whole: the patient (else the file)."""
+    patient = record.get("patient_id", b"") or record.get("path", b"")
+    return patient.decode() if isinstance(patient, bytes) else str(patient)
+
+
+def patient_rank(key: str) -> float:
+    """A patient's fixed position in [0, 1): a subset of fraction f keeps the patients with
+    rank < f, so it is deterministic and contained in every larger fraction's subset."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+class Subset:
+    """`source` restricted to `indices` (random access, like the source)."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self.source, self.indices = source, np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.source[int(self.indices[index])]
+
+
+def patient_subset(source, fraction: float) -> Subset:
+    """The records of the patients whose `patient_rank` is below `fraction` (one pass over the
+    source to read the patient ids). Nested: a smaller fraction's records are a subset of a
+    larger one's; patient-disjoint: a patient's images are all kept or all dropped."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    keep = [i for i in range(len(source)) if patient_rank(subset_key(source[i])) < fraction]
+    return Subset(source, np.asarray(keep, np.int64))
+
+
+def open_training_data(config, workdir: str | epath.Path) -> TrainingData:
+    """`config.data`'s records: the built-in samples, data.dir/data.name, or the weighted
+    mixture of data.sources; each restricted to `data.fraction` of its patients."""
+    from raddino_jax.data import pipeline
+
+    d = config.data
+
+    def open_one(data_dir: str, name: str):
+        source = open_training_split(data_dir, name, d.split)
+        if d.fraction < 1:
+            source = patient_subset(source, d.fraction)
+            if len(source) == 0:
+                raise ValueError(
+                    f"config.data.fraction: {d.fraction} keeps no patient of "
+                    f"{epath.Path(data_dir) / name}; raise it"
+                )
+        return source
+
+    if d.sources:
+        opened = [open_one(data_dir, name) for name, data_dir, _ in d.sources]
+        weights = pipeline.mixture_weights([len(s) for s in opened], [w for *_, w in d.sources])
+        names = source_names([name for name, _, _ in d.sources])
+        mixture = pipeline.Mixture(tuple(opened), weights, names)
+        return TrainingData(mixture, d.sources[0][1], d.sources[0][0], names)
+    if d.dir:
+        return TrainingData(open_one(d.dir, d.name), d.dir, d.name, ())
+    data_dir, name = builtin_dataset(workdir, d.builtin_phantoms, d.builtin_size)
+    return TrainingData(open_one(data_dir, name), data_dir, name, ())
+
+
+def source_names(names) -> tuple[str, ...]:
+    """Metric-friendly names of the mixture's sources; repeats get a suffix (_2, _3, ...)."""
+    out, seen = [], {}
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return tuple(out)
