@@ -12,6 +12,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from scipy import ndimage
 
 from data_prep import samples
+from raddino_jax.data import sources
 from raddino_jax.data.samples import generate, phantom_dicom, phantoms
 
 N_PHANTOMS = 24  # two passes over the 12 DICOM variants
@@ -281,6 +282,7 @@ def test_labels_csv_is_consistent_with_files(sample_dir, rows):
         assert row["split"] == "train" and row["mask_path"] == ""
         assert row["patient_id"] == ds.PatientID
         assert (row["nodule"], row["effusion"], row["age"]) == ("-1", "-1", "-1")
+        assert row["effusion_present"] == "-1"
     rg1 = pydicom.dcmread(sample_dir / "real/RG1_UNCR.dcm")
     assert rg1.PhotometricInterpretation == "MONOCHROME1" and rg1.BodyPartExamined == "CHEST"
     assert "MIT" in (sample_dir / "LICENSE-pydicom-data.txt").read_text()
@@ -289,6 +291,7 @@ def test_labels_csv_is_consistent_with_files(sample_dir, rows):
         mask = np.asarray(Image.open(sample_dir / row["mask_path"]))
         assert mask.dtype == np.uint8 and mask.shape == (ds.Rows, ds.Columns)
         assert set(np.unique(mask).tolist()) <= {0, 255}
+        assert row["effusion_present"] == str(int(row["effusion"] != "0"))
         has_finding = row["nodule"] == "1" or row["effusion"] != "0"
         assert mask.any() == has_finding
         assert ds.PatientID == row["patient_id"] and ds.PatientSex == row["sex"]
@@ -345,6 +348,12 @@ def test_split_fractions_and_plan_balance():
     split = generate.split_patients(np.random.default_rng(0), ids)
     counts = {name: list(split.values()).count(name) for name in ("train", "val", "test")}
     assert counts == {"train": 140, "val": 30, "test": 30}
+    demo = generate.split_patients(np.random.default_rng(0), ids, sources.BUILTIN_SPLIT_FRACTIONS)
+    counts = {name: list(demo.values()).count(name) for name in ("train", "val", "test")}
+    assert counts == {"train": 90, "val": 20, "test": 90}
+    for bad in ({"train": 0.5, "test": 0.5}, {"train": 0.5, "val": 0.1, "test": 0.3}):
+        with pytest.raises(ValueError, match="split_fractions"):
+            generate.split_patients(np.random.default_rng(0), ids, bad)
     plans = generate.plan_phantoms(np.random.default_rng(0), 96)
     assert len(plans) == 96
     first = [p for p in plans if p.study_index == 0]

@@ -6,8 +6,8 @@ byte-identical for a given seed (command line: `python -m data_prep.samples`):
     DIR/LICENSE-pydicom-data.txt   where those came from, and their licence
     DIR/phantoms/*.dcm             synthetic chest radiographs (see `phantoms`, `phantom_dicom`)
     DIR/phantoms/masks/*.png       lesion masks, 0/255 uint8, same grid as the DICOM pixels
-    DIR/labels.csv                 path, split, patient_id, mask_path, nodule, effusion, sex,
-                                   age, kind; paths relative to DIR
+    DIR/labels.csv                 path, split, patient_id, mask_path, nodule, effusion,
+                                   effusion_present, sex, age, kind; paths relative to DIR
     DIR/samples.json               counts, seed, transfer syntaxes used and skipped
 
 labels.csv is the input contract of the dataset builder (`raddino_jax.data.builder`): every
@@ -40,6 +40,7 @@ CSV_COLUMNS = (
     "mask_path",
     "nodule",
     "effusion",
+    "effusion_present",
     "sex",
     "age",
     "kind",
@@ -58,7 +59,7 @@ REAL_FILES = (
 REQUIRED_REAL_FILES = ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm")
 MANUFACTURERS = ("Acme Radiology", "Northwind Medical", "Contoso Imaging", "Phantom Works")
 REPEAT_PATIENT_FRACTION = 0.10  # share of images that are a patient's second study
-SPLIT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
+SPLIT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}  # default; see split_patients
 UID_NAMESPACE = "raddino_jax.data_prep.samples"
 
 
@@ -105,13 +106,27 @@ def plan_phantoms(rng: np.random.Generator, n_phantoms: int) -> list[PhantomPlan
     return plans
 
 
-def split_patients(rng: np.random.Generator, patient_ids: Sequence[str]) -> dict[str, str]:
-    """Random ~70/15/15 train/val/test split by patient (every split non-empty from 3
-    patients on), so that no patient appears in two splits."""
+def check_split_fractions(split_fractions: dict[str, float]) -> None:
+    """Raise ValueError unless `split_fractions` maps train, val, test to fractions summing to 1."""
+    if set(split_fractions) != {"train", "val", "test"}:
+        raise ValueError(f"split_fractions needs train, val, test; got {sorted(split_fractions)}")
+    if min(split_fractions.values()) < 0 or abs(sum(split_fractions.values()) - 1.0) > 1e-6:
+        raise ValueError(f"split_fractions must be >= 0 and sum to 1, got {split_fractions}")
+
+
+def split_patients(
+    rng: np.random.Generator,
+    patient_ids: Sequence[str],
+    split_fractions: dict[str, float] | None = None,
+) -> dict[str, str]:
+    """Random train/val/test split by patient, by default ~70/15/15 (`SPLIT_FRACTIONS`; every
+    split non-empty from 3 patients on), so that no patient appears in two splits."""
+    fractions = SPLIT_FRACTIONS if split_fractions is None else split_fractions
+    check_split_fractions(fractions)
     unique = sorted(set(patient_ids))
     order = [unique[i] for i in rng.permutation(len(unique))]
-    n_val = int(round(SPLIT_FRACTIONS["val"] * len(order)))
-    n_test = int(round(SPLIT_FRACTIONS["test"] * len(order)))
+    n_val = int(round(fractions["val"] * len(order)))
+    n_test = int(round(fractions["test"] * len(order)))
     if len(order) >= 3:
         n_val, n_test = max(n_val, 1), max(n_test, 1)
     n_train = len(order) - n_val - n_test
@@ -151,6 +166,7 @@ def copy_real_radiographs(output: epath.Path) -> list[dict]:
                 mask_path="",
                 nodule=-1,
                 effusion=-1,
+                effusion_present=-1,
                 sex=sex if sex in ("M", "F") else "",
                 age=_age_years(str(header.get("PatientAge", "") or "")),
                 kind="real",
@@ -239,7 +255,11 @@ def _png_bytes(mask: np.ndarray) -> bytes:
 
 
 def make_phantoms(
-    output: epath.Path, n_phantoms: int, size: int, seed: int
+    output: epath.Path,
+    n_phantoms: int,
+    size: int,
+    seed: int,
+    split_fractions: dict[str, float] | None = None,
 ) -> tuple[list[dict], dict]:
     """Render, encode and write `n_phantoms` phantoms (DICOM + mask PNG) under output/phantoms.
 
@@ -248,7 +268,7 @@ def make_phantoms(
     (output / "phantoms" / "masks").mkdir(parents=True, exist_ok=True)
     plans = plan_phantoms(np.random.default_rng([seed, 0]), n_phantoms)
     patient_ids = [f"PH{seed % 10000:04d}-{plan.patient_index:04d}" for plan in plans]
-    splits = split_patients(np.random.default_rng([seed, 1]), patient_ids)
+    splits = split_patients(np.random.default_rng([seed, 1]), patient_ids, split_fractions)
     available = {
         v.transfer_syntax: phantom_dicom.syntax_available(v.transfer_syntax)
         for v in phantom_dicom.VARIANTS
@@ -290,6 +310,7 @@ def make_phantoms(
                 mask_path=f"phantoms/masks/{stem}.png",
                 nodule=params.nodule,
                 effusion=params.effusion,
+                effusion_present=int(params.effusion != phantoms.EFFUSION_NONE),
                 sex=params.sex,
                 age=params.age,
                 kind="phantom",
@@ -324,10 +345,16 @@ def _count(rows: Sequence[dict], column: str) -> dict[str, int]:
 
 
 def generate_samples(
-    output: epath.PathLike, n_phantoms: int = 96, size: int = 256, seed: int = 0
+    output: epath.PathLike,
+    n_phantoms: int = 96,
+    size: int = 256,
+    seed: int = 0,
+    split_fractions: dict[str, float] | None = None,
 ) -> dict:
     """Write the whole sample data set to `output` (local folder or gs:// URL).
 
+    `split_fractions` ({train, val, test} -> fraction of patients; default `SPLIT_FRACTIONS`)
+    sets the phantoms' patient split; real radiographs are always in train.
     Returns the summary also written to output/samples.json.
     """
     if n_phantoms < 0:
@@ -336,10 +363,12 @@ def generate_samples(
         raise ValueError(f"seed must be >= 0, got {seed}")
     if size < 64:
         raise ValueError(f"size must be >= 64 pixels, got {size}")
+    if split_fractions is not None:
+        check_split_fractions(split_fractions)
     output = epath.Path(output)
     output.mkdir(parents=True, exist_ok=True)
     real_rows = copy_real_radiographs(output)
-    phantom_rows, storage = make_phantoms(output, n_phantoms, size, seed)
+    phantom_rows, storage = make_phantoms(output, n_phantoms, size, seed, split_fractions)
     (output / "labels.csv").write_text(_csv_text(real_rows + phantom_rows))
     summary = {
         "seed": seed,
@@ -352,6 +381,7 @@ def generate_samples(
         "phantom_effusion": _count(phantom_rows, "effusion"),
         "phantom_sex": _count(phantom_rows, "sex"),
         "effusion_codes": {"0": "none", "1": "left (image right)", "2": "right (image left)"},
+        "effusion_present": "1 if effusion is 1 or 2 (side-free, so unchanged by a flip)",
         **storage,
     }
     (output / "samples.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

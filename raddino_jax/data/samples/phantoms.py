@@ -155,7 +155,7 @@ def sample_patient(
         bone_contrast=float(1.15 - 0.5 * age_fraction + rng.uniform(-0.08, 0.08)),
         aortic_radius=float(0.035 + 0.045 * age_fraction + rng.uniform(0.0, 0.01)),
         effusion=effusion,
-        effusion_level=float(rng.uniform(0.10, 0.32)),
+        effusion_level=float(rng.uniform(0.35, 0.60)),  # fluid height: visible at 112 px
         effusion_rise=float(rng.uniform(0.10, 0.22)),
         nodules=(),
     )
@@ -184,7 +184,10 @@ def _sample_nodules(
         if len(nodules) == count:
             break
         side = rng.choice([-1.0, 1.0])
-        radius = float(rng.uniform(0.035, 0.075))
+        # Sized and dense enough to be seen at the demo's 112 px (a nodule covers >= ~2x2
+        # patches of 16 px); the earlier 0.035-0.075 / 0.10-0.20 were at chance even for a
+        # pixel-level detector at that resolution.
+        radius = float(rng.uniform(0.08, 0.13))
         x = side * float(rng.uniform(0.15, 0.75))
         y = float(rng.uniform(-0.7, 0.6))
         probe_x = np.concatenate([[x], x + 1.3 * radius * np.cos(angles)])
@@ -194,7 +197,7 @@ def _sample_nodules(
             continue
         if any(math.hypot(x - n.x, y - n.y) < 1.5 * (radius + n.radius) for n in nodules):
             continue
-        nodules.append(Nodule(x=x, y=y, radius=radius, contrast=float(rng.uniform(0.10, 0.2))))
+        nodules.append(Nodule(x=x, y=y, radius=radius, contrast=float(rng.uniform(0.25, 0.40))))
     if len(nodules) < count and not nodules:
         raise RuntimeError("could not place a nodule inside the lung fields")
     return tuple(nodules)
@@ -362,7 +365,7 @@ def _anatomy_density(
     hilum = sum(np.exp(-((x - side * 0.22) ** 2 + (y + 0.02) ** 2) / 0.012) for side in (-1.0, 1.0))
     density = 0.46 * body
     density -= 0.30 * aerated * (1.0 - 0.35 * np.clip(hilum, 0, 1))
-    density += 0.06 * fields["effusion"] * fields["lung"]
+    density += 0.12 * fields["effusion"] * fields["lung"]
     density += 0.06 * _heart(x, y, params) + 0.05 * _aortic_knuckle(x, y, params)
     abdomen = sum(_soft_inside(y - _dome_y(x, side, params), 0.012) for side in (-1.0, 1.0))
     density += 0.04 * np.clip(abdomen, 0, 1) * torso
