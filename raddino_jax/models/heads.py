@@ -45,9 +45,16 @@ class WeightNormLinear(nnx.Module):
         self.weight_g = nnx.Param(jnp.ones((dout,), dtype=PARAM_DTYPE))
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """[..., din] -> float32 [..., dout]: operands in the compute dtype, accumulation and
+        output in float32 (the logits feed a 0.04-0.1 temperature softmax; docs/conventions.md,
+        "Accumulate in float32")."""
         v = self.weight_v[...]
         kernel = v * (self.weight_g[...] / jnp.linalg.norm(v, axis=0))
-        return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        return jnp.dot(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
 
 
 class DINOHead(nnx.Module):
@@ -60,6 +67,8 @@ class DINOHead(nnx.Module):
         self.cfg = cfg
         dims = [cfg.in_dim] + [cfg.hidden_dim] * (cfg.nlayers - 1) + [cfg.bottleneck_dim]
         self.mlp = nnx.List([linear(a, b, rngs, dtype) for a, b in zip(dims[:-1], dims[1:])])
+        # The bottleneck output is L2-normalised in float32: accumulate and return it in float32.
+        self.mlp[-1].preferred_element_type = jnp.float32
         self.last_layer = WeightNormLinear(cfg.bottleneck_dim, cfg.out_dim, dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:

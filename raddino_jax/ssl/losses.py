@@ -182,6 +182,93 @@ def sinkhorn_knopp_teacher(
 # ----------------------------------------------------------------------------------------------
 
 
+def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sums `x` over the leading / size-1 axes that broadcasting added to an array of `shape`."""
+    lead = x.ndim - len(shape)
+    x = jnp.sum(x, axis=tuple(range(lead))) if lead else x
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+    return jnp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+def _cross_entropy_parts(logits, targets, temperature, valid):
+    """(scaled logits u = z / tau, targets p, log-sum-exp of u), invalid rows zeroed first."""
+    keep = valid[..., None]
+    u = jnp.where(keep, _f32(logits), 0.0) / temperature
+    p = jnp.where(keep, _f32(targets), 0.0)
+    top = jax.lax.stop_gradient(jnp.max(u, axis=-1, keepdims=True))
+    lse = top + jnp.log(jnp.sum(jnp.exp(u - top), axis=-1, keepdims=True))
+    return u, p, lse
+
+
+@jax.custom_vjp
+def _soft_cross_entropy(logits, targets, temperature, valid):
+    u, p, lse = _cross_entropy_parts(logits, targets, temperature, valid)
+    return jnp.sum(p, axis=-1) * lse[..., 0] - jnp.sum(p * u, axis=-1)
+
+
+def _soft_cross_entropy_fwd(logits, targets, temperature, valid):
+    u, p, lse = _cross_entropy_parts(logits, targets, temperature, valid)
+    out = jnp.sum(p, axis=-1) * lse[..., 0] - jnp.sum(p * u, axis=-1)
+    # Residuals: the inputs (alive anyway) and one float per row; u, p and softmax(u) are
+    # recomputed in the backward inside one fusion instead of being stored as [n, K] arrays.
+    return out, (logits, targets, temperature, valid, lse)
+
+
+def _soft_cross_entropy_bwd(residuals, grad):
+    logits, targets, temperature, valid, lse = residuals
+    keep = valid[..., None]
+    u = jnp.where(keep, _f32(logits), 0.0) / temperature
+    p = jnp.where(keep, _f32(targets), 0.0)
+    g = grad[..., None]
+    # d/du [S lse(u) - <p, u>] = S softmax(u) - p, with S = sum_k p_k (1 for a distribution)
+    d_u = g * (jnp.sum(p, axis=-1, keepdims=True) * jnp.exp(u - lse) - p)
+    d_logits = jnp.where(keep, d_u / temperature, 0.0).astype(logits.dtype)
+    d_targets = jnp.where(keep, g * (lse - u), 0.0)
+    d_temperature = -jnp.sum(d_u * u) / temperature
+    return (
+        d_logits,
+        _sum_to_shape(d_targets, targets.shape).astype(targets.dtype),
+        _sum_to_shape(d_temperature, jnp.shape(temperature)).astype(temperature.dtype),
+        None,
+    )
+
+
+_soft_cross_entropy.defvjp(_soft_cross_entropy_fwd, _soft_cross_entropy_bwd)
+
+
+def soft_cross_entropy(
+    logits: jax.Array,
+    targets: jax.Array,
+    temperature: float | jax.Array,
+    valid: jax.Array | None = None,
+) -> jax.Array:
+    """``-sum_k p_k log softmax(z / tau)_k`` per row, fused: no [n, K] float32 copies kept.
+
+    The autodiff of ``log_softmax`` keeps its [n, K] float32 output (and every masked or scaled
+    copy of the logits) alive until the backward; with K = 65536 prototypes and thousands of
+    masked tokens per device those copies are GBs of HBM. Here the forward keeps one
+    log-sum-exp per row and the backward recomputes ``softmax(z / tau)`` in the same fusion that
+    writes the logits' gradient (``custom_vjp``). Values and gradients (logits, targets,
+    temperature) equal the ``log_softmax`` formula's; ``S lse - <p, u>`` equals it exactly in
+    real arithmetic for any target mass S.
+
+    Args:
+      logits: ``[..., K]`` student head outputs (any float dtype; arithmetic in float32).
+      targets: ``[..., K]`` targets, broadcastable against ``logits`` (e.g. ``[1, B, K]``).
+      temperature: ``tau``.
+      valid: optional ``bool[...]`` rows; invalid rows are zeroed *before* any arithmetic
+        (their logits may be garbage, inf or NaN) and give 0 with a 0 gradient.
+
+    Returns:
+      ``[...]`` float32 cross-entropies.
+    """
+    logits = jnp.asarray(logits)
+    if valid is None:
+        valid = jnp.ones(logits.shape[:-1], dtype=bool)
+    valid = jnp.broadcast_to(jnp.asarray(valid, bool), logits.shape[:-1])
+    return _soft_cross_entropy(logits, jnp.asarray(targets), _f32(temperature), valid)
+
+
 def dino_loss(
     student_logits: jax.Array, teacher_probs: jax.Array, student_temperature: float | jax.Array
 ) -> jax.Array:
@@ -192,7 +279,8 @@ def dino_loss(
     crops are the global crops the teacher saw, in the teacher's order, so excluding ``s == t``
     pairs student global 1 with teacher global 2 and vice versa: the reference's crop swap.
 
-    Identity used to avoid materialising ``[S, T, B, K]``: with ``l_s = log_softmax(z_s / tau)``,
+    The cross-entropies are fused (:func:`soft_cross_entropy`). Identity used to avoid
+    materialising ``[S, T, B, K]``: with ``l_s = log_softmax(z_s / tau)``,
 
         sum_{s, t != s} sum_{b,k} p_tbk l_sbk
           = sum_s sum_{b,k} (sum_t p_tbk) l_sbk  -  sum_{s < T} sum_{b,k} p_sbk l_sbk,
@@ -214,11 +302,13 @@ def dino_loss(
     n_pairs = n_student * n_teacher - n_teacher
     if n_pairs == 0:
         raise ValueError("dino_loss needs at least one (s, t) pair with s != t")
-    log_q = jax.nn.log_softmax(_f32(student_logits) / _f32(student_temperature), axis=-1)
     probs = _f32(teacher_probs)
-    all_pairs = jnp.sum(log_q * jnp.sum(probs, axis=0)[None])
-    same_crop = jnp.sum(log_q[:n_teacher] * probs)
-    return -(all_pairs - same_crop) / (batch * n_pairs)
+    # Fused cross-entropies (`soft_cross_entropy`): no [S, B, K] log-softmax is stored.
+    all_pairs = jnp.sum(
+        soft_cross_entropy(student_logits, jnp.sum(probs, axis=0)[None], student_temperature)
+    )
+    same_crop = jnp.sum(soft_cross_entropy(student_logits[:n_teacher], probs, student_temperature))
+    return (all_pairs - same_crop) / (batch * n_pairs)
 
 
 def ibot_loss(
@@ -236,7 +326,8 @@ def ibot_loss(
 
     Padding rows have ``w = 0``. Their logits and targets may be garbage (uninitialised buffer
     rows, inf, NaN): they are replaced by zeros *before* any arithmetic, so neither the value
-    nor the gradient can pick up a NaN.
+    nor the gradient can pick up a NaN. The cross-entropy is fused (:func:`soft_cross_entropy`):
+    no [M, K] float32 copy of the logits or log-probabilities is kept for the backward.
 
     Args:
       student_logits: ``[M, K]`` student head outputs at masked positions (padded buffer).
@@ -249,11 +340,9 @@ def ibot_loss(
       float32 scalar loss.
     """
     weights = _f32(token_weights)
-    is_token = (weights != 0)[:, None]
-    logits = jnp.where(is_token, _f32(student_logits), 0.0)
-    probs = jnp.where(is_token, _f32(teacher_probs), 0.0)
-    log_q = jax.nn.log_softmax(logits / _f32(student_temperature), axis=-1)
-    cross_entropy = -jnp.sum(probs * log_q, axis=-1)
+    cross_entropy = soft_cross_entropy(
+        student_logits, teacher_probs, student_temperature, valid=weights != 0
+    )
     return jnp.sum(weights * cross_entropy) / _f32(n_crops)
 
 
