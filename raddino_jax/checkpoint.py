@@ -150,7 +150,10 @@ def load_any_preprocessing(path: str | epath.Path) -> Preprocessing:
 # Training checkpoints: student, teacher, optimizer + centres + step, and the data iterator
 # ----------------------------------------------------------------------------------------------
 
-TRAIN_ITEMS = ("student", "teacher", "train", "data")
+# `gram_teacher` is written only by runs with Gram anchoring on (ssl.gram_weight > 0); the other
+# four items are in every checkpoint, so checkpoints from before Gram anchoring still restore.
+TRAIN_ITEMS = ("student", "teacher", "train", "data", "gram_teacher")
+GRAM_ITEM = "gram_teacher"
 # TrainState fields stored in the `train` item (student/teacher are items of their own).
 _TRAIN_FIELDS = ("step", "opt_state", "dino_center", "ibot_center")
 
@@ -164,12 +167,19 @@ class RestoreError(ValueError):
     """A training checkpoint cannot be restored into this run (and why)."""
 
 
+def _copy_backbone(teacher: dict, abstract_gram_teacher: dict) -> dict:
+    """{"backbone": copy of teacher["backbone"]} in the Gram teacher's shardings."""
+    shardings = jax.tree.map(lambda a: a.sharding, abstract_gram_teacher)
+    return jax.jit(lambda t: {"backbone": t["backbone"]}, out_shardings=shardings)(teacher)
+
+
 class TrainCheckpointer:
     """Orbax CheckpointManager over `WORKDIR/checkpoints`, one step per directory.
 
     Items: `student`, `teacher` (pure param dicts, also readable alone by the exporter),
-    `train` (optimizer state, step, centres) and `data` (the Grain iterator, one file per
-    process). Saves are asynchronous; `check()` re-raises a failed background save.
+    `train` (optimizer state, step, centres), `data` (the Grain iterator, one file per
+    process) and, with Gram anchoring on, `gram_teacher` ({"backbone": ...}). Saves are
+    asynchronous; `check()` re-raises a failed background save.
     """
 
     def __init__(self, workdir: str | epath.Path, keep: int, async_save: bool = True):
@@ -194,6 +204,10 @@ class TrainCheckpointer:
             train=ocp.args.StandardSave(_train_item(state)),
             data=grain.checkpoint.CheckpointSave(item=data_iterator),
         )
+        if state.gram_teacher is not None:
+            args = ocp.args.Composite(
+                **dict(args.items()), gram_teacher=ocp.args.StandardSave(state.gram_teacher)
+            )
         return self.manager.save(step, args=args, force=force)
 
     def _check_process_count(self, step: int) -> None:
@@ -208,23 +222,51 @@ class TrainCheckpointer:
                 "onto the same number of processes. Relaunch with that many processes."
             )
 
-    def restore(self, step: int, abstract_state, data_iterator):
+    def has_gram_teacher(self, step: int) -> bool:
+        return (self.directory / str(step) / GRAM_ITEM).exists()
+
+    def restore(self, step: int, abstract_state, data_iterator, *, gram_teacher_from_teacher=False):
         """The train state at `step`, placed in `abstract_state`'s shardings, and the iterator
-        advanced to where it was (restored in place)."""
+        advanced to where it was (restored in place).
+
+        The Gram teacher is restored when `abstract_state` has one (Gram anchoring on). A
+        checkpoint written with it off has none: then `gram_teacher_from_teacher` (the caller
+        knows the first refresh is still ahead, so the value is overwritten before use) starts
+        it as a copy of the restored teacher's backbone; otherwise this is a RestoreError. A
+        stored Gram teacher is ignored when the run has Gram anchoring off.
+        """
         import grain
 
         self._check_process_count(step)
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                student=ocp.args.StandardRestore(abstract_state.student),
-                teacher=ocp.args.StandardRestore(abstract_state.teacher),
-                train=ocp.args.StandardRestore(_train_item(abstract_state)),
-                data=grain.checkpoint.CheckpointRestore(item=data_iterator),
-            ),
+        args = dict(
+            student=ocp.args.StandardRestore(abstract_state.student),
+            teacher=ocp.args.StandardRestore(abstract_state.teacher),
+            train=ocp.args.StandardRestore(_train_item(abstract_state)),
+            data=grain.checkpoint.CheckpointRestore(item=data_iterator),
         )
+        wants_gram = abstract_state.gram_teacher is not None
+        stored_gram = wants_gram and self.has_gram_teacher(step)
+        if wants_gram and not stored_gram and not gram_teacher_from_teacher:
+            raise RestoreError(
+                f"checkpoint {self.directory / str(step)} was written with Gram anchoring off, "
+                "so it holds no Gram teacher to resume from: set config.ssl.gram_teacher='ema' "
+                f"and config.ssl.gram_start_step >= {step} (the EMA teacher is copied then), or "
+                "config.ssl.gram_weight=0"
+            )
+        if stored_gram:
+            args["gram_teacher"] = ocp.args.StandardRestore(abstract_state.gram_teacher)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        if stored_gram:
+            gram_teacher = restored["gram_teacher"]
+        elif wants_gram:
+            gram_teacher = _copy_backbone(restored["teacher"], abstract_state.gram_teacher)
+        else:
+            gram_teacher = None
         return abstract_state.replace(
-            student=restored["student"], teacher=restored["teacher"], **restored["train"]
+            student=restored["student"],
+            teacher=restored["teacher"],
+            gram_teacher=gram_teacher,
+            **restored["train"],
         )
 
     def check(self) -> None:

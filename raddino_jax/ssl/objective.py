@@ -1,7 +1,8 @@
-"""The DINOv2 objective on one batch: teacher targets, DINO + iBOT + KoLeo (recipe s3, s7).
+"""The DINOv2 objective on one batch: teacher targets, DINO + iBOT + KoLeo (recipe s3, s7),
+plus DINOv3's Gram anchoring when `gram_weight` > 0 (recipe, "Gram anchoring (DINOv3)").
 
-Pure function of (student params, teacher params, centres, batch, key, scalars). The batch uses
-the pipeline's crop-major layout with an explicit crop axis:
+Pure function of (student params, teacher params, centres, batch, key, scalars[, Gram
+teacher]). The batch uses the pipeline's crop-major layout with an explicit crop axis:
   global_crops [2, B, G, G, C], local_crops [n_local, B, L, L, C], masks [2, B, N],
   mask_indices / mask_weights / mask_valid [n_groups, U] (flat indices into a group's
   [2, b, N] tokens, b = B / n_groups; masks are drawn per group as the reference draws them per
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from raddino_jax.models import ModelSpec, bind
-from raddino_jax.ssl import losses
+from raddino_jax.ssl import gram, losses
 
 CENTERINGS = ("centering", "sinkhorn_knopp")
 
@@ -28,6 +29,12 @@ class ObjectiveConfig:
     `koleo_group_size` is the number of images per KoLeo group: the reference computes KoLeo per
     device batch, so set it to the per-device batch of the run you reproduce. It is a fixed
     number (not derived from the mesh) so that the loss does not change with the mesh layout.
+
+    Gram anchoring (DINOv3; off while `gram_weight` is 0): from step `gram_start_step` on, the
+    total gains `gram_weight * gram_loss`. `gram_teacher` "ema" copies the EMA teacher's
+    backbone into the Gram teacher at `gram_start_step` and then every `gram_update_every`
+    steps (0: never again); "initial" keeps the weights the run started from (random init or
+    `init.checkpoint`) for the whole run.
     """
 
     student_temperature: float = 0.1
@@ -38,6 +45,14 @@ class ObjectiveConfig:
     ibot_weight: float = 1.0
     koleo_weight: float = 0.1
     koleo_group_size: int = 0  # 0: the whole batch is one group
+    gram_weight: float = 0.0  # 0: Gram anchoring off (DINOv3 uses 2.0)
+    gram_start_step: int = 0
+    gram_update_every: int = 0  # 0: the Gram teacher is never refreshed after the first copy
+    gram_teacher: str = "ema"  # "ema" or "initial"
+
+    @property
+    def gram_enabled(self) -> bool:
+        return self.gram_weight > 0
 
     def __post_init__(self):
         if self.centering not in CENTERINGS:
@@ -48,6 +63,21 @@ class ObjectiveConfig:
             raise ValueError("center_momentum must be in [0, 1)")
         if self.koleo_group_size < 0:
             raise ValueError("koleo_group_size must be >= 0")
+        if self.gram_weight < 0:
+            raise ValueError(f"gram_weight must be >= 0 (0: off), got {self.gram_weight}")
+        if self.gram_start_step < 0:
+            raise ValueError(f"gram_start_step must be >= 0, got {self.gram_start_step}")
+        if self.gram_update_every < 0:
+            raise ValueError(f"gram_update_every must be >= 0, got {self.gram_update_every}")
+        if self.gram_teacher not in gram.GRAM_TEACHERS:
+            raise ValueError(
+                f"gram_teacher must be one of {gram.GRAM_TEACHERS}, got {self.gram_teacher!r}"
+            )
+        if self.gram_teacher == "initial" and self.gram_update_every:
+            raise ValueError(
+                "gram_teacher 'initial' is never refreshed: set gram_update_every to 0, or use "
+                "gram_teacher 'ema' to refresh from the EMA teacher"
+            )
 
 
 def to_input_channels(images: jax.Array, in_chans: int) -> jax.Array:
@@ -126,11 +156,18 @@ def ssl_loss(
     batch: dict[str, jax.Array],
     key: jax.Array,
     teacher_temperature: jax.Array,
+    gram_teacher_params: dict | None = None,
+    gram_active: jax.Array | bool = False,
     *,
     spec: ModelSpec,
     cfg: ObjectiveConfig,
 ) -> tuple[jax.Array, dict]:
-    """Total loss and auxiliaries (terms, next centres, monitors). Differentiable in the student."""
+    """Total loss and auxiliaries (terms, next centres, monitors). Differentiable in the student.
+
+    With `cfg.gram_enabled`, `gram_teacher_params` ({"backbone": ...}) is the Gram teacher and
+    `gram_active` (a bool scalar, `step >= cfg.gram_start_step`) switches the Gram term on; while
+    it is off the Gram teacher's forward is skipped (`lax.cond`) and `gram_loss` is 0.
+    """
     vit = spec.backbone
     student, teacher = bind(spec, student_params), bind(spec, teacher_params)
     student_ibot_head = student.ibot_head if spec.ibot_head is not None else student.dino_head
@@ -186,6 +223,11 @@ def ssl_loss(
     cls_per_crop = s_global_cls
     koleo = sum(losses.koleo_loss_grouped(cls_per_crop[c], group) for c in range(n_global))
     total = cfg.dino_weight * dino + cfg.ibot_weight * ibot + cfg.koleo_weight * koleo
+    if cfg.gram_enabled:
+        gram_term = _gram_term(
+            s_global["x_norm_patchtokens"], globals_flat, gram_teacher_params, gram_active, spec
+        )
+        total = total + cfg.gram_weight * gram_term
 
     swapped = teacher_probs[::-1].reshape(n_global * batch_size, -1)  # crop swap, recipe s3
     aux = {
@@ -200,4 +242,43 @@ def ssl_loss(
         ),
         "masked_tokens": jnp.sum(valid.astype(jnp.float32)),
     }
+    if cfg.gram_enabled:
+        aux["gram_loss"] = gram_term
     return total, aux
+
+
+def _gram_term(
+    student_patches: jax.Array,
+    globals_flat: jax.Array,
+    gram_teacher_params: dict | None,
+    active: jax.Array | bool,
+    spec: ModelSpec,
+) -> jax.Array:
+    """DINOv3's Gram loss on the global crops (image-major rows, as the objective holds them).
+
+    student_patches [B * 2, N, D]: the student's normed patch tokens of the *masked* globals
+    (the reference takes them from the same student pass as iBOT, all tokens used).
+    The Gram teacher sees the unmasked globals at the same resolution, without drop path.
+    """
+    if gram_teacher_params is None:
+        raise ValueError(
+            "ssl.gram_weight > 0 needs a Gram teacher in the train state: create the state with "
+            "train.state.create_state(..., gram=True)"
+        )
+
+    def compute(student_patches, globals_flat, gram_teacher_params):
+        teacher = bind(ModelSpec(backbone=spec.backbone), gram_teacher_params)
+        teacher_patches = teacher.backbone(globals_flat)["x_norm_patchtokens"]
+        return gram.gram_loss(student_patches, jax.lax.stop_gradient(teacher_patches))
+
+    def skip(student_patches, globals_flat, gram_teacher_params):
+        return jnp.zeros((), jnp.float32)
+
+    return jax.lax.cond(
+        jnp.asarray(active, jnp.bool_),
+        compute,
+        skip,
+        student_patches,
+        globals_flat,
+        gram_teacher_params,
+    )

@@ -22,6 +22,9 @@ class TrainState:
     student / teacher: parameter dicts {"backbone", "dino_head", ["ibot_head"]}.
     opt_state: the student's optax state (holds its own step count for the schedules).
     dino_center [K] / ibot_center [K_ibot]: teacher centring EMAs (recipe s3).
+    gram_teacher: {"backbone": ...}, the Gram teacher of DINOv3's Gram anchoring, or None when
+      it is off (then the state has exactly the leaves it had before Gram anchoring existed, so
+      shardings, checkpoints and the sweep's state accounting are unchanged).
     """
 
     step: jax.Array
@@ -30,6 +33,7 @@ class TrainState:
     opt_state: Any
     dino_center: jax.Array
     ibot_center: jax.Array
+    gram_teacher: dict | None = None
 
 
 def head_sizes(spec: ModelSpec) -> tuple[int, int]:
@@ -39,10 +43,17 @@ def head_sizes(spec: ModelSpec) -> tuple[int, int]:
     return spec.dino_head.out_dim, ibot.out_dim
 
 
-def new_state(params: dict, optimizer: optax.GradientTransformation, spec: ModelSpec) -> TrainState:
-    """Teacher starts as a copy of the student (recipe s4); centres start at zero."""
+def new_state(
+    params: dict, optimizer: optax.GradientTransformation, spec: ModelSpec, gram: bool = False
+) -> TrainState:
+    """Teacher starts as a copy of the student (recipe s4); centres start at zero.
+
+    With `gram`, the Gram teacher starts as a copy of the initial backbone: the "initial" Gram
+    teacher keeps it, the "ema" one replaces it at `ssl.gram_start_step`.
+    """
     k_dino, k_ibot = head_sizes(spec)
     teacher = jax.tree.map(jnp.copy, params)
+    gram_teacher = {"backbone": jax.tree.map(jnp.copy, params["backbone"])} if gram else None
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         student=params,
@@ -50,6 +61,7 @@ def new_state(params: dict, optimizer: optax.GradientTransformation, spec: Model
         opt_state=optimizer.init(params),
         dino_center=jnp.zeros((k_dino,), jnp.float32),
         ibot_center=jnp.zeros((k_ibot,), jnp.float32),
+        gram_teacher=gram_teacher,
     )
 
 
@@ -57,7 +69,8 @@ def state_shardings(
     abstract_state: TrainState, mesh: Mesh, rules: sharding.Rules = sharding.TENSOR_RULES
 ):
     """NamedShardings for every leaf of a (possibly abstract) train state under `rules`
-    (`config.sharding.tensor_rules`)."""
+    (`config.sharding.tensor_rules`). The Gram teacher's leaves end with the backbone's
+    parameter paths, so they take the same placements as the student's backbone."""
     specs = sharding.state_specs(abstract_state, abstract_state.student, mesh, rules)
     return sharding.to_shardings(specs, mesh)
 
@@ -67,9 +80,10 @@ def abstract_state(
     optimizer: optax.GradientTransformation,
     mesh: Mesh,
     rules: sharding.Rules = sharding.TENSOR_RULES,
+    gram: bool = False,
 ) -> tuple[TrainState, Any]:
     """(ShapeDtypeStruct state with shardings, shardings) without allocating anything."""
-    shapes = jax.eval_shape(lambda: new_state(init_params(spec, 0), optimizer, spec))
+    shapes = jax.eval_shape(lambda: new_state(init_params(spec, 0), optimizer, spec, gram))
     shardings = state_shardings(shapes, mesh, rules)
     with_shardings = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
@@ -85,17 +99,19 @@ def create_state(
     seed: int,
     params: dict | None = None,
     rules: sharding.Rules = sharding.TENSOR_RULES,
+    gram: bool = False,
 ) -> TrainState:
     """A train state created inside jit straight into its shardings (no single-device copy).
 
     `params` (e.g. imported DINOv2 / RAD-DINO weights, possibly with fresh heads merged in)
-    replaces the random initialisation.
+    replaces the random initialisation. `gram` adds the Gram teacher (`ssl.gram_weight` > 0).
     """
-    _, shardings = abstract_state(spec, optimizer, mesh, rules)
+    _, shardings = abstract_state(spec, optimizer, mesh, rules, gram)
     if params is None:
         make = jax.jit(
-            lambda: new_state(init_params(spec, seed), optimizer, spec), out_shardings=shardings
+            lambda: new_state(init_params(spec, seed), optimizer, spec, gram),
+            out_shardings=shardings,
         )
         return make()
-    make = jax.jit(lambda p: new_state(p, optimizer, spec), out_shardings=shardings)
+    make = jax.jit(lambda p: new_state(p, optimizer, spec, gram), out_shardings=shardings)
     return make(params)

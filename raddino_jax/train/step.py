@@ -3,6 +3,9 @@
 student forward/backward on 2 masked globals + n locals, teacher forward on the 2 unmasked
 globals, DINO + iBOT + KoLeo, AdamW update with per-parameter rules, teacher EMA, lagged centre
 update (recipe s3, s4). Schedules are evaluated at `state.step`, inside the step.
+With Gram anchoring on (`objective.gram_weight` > 0), the Gram teacher is refreshed from the
+EMA teacher at the start of refresh steps, with `jnp.where` on the step so the step compiles
+once (recipe, "Gram anchoring (DINOv3)").
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from jax.sharding import Mesh
 
 from raddino_jax.models import ModelSpec
 from raddino_jax.parallel import sharding
+from raddino_jax.ssl import gram
 from raddino_jax.ssl.objective import ObjectiveConfig, ssl_loss
 from raddino_jax.ssl.schedules import Schedules
 from raddino_jax.train.optim import submodule_grad_norms
@@ -27,6 +31,26 @@ def ema(teacher: dict, student: dict, momentum: jax.Array) -> dict:
     """theta_t <- m theta_t + (1 - m) theta_s over every teacher parameter (recipe s4)."""
     momentum = jnp.asarray(momentum, jnp.float32)
     return jax.tree.map(lambda t, s: t * momentum + s * (1.0 - momentum), teacher, student)
+
+
+def refresh_gram_teacher(state: TrainState, objective: ObjectiveConfig) -> dict | None:
+    """The Gram teacher this step uses: a copy of the EMA teacher's backbone on refresh steps
+    of the "ema" Gram teacher (the teacher after `state.step` EMA updates), else the stored one.
+    "initial" never changes. None when Gram anchoring is off."""
+    if not objective.gram_enabled or objective.gram_teacher != "ema":
+        return state.gram_teacher
+    if state.gram_teacher is None:
+        raise ValueError(
+            "ssl.gram_weight > 0 needs a Gram teacher in the train state: create the state "
+            "with train.state.create_state(..., gram=True)"
+        )
+    refresh = gram.is_refresh_step(
+        state.step, objective.gram_start_step, objective.gram_update_every
+    )
+    ema_backbone = {"backbone": state.teacher["backbone"]}
+    return jax.tree.map(
+        lambda old, new: jnp.where(refresh, new, old), state.gram_teacher, ema_backbone
+    )
 
 
 def train_step(
@@ -43,7 +67,7 @@ def train_step(
 
     Returns the next state and float32 scalar metrics: the losses, the schedule values used,
     teacher entropy, student-teacher KL, masked-token count and one `grad_norm/<submodule>`
-    per top-level submodule.
+    per top-level submodule; `gram_loss` too when Gram anchoring is on (0 before its start).
 
     Guard: when the loss or a gradient norm is not finite, the returned state is the input
     state (nothing is updated) and `metrics["finite"]` is 0, so the loop can stop with the last
@@ -52,6 +76,7 @@ def train_step(
     step = state.step
     teacher_temperature = schedules.teacher_temperature(step)
     momentum = schedules.teacher_momentum(step)
+    gram_teacher = refresh_gram_teacher(state, objective)
 
     loss_fn = functools.partial(ssl_loss, spec=spec, cfg=objective)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -62,6 +87,8 @@ def train_step(
         batch,
         rng,
         teacher_temperature,
+        gram_teacher,
+        step >= objective.gram_start_step,
     )
     updates, opt_state = optimizer.update(grads, state.opt_state, state.student)
     student = optax.apply_updates(state.student, updates)
@@ -81,6 +108,8 @@ def train_step(
         "student_teacher_kl": aux["student_teacher_kl"],
         "masked_tokens": aux["masked_tokens"],
     }
+    if objective.gram_enabled:
+        metrics["gram_loss"] = aux["gram_loss"]
     grad_norms = submodule_grad_norms(grads)
     for name, norm in grad_norms.items():
         metrics[f"grad_norm/{name}"] = norm
@@ -96,6 +125,7 @@ def train_step(
         opt_state=opt_state,
         dino_center=aux["next_dino_center"],
         ibot_center=aux["next_ibot_center"],
+        gram_teacher=gram_teacher,
     )
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     return new_state, metrics
