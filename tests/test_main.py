@@ -263,3 +263,56 @@ def test_unknown_config_key_is_rejected_by_the_cli(dataset, tmp_path):
     result = _run(dataset, tmp_path, "--config.model.archh=vit_base", check=False)
     assert result.returncode != 0 and "archh" in result.stderr
     assert not epath.Path(tmp_path / "checkpoints").exists()
+
+
+GRAM_OVERRIDES = (
+    "--config.ssl.gram_weight=1.0",
+    "--config.ssl.gram_start_step=2",
+    "--config.ssl.gram_update_every=2",
+)
+
+
+def _gram_teacher(workdir, step: int) -> dict:
+    import orbax.checkpoint as ocp
+
+    from raddino_jax.models import abstract_params
+
+    spec = checkpoint.load_spec(workdir)
+    target = {"backbone": abstract_params(spec)["backbone"]}
+    manager = ocp.CheckpointManager(
+        (epath.Path(workdir) / checkpoint.CHECKPOINTS_DIR).resolve(),
+        item_names=(checkpoint.GRAM_ITEM,),
+    )
+    restored = manager.restore(
+        step, args=ocp.args.Composite(gram_teacher=ocp.args.StandardRestore(target))
+    )
+    manager.close()
+    return restored[checkpoint.GRAM_ITEM]
+
+
+@pytest.mark.slow
+def test_gram_anchoring_trains_and_resumes_exactly_after_sigkill(dataset, tmp_path):
+    """Gram on from step 2, its teacher refreshed before steps 2 and 4: killed after checkpoint
+    3 (between refreshes, so the resumed run needs the stored Gram teacher), resumed with the
+    same command, identical to an uninterrupted run."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    _run(dataset, straight, *GRAM_OVERRIDES)
+    kill_at_3 = (*GRAM_OVERRIDES, "--kill_after_checkpoint=3")
+    first = _run(dataset, killed, *kill_at_3, check=False, entry="tests.faults")
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+    second = _run(dataset, killed, *kill_at_3, entry="tests.faults")
+    assert "resumed" in second.stdout
+    a, b = _by_step(straight), _by_step(killed)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    assert a[1]["gram_loss"] == a[2]["gram_loss"] == 0.0  # metrics of steps 0 and 1
+    assert all(a[step]["gram_loss"] > 0.0 for step in (3, 4, 5, 6))
+    for step in (4, 5, 6):
+        for key in (*LOSS_KEYS, "gram_loss"):
+            assert a[step][key] == b[step][key], (step, key)
+    _assert_same_params(straight, killed)
+    for x, y in zip(
+        jax.tree.leaves(_gram_teacher(straight, 6)),
+        jax.tree.leaves(_gram_teacher(killed, 6)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -193,11 +193,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     # State: resume, or start from pretrained / random weights
     rules = config_lib.tensor_rules(config)
-    abstract, shardings = train_state.abstract_state(spec, optimizer, mesh, rules)
+    gram = objective.gram_enabled  # the state carries a Gram teacher (recipe, Gram anchoring)
+    abstract, shardings = train_state.abstract_state(spec, optimizer, mesh, rules, gram)
     checkpointer = checkpoint.TrainCheckpointer(workdir, config.keep_checkpoints)
     latest = checkpointer.latest_step()
     if latest is not None:
-        state = checkpointer.restore(latest, abstract, data_iterator)
+        state = checkpointer.restore(
+            latest,
+            abstract,
+            data_iterator,
+            # a checkpoint from before Gram was on: fine while the first copy is still ahead
+            gram_teacher_from_teacher=objective.gram_teacher == "ema"
+            and latest <= objective.gram_start_step,
+        )
         say(f"resumed from {checkpointer.directory} at step {latest}")
     else:
         state = train_state.create_state(
@@ -207,6 +215,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             seed=config.seed,
             params=initial_params(config, spec),
             rules=rules,
+            gram=gram,
         )
     _write_run_files(workdir, config, spec)
     writer = MetricsWriter(workdir, enabled=is_main)
