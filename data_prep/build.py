@@ -2,12 +2,19 @@
 
     python -m data_prep.build --input DIR_OR_CSV --output DATA_DIR --name NAME \
         [--size 518] [--bits 8] [--workers N] [--policy minmax] [--overwrite]
+        [--runner=beam [--beam-options="--runner=DataflowRunner --project=P --region=R ..."]]
 
 DIR: recursive scan for DICOM / PNG / JPEG files, all in split "train". CSV: a `path` column,
 optional `split`, `patient_id`, `mask_path`, every other column a label. Bad files and exact
 duplicates are listed in DATA_DIR/NAME/report.json, never fatal. A finished build with the same
 options is reused; --overwrite rebuilds. The builder library is raddino_jax.data.builder (its
 docstring has the details).
+
+--runner=multiprocess (default) converts on --workers local processes. --runner=beam runs the
+same conversion as an Apache Beam pipeline (needs `pip install -r requirements-beam.txt`; see
+raddino_jax/data/builder/beam.py): without --beam-options it runs locally on --workers
+processes; with them, on any Beam runner (Dataflow: --output on gs://). Same records and
+report.json either way.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from raddino_jax.data.builder import BuildOptions, build_dataset
+from raddino_jax.data.builder import RUNNERS, BuildOptions, build_dataset
 from raddino_jax.data.dicom import COLOUR_POLICIES, MULTIFRAME_POLICIES, WINDOWING_POLICIES
 
 
@@ -42,6 +49,15 @@ def parse_args(argv: Sequence[str] | None = None) -> BuildOptions:
     parser.add_argument("--colour", default="convert", choices=COLOUR_POLICIES)
     parser.add_argument("--source", default="", help="metadata source name (default: --name)")
     parser.add_argument("--overwrite", action="store_true", help="delete and rebuild")
+    parser.add_argument(
+        "--runner", default="multiprocess", choices=RUNNERS, help="where the conversion runs"
+    )
+    parser.add_argument(
+        "--beam-options",
+        default="",
+        help="Beam pipeline options as one string (with --runner=beam); default: local, "
+        "--workers processes",
+    )
     args = parser.parse_args(argv)
     return BuildOptions(
         input=args.input,
@@ -56,6 +72,8 @@ def parse_args(argv: Sequence[str] | None = None) -> BuildOptions:
         colour=args.colour,
         source=args.source,
         overwrite=args.overwrite,
+        runner=args.runner,
+        beam_options=args.beam_options,
     )
 
 

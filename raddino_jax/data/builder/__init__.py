@@ -12,6 +12,7 @@ Modules, in the order a build uses them:
   convert.py  one file -> one record (decode, resize, PNG, mask, labels), or a failure
   writer.py   the tfds builder and the in-order stream of accepted records into it
   dataset.py  BuildOptions, build_dataset (pool, retries, re-run check) and report.json
+  beam.py     the same conversion as an Apache Beam pipeline (--runner=beam; optional extra)
 
 Bad files never stop the build: each one is listed in DATA_DIR/NAME/report.json with a
 machine-readable reason. Exact duplicates (same decoded pixels) keep the first occurrence in
@@ -24,10 +25,11 @@ made with the same options, the build is skipped and the stored report returned;
 options it stops with an error. `overwrite=True` deletes DATA_DIR/NAME and rebuilds.
 """
 
-from raddino_jax.data.builder.dataset import BuildOptions, build_dataset, make_report
+from raddino_jax.data.builder.dataset import RUNNERS, BuildOptions, build_dataset, make_report
 from raddino_jax.data.builder.inputs import InputItem, infer_label_type, scan_directory
 
 __all__ = [
+    "RUNNERS",
     "BuildOptions",
     "InputItem",
     "build_dataset",

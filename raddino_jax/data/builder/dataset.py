@@ -24,13 +24,27 @@ from raddino_jax.data.builder.inputs import (
     discover_inputs,
     split_order,
 )
-from raddino_jax.data.builder.writer import BuildState, result_stream, write_splits
+from raddino_jax.data.builder.writer import (
+    BuildOutcome,
+    BuildState,
+    result_stream,
+    write_splits,
+)
 from raddino_jax.data.dicom import DecodePolicy
 
 REPORT_NAME = "report.json"
+RUNNERS = ("multiprocess", "beam")
 # Options that change the produced records; a re-run compares these (not --workers).
 RESULT_OPTIONS = (
-    "input", "name", "size", "bits", "policy", "percentiles", "multiframe", "colour", "source",
+    "input",
+    "name",
+    "size",
+    "bits",
+    "policy",
+    "percentiles",
+    "multiframe",
+    "colour",
+    "source",
 )
 
 
@@ -50,6 +64,17 @@ class BuildOptions:
     colour: str = "convert"
     source: str = ""
     overwrite: bool = False
+    # "multiprocess" (a local process pool) or "beam" (an Apache Beam pipeline: needs the `beam`
+    # extra; `beam_options` is its pipeline options as one shell-quoted string, e.g.
+    # "--runner=DataflowRunner --project=P --region=R"). Same records and report either way.
+    runner: str = "multiprocess"
+    beam_options: str = ""
+
+    def __post_init__(self):
+        if self.runner not in RUNNERS:
+            raise ValueError(f"BuildOptions.runner: {self.runner!r} is not one of {RUNNERS}")
+        if self.beam_options and self.runner != "beam":
+            raise ValueError("BuildOptions.beam_options is set but runner is not 'beam'")
 
     def decode_policy(self) -> DecodePolicy:
         return DecodePolicy(
@@ -109,13 +134,50 @@ def build_dataset(options: BuildOptions) -> dict[str, Any]:
     by_split = {split: [item for item in items if item.split == split] for split in splits}
 
     description = f"Radiographs converted from {options.input} by data_prep.build."
+    if options.runner == "beam":
+        # Optional extra: only a Beam build imports Apache Beam.
+        from raddino_jax.data.builder.beam import write_with_beam
+
+        outcome = write_with_beam(
+            name=options.name,
+            data_dir=options.output,
+            description=description,
+            features=features,
+            splits=splits,
+            by_split=by_split,
+            convert_options=convert_options,
+            beam_options=options.beam_options,
+            workers=options.workers,
+        )
+    else:
+        outcome = _write_with_pool(
+            options, description, features, splits, by_split, convert_options, len(items)
+        )
+
+    report = make_report(options, items, ignored, outcome, label_types, with_mask)
+    dataset_root.mkdir(parents=True, exist_ok=True)
+    (dataset_root / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True))
+    return report
+
+
+def _write_with_pool(
+    options: BuildOptions,
+    description: str,
+    features: Any,
+    splits: list[str],
+    by_split: Mapping[str, list[InputItem]],
+    convert_options: ConvertOptions,
+    total: int,
+) -> BuildOutcome:
+    """The multiprocess build: convert on a spawn pool, stream in input order into tfds."""
+    dataset_root = epath.Path(options.output) / options.name
     pool = None
-    if options.workers > 1 and len(items) > 1:
+    if options.workers > 1 and total > 1:
         pool = multiprocessing.get_context("spawn").Pool(options.workers)
     dropped: list[str] = []
     try:
         while True:
-            state = BuildState(result_stream(pool, convert_options), total=len(items))
+            state = BuildState(result_stream(pool, convert_options), total=total)
             try:
                 write_splits(
                     name=options.name,
@@ -143,45 +205,43 @@ def build_dataset(options: BuildOptions) -> dict[str, Any]:
         if pool is not None:
             pool.close()
             pool.join()
-
-    report = make_report(options, items, ignored, state, label_types, with_mask)
-    report["dropped_empty_splits"] = dropped
-    report["dataset_written"] = len(dropped) < len(splits)
-    dataset_root.mkdir(parents=True, exist_ok=True)
-    (dataset_root / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True))
-    return report
+    return state.outcome(dropped)
 
 
 def make_report(
     options: BuildOptions,
     items: Sequence[InputItem],
     ignored: Sequence[str],
-    state: BuildState,
+    outcome: BuildOutcome,
     label_types: Mapping[str, str],
     with_mask: bool,
 ) -> dict[str, Any]:
     """The report dict; asserts found == converted + failed + duplicates."""
-    converted = sum(state.split_counts.values())
+    converted = sum(outcome.split_counts.values())
     counts = {
         "found": len(items),
         "converted": converted,
-        "failed": len(state.failures),
-        "duplicates": len(state.duplicates),
+        "failed": len(outcome.failures),
+        "duplicates": len(outcome.duplicates),
     }
     assert counts["found"] == converted + counts["failed"] + counts["duplicates"], counts
-    reasons = collections.Counter(failure["reason"] for failure in state.failures)
+    reasons = collections.Counter(failure["reason"] for failure in outcome.failures)
+    splits = split_order(items) or [DEFAULT_SPLIT]
     return {
         "name": options.name,
         "counts": counts,
-        "splits": {split: state.split_counts.get(split, 0) for split in split_order(items)},
+        "splits": {split: outcome.split_counts.get(split, 0) for split in split_order(items)},
         "failure_reasons": dict(sorted(reasons.items())),
-        "failures": state.failures,
-        "duplicates": state.duplicates,
+        "failures": outcome.failures,
+        "duplicates": outcome.duplicates,
         "ignored_files": list(ignored),
         "labels": dict(label_types),
         "with_mask": with_mask,
+        "dropped_empty_splits": outcome.dropped,
+        "dataset_written": len(outcome.dropped) < len(splits),
         "options": {
             "result": options.result_options(),
+            "runner": options.runner,
             "workers": options.workers,
             "output": options.output,
         },

@@ -12,6 +12,7 @@ builder): in tfds 4.9 the adhoc builder imports TensorFlow to test whether each 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import os
 import tempfile
@@ -79,6 +80,23 @@ class RadiographBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         raise NotImplementedError("examples come from the split generators given at init")
 
 
+@dataclasses.dataclass
+class BuildOutcome:
+    """What report.json needs from a finished build, whichever runner made it.
+
+    Attributes:
+      split_counts: records written per split.
+      failures: {path, reason, message} per failed file, in build order.
+      duplicates: {path, duplicate_of} per later occurrence of the same pixels, in build order.
+      dropped: splits left out because no file in them converted.
+    """
+
+    split_counts: Mapping[str, int]
+    failures: list[dict[str, str]]
+    duplicates: list[dict[str, str]]
+    dropped: list[str]
+
+
 class BuildState:
     """Bookkeeping shared by the split generators: dedup table, failures, counts, progress."""
 
@@ -106,6 +124,9 @@ class BuildState:
                 continue
             self.first_by_hash[result.pixel_hash] = path
             yield result
+
+    def outcome(self, dropped: list[str]) -> BuildOutcome:
+        return BuildOutcome(dict(self.split_counts), self.failures, self.duplicates, dropped)
 
     def drain(self, items: list[InputItem]) -> None:
         """Process items of a split known to have no good image (failures/duplicates only)."""
