@@ -115,6 +115,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.peak_tflops_per_device = 0.0  # 0: look the device kind up (raddino_jax.flops)
     c.profile_steps = ""  # "START:STOP" writes a profiler trace for those steps
+    # Later resolution stages: ((start step, global size, local size, batch size), ...); the
+    # first stage is data.global_size/local_size and batch_size from step 0 (train/stages.py).
+    c.stages = ()
 
     sections: dict[str, dict[str, Any]] = {}
     for name, cls, prefix in SECTIONS:
@@ -134,6 +137,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.dir = ""  # tfds data_dir (local or gs://); "" = built-in samples
     c.data.name = ""
     c.data.split = "train"
+    # A weighted mixture instead of data.dir/data.name: ((tfds name, data_dir, weight), ...),
+    # weights all numbers or all "proportional" (to the sources' sizes); data/pipeline.Mixture.
+    c.data.sources = ()
+    c.data.fraction = 1.0  # share of patients kept (nested subsets; raddino_jax.scaling)
     c.data.builtin_phantoms = 96
     c.data.builtin_size = 256  # shorter side of the built-in samples' records
     c.data.mask_group_size = 0  # images per iBOT mask draw; 0: the per-device batch
@@ -259,6 +266,8 @@ def validate(config: ml_collections.ConfigDict, *, n_devices: int, process_count
             "profile_steps",
             f"{config.profile_steps!r} must look like START:STOP",
         )
+    _validate_sources(d)
+    _validate_stages(config, n_devices=n_devices, process_count=process_count)
     if d.dir or d.name:
         _require(bool(d.dir) and bool(d.name), "data.dir", "set both data.dir and data.name")
         path = epath.Path(d.dir) / d.name
@@ -283,6 +292,68 @@ def validate(config: ml_collections.ConfigDict, *, n_devices: int, process_count
         )
     if config.eval.every:
         _require(bool(config.eval.label), "eval.label", "set the label field for periodic kNN")
+
+
+def _validate_sources(d: ml_collections.ConfigDict) -> None:
+    """data.sources entries and data.fraction (the datasets must exist)."""
+    _require(0 < d.fraction <= 1, "data.fraction", f"must be in (0, 1], got {d.fraction}")
+    if not d.sources:
+        return
+    _require(
+        not d.dir and not d.name,
+        "data.sources",
+        "set either data.sources or data.dir/data.name, not both",
+    )
+    for i, entry in enumerate(d.sources):
+        key = f"data.sources[{i}]"
+        _require(
+            isinstance(entry, list | tuple) and len(entry) == 3,
+            key,
+            f"{entry!r} must be (tfds name, data_dir, weight)",
+        )
+        name, data_dir, weight = entry
+        _require(
+            isinstance(name, str) and isinstance(data_dir, str) and bool(name) and bool(data_dir),
+            key,
+            f"{entry!r}: name and data_dir must be non-empty strings",
+        )
+        _require(
+            weight == "proportional"
+            or (isinstance(weight, int | float) and not isinstance(weight, bool) and weight > 0),
+            key,
+            f"weight {weight!r} must be a number > 0 or 'proportional'",
+        )
+        path = epath.Path(data_dir) / name
+        _require(
+            path.exists(), key, f"{path} does not exist; build it with `python -m data_prep.build`"
+        )
+    kinds = {entry[2] == "proportional" for entry in d.sources}
+    _require(
+        len(kinds) == 1,
+        "data.sources",
+        "weights must all be numbers or all be 'proportional'",
+    )
+
+
+def _validate_stages(config: ml_collections.ConfigDict, *, n_devices: int, process_count: int):
+    """Each later stage is checked like a run of its own sizes; errors name the entry."""
+    if not config.stages:
+        return
+    from raddino_jax.train.stages import StageError, stage_table
+
+    try:
+        table = stage_table(config)
+    except StageError as err:
+        raise ConfigError(str(err)) from err
+    for stage in table[1:]:
+        try:
+            validate(stage.config, n_devices=n_devices, process_count=process_count)
+        except ConfigError as err:
+            raise ConfigError(
+                f"config.stages[{stage.index - 1}] "
+                f"{(stage.start_step, stage.global_size, stage.local_size, stage.batch_size)}: "
+                f"{err}"
+            ) from err
 
 
 def per_device_batch(config: ml_collections.ConfigDict, n_devices: int) -> int:

@@ -265,6 +265,100 @@ def test_unknown_config_key_is_rejected_by_the_cli(dataset, tmp_path):
     assert not epath.Path(tmp_path / "checkpoints").exists()
 
 
+def _mixture_overrides(dataset) -> dict:
+    data_dir, name = dataset
+    return {
+        "data.dir": "",
+        "data.name": "",
+        "data.sources": ((name, data_dir, 0.8), (name, data_dir, 0.2)),
+    }
+
+
+@pytest.mark.slow
+def test_two_stages_over_a_mixture_compile_once_each_and_resume_after_sigkill(
+    dataset, tmp_path, monkeypatch
+):
+    """56 -> 84 px globals (batch 16 -> 32) at step 3 over a 0.8/0.2 two-source mixture: one
+    compile per stage, the analytic FLOPs of each stage in metrics.jsonl, per-source counts,
+    and a SIGKILL after the checkpoint of step 4 (inside stage 2) resumes exactly."""
+    from raddino_jax.data import pipeline, sources
+    from raddino_jax.train import stages as stages_lib
+
+    stage_overrides = {"stages": ((3, 84, 28, 32),), "checkpoint_every": 2}
+    compiled = []
+    real_compile = loop.compile_train_step
+
+    def counting_compile(*args, **kwargs):
+        compiled.append(real_compile(*args, **kwargs))
+        return compiled[-1]
+
+    monkeypatch.setattr(loop, "compile_train_step", counting_compile)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    cfg = tiny_run_config(*dataset, **_mixture_overrides(dataset), **stage_overrides)
+    loop.train(cfg, str(straight))
+    assert len(compiled) == 2 and [fn._cache_size() for fn in compiled] == [1, 1]
+
+    records = _by_step(straight)
+    spec = config_lib.model_spec(cfg)
+    table = stages_lib.stage_table(cfg)
+    expected_flops = [config_lib.step_flops(s.config, spec, 8) / 1e12 for s in table]
+    assert expected_flops[1] > 2 * expected_flops[0]  # more tokens, twice the batch
+    mixture = sources.open_training_data(cfg, straight).records
+    for step, record in records.items():
+        stage = 0 if step <= 3 else 1
+        assert record["stage"] == stage
+        assert record["step_tflops"] == pytest.approx(expected_flops[stage], rel=1e-12)
+        seen = 16 * min(step, 3) + 32 * max(step - 3, 0)
+        assert record["images_seen"] == seen
+        counts = pipeline.source_counts(mixture, cfg.seed, seen)
+        assert [record["images_seen/tiny"], record["images_seen/tiny_2"]] == counts.tolist()
+
+    data_dir, name = dataset
+    argv = (
+        "--config.data.dir=",
+        "--config.data.name=",
+        f"--config.data.sources=(('{name}','{data_dir}',0.8),('{name}','{data_dir}',0.2))",
+        "--config.stages=((3,84,28,32),)",
+        "--config.checkpoint_every=2",
+        "--kill_after_checkpoint=4",
+    )
+    first = _run(dataset, killed, *argv, check=False, entry="tests.faults")
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+    second = _run(dataset, killed, *argv, entry="tests.faults")
+    assert "resumed" in second.stdout and "stage 1" in second.stdout
+    b = _by_step(killed)
+    assert sorted(b) == sorted(records) == [1, 2, 3, 4, 5, 6]
+    for step in (5, 6):
+        for key in (*LOSS_KEYS, "step_tflops", "images_seen/tiny"):
+            assert records[step][key] == b[step][key], (step, key)
+    _assert_same_params(straight, killed)
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"stages": ((0, 84, 28, 32),)}, "config.stages[0]"),
+        ({"stages": ((3, 84, 28),)}, "config.stages[0]"),
+        ({"stages": ((3, 80, 28, 32),)}, "config.stages[0]"),
+        ({"stages": ((3, 84, 28, 32), (9, 84, 28, 32))}, "config.stages[1]"),
+        ({"stages": ((3, 84, 28, 12),)}, "config.stages[0]"),
+        ({"data.sources": (("tiny", "/tmp", 1.0),)}, "config.data.sources"),
+        ({"data.dir": "", "data.name": "", "data.sources": (("x", "/nonexistent", 1.0),)},
+         "config.data.sources[0]"),
+        ({"data.dir": "", "data.name": "", "data.sources": (("x", "/tmp", -1.0),)},
+         "config.data.sources[0]"),
+        ({"data.fraction": 0.0}, "config.data.fraction"),
+    ],
+)
+def test_bad_stages_and_sources_fail_before_compiling(dataset, tmp_path, overrides, key):
+    import re
+
+    cfg = tiny_run_config(*dataset, **overrides)
+    with pytest.raises(config_lib.ConfigError, match=re.escape(key)):
+        loop.train(cfg, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
+
+
 GRAM_OVERRIDES = (
     "--config.ssl.gram_weight=1.0",
     "--config.ssl.gram_start_step=2",

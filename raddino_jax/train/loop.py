@@ -33,6 +33,7 @@ from raddino_jax.data import pipeline, sources
 from raddino_jax.models import ModelSpec, abstract_params, init_params
 from raddino_jax.parallel import sharding
 from raddino_jax.parallel.mesh import make_mesh
+from raddino_jax.train import stages as stages_lib
 from raddino_jax.train import state as train_state
 from raddino_jax.train.metrics import MetricsWriter
 from raddino_jax.train.optim import build_optimizer
@@ -132,8 +133,10 @@ def _write_run_files(workdir: epath.Path, config, spec: ModelSpec) -> None:
         return
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / checkpoint.SPEC_FILE).write_text(spec.to_json())
+    # features are taken at the resolution the run ends with (its last stage)
+    final_size = stages_lib.stage_table(config)[-1].global_size
     pre = checkpoint.Preprocessing(
-        image_size=config.data.global_size, mean=config.data.mean, std=config.data.std
+        image_size=final_size, mean=config.data.mean, std=config.data.std
     )
     (workdir / checkpoint.PREPROCESSING_FILE).write_text(pre.to_json())
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -162,34 +165,36 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         f"{jax.process_count()} process(es)"
     )
 
-    # Data
-    if config.data.dir:
-        data_dir, name = config.data.dir, config.data.name
-    else:
-        data_dir, name = sources.builtin_dataset(
-            workdir, config.data.builtin_phantoms, config.data.builtin_size
-        )
+    # Data: one dataset per resolution stage (train/stages.py), each continuing the stream
+    data = sources.open_training_data(config, workdir)
+    data_dir, name = data.data_dir, data.name
+    if not config.data.dir and not config.data.sources:
         say(
             f"no dataset configured (config.data.dir): training on the built-in samples at "
             f"{data_dir}/{name}"
         )
-    source = sources.open_training_split(data_dir, name, config.data.split)
-    group = config_lib.mask_group_size(config, len(devices))
-    per_process = config.batch_size // jax.process_count()
-    dataset = pipeline.make_dataset(
-        source,
-        seed=config.seed,
-        per_process_batch=per_process,
-        crop_cfg=config_lib.crop_config(config),
-        mask_group_size=group,
-        patch_size=spec.backbone.patch_size,
-        mask_ratio_min_max=tuple(config.data.mask_ratio_min_max),
-        mask_sample_probability=config.data.mask_sample_probability,
-        num_workers=config.data.num_workers,
-        read_threads=config.data.read_threads,
-        prefetch_buffer=config.data.prefetch,
-    )
-    data_iterator = iter(dataset)
+    if data.source_names:
+        shares = data.records.shares
+        say("mixture: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(data.source_names, shares)))
+    stage_table = stages_lib.stage_table(config)
+
+    def stage_iterator(stage: stages_lib.Stage):
+        return iter(
+            pipeline.make_dataset(
+                data.records,
+                seed=config.seed,
+                per_process_batch=stage.batch_size // jax.process_count(),
+                crop_cfg=config_lib.crop_config(stage.config),
+                mask_group_size=config_lib.mask_group_size(stage.config, len(devices)),
+                patch_size=spec.backbone.patch_size,
+                mask_ratio_min_max=tuple(config.data.mask_ratio_min_max),
+                mask_sample_probability=config.data.mask_sample_probability,
+                num_workers=config.data.num_workers,
+                read_threads=config.data.read_threads,
+                prefetch_buffer=config.data.prefetch,
+                start_position=stage.start_position,
+            )
+        )
 
     # State: resume, or start from pretrained / random weights
     rules = config_lib.tensor_rules(config)
@@ -197,6 +202,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     abstract, shardings = train_state.abstract_state(spec, optimizer, mesh, rules, gram)
     checkpointer = checkpoint.TrainCheckpointer(workdir, config.keep_checkpoints)
     latest = checkpointer.latest_step()
+    # The checkpoint of step S holds the iterator of the stage that ran step S - 1 (at a stage
+    # boundary, the previous stage's); the loop switches to the next stage's when it gets there.
+    stage = stages_lib.stage_at(stage_table, max((latest or 0) - 1, 0))
+    data_iterator = stage_iterator(stage)
     if latest is not None:
         state = checkpointer.restore(
             latest,
@@ -221,17 +230,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     writer = MetricsWriter(workdir, enabled=is_main)
     writer.truncate_after(int(state.step))
 
-    step_fn = compile_train_step(
-        mesh,
-        shardings,
-        BATCH_KEYS,
-        spec=spec,
-        objective=objective,
-        optimizer=optimizer,
-        schedules=schedules,
-    )
+    def stage_step_fn(stage: stages_lib.Stage):
+        """The step jitted for one stage's shapes: one compile per stage."""
+        return compile_train_step(
+            mesh,
+            shardings,
+            BATCH_KEYS,
+            spec=spec,
+            objective=objective
+            if len(stage_table) == 1
+            else config_lib.objective_config(stage.config, len(devices)),
+            optimizer=optimizer,
+            schedules=schedules,
+        )
+
     batch_shardings = sharding.batch_shardings(BATCH_KEYS, mesh)
-    flops_per_step = config_lib.step_flops(config, spec, len(devices))
     peak = flops.peak_flops_per_device(
         devices[0].device_kind,
         spec.backbone.dtype,
@@ -244,12 +257,28 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     base_key = jax.random.key(config.seed)
     progress = _progress(is_main, int(state.step), config.total_steps)
-    log = _StepLog(config, writer, progress, flops_per_step, peak, len(devices))
+    log = _StepLog(config, writer, progress, peak, len(devices), stage_table, data)
+    step_fn = None
     saved_step = latest
     try:
         with _SignalFlag() as signals:
             while int(state.step) < config.total_steps:
                 step = int(state.step)
+                if step_fn is None or step >= stage.end_step:  # the first step of a stage
+                    if step >= stage.end_step:
+                        close = getattr(data_iterator, "close", None)
+                        if close is not None:
+                            close()
+                        stage = stages_lib.stage_at(stage_table, step)
+                        data_iterator = stage_iterator(stage)
+                    if len(stage_table) > 1:
+                        say(
+                            f"stage {stage.index}: steps {stage.start_step}-{stage.end_step}, "
+                            f"{stage.global_size}/{stage.local_size}px, batch {stage.batch_size}"
+                        )
+                    log.flush()
+                    step_fn = stage_step_fn(stage)
+                    log.enter(stage, config_lib.step_flops(stage.config, spec, len(devices)))
                 if profile and step == profile[0] and is_main:
                     jax.profiler.start_trace(str(workdir / "profile"))
                 batch = pipeline.to_global_batch(next(data_iterator), batch_shardings)
@@ -301,12 +330,28 @@ class _StepLog:
     since the previous log line.
     """
 
-    def __init__(self, config, writer, progress, flops_per_step, peak, n_devices):
+    def __init__(self, config, writer, progress, peak, n_devices, stage_table, data):
         self.config, self.writer, self.progress = config, writer, progress
-        self.flops_per_step, self.peak, self.n_devices = flops_per_step, peak, n_devices
+        self.peak, self.n_devices = peak, n_devices
+        self.stage_table, self.data = stage_table, data
+        self.stage, self.flops_per_step = stage_table[0], 0.0
         self.pending = None  # (step number after the update, device metrics)
         self.last: dict[str, float] = {}
         self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def enter(self, stage, flops_per_step: float) -> None:
+        """A new stage: its batch size and analytic FLOPs; the timing window restarts."""
+        self.stage, self.flops_per_step = stage, flops_per_step
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def images_seen(self, step: int) -> dict[str, float]:
+        """Global images consumed by steps [0, step), in total and per mixture source."""
+        seen = stages_lib.images_before(self.stage_table, step)
+        out = {"images_seen": seen}
+        if self.data.source_names:
+            counts = pipeline.source_counts(self.data.records, self.config.seed, seen)
+            out.update({f"images_seen/{n}": int(c) for n, c in zip(self.data.source_names, counts)})
+        return out
 
     def flush(self) -> None:
         if self.pending is None:
@@ -322,8 +367,12 @@ class _StepLog:
         values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
         step_time = (time.perf_counter() - self.window_start) / self.window_steps
         values["step_time_s"] = step_time
-        values["images_per_s"] = self.config.batch_size / step_time
+        values["images_per_s"] = self.stage.batch_size / step_time
+        values["step_tflops"] = self.flops_per_step / 1e12  # analytic, this stage's shapes
         values["model_tflops_per_s"] = self.flops_per_step / step_time / 1e12
+        if len(self.stage_table) > 1:
+            values["stage"] = self.stage.index
+        values.update(self.images_seen(step))
         if self.peak:
             values["mfu"] = self.flops_per_step / step_time / (self.peak * self.n_devices)
         self.writer.write(step, values)
