@@ -129,7 +129,7 @@ def check_correctness(device: jax.Device) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def timed_row(config, device, batch: int, remat: bool, attention: str, steps: int, warmup: int):
+def timed_row(config, device, batch: int, remat: str, attention: str, steps: int, warmup: int):
     """One sweep row on `device` plus the allocator's statistics afterwards."""
     c = config.copy_and_resolve_references()
     c.model.attention_impl = attention
@@ -153,7 +153,7 @@ def format_rows(title: str, entries) -> str:
     for size, attention, row, mem in entries:
         ok = row.status == "ok"
         lines.append(
-            f"| {size} | {row.batch_size} | {'yes' if row.remat else 'no'} "
+            f"| {size} | {row.batch_size} | {row.remat} "
             f"| {attention or 'default'} | {row.status} "
             f"| {sweep._fmt(row.compile_time_s, '.1f')} "
             f"| {sweep._fmt(row.step_time_s and row.step_time_s * 1e3, '.1f')} "
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         (size_224, config_224, big_batch),
         (size_518, config_518, small_batch),
     ):
-        row, mem = timed_row(config, device, batch, False, "", steps, warmup)
+        row, mem = timed_row(config, device, batch, "none", "", steps, warmup)
         entries.append((size, "", row, mem))
         print(sweep.describe_row(row), flush=True)
     print(format_rows("[2] ViT-B/14 SSL step, bfloat16, 8 local crops", entries))
@@ -199,11 +199,14 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. batch x remat x attention at 224/98 (reusing the 224 row above).
     sweep_entries = [entries[0]]
+    # attention "" is chosen by the platform: cuDNN on GPU (vit.PLATFORM_ATTENTION).
     plan = [
-        (big_batch // 2, False, ""),
-        (big_batch, True, ""),
-        (big_batch, False, "xla"),
-        (big_batch, False, "cudnn"),
+        (big_batch // 2, "none", ""),
+        (big_batch, "full", ""),
+        (big_batch, "dots", ""),
+        (big_batch, "none", "xla"),
+        (big_batch, "none", "einsum"),
+        (big_batch, "none", "cudnn"),
     ]
     for batch, remat, attention in plan:
         c = vitb_config(size_224, batch, tiny=tiny)

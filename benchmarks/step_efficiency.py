@@ -44,7 +44,7 @@ def step_config(name: str, batch: int, dtype: str, remat: bool):
     if batch:
         config.batch_size = batch
     config.model.dtype = dtype
-    config.model.remat = remat
+    config.model.remat = "full" if remat else "none"
     config.data.mask_group_size = min(config.data.mask_group_size or batch, config.batch_size)
     config.ssl.koleo_group_size = min(config.ssl.koleo_group_size or batch, config.batch_size)
     config.eval.every = 0

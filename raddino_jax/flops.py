@@ -136,6 +136,37 @@ _GPU_PEAKS: list[tuple[str, dict[str, float | None]]] = [
 ]
 
 
+# HBM bytes per chip (one jax device), same keys as the peak tables. TPU: Cloud TPU's published
+# per-chip HBM (v4 32 GiB, v5e 16 GiB, v5p 95 GB, v6e 32 GiB); GPU: the board's memory.
+_TPU_HBM: dict[str, int] = {
+    "tpu v4": 32 * 2**30,
+    "tpu v5 lite": 16 * 2**30,
+    "tpu v5e": 16 * 2**30,
+    "tpu v5": 95 * 10**9,
+    "tpu v5p": 95 * 10**9,
+    "tpu v6 lite": 32 * 2**30,
+    "tpu v6e": 32 * 2**30,
+}
+_GPU_HBM: list[tuple[str, int]] = [
+    (r"\bh100\b.*pcie", 80 * 10**9),
+    (r"\bh100\b", 80 * 10**9),
+    (r"\bh200\b", 141 * 10**9),
+    (r"\ba100\b.*40", 40 * 10**9),
+    (r"\ba100\b", 80 * 10**9),
+]
+
+
+def hbm_bytes_per_device(device_kind: str) -> int | None:
+    """HBM bytes of one device of `device_kind` (jax `Device.device_kind`); None if unknown."""
+    kind = device_kind.strip().lower()
+    if kind in _TPU_HBM:
+        return _TPU_HBM[kind]
+    for pattern, size in _GPU_HBM:
+        if re.search(pattern, kind):
+            return size
+    return None
+
+
 def _dtype_name(dtype) -> str:
     name = getattr(dtype, "__name__", None) or getattr(dtype, "name", None) or str(dtype)
     name = str(name).lower()

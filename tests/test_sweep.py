@@ -113,7 +113,7 @@ def check_files(rows: dict, out) -> None:
     markdown = (out / "sweep.md").read_text().splitlines()
     body = [line for line in markdown if line.startswith("| ") and "---" not in line][1:]
     assert body[0].startswith("| **best** |")
-    speeds = [float(line.split("|")[12]) for line in body[:-1]]  # img/s column, failure last
+    speeds = [float(line.split("|")[14]) for line in body[:-1]]  # img/s column, failure last
     assert speeds == sorted(speeds, reverse=True)
     assert max(speeds) == pytest.approx(
         max(r.images_per_s for r in rows.values() if r.images_per_s), rel=1e-2
@@ -232,7 +232,7 @@ def test_cli_state_only(tmp_path):
         *overrides,
         "--meshes=8x1x1,1x8x1,3x3x1",
         "--batch-sizes=16,32",
-        "--remat=false,true",
+        "--remat=false,full",
         "--state-only",
         f"--out={tmp_path}",
     ]
@@ -244,20 +244,20 @@ def test_cli_state_only(tmp_path):
     assert payload["mode"] == "state" and payload["n_devices"] == 8
     keys = [(r["layout"], r["batch_size"], r["remat"]) for r in payload["rows"]]
     assert keys[:4] == [
-        ("8x1x1", 16, False),
-        ("8x1x1", 16, True),
-        ("8x1x1", 32, False),
-        ("8x1x1", 32, True),
+        ("8x1x1", 16, "none"),
+        ("8x1x1", 16, "full"),
+        ("8x1x1", 32, "none"),
+        ("8x1x1", 32, "full"),
     ]
     assert len(keys) == 12
     by_key = {(r["layout"], r["batch_size"], r["remat"]): r for r in payload["rows"]}
-    assert by_key[("8x1x1", 16, True)]["status"] == "state"
+    assert by_key[("8x1x1", 16, "full")]["status"] == "state"
     # remat re-runs the student forward: 4 instead of 3 passes over the student backbone.
     assert (
-        by_key[("8x1x1", 16, True)]["analytic_flops_per_step"]
-        > by_key[("8x1x1", 16, False)]["analytic_flops_per_step"]
+        by_key[("8x1x1", 16, "full")]["analytic_flops_per_step"]
+        > by_key[("8x1x1", 16, "none")]["analytic_flops_per_step"]
     )
-    assert by_key[("3x3x1", 16, False)]["status"] == "failed"
+    assert by_key[("3x3x1", 16, "none")]["status"] == "failed"
     assert by_key[("1x8x1", 32, False)]["status"] == "state"
     assert (tmp_path / "sweep.png").exists() and (tmp_path / "sweep.md").exists()
 

@@ -10,6 +10,14 @@ exact state bytes per device, compile time, XLA memory and cost analysis, median
 images/s, TFLOP/s, MFU); a combination that cannot run is a row with status "failed" and the
 reason.
 
+  python -m raddino_jax.sweep --config=configs/vitb14.py --topology=v5p:4x4x4 \
+      --meshes=64x1x1,16x4x1,8x8x1 --compile-only --out=runs/v5p64
+
+--topology compiles for a TPU slice this machine does not have (libtpu's compiler on the CPU
+host, `topology.py`): per layout, XLA's per-chip argument / temp / peak bytes against the
+chip's HBM, whether it fits, XLA's FLOPs, and XLA's cost-model step time with the images/s and
+MFU it implies, labelled "estimated" in every output.
+
 Modes: default (compile + time), --compile-only (no state allocated, no step run: AOT memory
 check for a topology, e.g. ViT-g/14 under FSDP) and --state-only (no compilation at all: only
 the exact state bytes per device and the analytic FLOPs; ~8 s for ViT-g/14 over five layouts,
@@ -30,18 +38,18 @@ from collections.abc import Sequence
 
 import jax
 
+from raddino_jax.models.vit import normalize_remat
 from raddino_jax.parallel.mesh import parse_layout
 from raddino_jax.sweep.measure import sweep
 from raddino_jax.sweep.report import markdown_table, write_outputs
+from raddino_jax.sweep.topology import topology_devices
 
 
-def _parse_bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"--remat values must be true/false, got {text!r}")
+def _parse_remat(text: str) -> str:
+    try:
+        return normalize_remat(text)
+    except ValueError as err:
+        raise ValueError(f"--remat: {err}") from err
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +66,7 @@ class _Flags:
     compile_only: object
     state_only: object
     peak_tflops: object
+    topology: object
     out: object
 
 
@@ -71,7 +80,9 @@ def define_flags() -> _Flags:
             "meshes", ["8x1x1", "4x2x1", "2x4x1", "1x8x1", "2x2x2"], "DATAxFSDPxTENSOR layouts"
         ),
         batch_sizes=flags.DEFINE_list("batch-sizes", [], "global batch sizes (default: config's)"),
-        remat=flags.DEFINE_list("remat", [], "remat values, e.g. false,true (default: config's)"),
+        remat=flags.DEFINE_list(
+            "remat", [], "remat policies, e.g. none,full,dots (true/false too; default: config's)"
+        ),
         steps=flags.DEFINE_integer("steps", 5, "timed steps per point"),
         warmup=flags.DEFINE_integer("warmup", 2, "untimed steps before timing"),
         compile_only=flags.DEFINE_bool(
@@ -82,6 +93,12 @@ def define_flags() -> _Flags:
         ),
         peak_tflops=flags.DEFINE_float(
             "peak-tflops", 0.0, "peak TFLOP/s per device for MFU (0: look up the device kind)"
+        ),
+        topology=flags.DEFINE_string(
+            "topology",
+            "",
+            'compile for this TPU topology on any machine, e.g. "v5p:2x2x1" (needs libtpu: '
+            'pip install "raddino-jax[tpu]"); implies --compile-only unless --state-only',
         ),
         out=flags.DEFINE_string("out", None, "output folder (local or gs://)", required=True),
     )
@@ -99,12 +116,21 @@ def main(cli: _Flags, argv: Sequence[str]) -> None:
     if cli.compile_only.value and cli.state_only.value:
         raise app.UsageError("--compile-only and --state-only exclude each other")
     mode = "state" if cli.state_only.value else "compile" if cli.compile_only.value else "run"
-    devices = jax.devices()
+    topology = cli.topology.value
+    if topology:
+        try:
+            devices = topology_devices(topology)
+        except (RuntimeError, ValueError) as err:
+            raise app.UsageError(str(err)) from err
+        if mode == "run":
+            mode = "compile"  # nothing can run on a topology description
+    else:
+        devices = jax.devices()
     rows = sweep(
         config,
         [parse_layout(text) for text in cli.meshes.value],
         batch_sizes=[int(b) for b in cli.batch_sizes.value or []],
-        remats=[_parse_bool(r) for r in cli.remat.value or []],
+        remats=[_parse_remat(r) for r in cli.remat.value or []],
         devices=devices,
         mode=mode,
         steps=cli.steps.value,
@@ -115,6 +141,7 @@ def main(cli: _Flags, argv: Sequence[str]) -> None:
         "config": config_flags.get_config_filename(flags.FLAGS["config"]),
         "mode": mode,
         "device": devices[0].device_kind,
+        "topology": topology,
         "platform": devices[0].platform,
         "n_devices": len(devices),
         "steps": cli.steps.value,

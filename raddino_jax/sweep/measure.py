@@ -7,7 +7,9 @@ devices. What `run_point` fills in (`row.SweepRow`):
   allocated);
 - compile with `jax.jit(...).lower(...).compile()` (`compile_time_s`) and read XLA's
   `memory_analysis()` (argument / output / temp / generated-code bytes per device; peak =
-  argument + output + temp - alias) and `cost_analysis()` flops;
+  argument + output + temp - alias, compared with the device's HBM: `fits`) and
+  `cost_analysis()` flops, bytes accessed and, on TPU, `optimal_seconds`: XLA's estimate of
+  the step time, from which the *estimated* images/s and MFU follow (`SweepRow`);
 - in mode "run": warm-up steps, then timed steps on a synthetic batch (random normalised
   crops, masks from the real iBOT mask sampler so the static buffer size is right): median
   step time, images/s, analytic TFLOP/s (`config.step_flops`) and MFU.
@@ -35,9 +37,11 @@ from raddino_jax import flops
 from raddino_jax.data import pipeline
 from raddino_jax.data.pipeline import BATCH_KEYS
 from raddino_jax.models import ModelSpec, abstract_params, init_params
+from raddino_jax.models.vit import normalize_remat
 from raddino_jax.parallel import sharding
 from raddino_jax.parallel.mesh import make_mesh
 from raddino_jax.sweep.row import SweepRow, describe_row, layout_name
+from raddino_jax.sweep.topology import per_device_share
 from raddino_jax.train import state as train_state
 from raddino_jax.train.optim import build_optimizer
 from raddino_jax.train.step import compile_train_step
@@ -51,13 +55,16 @@ MODES = ("run", "compile", "state")
 
 
 def point_config(
-    config: ml_collections.ConfigDict, layout: tuple[int, int, int], batch_size: int, remat: bool
+    config: ml_collections.ConfigDict,
+    layout: tuple[int, int, int],
+    batch_size: int,
+    remat: str | bool,
 ) -> ml_collections.ConfigDict:
-    """A copy of `config` with the mesh, the global batch and remat of one sweep point."""
+    """A copy of `config` with the mesh, the global batch and remat policy of one sweep point."""
     c = config.copy_and_resolve_references()
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = layout
     c.batch_size = batch_size
-    c.model.remat = remat
+    c.model.remat = normalize_remat(remat)
     return c
 
 
@@ -263,17 +270,56 @@ def memory_fields(compiled) -> dict[str, int | None]:
     return out
 
 
-def xla_flops(compiled) -> float | None:
-    """XLA's flop count of the compiled (per-device, partitioned) program, if reported."""
+def cost_fields(compiled) -> dict:
+    """XLA's cost analysis of the compiled (per-device, partitioned) program; {} if absent.
+
+    Keys used here: "flops", "bytes accessed" and, from the TPU compiler, "optimal_seconds"
+    (its cost-model estimate of the step time).
+    """
     try:
         cost = compiled.cost_analysis()
     except (NotImplementedError, jax.errors.JaxRuntimeError):
-        return None
+        return {}
     if isinstance(cost, list | tuple):  # older jax: one dict per program
         cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        return None
-    return float(cost["flops"])
+    return dict(cost or {})
+
+
+def xla_flops(compiled) -> float | None:
+    """XLA's flop count of the compiled (per-device, partitioned) program, if reported."""
+    cost = cost_fields(compiled)
+    return float(cost["flops"]) if "flops" in cost else None
+
+
+def _device_peak_and_hbm(point: Point, peak: float | None) -> tuple[float | None, int | None]:
+    """(peak FLOP/s, HBM bytes) of one mesh device; v4 topologies' per-core devices get half
+    of the chip's (`topology.per_device_share`)."""
+    devices = list(point.mesh.devices.flat)
+    kind = devices[0].device_kind
+    share = per_device_share(devices) if devices[0].platform == "tpu" else 1.0
+    if peak is None:
+        override = point.config.peak_tflops_per_device * 1e12 or None
+        peak = flops.peak_flops_per_device(kind, point.spec.backbone.dtype, override=override)
+        peak = peak * share if peak and not override else peak
+    hbm = flops.hbm_bytes_per_device(kind)
+    return peak, int(hbm * share) if hbm else None
+
+
+def _fill_estimates(row: SweepRow, point: Point, cost: dict, peak: float | None) -> None:
+    """HBM fit and XLA's step-time estimate (with the images/s and MFU it implies)."""
+    peak, hbm = _device_peak_and_hbm(point, peak)
+    row.device_kind = point.mesh.devices.flat[0].device_kind
+    row.hbm_bytes_per_device = hbm
+    if hbm and row.peak_bytes_per_device is not None:
+        row.hbm_fraction = row.peak_bytes_per_device / hbm
+        row.fits = row.peak_bytes_per_device <= hbm
+    if "bytes accessed" in cost:
+        row.xla_bytes_accessed_per_device = float(cost["bytes accessed"])
+    seconds = float(cost.get("optimal_seconds", 0.0) or 0.0)
+    if seconds > 0:
+        row.estimated_step_time_s = seconds
+        row.estimated_images_per_s = row.batch_size / seconds
+        row.estimated_mfu = flops.mfu(row.analytic_flops_per_step, seconds, row.n_devices, peak)
 
 
 def time_steps(point: Point, compiled, *, steps: int, warmup: int, seed: int) -> list[float]:
@@ -313,7 +359,7 @@ def run_point(
     config: ml_collections.ConfigDict,
     layout: tuple[int, int, int],
     batch_size: int,
-    remat: bool,
+    remat: str | bool,
     *,
     devices: Sequence[jax.Device],
     mode: str = "run",
@@ -325,6 +371,7 @@ def run_point(
     """Measure one sweep point; never raises for a point that cannot run (status "failed")."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    remat = normalize_remat(remat)
     row = SweepRow(layout_name(layout), batch_size, remat)
     c = point_config(config, layout, batch_size, remat)
     row.reason = infeasible_reason(c, layout, len(devices))
@@ -342,7 +389,9 @@ def run_point(
         compiled, row.compile_time_s = compile_step(point, c.seed, compiler_options)
         for key, value in memory_fields(compiled).items():
             setattr(row, key, value)
-        row.xla_flops_per_device = xla_flops(compiled)
+        cost = cost_fields(compiled)
+        row.xla_flops_per_device = float(cost["flops"]) if "flops" in cost else None
+        _fill_estimates(row, point, cost, peak_flops)
         if row.xla_flops_per_device is not None:
             row.replication = row.xla_flops_per_device * n_devices / row.analytic_flops_per_step
         if mode == "compile":
@@ -358,12 +407,7 @@ def run_point(
 
 
 def _fill_throughput(row: SweepRow, point: Point, step_time: float, peak: float | None) -> None:
-    device = point.mesh.devices.flat[0]
-    if peak is None:
-        override = point.config.peak_tflops_per_device * 1e12 or None
-        peak = flops.peak_flops_per_device(
-            device.device_kind, point.spec.backbone.dtype, override=override
-        )
+    peak, _ = _device_peak_and_hbm(point, peak)
     row.step_time_s = step_time
     row.images_per_s = row.batch_size / step_time
     row.tflops_per_s = row.analytic_flops_per_step / step_time / 1e12
@@ -375,7 +419,7 @@ def sweep(
     layouts: Sequence[tuple[int, int, int]],
     *,
     batch_sizes: Sequence[int] = (),
-    remats: Sequence[bool] = (),
+    remats: Sequence[str | bool] = (),
     devices: Sequence[jax.Device] | None = None,
     mode: str = "run",
     steps: int = 5,
@@ -394,7 +438,7 @@ def sweep(
     rows = []
     for layout in layouts:
         for batch_size in batch_sizes or [config.batch_size]:
-            for remat in remats or [bool(config.model.remat)]:
+            for remat in remats or [config.model.remat]:
                 row = run_point(
                     config,
                     layout,

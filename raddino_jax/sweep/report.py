@@ -21,10 +21,13 @@ from raddino_jax.sweep.row import MiB, SweepRow, _mib
 
 
 def ranked(rows: Sequence[SweepRow]) -> list[SweepRow]:
-    """Working rows first, fastest first (or least memory first without timings); then failures."""
+    """Working rows first, fastest first (measured, else XLA's estimate; else least memory
+    first); then failures. Rows that do not fit the device's HBM come after those that do."""
     good = [r for r in rows if r.status != "failed"]
     if any(r.images_per_s is not None for r in good):
         good.sort(key=lambda r: -(r.images_per_s or 0.0))
+    elif any(r.estimated_images_per_s is not None for r in good):
+        good.sort(key=lambda r: (r.fits is False, -(r.estimated_images_per_s or 0.0)))
     else:
         good.sort(key=lambda r: r.memory_bytes or 0)
     return good + [r for r in rows if r.status == "failed"]
@@ -67,21 +70,26 @@ def markdown_table(rows: Sequence[SweepRow]) -> str:
     """The ranked table; the first working row is marked best."""
     header = (
         "| | layout (d x f x t) | batch | remat | status | state MiB/dev | peak MiB/dev "
-        "| temp MiB/dev | compile s | XLA/analytic FLOPs | step ms | img/s | TFLOP/s | MFU "
-        "| reason |"
+        "| temp MiB/dev | peak/HBM | fits | compile s | XLA/analytic FLOPs | step ms | img/s "
+        "| TFLOP/s | MFU | estimated step ms | estimated img/s | estimated MFU | reason |"
     )
-    lines = [header, "|" + "---|" * 15]
+    lines = [header, "|" + "---|" * 20]
     ordered = ranked(rows)
     for i, r in enumerate(ordered):
         best = "**best**" if i == 0 and r.status != "failed" else ""
         lines.append(
-            f"| {best} | {r.layout} | {r.batch_size} | {'yes' if r.remat else 'no'} | {r.status} "
+            f"| {best} | {r.layout} | {r.batch_size} | {r.remat} | {r.status} "
             f"| {_mib(r.state_bytes_per_device)} | {_mib(r.peak_bytes_per_device)} "
-            f"| {_mib(r.temp_bytes)} | {_fmt(r.compile_time_s, '.1f')} "
+            f"| {_mib(r.temp_bytes)} | {_fmt(r.hbm_fraction, '.0%')} "
+            f"| {'' if r.fits is None else 'yes' if r.fits else 'NO'} "
+            f"| {_fmt(r.compile_time_s, '.1f')} "
             f"| {_fmt(r.replication, '.2f')} "
             f"| {_fmt(r.step_time_s and r.step_time_s * 1e3, '.0f')} "
             f"| {_fmt(r.images_per_s, '.2f')} | {_fmt(r.tflops_per_s, '.4f')} "
-            f"| {_fmt(r.mfu, '.3f')} | {r.reason} |"
+            f"| {_fmt(r.mfu, '.3f')} "
+            f"| {_fmt(r.estimated_step_time_s and r.estimated_step_time_s * 1e3, '.0f')} "
+            f"| {_fmt(r.estimated_images_per_s, '.1f')} | {_fmt(r.estimated_mfu, '.3f')} "
+            f"| {r.reason} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -95,9 +103,17 @@ def plot(rows: Sequence[SweepRow], path: epath.Path, title: str) -> None:
 
     labels = [r.label for r in rows]
     speed = [r.images_per_s or 0.0 for r in rows]
+    speed_name = "images/s"
+    if not any(speed):
+        speed = [r.estimated_images_per_s or 0.0 for r in rows]
+        speed_name = "estimated images/s (XLA cost model)"
     memory = [(r.memory_bytes or 0) / MiB for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(rows) + 4), 4.5))
-    for ax, values, name in ((axes[0], speed, "images/s"), (axes[1], memory, "MiB per device")):
+    hbm = [r.hbm_bytes_per_device for r in rows if r.hbm_bytes_per_device]
+    if hbm:
+        axes[1].axhline(min(hbm) / MiB, color="tab:red", linestyle="--", label="HBM per device")
+        axes[1].legend(fontsize=8)
+    for ax, values, name in ((axes[0], speed, speed_name), (axes[1], memory, "MiB per device")):
         bars = ax.bar(range(len(rows)), values, color="tab:blue")
         for bar, row in zip(bars, rows):
             if row.status == "failed":
@@ -112,7 +128,13 @@ def plot(rows: Sequence[SweepRow], path: epath.Path, title: str) -> None:
                 )
         ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=8)
         ax.set_ylabel(name)
-    axes[0].set_title("throughput" if any(speed) else "throughput (not timed)")
+    axes[0].set_title(
+        "throughput"
+        if speed_name == "images/s" and any(speed)
+        else "estimated throughput (XLA cost model, not measured)"
+        if any(speed)
+        else "throughput (not timed)"
+    )
     axes[1].set_title("memory (XLA peak estimate, else train state)")
     fig.suptitle(title)
     fig.tight_layout()
@@ -128,6 +150,12 @@ def write_outputs(rows: Sequence[SweepRow], out_dir: str, meta: dict) -> epath.P
     write_csv(rows, out / "sweep.csv")
     write_json(rows, out / "sweep.json", meta)
     title = f"{meta.get('config', '')} on {meta.get('n_devices', '')} x {meta.get('device', '')}"
-    (out / "sweep.md").write_text(f"# Sweep: {title}\n\n{markdown_table(rows)}")
+    if meta.get("topology"):
+        title += f" (topology {meta['topology']}, compiled without a TPU)"
+    note = (
+        "\n`estimated` columns: XLA's cost-model step time (`cost_analysis()` optimal_seconds) "
+        "and the images/s and MFU it implies; an estimate, not a measurement.\n"
+    )
+    (out / "sweep.md").write_text(f"# Sweep: {title}\n\n{markdown_table(rows)}{note}")
     plot(rows, out / "sweep.png", title)
     return out
