@@ -21,7 +21,8 @@ files, then finalises dataset_info.json as in a local build):
 TensorFlow is not needed: tfds 4.9's Beam path (split_builder / writer.BeamWriter with the
 array_record example writer) imports no TensorFlow for ArrayRecord output (tested here with
 tensorflow absent). Input and output are epath locations, so gs:// works where the workers can
-reach it; on a remote runner (Dataflow, Flink, Spark) --output must be a URL the workers share.
+reach it (gs:// without TensorFlow needs gcsfs); on a remote runner (Dataflow, Flink, Spark)
+--output must be a URL the workers share.
 
 Empty splits: tfds's BeamWriter refuses a split with no example and fails the pipeline. As in the
 multiprocess build, that split is then left out and the whole pipeline runs again without it (its

@@ -1,0 +1,203 @@
+"""Dataset build throughput: the multiprocess builder vs the Beam pipeline, same corpus, same run.
+
+Both sides run the whole `data_prep.build` (scan, decode, window, resize to --size, PNG,
+duplicate check, tfds ArrayRecord write, report.json) with the same number of worker processes:
+a spawn pool for `--runner=multiprocess`, Beam's local FnApiRunner with that many SDK worker
+processes for `--runner=beam`. Rounds alternate the order; the table shows the median. A third
+figure times `convert_item` alone in this process on the first files (no pool, no writer): the
+per-core ceiling a Beam/Dataflow worker process can reach.
+
+Corpora:
+  samples    the built-in samples (`data_prep.samples`: pydicom-data radiographs + phantoms)
+  synthetic  N uncompressed 16-bit (12 bits stored) DICOMs of HEIGHT x WIDTH, distinct
+             smooth-plus-noise content (no duplicates), generated with pydicom; kept in
+             WORKDIR/synthetic_<N>_<H>x<W> for re-runs (about 15 MB a file at 3000 x 2500).
+
+Printed: images/s and images/s per worker process of each runner, the Beam/multiprocess ratio,
+the in-process ceiling, and the wall time for 882,775 images (RAD-DINO's corpus) on N Dataflow
+workers at the measured per-process rate.
+
+Run (niced, the machine is shared):
+  nice .venv/bin/python benchmarks/build_throughput.py --corpus samples --workers 2
+  nice .venv/bin/python benchmarks/build_throughput.py --corpus synthetic --files 200 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import shutil
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+RAD_DINO_IMAGES = 882_775
+
+
+def write_synthetic_dicoms(folder: pathlib.Path, files: int, height: int, width: int) -> None:
+    """`files` distinct 16-bit DX DICOMs (12 bits stored, uncompressed) of height x width."""
+    import cv2
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for index in range(files):
+        path = folder / f"img{index:05d}.dcm"
+        if path.exists():
+            continue
+        coarse = rng.uniform(400, 3600, size=(12, 10)).astype(np.float32)
+        smooth = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
+        noise = rng.normal(0, 40, size=(height, width)).astype(np.float32)
+        pixels = np.clip(smooth + noise, 0, 4095).astype(np.uint16)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.PatientID = f"P{index:05d}"
+        ds.PatientSex = "F" if index % 2 else "M"
+        ds.Modality = "DX"
+        ds.ViewPosition = "PA"
+        ds.Rows, ds.Columns = height, width
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+        ds.PixelRepresentation = 0
+        ds.PixelSpacing = [0.139, 0.139]
+        ds.PixelData = pixels.tobytes()
+        ds.save_as(path, enforce_file_format=True)
+
+
+def make_corpus(args: argparse.Namespace, workdir: pathlib.Path) -> tuple[str, int]:
+    """(--input for the build, number of input files)."""
+    if args.corpus == "samples":
+        from raddino_jax.data.samples.generate import generate_samples
+
+        folder = workdir / "samples"
+        if not (folder / "labels.csv").exists():
+            generate_samples(folder, n_phantoms=args.phantoms, seed=0)
+        rows = (folder / "labels.csv").read_text().strip().splitlines()
+        return str(folder / "labels.csv"), len(rows) - 1
+    folder = workdir / f"synthetic_{args.files}_{args.height}x{args.width}"
+    write_synthetic_dicoms(folder, args.files, args.height, args.width)
+    return str(folder), args.files
+
+
+def time_build(input_path: str, output: pathlib.Path, args, runner: str) -> tuple[float, dict]:
+    from raddino_jax.data.builder import BuildOptions, build_dataset
+
+    if output.exists():
+        shutil.rmtree(output)
+    options = BuildOptions(
+        input=input_path,
+        output=str(output),
+        name="bench",
+        size=args.size,
+        workers=args.workers,
+        runner=runner,
+    )
+    start = time.perf_counter()
+    report = build_dataset(options)
+    return time.perf_counter() - start, report
+
+
+def time_in_process(input_path: str, args, files: int) -> float:
+    """Seconds per file of convert_item alone, in this process, on the first `files` inputs."""
+    from raddino_jax.data.builder.convert import ConvertOptions, convert_item
+    from raddino_jax.data.builder.inputs import discover_inputs
+    from raddino_jax.data.dicom import DecodePolicy
+
+    items, _, with_mask, _ = discover_inputs(input_path)
+    options = ConvertOptions(
+        size=args.size, bits=8, policy=DecodePolicy(source="bench"), with_mask=with_mask
+    )
+    convert_item((items[0], options))  # warm-up: imports, codec plugins
+    chosen = items[:files]
+    start = time.perf_counter()
+    for item in chosen:
+        convert_item((item, options))
+    return (time.perf_counter() - start) / len(chosen)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", choices=("samples", "synthetic"), default="samples")
+    parser.add_argument("--files", type=int, default=200, help="synthetic corpus size")
+    parser.add_argument("--height", type=int, default=3000)
+    parser.add_argument("--width", type=int, default=2500)
+    parser.add_argument("--phantoms", type=int, default=96, help="built-in samples: phantoms")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--size", type=int, default=518)
+    parser.add_argument("--in-process-files", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=1, help="alternating order; median")
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "build_bench"))
+    parser.add_argument(
+        "--dataflow-workers", type=int, nargs="+", default=[10, 50, 100],
+        help="Dataflow worker VMs for the 882,775-image arithmetic",
+    )  # fmt: skip
+    parser.add_argument("--vcpus-per-worker", type=int, default=4, help="e.g. n2-standard-4")
+    args = parser.parse_args()
+
+    workdir = pathlib.Path(args.workdir)
+    start = time.perf_counter()
+    input_path, files = make_corpus(args, workdir)
+    print(
+        f"corpus {args.corpus}: {files} files in {input_path} ({time.perf_counter() - start:.0f} s)"
+    )
+    print(f"load average before: {os.getloadavg()}, cpus: {os.cpu_count()}")
+
+    times: dict[str, list[float]] = {"multiprocess": [], "beam": []}
+    counts = {}
+    for round_index in range(args.rounds):
+        order = ("multiprocess", "beam") if round_index % 2 == 0 else ("beam", "multiprocess")
+        for runner in order:
+            seconds, report = time_build(input_path, workdir / f"out_{runner}", args, runner)
+            times[runner].append(seconds)
+            counts[runner] = report["counts"]
+            print(f"round {round_index}: {runner} {seconds:.1f} s, counts {report['counts']}")
+    assert counts["beam"] == counts["multiprocess"], counts
+    results = {runner: (statistics.median(t), counts[runner]) for runner, t in times.items()}
+    per_file = time_in_process(input_path, args, min(args.in_process_files, files))
+    print(f"load average after: {os.getloadavg()}")
+
+    print()
+    print(
+        f"| runner ({args.workers} processes) | wall s: median (all {args.rounds}) "
+        "| images/s | images/s per process |"
+    )
+    print("|---|---|---|---|")
+    rates = {}
+    for runner, (seconds, runner_counts) in results.items():
+        rate = runner_counts["found"] / seconds
+        rates[runner] = rate
+        spread = ", ".join(f"{t:.1f}" for t in times[runner])
+        print(f"| {runner} | {seconds:.1f} ({spread}) | {rate:.2f} | {rate / args.workers:.2f} |")
+    print(f"| convert_item in this process (first {min(args.in_process_files, files)} files) | "
+          f"{per_file:.3f} s/file | {1 / per_file:.2f} | {1 / per_file:.2f} |")  # fmt: skip
+    print(f"\nbeam / multiprocess images/s: {rates['beam'] / rates['multiprocess']:.2f}")
+
+    per_process = rates["beam"] / args.workers
+    print(
+        f"\n{RAD_DINO_IMAGES:,} images at the Beam rate of {per_process:.2f} images/s per "
+        f"process (ceiling {1 / per_file:.2f}), one SDK process per vCPU, "
+        f"{args.vcpus_per_worker} vCPUs per worker:"
+    )
+    for workers in args.dataflow_workers:
+        processes = workers * args.vcpus_per_worker
+        hours = RAD_DINO_IMAGES / (per_process * processes) / 3600
+        ceiling = RAD_DINO_IMAGES * per_file / processes / 3600
+        print(
+            f"  {workers} workers ({processes} processes): {hours:.1f} h (ceiling {ceiling:.1f} h)"
+        )
+
+
+if __name__ == "__main__":
+    main()
