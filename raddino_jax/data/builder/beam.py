@@ -30,7 +30,9 @@ files are still converted, so their failures and duplicates stay reported). List
 `dropped_empty_splits`; this costs a second pass only when a whole split fails.
 
 Runners tested here: the FnApiRunner (what DirectRunner runs locally) in multi_processing mode
-with 2 and more SDK worker processes, which is the default when --beam-options names no runner.
+with 2 SDK worker processes, which is the default when --beam-options names no runner
+(`default_beam_options`, --workers processes); and `--runner=DirectRunner`, which first tries to
+download the Prism runner (offline: fails, falls back to an in-process FnApiRunner).
 DataflowRunner is untested here (no network): give the workers this package, e.g. build a wheel
 (`pip wheel --no-deps -w dist .`) and pass `--extra_packages=dist/raddino_jax-*.whl`, or a custom
 container with `--sdk_container_image`.
