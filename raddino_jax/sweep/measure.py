@@ -285,6 +285,39 @@ def cost_fields(compiled) -> dict:
     return dict(cost or {})
 
 
+ESTIMATE_BY_DEPTH = (
+    "scan_blocks: XLA FLOPs and estimates extrapolated from unscanned depth-1 and depth-2 "
+    "compiles (XLA's cost analysis counts a loop body once); memory from the scanned compile"
+)
+_LINEAR_COSTS = ("flops", "bytes accessed", "optimal_seconds")
+
+
+def depth_extrapolated_cost(
+    config: ml_collections.ConfigDict, devices: Sequence[jax.Device], compiler_options=None
+) -> dict:
+    """XLA's cost analysis of the step as if its blocks were unrolled, for a scanned config.
+
+    XLA's `cost_analysis()` counts a while loop's body once, so a scanned 12-block step reports
+    the FLOPs and `optimal_seconds` of one block plus the rest. The blocks are identical, so
+    every cost is affine in the depth: cost(D) = cost(1) + (D - 1) * (cost(2) - cost(1)), with
+    cost(1) and cost(2) from unscanned compiles of the same point at depth 1 and 2 (small
+    programs: they compile in a fraction of the full step's time and fit where it does not).
+    """
+    depth = config_lib.model_spec(config).backbone.depth
+    costs = []
+    for d in (1, 2):
+        c = config.copy_and_resolve_references()
+        c.model.depth, c.model.scan_blocks = d, False
+        compiled, _ = compile_step(build_point(c, devices), c.seed, compiler_options)
+        costs.append(cost_fields(compiled))
+    one, two = costs
+    return {
+        k: float(one[k]) + (depth - 1) * (float(two[k]) - float(one[k]))
+        for k in _LINEAR_COSTS
+        if k in one and k in two
+    }
+
+
 def xla_flops(compiled) -> float | None:
     """XLA's flop count of the compiled (per-device, partitioned) program, if reported."""
     cost = cost_fields(compiled)
@@ -390,6 +423,9 @@ def run_point(
         for key, value in memory_fields(compiled).items():
             setattr(row, key, value)
         cost = cost_fields(compiled)
+        if c.model.scan_blocks and point.spec.backbone.depth > 2:
+            cost = depth_extrapolated_cost(c, devices[:n_devices], compiler_options)
+            row.reason = ESTIMATE_BY_DEPTH
         row.xla_flops_per_device = float(cost["flops"]) if "flops" in cost else None
         _fill_estimates(row, point, cost, peak_flops)
         if row.xla_flops_per_device is not None:
