@@ -270,3 +270,16 @@ def test_cached_abstract_state_equals_train_state_abstract_state():
     for got, ref in zip(jax.tree.leaves(point.abstract_state), jax.tree.leaves(want)):
         assert (got.shape, got.dtype, got.sharding) == (ref.shape, ref.dtype, ref.sharding)
     assert jax.tree.leaves(point.shardings) == jax.tree.leaves(want_shardings)
+
+
+def test_scanned_step_costs_extrapolate_to_the_unrolled_step():
+    """XLA's cost analysis counts a scan body once; the depth extrapolation (depth-1 and
+    depth-2 unscanned compiles) recovers the unrolled 3-block step's FLOPs."""
+    c = set_dotted(tiny_config(), {"model.depth": 3, "batch_size": 8})
+    devices = jax.devices()[:1]
+    unrolled = sweep.run_point(c, SINGLE, 8, "none", devices=devices, mode="compile")
+    scanned_config = set_dotted(c.copy_and_resolve_references(), {"model.scan_blocks": True})
+    scanned = sweep.run_point(scanned_config, SINGLE, 8, "none", devices=devices, mode="compile")
+    assert unrolled.status == scanned.status == "compiled", (unrolled.reason, scanned.reason)
+    assert scanned.reason == sweep.measure.ESTIMATE_BY_DEPTH
+    assert scanned.xla_flops_per_device == pytest.approx(unrolled.xla_flops_per_device, rel=0.01)
