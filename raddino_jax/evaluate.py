@@ -1,7 +1,8 @@
 """`python -m raddino_jax.evaluate`: frozen-feature evaluation of a checkpoint (recipe s10).
 
   python -m raddino_jax.evaluate --checkpoint PATH --data DATA_DIR/NAME --label F[,F...] \
-      [--task knn|linear|metadata|segmentation|all] [--out DIR] [--baseline PATH]
+      [--task knn|linear|metadata|segmentation|all] [--out DIR] [--baseline PATH] \
+      [--bootstrap 1000] [--curve]
 
 The teacher backbone of PATH (a parameter checkpoint or a training run directory) embeds every
 image of the `data_prep` dataset DATA_DIR/NAME with the checkpoint's inference preprocessing
@@ -21,10 +22,20 @@ val / test (data_prep splits by patient); a missing val or test split is carved 
 patient (patient_id, else the file), and overlaps between given splits are reported
 (`eval/splits.py`).
 
-The same report is produced for a random initialisation of the same architecture and, with
---baseline, for another checkpoint (e.g. imported DINOv2 or RAD-DINO weights); eval.json holds
-every number and the differences, eval.md a table of them (`eval/report.py`). This module holds
-the per-task glue (labels per split -> the probes of `eval/`), the driver and the CLI.
+The same report is produced for a random initialisation of the same architecture, for the
+pixel reference (kNN and logistic probe on the raw 28x28 pixels: a supervised model with no
+representation learning, so a reader sees how far the features get) and, with --baseline, for
+another checkpoint (e.g. imported DINOv2 or RAD-DINO weights); eval.json holds every number and
+the differences, eval.md a table of them (`eval/report.py`). Every kNN accuracy and probe AUROC
+gets a 95% percentile-bootstrap interval over the test examples (--bootstrap resamples, seeded
+by --seed, the same resamples for every model, so the intervals of differences are paired;
+`eval/bootstrap.py`), in eval.json "intervals" and an eval.md table.
+
+--curve (PATH a training run directory): the teacher of every kept checkpoint (keep enough with
+config.keep_checkpoints), random init and the pixel reference are also scored on kNN accuracy
+(k=20) and probe AUROC with their intervals; curve.json and curve.png (score vs training step,
+bands = 95% intervals) are written next to eval.json. This module holds the per-task glue
+(labels per split -> the probes of `eval/`), the driver and the CLI.
 """
 
 from __future__ import annotations
