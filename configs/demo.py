@@ -7,9 +7,10 @@ and a pixel-probe reference with 95% bootstrap intervals and a learning curve
 (`python -m raddino_jax.evaluate ... --curve`); results and the curve are in
 benchmarks/RESULTS.md ("Demo pretraining").
 
-What to expect on 2 CPU cores: samples generated and built into WORKDIR/builtin (~30 s), one
-compile (~30-60 s), then ~1-2 s per step; pretraining under 10 minutes. The loss, teacher
-entropy and student-teacher KL are in WORKDIR/metrics.jsonl.
+What to expect on 2 CPU cores: samples generated and built into WORKDIR/builtin (~30-60 s), one
+compile (~30-60 s), then ~1.5 s per step (80 steps ~2 min); the whole `make demo` took 5 min 49 s
+on the shared VM. The loss, teacher entropy (ends ~88% of log K) and student-teacher KL are in
+WORKDIR/metrics.jsonl; the teacher's nodule probe AUROC 0.86 vs 0.74 for random init.
 
 The published recipe collapses at this scale (issue 10 s3): with a freshly initialised 4-block
 ViT, batch 32 and 80-200 steps, the teacher's head output becomes the same for every image and
