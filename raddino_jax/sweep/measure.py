@@ -36,7 +36,7 @@ from raddino_jax import config as config_lib
 from raddino_jax import flops
 from raddino_jax.data import pipeline
 from raddino_jax.data.pipeline import BATCH_KEYS
-from raddino_jax.models import ModelSpec, abstract_params, init_params
+from raddino_jax.models import ModelSpec, abstract_params, init_params, vit
 from raddino_jax.models.vit import normalize_remat
 from raddino_jax.parallel import sharding
 from raddino_jax.parallel.mesh import make_mesh
@@ -292,6 +292,21 @@ ESTIMATE_BY_DEPTH = (
 _LINEAR_COSTS = ("flops", "bytes accessed", "optimal_seconds")
 
 
+SPLASH_NOT_COSTED = (
+    "XLA's FLOPs and estimate leave out the Pallas splash-attention kernel (it carries no "
+    "cost estimate): the estimated step time is a lower bound"
+)
+
+
+def _uses_splash(point: Point) -> bool:
+    """Whether the step's global crops go through the splash kernel (vit.attention)."""
+    platform = point.mesh.devices.flat[0].platform
+    backbone = point.spec.for_platform(platform).backbone
+    grid = point.config.data.global_size // backbone.patch_size
+    tokens = 1 + backbone.num_register_tokens + grid**2
+    return backbone.attention_impl == "splash" and tokens >= vit.SPLASH_MIN_TOKENS
+
+
 def depth_extrapolated_cost(
     config: ml_collections.ConfigDict, devices: Sequence[jax.Device], compiler_options=None
 ) -> dict:
@@ -428,6 +443,8 @@ def run_point(
             row.reason = ESTIMATE_BY_DEPTH
         row.xla_flops_per_device = float(cost["flops"]) if "flops" in cost else None
         _fill_estimates(row, point, cost, peak_flops)
+        if row.estimated_step_time_s and _uses_splash(point):
+            row.reason = "; ".join(filter(None, [row.reason, SPLASH_NOT_COSTED]))
         if row.xla_flops_per_device is not None:
             row.replication = row.xla_flops_per_device * n_devices / row.analytic_flops_per_step
         if mode == "compile":
