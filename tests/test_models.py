@@ -294,28 +294,19 @@ def test_attention_implementations_agree(dtype):
     np.testing.assert_allclose(outs["einsum"], outs["xla"], atol=atol)
 
 
-def test_head_last_layer_returns_float32_and_its_gradient_equals_autodiff():
-    """The head's last matmul accumulates and returns float32 (bf16 operands); its custom
-    backward equals autodiff of the same product in float32 operands to bf16 rounding."""
-    from raddino_jax.models.heads import dot_float32_out
+def test_head_last_layer_accumulates_and_returns_float32():
+    """bf16 operands, float32 accumulation and output: the logits feed a 0.04-temperature
+    softmax and are not rounded to bfloat16 (issue 14)."""
+    from raddino_jax.models.heads import WeightNormLinear
 
+    layer = WeightNormLinear(16, 64, jnp.bfloat16, nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (2, 5, 16), jnp.float32)
-    w = jax.random.normal(jax.random.key(1), (16, 64), jnp.float32)
-    ct = jax.random.normal(jax.random.key(2), (2, 5, 64), jnp.float32)
-    out = dot_float32_out(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    out = layer(x)
     assert out.dtype == jnp.float32
+    v = layer.weight_v[...]
+    kernel = (v * (layer.weight_g[...] / jnp.linalg.norm(v, axis=0))).astype(jnp.bfloat16)
     exact = jnp.einsum(
-        "bnd,dk->bnk",
-        x.astype(jnp.bfloat16),
-        w.astype(jnp.bfloat16),
-        preferred_element_type=jnp.float32,
+        "bnd,dk->bnk", x.astype(jnp.bfloat16), kernel, preferred_element_type=jnp.float32
     )
     np.testing.assert_array_equal(out, exact)
-    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)):
-        g = jax.grad(lambda a, b: jnp.sum(dot_float32_out(a, b) * ct), argnums=(0, 1))(
-            x.astype(dtype), w.astype(dtype)
-        )
-        ref = jax.grad(lambda a, b: jnp.sum(jnp.einsum("bnd,dk->bnk", a, b) * ct), (0, 1))(x, w)
-        for a, b in zip(g, ref):
-            assert a.dtype == dtype
-            np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=tol, atol=tol * 8)
+    assert np.any(np.asarray(out) != np.asarray(out.astype(jnp.bfloat16), np.float32))

@@ -33,36 +33,6 @@ class HeadConfig:
         return dataclasses.replace(self, **kwargs)
 
 
-@jax.custom_vjp
-def dot_float32_out(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x [..., din] @ kernel [din, dout] accumulated and returned in float32.
-
-    The backward casts the [..., dout] float32 cotangent to the operands' dtype before its two
-    matmuls, as the bfloat16-output matmul's backward did: with the default transpose rule the
-    float32 cotangent of the [masked tokens, 65536] logits met bfloat16 operands and XLA kept an
-    extra float32 [U, K] buffer (+4 GiB per v5p chip for configs/vitb14.py, benchmarks/
-    RESULTS.md) and ran the weight gradient in float32.
-    """
-    return jnp.dot(x, kernel, preferred_element_type=jnp.float32)
-
-
-def _dot_float32_out_fwd(x, kernel):
-    return dot_float32_out(x, kernel), (x, kernel)
-
-
-def _dot_float32_out_bwd(residuals, cotangent):
-    x, kernel = residuals
-    cotangent = cotangent.astype(x.dtype)
-    d_x = jnp.dot(cotangent, kernel.T, preferred_element_type=jnp.float32).astype(x.dtype)
-    flat_x = x.reshape(-1, x.shape[-1])
-    flat_ct = cotangent.reshape(-1, cotangent.shape[-1])
-    d_kernel = jnp.dot(flat_x.T, flat_ct, preferred_element_type=jnp.float32)
-    return d_x, d_kernel.astype(kernel.dtype)
-
-
-dot_float32_out.defvjp(_dot_float32_out_fwd, _dot_float32_out_bwd)
-
-
 class WeightNormLinear(nnx.Module):
     """y = x @ (g * v / ||v||), norms per output unit (torch weight_norm with dim=0), no bias."""
 
@@ -80,7 +50,11 @@ class WeightNormLinear(nnx.Module):
         "Accumulate in float32")."""
         v = self.weight_v[...]
         kernel = v * (self.weight_g[...] / jnp.linalg.norm(v, axis=0))
-        return dot_float32_out(x.astype(self.dtype), kernel.astype(self.dtype))
+        return jnp.dot(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
 
 
 class DINOHead(nnx.Module):
