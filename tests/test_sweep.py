@@ -258,7 +258,7 @@ def test_cli_state_only(tmp_path):
         > by_key[("8x1x1", 16, "none")]["analytic_flops_per_step"]
     )
     assert by_key[("3x3x1", 16, "none")]["status"] == "failed"
-    assert by_key[("1x8x1", 32, False)]["status"] == "state"
+    assert by_key[("1x8x1", 32, "none")]["status"] == "state"
     assert (tmp_path / "sweep.png").exists() and (tmp_path / "sweep.md").exists()
 
 
