@@ -88,8 +88,18 @@ def folder_build(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("folder")
     expected = make_folder(tmp / "in")
     argv = [
-        "--input", str(tmp / "in"), "--output", str(tmp / "out"), "--name", "mixed",
-        "--size", str(SIZE), "--bits", "16", "--workers", "2",
+        "--input",
+        str(tmp / "in"),
+        "--output",
+        str(tmp / "out"),
+        "--name",
+        "mixed",
+        "--size",
+        str(SIZE),
+        "--bits",
+        "16",
+        "--workers",
+        "2",
     ]
     report = build.main(argv)
     return tmp, argv, expected, report
@@ -202,8 +212,12 @@ def csv_build(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("csv")
     _write_csv_inputs(tmp / "in")
     options = builder.BuildOptions(
-        input=str(tmp / "in" / "labels.csv"), output=str(tmp / "out"), name="labelled",
-        size=SIZE, bits=8, workers=1,
+        input=str(tmp / "in" / "labels.csv"),
+        output=str(tmp / "out"),
+        name="labelled",
+        size=SIZE,
+        bits=8,
+        workers=1,
     )
     return tmp, options, builder.build_dataset(options)
 
@@ -211,7 +225,10 @@ def csv_build(tmp_path_factory):
 def test_csv_labels_splits_and_masks(csv_build):
     tmp, _, report = csv_build
     assert report["labels"] == {
-        "finding": "int", "score": "float", "note": "text", "label_sex": "text"
+        "finding": "int",
+        "score": "float",
+        "note": "text",
+        "label_sex": "text",
     }
     assert report["splits"] == {"train": 3, "test": 0, "validation": 2}
     assert report["counts"] == {"found": 7, "converted": 5, "failed": 2, "duplicates": 0}
@@ -257,8 +274,13 @@ def test_overwrite_rebuilds(csv_build):
 
 @pytest.mark.parametrize(
     "values, kind",
-    [(["1", "2", "-3"], "int"), (["1", "", "2"], "float"), (["1.5", "2"], "float"),
-     (["a", "1"], "text"), (["", ""], "text")],
+    [
+        (["1", "2", "-3"], "int"),
+        (["1", "", "2"], "float"),
+        (["1.5", "2"], "float"),
+        (["a", "1"], "text"),
+        (["", ""], "text"),
+    ],
 )
 def test_infer_label_type(values, kind):
     assert builder.infer_label_type(values) == kind

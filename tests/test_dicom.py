@@ -225,7 +225,13 @@ def test_parse_age_unknown_is_nan(text):
 
 def test_parse_sex():
     assert [dicom.parse_sex(s) for s in ["M", "f ", "O", "", None, "X", "male"]] == [
-        "M", "F", "O", "", "", "", "M",
+        "M",
+        "F",
+        "O",
+        "",
+        "",
+        "",
+        "M",
     ]
 
 

@@ -343,10 +343,14 @@ def test_two_stages_over_a_mixture_compile_once_each_and_resume_after_sigkill(
         ({"stages": ((3, 84, 28, 32), (9, 84, 28, 32))}, "config.stages[1]"),
         ({"stages": ((3, 84, 28, 12),)}, "config.stages[0]"),
         ({"data.sources": (("tiny", "/tmp", 1.0),)}, "config.data.sources"),
-        ({"data.dir": "", "data.name": "", "data.sources": (("x", "/nonexistent", 1.0),)},
-         "config.data.sources[0]"),
-        ({"data.dir": "", "data.name": "", "data.sources": (("x", "/tmp", -1.0),)},
-         "config.data.sources[0]"),
+        (
+            {"data.dir": "", "data.name": "", "data.sources": (("x", "/nonexistent", 1.0),)},
+            "config.data.sources[0]",
+        ),
+        (
+            {"data.dir": "", "data.name": "", "data.sources": (("x", "/tmp", -1.0),)},
+            "config.data.sources[0]",
+        ),
         ({"data.fraction": 0.0}, "config.data.fraction"),
     ],
 )

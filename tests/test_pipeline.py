@@ -35,8 +35,13 @@ def _png_source(n: int = N_IMAGES, seed: int = 0) -> list[dict]:
 
 def _dataset(source=None, **overrides):
     kwargs = dict(
-        seed=3, per_process_batch=4, crop_cfg=CFG, patch_size=PATCH, mask_group_size=2,
-        process_index=0, process_count=1,
+        seed=3,
+        per_process_batch=4,
+        crop_cfg=CFG,
+        patch_size=PATCH,
+        mask_group_size=2,
+        process_index=0,
+        process_count=1,
     )
     kwargs.update(overrides)
     return pipeline.make_dataset(_png_source() if source is None else source, **kwargs)
@@ -111,10 +116,13 @@ def test_orbax_round_trip_of_iterator(tmp_path):
 def test_process_shards_are_disjoint_and_cover_each_epoch():
     source = _png_source()
     per_process = [
-        [r["id"] for r in itertools.islice(
-            pipeline.sharded_records(source, seed=3, process_index=p, process_count=2),
-            2 * N_IMAGES // 2,
-        )]
+        [
+            r["id"]
+            for r in itertools.islice(
+                pipeline.sharded_records(source, seed=3, process_index=p, process_count=2),
+                2 * N_IMAGES // 2,
+            )
+        ]
         for p in range(2)
     ]
     for epoch in range(2):
@@ -127,10 +135,13 @@ def test_process_shards_are_disjoint_and_cover_each_epoch():
 
 
 def test_epochs_are_differently_permuted():
-    ids = [r["id"] for r in itertools.islice(
-        pipeline.sharded_records(_png_source(), seed=3, process_index=0, process_count=1),
-        3 * N_IMAGES,
-    )]
+    ids = [
+        r["id"]
+        for r in itertools.islice(
+            pipeline.sharded_records(_png_source(), seed=3, process_index=0, process_count=1),
+            3 * N_IMAGES,
+        )
+    ]
     epochs = [ids[e * N_IMAGES : (e + 1) * N_IMAGES] for e in range(3)]
     for epoch in epochs:
         assert sorted(epoch) == list(range(N_IMAGES))
@@ -273,8 +284,13 @@ def _encode_png(image: np.ndarray, filters: list[int]) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, depth, 0, 0, 0, 0)
     data = zlib.compress(b"".join(rows), 6)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data[:50])
-            + chunk(b"IDAT", data[50:]) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", data[:50])
+        + chunk(b"IDAT", data[50:])
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
@@ -367,8 +383,15 @@ def test_source_counts_equal_the_streamed_sources(weights):
     mixture = _mixture(weights, sizes=(20, 7, 11)[: len(weights)])
     stream = pipeline.mixed_stream(mixture, seed=5)
     ids = _source_ids(stream[i] for i in range(3 * pipeline.MIX_WINDOW + 100))
-    for n in (0, 1, 17, pipeline.MIX_WINDOW - 1, pipeline.MIX_WINDOW, 2 * pipeline.MIX_WINDOW + 5,
-              len(ids)):
+    for n in (
+        0,
+        1,
+        17,
+        pipeline.MIX_WINDOW - 1,
+        pipeline.MIX_WINDOW,
+        2 * pipeline.MIX_WINDOW + 5,
+        len(ids),
+    ):
         expected = np.bincount(ids[:n], minlength=len(weights))
         np.testing.assert_array_equal(pipeline.source_counts(mixture, 5, n), expected, str(n))
     # Grain's interleaving without the window shuffle, against the closed form.
@@ -412,8 +435,9 @@ def test_mixture_iterator_resumes_exactly():
     _assert_batches_equal(_take(fresh, 3), expected)
     # ... and differs from the single-source stream of its first source.
     first = _take(iter(_dataset(mixture.sources[0])), 1)[0]
-    assert not np.array_equal(first["global_crops"], _take(iter(_dataset(mixture)), 1)[0][
-        "global_crops"])
+    assert not np.array_equal(
+        first["global_crops"], _take(iter(_dataset(mixture)), 1)[0]["global_crops"]
+    )
 
 
 def test_start_position_continues_the_stream():

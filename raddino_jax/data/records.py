@@ -120,9 +120,7 @@ def dataset_dir(data_dir: epath.PathLike, name: str) -> epath.Path:
     return epath.Path(data_dir) / name / DATASET_VERSION
 
 
-def open_split(
-    data_dir: epath.PathLike, name: str, split: str, decode_images: bool = False
-) -> Any:
+def open_split(data_dir: epath.PathLike, name: str, split: str, decode_images: bool = False) -> Any:
     """Random-access source over one split (len() and integer indexing), no TensorFlow needed.
 
     Args:
