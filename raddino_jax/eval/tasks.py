@@ -1,0 +1,419 @@
+"""The evaluation driver behind `python -m raddino_jax.evaluate` (recipe s10): per-task glue
+(labels per split -> the probes of `eval/`), the pixel reference, bootstrap intervals and
+`run_evaluation`, the whole report of one checkpoint. The module docstring of
+`raddino_jax/evaluate.py` describes the tasks and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from raddino_jax import checkpoint
+from raddino_jax.eval import bootstrap
+from raddino_jax.eval import features as feats
+from raddino_jax.eval.knn import KNN_KS, KNN_TEMPERATURE, knn_class_scores, knn_metrics
+from raddino_jax.eval.linear import (
+    DEFAULT_C_GRID,
+    classification_metrics,
+    select_and_fit,
+)
+from raddino_jax.eval.metadata import age_probe, sex_probe
+from raddino_jax.eval.report import differences
+from raddino_jax.eval.segmentation import segmentation_probe
+from raddino_jax.eval.splits import load_roles
+from raddino_jax.models import ModelSpec, init_params
+
+TASKS = ("knn", "linear", "metadata", "segmentation")
+
+
+def has_masks(data_dir: str, name: str) -> bool:
+    """Whether the dataset's records carry a `mask` feature."""
+    import tensorflow_datasets as tfds
+
+    from raddino_jax.data.records import dataset_dir
+
+    return "mask" in tfds.builder_from_directory(dataset_dir(data_dir, name)).info.features
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluations of one model
+# ------------------------------------------------------------------------------------------
+
+
+def _labels_per_role(roles: dict[str, feats.SplitData], label: str):
+    """Class codes per role (encoded jointly so the classes agree) and the class names."""
+    values = np.concatenate([roles[r].fields[label] for r in feats.SPLIT_ROLES])
+    codes, names = feats.encode_labels(values)
+    sizes = np.cumsum([0] + [len(roles[r]) for r in feats.SPLIT_ROLES])
+    return {r: codes[sizes[i] : sizes[i + 1]] for i, r in enumerate(feats.SPLIT_ROLES)}, names
+
+
+def knn_task(features, roles, labels, ks, temperature, per_example=None) -> dict[str, Any]:
+    """kNN per label: train split as memory, test split as queries.
+
+    With a `per_example` dict, also records each test example's correctness under the score's
+    path ("knn/<label>/k<k>/accuracy" -> ("accuracy", correct [N])) for bootstrap intervals.
+    """
+    out = {}
+    for label in labels:
+        codes, names = _labels_per_role(roles, label)
+        train, test = codes["train"] >= 0, codes["test"] >= 0
+        if train.sum() == 0 or test.sum() == 0 or len(names) < 2:
+            out[label] = {"skipped": "needs >= 2 classes and known labels in train and test"}
+            continue
+        scores = knn_class_scores(
+            features["train"]["cls"][train],
+            codes["train"][train],
+            features["test"]["cls"][test],
+            len(names),
+            ks,
+            temperature,
+        )
+        result = knn_metrics(scores, codes["test"][test], int(train.sum()))
+        if per_example is not None:
+            for k, class_scores in scores.items():
+                correct = class_scores.argmax(axis=1) == codes["test"][test]
+                per_example[f"knn/{label}/k{k}/accuracy"] = ("accuracy", correct)
+        result["n_train"] = int(train.sum())
+        result["n_test"] = int(test.sum())
+        if train.sum() < max(ks):
+            result["note"] = (
+                f"only {int(train.sum())} training examples: k above that uses all of them"
+            )
+        out[label] = result
+    return out
+
+
+def linear_task(probe_inputs, roles, labels, c_grid, per_example=None) -> dict[str, Any]:
+    """Logistic probe per label, C chosen on val, metrics on test.
+
+    With a `per_example` dict, also records the test labels and probabilities under the AUROC's
+    path ("linear/<label>/auroc" or ".../auroc_macro_ovr" -> ("auroc", labels, probabilities)).
+    """
+    out = {}
+    for label in labels:
+        codes, names = _labels_per_role(roles, label)
+        keep = {r: codes[r] >= 0 for r in feats.SPLIT_ROLES}
+        train_classes = set(codes["train"][keep["train"]].tolist())
+        if len(train_classes) < 2 or keep["val"].sum() == 0 or keep["test"].sum() == 0:
+            out[label] = {"skipped": "needs >= 2 classes in train and known labels in val/test"}
+            continue
+        probe = select_and_fit(
+            probe_inputs["train"][keep["train"]],
+            codes["train"][keep["train"]],
+            probe_inputs["val"][keep["val"]],
+            codes["val"][keep["val"]],
+            len(names),
+            c_grid,
+        )
+        probabilities = probe.model.probabilities(probe_inputs["test"][keep["test"]])
+        metrics = classification_metrics(codes["test"][keep["test"]], probabilities)
+        out[label] = {**metrics, "c": probe.best_c, "classes": names}
+        if per_example is not None:
+            name = "auroc" if len(names) == 2 else "auroc_macro_ovr"
+            per_example[f"linear/{label}/{name}"] = (
+                "auroc",
+                codes["test"][keep["test"]],
+                probabilities,
+            )
+    return out
+
+
+def metadata_task(probe_inputs, roles, c_grid) -> dict[str, Any]:
+    """Sex (AUROC) and age (MAE, R^2) probes from the stored DICOM metadata."""
+    out = {}
+    if "sex" in roles["train"].fields:
+        out["sex"] = sex_probe(
+            *[(probe_inputs[r], roles[r].fields["sex"]) for r in feats.SPLIT_ROLES], c_grid
+        )
+    if "age_years" in roles["train"].fields:
+        out["age"] = age_probe(
+            *[(probe_inputs[r], roles[r].fields["age_years"]) for r in feats.SPLIT_ROLES]
+        )
+    return out
+
+
+def segmentation_task(features, roles, labels, patch_size) -> dict[str, Any]:
+    """Patch probe on examples whose masks are trustworthy (a known value of some label)."""
+    parts = []
+    for role in feats.SPLIT_ROLES:
+        known = np.zeros(len(roles[role]), bool)
+        for label in labels:
+            codes, _ = feats.encode_labels(roles[role].fields[label])
+            known |= codes >= 0
+        if known.sum() == 0:
+            return {"skipped": f"no {role} example with a known label (masks untrusted)"}
+        parts.append(
+            (
+                features[role]["patch"][known],
+                features[role]["cls"][known],
+                roles[role].masks[known],
+            )
+        )
+    return segmentation_probe(*parts, patch_size=patch_size)
+
+
+def evaluate_model(
+    spec: ModelSpec,
+    params: Any,
+    pre: checkpoint.Preprocessing,
+    roles: dict[str, feats.SplitData],
+    labels: Sequence[str],
+    tasks: Sequence[str],
+    *,
+    n_last_blocks: int = 1,
+    avgpool: bool = True,
+    c_grid: Sequence[float] = DEFAULT_C_GRID,
+    ks: Sequence[int] = KNN_KS,
+    temperature: float = KNN_TEMPERATURE,
+    batch_size: int = 32,
+    per_example: dict | None = None,
+) -> dict[str, Any]:
+    """Every requested task for one model on the train / val / test SplitData of its size.
+
+    `per_example` (optional) collects per-test-example outcomes for `attach_intervals`.
+    """
+    n_last_blocks = min(n_last_blocks, spec.backbone.depth)
+    feature_fn = feats.make_uint8_feature_fn(
+        spec, pre, n_layers=n_last_blocks, keep_patch="segmentation" in tasks
+    )
+    features = {
+        r: feats.extract_features(feature_fn, params, roles[r].crops, batch_size)
+        for r in feats.SPLIT_ROLES
+    }
+    probe_inputs = {
+        r: feats.probe_features(features[r], n_last_blocks, avgpool) for r in feats.SPLIT_ROLES
+    }
+    result: dict[str, Any] = {}
+    if "knn" in tasks:
+        result["knn"] = knn_task(features, roles, labels, ks, temperature, per_example)
+    if "linear" in tasks:
+        result["linear"] = linear_task(probe_inputs, roles, labels, c_grid, per_example)
+    if "metadata" in tasks:
+        result["metadata"] = metadata_task(probe_inputs, roles, c_grid)
+    if "segmentation" in tasks:
+        result["segmentation"] = segmentation_task(
+            features, roles, labels, spec.backbone.patch_size
+        )
+    result["features"] = {"n_last_blocks": n_last_blocks, "avgpool": avgpool}
+    return result
+
+
+PIXEL_SIZE = 28
+
+
+def pixel_features(crops: np.ndarray, size: int = PIXEL_SIZE) -> np.ndarray:
+    """uint8 crops [N, S, S] -> float32 [N, size * size]: area-downsampled pixels in [0, 1]."""
+    import cv2
+
+    return (
+        np.stack([cv2.resize(c, (size, size), interpolation=cv2.INTER_AREA) for c in crops])
+        .reshape(len(crops), -1)
+        .astype(np.float32)
+        / 255.0
+    )
+
+
+def evaluate_pixels(
+    roles: dict[str, feats.SplitData],
+    labels: Sequence[str],
+    tasks: Sequence[str],
+    *,
+    c_grid: Sequence[float] = DEFAULT_C_GRID,
+    ks: Sequence[int] = KNN_KS,
+    temperature: float = KNN_TEMPERATURE,
+    per_example: dict | None = None,
+) -> dict[str, Any]:
+    """The supervised reference: the same kNN and logistic probe on the raw pixels.
+
+    No network: the probe is a supervised model fitted to the labels on the image itself
+    (28 x 28 area-downsampled), so it shows how much of a label is recoverable with labels and
+    no representation learning; a pretrained backbone's probe should approach or pass it.
+    """
+    pixels = {r: pixel_features(roles[r].crops) for r in feats.SPLIT_ROLES}
+    result: dict[str, Any] = {}
+    if "knn" in tasks:
+        features = {r: {"cls": pixels[r]} for r in feats.SPLIT_ROLES}
+        result["knn"] = knn_task(features, roles, labels, ks, temperature, per_example)
+    if "linear" in tasks:
+        result["linear"] = linear_task(pixels, roles, labels, c_grid, per_example)
+    result["features"] = {"pixels": f"{PIXEL_SIZE}x{PIXEL_SIZE}"}
+    return result
+
+
+def attach_intervals(
+    per_example: dict[str, dict[str, tuple]],
+    pairs: Sequence[tuple[str, str]],
+    *,
+    n_resamples: int = bootstrap.N_RESAMPLES,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """95% percentile-bootstrap intervals of every recorded score, per model and for each
+    (a, b) pair of models the paired interval of a - b (same resamples for both models).
+
+    `per_example` is model -> score path -> outcome tuple (from `knn_task` / `linear_task`).
+    Returns {"level", "n_resamples", "seed", "models": {model: {path: [lo, hi]}},
+    "differences": {"a_minus_b": {path: [lo, hi]}}}.
+    """
+    samples: dict[str, dict[str, np.ndarray]] = {}
+    for model, outcomes in per_example.items():
+        samples[model] = {}
+        for path, outcome in outcomes.items():
+            n = len(outcome[1])
+            indices = bootstrap.resample_indices(n, n_resamples, seed, key=path)
+            if outcome[0] == "accuracy":
+                samples[model][path] = bootstrap.accuracy_samples(outcome[1], indices)
+            else:
+                samples[model][path] = bootstrap.auroc_samples(outcome[1], outcome[2], indices)
+    intervals = {
+        model: {path: bootstrap.interval(values) for path, values in by_path.items()}
+        for model, by_path in samples.items()
+    }
+    differences_ = {}
+    for a, b in pairs:
+        if a not in samples or b not in samples:
+            continue
+        differences_[f"{a}_minus_{b}"] = {
+            path: bootstrap.interval(samples[a][path] - samples[b][path])
+            for path in samples[a]
+            if path in samples[b] and len(samples[a][path]) == len(samples[b][path])
+        }
+    return {
+        "level": bootstrap.LEVEL,
+        "n_resamples": n_resamples,
+        "seed": seed,
+        "models": intervals,
+        "differences": differences_,
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# Driver
+# ------------------------------------------------------------------------------------------
+
+
+def split_data_argument(data: str) -> tuple[str, str]:
+    """DATA_DIR/NAME -> (DATA_DIR, NAME)."""
+    data = data.rstrip("/")
+    if "/" not in data:
+        raise ValueError(f"--data must be DATA_DIR/NAME, got {data!r}")
+    data_dir, name = data.rsplit("/", 1)
+    return data_dir, name
+
+
+def run_evaluation(
+    checkpoint_path: str,
+    data: str,
+    labels: Sequence[str],
+    tasks: Sequence[str],
+    *,
+    baseline: str | None = None,
+    max_examples: int | None = None,
+    n_last_blocks: int = 1,
+    avgpool: bool = True,
+    c_grid: Sequence[float] = DEFAULT_C_GRID,
+    seed: int = 0,
+    batch_size: int = 32,
+    n_resamples: int = bootstrap.N_RESAMPLES,
+) -> dict[str, Any]:
+    """The whole evaluation (checkpoint, random init, the pixel reference, optional baseline)
+    as the eval.json dict, with paired bootstrap intervals of the kNN accuracies and AUROCs."""
+    data_dir, name = split_data_argument(data)
+    tasks = list(tasks)
+    if "segmentation" in tasks and not has_masks(data_dir, name):
+        tasks.remove("segmentation")
+    spec, params = checkpoint.load_any_params(checkpoint_path, which="teacher")
+    pre = checkpoint.load_any_preprocessing(checkpoint_path)
+    models = [
+        ("checkpoint", spec, params, pre),
+        ("random_init", spec, init_params(spec, seed), pre),
+    ]
+    if baseline:
+        base_spec, base_params = checkpoint.load_any_params(baseline, which="teacher")
+        models.append(
+            ("baseline", base_spec, base_params, checkpoint.load_any_preprocessing(baseline))
+        )
+    roles_by_size: dict[int, dict[str, feats.SplitData]] = {}
+    split_info = None
+    results, timings, per_example = {}, {}, {}
+    for model_name, model_spec, model_params, model_pre in models:
+        size = model_pre.image_size
+        if size not in roles_by_size:
+            roles_by_size[size], info = load_roles(
+                data_dir,
+                name,
+                size,
+                max_examples=max_examples,
+                with_masks="segmentation" in tasks,
+                seed=seed,
+            )
+            split_info = split_info or info
+        for label in labels:
+            if label not in roles_by_size[size]["train"].fields:
+                raise ValueError(f"{data} has no field {label!r}")
+        start = time.perf_counter()
+        results[model_name] = evaluate_model(
+            model_spec,
+            model_params,
+            model_pre,
+            roles_by_size[size],
+            labels,
+            tasks,
+            n_last_blocks=n_last_blocks,
+            avgpool=avgpool,
+            c_grid=c_grid,
+            batch_size=batch_size,
+            per_example=per_example.setdefault(model_name, {}),
+        )
+        timings[model_name] = round(time.perf_counter() - start, 2)
+    if {"knn", "linear"} & set(tasks):
+        start = time.perf_counter()
+        results["pixels"] = evaluate_pixels(
+            roles_by_size[pre.image_size],
+            labels,
+            tasks,
+            c_grid=c_grid,
+            per_example=per_example.setdefault("pixels", {}),
+        )
+        timings["pixels"] = round(time.perf_counter() - start, 2)
+    pairs = [("checkpoint", "random_init"), ("checkpoint", "pixels")]
+    if baseline:
+        pairs.append(("checkpoint", "baseline"))
+    intervals = attach_intervals(per_example, pairs, n_resamples=n_resamples, seed=seed)
+    diffs = {
+        "checkpoint_minus_random_init": differences(results["checkpoint"], results["random_init"])
+    }
+    if baseline:
+        diffs["checkpoint_minus_baseline"] = differences(results["checkpoint"], results["baseline"])
+    return {
+        "checkpoint": str(checkpoint_path),
+        "baseline": baseline,
+        "data": data,
+        "labels": list(labels),
+        "tasks": tasks,
+        "splits": split_info,
+        "settings": {
+            "knn_ks": list(KNN_KS),
+            "knn_temperature": KNN_TEMPERATURE,
+            "c_grid": list(c_grid),
+            "n_last_blocks": n_last_blocks,
+            "avgpool": avgpool,
+            "max_examples_per_split": max_examples,
+            "seed": seed,
+            "preprocessing": {m[0]: json.loads(m[3].to_json()) for m in models},
+        },
+        "models": results,
+        "differences": diffs,
+        "intervals": intervals,
+        "seconds": timings,
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# Learning curve: every kept checkpoint of a training run
+# ------------------------------------------------------------------------------------------
