@@ -20,18 +20,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from raddino_jax.models.attention import (  # noqa: F401 (re-exported)
+    ATTENTION_IMPLS,
+    PLATFORM_ATTENTION,
+    SPLASH_BLOCK,
+    SPLASH_MIN_TOKENS,
+    attention,
+    einsum_attention,
+    resolve_attention_impl,
+    splash_attention,
+)
 from raddino_jax.models.interpolate import INTERPOLATE_MODES, resample_grid
 
 PARAM_DTYPE = jnp.float32
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ATTENTION_IMPLS = ("", "einsum", "xla", "cudnn", "splash")
-# Attention by the platform the step is lowered for (`resolve_attention_impl`): a fused,
-# memory-efficient kernel on accelerators, the einsum path on CPU (benchmarks/RESULTS.md).
-PLATFORM_ATTENTION = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn", "cpu": "einsum"}
-# Sequences shorter than this use the einsum path even on TPU: splash pads to 128-token blocks,
-# so a 98 px local crop (50 tokens) would pay 2.6x its attention FLOPs in padding.
-SPLASH_MIN_TOKENS = 256
-SPLASH_BLOCK = 128
 # model.remat: "none" keeps every activation; "full" recomputes each block's forward in the
 # backward (jax.checkpoint_policies.nothing_saveable); "dots" keeps the outputs of the linear
 # layers (matmuls without batch dimensions) and recomputes attention, norms and activations.
@@ -219,122 +221,6 @@ class Attention(nnx.Module):
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
         out = attention(qkv, self.attention_impl)
         return self.proj(out.reshape(batch, tokens, dim))
-
-
-def resolve_attention_impl(impl: str, platform: str) -> str:
-    """The attention implementation for a step lowered for `platform` ("tpu", "gpu", "cpu").
-
-    A non-empty `impl` (config.model.attention_impl) is kept: it forces one implementation.
-    "" picks PLATFORM_ATTENTION[platform]: splash on TPU, cuDNN on GPU, einsum on CPU. The
-    platform is the mesh devices' (`ModelSpec.for_platform`), never `jax.default_backend()`:
-    a deviceless TPU compile runs on a CPU host.
-    """
-    if impl:
-        return impl
-    if platform not in PLATFORM_ATTENTION:
-        raise ValueError(f"no attention implementation for platform {platform!r}")
-    return PLATFORM_ATTENTION[platform]
-
-
-def attention(qkv: jax.Array, impl: str) -> jax.Array:
-    """Softmax attention of fused qkv [B, N, 3, heads, hd] -> [B, N, heads, hd], scale hd^-0.5.
-
-    `impl` is normally resolved before tracing (`resolve_attention_impl` via
-    `ModelSpec.for_platform`, which `train.step.compile_train_step` applies). An unresolved ""
-    (eager use, evaluation) falls back to the default backend's choice.
-    """
-    if not impl:
-        impl = resolve_attention_impl("", jax.default_backend())
-    if impl == "splash":
-        if qkv.shape[1] < SPLASH_MIN_TOKENS:
-            return einsum_attention(qkv)
-        return splash_attention(qkv)
-    if impl == "einsum":
-        return einsum_attention(qkv)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    return jax.nn.dot_product_attention(q, k, v, implementation=impl)
-
-
-def splash_attention(qkv: jax.Array, *, interpret: bool = False) -> jax.Array:
-    """The Pallas TPU splash-attention kernel: [B, N, 3, h, d] -> [B, N, h, d].
-
-    Memory-efficient: the [N, N] scores never leave VMEM, and the backward recomputes them from
-    the saved log-sum-exp. Tokens are padded to a multiple of the 128-token block; padding is a
-    second segment (segment ids), so real queries never see padded keys. Under a mesh (the
-    abstract mesh the step is traced under, `train.step`), the kernel runs per shard through
-    shard_map: images split over ("data", "fsdp"), heads over "tensor"; with no mesh it runs
-    on the whole array. `interpret=True` runs the kernel in the Pallas interpreter (CPU tests).
-    """
-    from jax.experimental.pallas.ops.tpu.splash_attention import (
-        splash_attention_kernel as splash,
-    )
-    from jax.experimental.pallas.ops.tpu.splash_attention import (
-        splash_attention_mask as splash_mask,
-    )
-
-    batch, tokens, _, heads, head_dim = qkv.shape
-    padded = -(-tokens // SPLASH_BLOCK) * SPLASH_BLOCK
-    q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))  # [B, h, N, d] each
-    q = q * jnp.asarray(head_dim**-0.5, q.dtype)
-    pad = ((0, 0), (0, 0), (0, padded - tokens), (0, 0))
-    q, k, v = (jnp.pad(t, pad) for t in (q, k, v))
-    segment = jnp.asarray(np.arange(padded) >= tokens, jnp.int32)
-
-    mesh = jax.sharding.get_abstract_mesh()
-    names = () if mesh.empty else mesh.axis_names
-    batch_axes = tuple(a for a in ("data", "fsdp") if a in names and mesh.shape[a] > 1)
-    head_axis = "tensor" if "tensor" in names and mesh.shape["tensor"] > 1 else None
-    if batch_axes and batch % math.prod(mesh.shape[a] for a in batch_axes):
-        batch_axes = ()  # e.g. an evaluation batch that does not split: run it unsplit
-    local_heads = heads // (mesh.shape[head_axis] if head_axis else 1)
-    block = splash.BlockSizes(
-        block_q=SPLASH_BLOCK,
-        block_kv=SPLASH_BLOCK,
-        block_kv_compute=SPLASH_BLOCK,
-        block_q_dkv=SPLASH_BLOCK,
-        block_kv_dkv=SPLASH_BLOCK,
-        block_kv_dkv_compute=SPLASH_BLOCK,
-        block_q_dq=SPLASH_BLOCK,
-        block_kv_dq=SPLASH_BLOCK,
-    )
-    kernel = splash.make_splash_mha(
-        splash_mask.MultiHeadMask([splash_mask.FullMask((padded, padded))] * local_heads),
-        block_sizes=block,
-        head_shards=1,
-        q_seq_shards=1,
-        interpret=interpret,
-    )
-    segment_ids = splash.SegmentIds(q=segment, kv=segment)
-
-    def per_shard(q, k, v):
-        return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=segment_ids))(q, k, v)
-
-    if batch_axes or head_axis:
-        from jax.sharding import PartitionSpec as P
-
-        spec = P(batch_axes or None, head_axis, None, None)
-        per_shard = jax.shard_map(
-            per_shard, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False
-        )
-    out = per_shard(q, k, v)[:, :, :tokens]
-    return jnp.transpose(out, (0, 2, 1, 3)).astype(qkv.dtype)
-
-
-def einsum_attention(qkv: jax.Array) -> jax.Array:
-    """Plain softmax attention with heads-major operands: [B, N, 3, h, d] -> [B, N, h, d].
-
-    One transpose of the fused qkv to [3, B, h, N, d] makes both batched matmuls contiguous;
-    jax.nn.dot_product_attention keeps [B, N, h, d] operands plus a grouped-query axis, and
-    XLA's CPU layout assignment then copies the [B, h, N, N] score matrices in the backward
-    pass. Softmax runs in float32 like dot_product_attention's.
-    """
-    head_dim = qkv.shape[-1]
-    q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))
-    q = q * jnp.asarray(head_dim**-0.5, q.dtype)
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
-    return jnp.transpose(out, (0, 2, 1, 3))
 
 
 class Mlp(nnx.Module):
