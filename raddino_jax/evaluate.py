@@ -102,12 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     labels = [label.strip() for label in args.label.split(",") if label.strip()]
     tasks = list(TASKS) if args.task == "all" else [args.task]
     try:
-        report = run_evaluation(
-            args.checkpoint,
-            args.data,
-            labels,
-            tasks,
-            baseline=args.baseline,
+        options = dict(  # the feature and probe settings both reports share
             max_examples=args.max_examples,
             n_last_blocks=args.n_last_blocks,
             avgpool=not args.no_avgpool,
@@ -116,20 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
             n_resamples=args.bootstrap,
         )
+        report = run_evaluation(
+            args.checkpoint, args.data, labels, tasks, baseline=args.baseline, **options
+        )
         curve = None
         if args.curve:
-            curve = learning_curve(
-                args.checkpoint,
-                args.data,
-                labels,
-                max_examples=args.max_examples,
-                n_last_blocks=args.n_last_blocks,
-                avgpool=not args.no_avgpool,
-                c_grid=FULL_C_GRID if args.c_grid == "full" else DEFAULT_C_GRID,
-                seed=args.seed,
-                batch_size=args.batch_size,
-                n_resamples=args.bootstrap,
-            )
+            curve = learning_curve(args.checkpoint, args.data, labels, **options)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
