@@ -6,11 +6,10 @@ jitted `train_step` -> metrics (read on the host one step late) -> metrics.jsonl
 / progress bar.
 
 Where the host waits for the devices, each step:
-- `int(state.step)` at the top of the loop waits for the previous step to finish; only then
-  is the next batch put on the devices and the step dispatched, so a batch's host-to-device
-  copy does not overlap the previous step's compute.
-- After dispatching step N the host reads step N-1's metrics (all of them, for the NaN guard;
-  already computed, so this does not wait) and writes the log while step N runs.
+- The step count is a Python counter (the device value is read once, at the start), so the
+  host prepares batch N+1 and puts it on the devices while step N runs.
+- After dispatching step N the host reads step N-1's metrics (all of them, for the NaN guard);
+  that waits for step N-1, never for step N, so the host runs at most one step ahead.
 - On checkpoint steps (and the last step) it waits for step N's metrics before saving, so a
   checkpoint never holds an update the NaN guard rejected; the save itself is asynchronous.
 - The preemption check is an all-gather across processes when there are several.
@@ -262,8 +261,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     saved_step = latest
     try:
         with _SignalFlag() as signals:
-            while int(state.step) < config.total_steps:
-                step = int(state.step)
+            step = int(state.step)  # the one device read of the step count: then a host counter
+            while step < config.total_steps:
                 if step_fn is None or step >= stage.end_step:  # the first step of a stage
                     if step >= stage.end_step:
                         close = getattr(data_iterator, "close", None)
@@ -308,7 +307,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     if saved_step != step + 1:
                         checkpointer.save(state, data_iterator, force=True)
                     checkpointer.wait()
-                    raise Preempted(signum, int(state.step))
+                    raise Preempted(signum, step + 1)
+                step += 1
             log.flush()
         checkpointer.wait()
         checkpointer.check()
