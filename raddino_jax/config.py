@@ -51,6 +51,8 @@ DERIVED_FIELDS: dict[str, str] = {
     "model.head_in_dim": "the backbone width",
     "model.head_dtype": "model.dtype",
     "optim.n_blocks": "the backbone depth",
+    "ssl.pixel_mean": "data.mean (the train step normalises integer crops with it)",
+    "ssl.pixel_std": "data.std",
 }
 _SENTINELS = {"embed_dim": 0, "depth": 0, "num_heads": 0, "img_size": 0, "ffn_layer": ""}
 
@@ -115,6 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.peak_tflops_per_device = 0.0  # 0: look the device kind up (raddino_jax.flops)
     c.profile_steps = ""  # "START:STOP" writes a profiler trace for those steps
+    # Several processes agree on a SIGTERM/SIGINT (an all-gather) every N steps and on
+    # checkpoint steps: a signal is honoured within N steps. One process checks every step.
+    c.preemption_check_every = 10
     # Later resolution stages: ((start step, global size, local size, batch size), ...); the
     # first stage is data.global_size/local_size and batch_size from step 0 (train/stages.py).
     c.stages = ()
@@ -149,6 +154,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_workers = 0
     c.data.read_threads = 0
     c.data.prefetch = 2
+    # Global batches kept on the devices ahead of the step by a background thread (data/
+    # pipeline.DevicePrefetcher); 0 or 1: the loop builds each right after dispatching a step.
+    c.data.device_prefetch = 2
 
     c.ssl = ml_collections.ConfigDict(sections["ssl"])
 
@@ -197,6 +205,12 @@ def validate(config: ml_collections.ConfigDict, *, n_devices: int, process_count
     _require(config.log_every > 0, "log_every", f"must be > 0, got {config.log_every}")
     _require(config.checkpoint_every > 0, "checkpoint_every", "must be > 0")
     _require(config.keep_checkpoints > 0, "keep_checkpoints", "must be > 0")
+    _require(
+        config.preemption_check_every > 0,
+        "preemption_check_every",
+        f"must be > 0 (steps between multi-process signal checks), got "
+        f"{config.preemption_check_every}",
+    )
     _require(0 <= config.seed < 2**31, "seed", "must be in [0, 2**31)")
     m, d, o = config.model, config.data, config.optim
     _require(m.arch in ARCHS, "model.arch", f"unknown {m.arch!r}; expected one of {sorted(ARCHS)}")
@@ -266,6 +280,12 @@ def validate(config: ml_collections.ConfigDict, *, n_devices: int, process_count
             "profile_steps",
             f"{config.profile_steps!r} must look like START:STOP",
         )
+    _require(
+        d.device_prefetch >= 0,
+        "data.device_prefetch",
+        f"must be >= 0 (global batches prepared ahead; 0 or 1: none in the background), got "
+        f"{d.device_prefetch}",
+    )
     _validate_sources(d)
     _validate_stages(config, n_devices=n_devices, process_count=process_count)
     if d.dir or d.name:
@@ -410,9 +430,17 @@ def model_spec(config: ml_collections.ConfigDict) -> ModelSpec:
 
 
 def objective_config(config: ml_collections.ConfigDict, n_devices: int) -> ObjectiveConfig:
-    """`config.ssl`, with koleo_group_size 0 resolved to the per-device batch (as the reference)."""
+    """`config.ssl`, with koleo_group_size 0 resolved to the per-device batch (as the reference)
+    and the pixel statistics the step normalises integer crops with from `config.data`."""
     group = config.ssl.koleo_group_size or per_device_batch(config, n_devices)
-    return _build(ObjectiveConfig, config.ssl, "ssl", koleo_group_size=group)
+    return _build(
+        ObjectiveConfig,
+        config.ssl,
+        "ssl",
+        koleo_group_size=group,
+        pixel_mean=config.data.mean,
+        pixel_std=config.data.std,
+    )
 
 
 def schedules(config: ml_collections.ConfigDict) -> Schedules:

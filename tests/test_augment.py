@@ -1,5 +1,6 @@
 """Tests for raddino_jax.data.augment: torchvision/PIL semantics and the recipe's probabilities."""
 
+import dataclasses
 import math
 
 import cv2
@@ -347,13 +348,75 @@ def test_levels_and_tables_reproduce_multi_crop(dtype):
     levels = augment.multi_crop_levels(img, np.random.default_rng(9), SMALL)
     assert levels.global_levels.dtype == dtype and levels.global_levels.shape == (2, 28, 28)
     assert levels.local_levels.shape == (4, 14, 14) and len(levels.params) == 6
+    tables = levels.global_tables + levels.local_tables
+    assert all(t is None or t.dtype == dtype for t in tables)  # integer level -> level
     # Written through a strided crop-major view, as the pipeline's batch function does.
     batch = np.full((2, 3, 28, 28, 1), np.nan, np.float32)
-    augment.apply_tables(levels.global_levels, levels.global_tables, batch[:, 1, ..., 0])
+    out = augment.apply_tables(
+        levels.global_levels,
+        levels.global_tables,
+        batch[:, 1, ..., 0],
+        mean=SMALL.mean,
+        std=SMALL.std,
+    )
+    assert np.shares_memory(out, batch)
     np.testing.assert_array_equal(batch[:, 1], crops["global_crops"])
     assert np.isnan(batch[:, 0]).all() and np.isnan(batch[:, 2]).all()
-    local = augment.apply_tables(levels.local_levels, levels.local_tables)
-    np.testing.assert_array_equal(local[..., None], crops["local_crops"])
+    # The integer crops: normalised by the host table, they are multi_crop's floats bit for bit.
+    finished = augment.apply_tables(
+        levels.local_levels, levels.local_tables, np.empty_like(levels.local_levels)
+    )
+    normalise = augment.normalise_table(np.dtype(dtype), SMALL.mean, SMALL.std)
+    np.testing.assert_array_equal(normalise[finished][..., None], crops["local_crops"])
+
+
+def test_tables_are_none_when_no_pixel_op_applies():
+    """No jitter and no solarize: the levels are final, no lookup (the pipeline copies them)."""
+    cfg = MultiCropConfig(global_size=28, local_size=14, n_local=2, jitter_p=0.0, solarize_p=0.0)
+    img = _radiograph_like(np.random.default_rng(1))
+    levels = augment.multi_crop_levels(img, np.random.default_rng(2), cfg)
+    assert all(t is None for t in levels.global_tables + levels.local_tables)
+    out = augment.apply_tables(
+        levels.global_levels, levels.global_tables, np.empty((2, 28, 28), np.uint8)
+    )
+    np.testing.assert_array_equal(out, levels.global_levels)
+    solarizing = dataclasses.replace(cfg, solarize_p=1.0)
+    levels = augment.multi_crop_levels(img, np.random.default_rng(2), solarizing)
+    assert levels.global_tables[0] is None  # solarize is global 2 only
+    assert levels.global_tables[1] is augment.solarize_table(np.dtype(np.uint8), 128)
+
+
+def test_uint8_levels_as_uint16_are_exact():
+    """x * 257 as uint16 normalises to exactly x's uint8 value: x / 255 == 257 x / 65535."""
+    levels8 = np.arange(256, dtype=np.uint8)
+    norm8 = augment.normalise_table(np.dtype(np.uint8), SMALL.mean, SMALL.std)
+    norm16 = augment.normalise_table(np.dtype(np.uint16), SMALL.mean, SMALL.std)
+    np.testing.assert_array_equal(norm16[levels8.astype(np.uint16) * 257], norm8)
+    # Through apply_tables: a jitter-like table and the identity, written as uint16.
+    img = _radiograph_like(np.random.default_rng(3))[:28, :28]
+    table = augment.blend_table(np.dtype(np.uint8), 1.3, 40.0)
+    crops = np.stack([img, img])
+    wide = augment.apply_tables(crops, (table, None), np.empty((2, 28, 28), np.uint16))
+    np.testing.assert_array_equal(wide[0], table[img].astype(np.uint16) * 257)
+    np.testing.assert_array_equal(wide[1], img.astype(np.uint16) * 257)
+    floats = augment.apply_tables(
+        crops, (table, None), np.empty((2, 28, 28), np.float32), mean=SMALL.mean, std=SMALL.std
+    )
+    np.testing.assert_array_equal(norm16[wide], floats)
+
+
+def test_uint16_levels_never_narrow_to_uint8():
+    levels = np.zeros((1, 4, 4), np.uint16)
+    with pytest.raises(ValueError, match="uint16 levels do not fit uint8"):
+        augment.apply_tables(levels, (None,), np.empty((1, 4, 4), np.uint8))
+    with pytest.raises(ValueError, match="mean and std"):
+        augment.apply_tables(levels, (None,), np.empty((1, 4, 4), np.float32))
+
+
+@pytest.mark.parametrize("value", ["int8", "bfloat16", ""])
+def test_transfer_dtype_is_validated(value):
+    with pytest.raises(ValueError, match="transfer_dtype"):
+        MultiCropConfig(transfer_dtype=value)
 
 
 def test_antialiased_shrink_is_aligned_and_averages():

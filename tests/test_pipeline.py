@@ -1,7 +1,11 @@
 """Tests for raddino_jax.data.pipeline: determinism, resumption, sharding, masks, global arrays."""
 
+import dataclasses
 import itertools
+import json
 import struct
+import threading
+import time
 import zlib
 
 import cv2
@@ -17,7 +21,7 @@ from raddino_jax.data import augment, pipeline
 from raddino_jax.data.augment import MultiCropConfig
 from raddino_jax.ssl import masking
 
-CFG = MultiCropConfig(global_size=28, local_size=14, n_local=2)
+CFG = MultiCropConfig(global_size=28, local_size=14, n_local=2)  # uint8 transfer (default)
 PATCH = 7  # 4 x 4 mask grid on the 28 px global crops
 N_TOKENS = 16
 N_IMAGES = 12
@@ -59,12 +63,15 @@ def _assert_batches_equal(a: list[dict], b: list[dict]) -> None:
             np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
-def test_batch_layout():
-    batch = next(iter(_dataset()))
+@pytest.mark.parametrize("transfer", augment.TRANSFER_DTYPES)
+def test_batch_layout(transfer):
+    cfg = dataclasses.replace(CFG, transfer_dtype=transfer)
+    batch = next(iter(_dataset(crop_cfg=cfg)))
     upper = masking.mask_upper_bound(4, N_TOKENS)
+    crops = np.dtype(transfer)
     expected = {
-        "global_crops": ((2, 4, 28, 28, 1), np.float32),
-        "local_crops": ((2, 4, 14, 14, 1), np.float32),
+        "global_crops": ((2, 4, 28, 28, 1), crops),
+        "local_crops": ((2, 4, 14, 14, 1), crops),
         "masks": ((2, 4, N_TOKENS), np.bool_),
         "mask_indices": ((2, upper), np.int32),
         "mask_weights": ((2, upper), np.float32),
@@ -74,8 +81,10 @@ def test_batch_layout():
     for key, (shape, dtype) in expected.items():
         assert batch[key].shape == shape, key
         assert batch[key].dtype == dtype, key
-    # Normalised crops of real images: values span both sides of the mean.
-    assert batch["global_crops"].min() < 0 < batch["global_crops"].max()
+    if transfer == "float32":  # normalised crops of real images: both sides of the mean
+        assert batch["global_crops"].min() < 0 < batch["global_crops"].max()
+    else:  # pixel levels of real images
+        assert batch["global_crops"].min() < np.iinfo(crops).max // 2 < batch["global_crops"].max()
 
 
 def test_same_seed_same_batches_different_seed_differs():
@@ -204,9 +213,54 @@ def test_uint16_and_decoded_array_records():
     np.testing.assert_array_equal(pipeline.decode_image(img16[:, :, None]), img16)
     as_bytes = [{"image": png16}] * 4
     as_array = [{"image": img16[:, :, None]}] * 4
-    a = next(iter(_dataset(as_bytes)))
-    b = next(iter(_dataset(as_array)))
+    cfg16 = dataclasses.replace(CFG, transfer_dtype="uint16")
+    a = next(iter(_dataset(as_bytes, crop_cfg=cfg16)))
+    b = next(iter(_dataset(as_array, crop_cfg=cfg16)))
     _assert_batches_equal([a], [b])
+    assert a["global_crops"].dtype == np.uint16
+
+
+def test_uint16_records_refuse_uint8_transfer():
+    """Never quantise silently: the error names the key and the value to set."""
+    img16 = (np.random.default_rng(1).integers(0, 65536, (40, 34))).astype(np.uint16)
+    source = [{"image": img16}] * 4
+    with pytest.raises(
+        ValueError, match=r'config\.data\.transfer_dtype.*set config\.data\.transfer_dtype="uint16"'
+    ):
+        next(iter(_dataset(source)))
+
+
+def _device_normalised(batch: dict, cfg: MultiCropConfig) -> dict:
+    """The train step's normalisation of a host batch's crops, jitted as in the step."""
+    from raddino_jax.train.step import normalise_crops
+
+    crops = {k: batch[k] for k in ("global_crops", "local_crops")}
+    return jax.device_get(jax.jit(lambda c: normalise_crops(c, cfg.mean, cfg.std))(crops))
+
+
+def test_integer_transfer_normalised_on_device_equals_host_float_crops():
+    """Same seed, three transfer dtypes: uint8 and uint16 levels normalised by the step's
+    `normalise_crops` equal the host-normalised float32 crops within 1e-6 (float32 rounding of
+    the same formula); uint16 is exactly 257 x uint8; everything else in the batch is equal."""
+    batches = {}
+    for transfer in augment.TRANSFER_DTYPES:
+        cfg = dataclasses.replace(CFG, transfer_dtype=transfer)
+        batches[transfer] = _take(iter(_dataset(crop_cfg=cfg)), 2)
+    for i, host in enumerate(batches["float32"]):
+        u8, u16 = batches["uint8"][i], batches["uint16"][i]
+        for key in ("global_crops", "local_crops"):
+            np.testing.assert_array_equal(u16[key], u8[key].astype(np.uint16) * 257)
+        for levels in (u8, u16):
+            normalised = _device_normalised(levels, CFG)
+            for key in ("global_crops", "local_crops"):
+                assert normalised[key].dtype == np.float32
+                np.testing.assert_allclose(normalised[key], host[key], rtol=0, atol=1e-6)
+            for key in ("masks", "mask_indices", "mask_weights", "mask_valid"):
+                np.testing.assert_array_equal(levels[key], host[key])
+        # float crops pass through unchanged
+        np.testing.assert_array_equal(
+            _device_normalised(host, CFG)["local_crops"], host["local_crops"]
+        )
 
 
 def test_bad_arguments_raise():
@@ -250,6 +304,129 @@ def test_to_global_batch_on_eight_devices():
         np.testing.assert_array_equal(np.asarray(array), host[key])
     with pytest.raises(KeyError):
         pipeline.to_global_batch(host, {k: v for k, v in shardings.items() if k != "masks"})
+
+
+class _Counting:
+    """A host-batch iterator that counts the batches read from it (by the prefetch thread)."""
+
+    def __init__(self, iterator, fail_at: int | None = None):
+        self.iterator, self.count, self.fail_at = iterator, 0, fail_at
+
+    def __next__(self):
+        if self.count == self.fail_at:
+            raise RuntimeError("broken record")
+        self.count += 1
+        return next(self.iterator)
+
+    def get_state(self):
+        return self.iterator.get_state()
+
+    def set_state(self, state):
+        self.iterator.set_state(state)
+
+
+def _wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def _eight_device_shardings() -> dict:
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    return {
+        key: NamedSharding(mesh, P(*([None] * axis), "data"))
+        for key, axis in pipeline.IMAGE_AXIS.items()
+    }
+
+
+PREFETCH_DATA = dict(per_process_batch=8, mask_group_size=1)
+
+
+def _prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "device-prefetch"]
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+def test_device_prefetcher_keeps_order_and_state_of_first_unused_batch(depth):
+    """The prefetcher yields the iterator's batches as global arrays, in order; however far
+    its thread has read ahead, its state is the iterator's after the batches it returned, in
+    the bytes Grain's handler writes, and restores into a bare iterator or a prefetcher."""
+    bare = iter(_dataset(**PREFETCH_DATA))
+    expected, states = [], []
+    for _ in range(5):
+        states.append(bare.get_state())
+        expected.append(next(bare))
+    shardings = _eight_device_shardings()
+    source = _Counting(iter(_dataset(**PREFETCH_DATA)))
+    prefetcher = pipeline.DevicePrefetcher(source, shardings, depth)
+    assert prefetcher.threaded == (depth >= 2)
+    for k in range(3):
+        batch = next(prefetcher)
+        assert set(batch) == set(shardings)
+        for key, array in batch.items():
+            assert array.sharding == shardings[key]
+            np.testing.assert_array_equal(np.asarray(array), expected[k][key], err_msg=key)
+    _wait_for(lambda: source.count == 3 + (depth if depth >= 2 else 0))  # read ahead
+    state = prefetcher.get_state()
+    assert state == json.dumps(states[3], indent=4).encode()
+    prefetcher.close()
+    assert not _prefetch_threads()
+    fresh = iter(_dataset(**PREFETCH_DATA))
+    fresh.set_state(json.loads(state))
+    _assert_batches_equal(_take(fresh, 2), expected[3:5])
+    resumed = pipeline.DevicePrefetcher(iter(_dataset(**PREFETCH_DATA)), shardings, depth)
+    resumed.set_state(state)
+    resumed.start_prefetch()
+    got = [jax.device_get(next(resumed)) for _ in range(2)]
+    resumed.close()
+    _assert_batches_equal(got, expected[3:5])
+
+
+def test_orbax_checkpoint_through_the_prefetcher_is_the_bare_iterator_file(tmp_path):
+    """Grain's Orbax handler saves the prefetcher's state as the bare iterator's file (so
+    checkpoints from before the prefetcher restore), and restores into either."""
+    bare = iter(_dataset(**PREFETCH_DATA))
+    _take(bare, 2)
+    with ocp.CheckpointManager(tmp_path / "bare", item_names=("data",)) as manager:
+        manager.save(2, args=ocp.args.Composite(data=pipeline.checkpoint_save_args(bare)))
+    expected = _take(bare, 2)
+    shardings = _eight_device_shardings()
+    source = _Counting(iter(_dataset(**PREFETCH_DATA)))
+    prefetcher = pipeline.DevicePrefetcher(source, shardings, 3)
+    _take(prefetcher, 2)
+    _wait_for(lambda: source.count == 5)
+    with ocp.CheckpointManager(tmp_path / "ahead", item_names=("data",)) as manager:
+        manager.save(2, args=ocp.args.Composite(data=pipeline.checkpoint_save_args(prefetcher)))
+    prefetcher.close()
+    name = "2/data/process_0-of-1.json"
+    assert (tmp_path / "ahead" / name).read_text() == (tmp_path / "bare" / name).read_text()
+    for directory in ("bare", "ahead"):
+        targets = (
+            iter(_dataset(**PREFETCH_DATA)),
+            pipeline.DevicePrefetcher(iter(_dataset(**PREFETCH_DATA)), shardings, 2),
+        )
+        for target in targets:
+            with ocp.CheckpointManager(tmp_path / directory, item_names=("data",)) as manager:
+                restored = manager.restore(
+                    2, args=ocp.args.Composite(data=pipeline.checkpoint_restore_args(target))
+                )["data"]
+            _assert_batches_equal([jax.device_get(b) for b in _take(restored, 2)], expected)
+            if hasattr(restored, "close"):
+                restored.close()
+    assert not _prefetch_threads()
+
+
+def test_device_prefetcher_reraises_the_iterator_error_in_order():
+    source = _Counting(iter(_dataset(**PREFETCH_DATA)), fail_at=2)
+    prefetcher = pipeline.DevicePrefetcher(source, _eight_device_shardings(), 2)
+    _take(prefetcher, 2)  # the batches before the error still arrive
+    with pytest.raises(RuntimeError, match="broken record"):
+        next(prefetcher)
+    prefetcher.close()
+    assert not _prefetch_threads()
+    with pytest.raises(ValueError, match="device_prefetch"):
+        pipeline.DevicePrefetcher(source, _eight_device_shardings(), -1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -331,7 +508,7 @@ def test_batch_function_equals_stacking_float_crops():
         augment.multi_crop_levels(im, np.random.default_rng(k), CFG) for k, im in enumerate(images)
     ]
     floats = [augment.multi_crop(im, np.random.default_rng(k), CFG) for k, im in enumerate(images)]
-    batch = pipeline.batch_crop_levels(levels)
+    batch = pipeline.batch_crop_levels(levels, dataclasses.replace(CFG, transfer_dtype="float32"))
     expected = pipeline.stack_crop_major(floats)
     assert set(batch) == set(expected)
     for key in batch:

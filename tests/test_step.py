@@ -7,6 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from raddino_jax.data import pipeline
+from raddino_jax.data.augment import MultiCropConfig
 from raddino_jax.parallel import sharding
 from raddino_jax.parallel.mesh import make_mesh
 from raddino_jax.ssl.objective import ObjectiveConfig, gather_masked_tokens
@@ -245,3 +246,44 @@ def test_ibot_centre_is_mean_of_per_group_means_over_masked_rows(host_batches):
     ]
     want = 0.9 * np.asarray(center, np.float64) + 0.1 * np.mean(group_means, axis=0)
     np.testing.assert_allclose(np.asarray(aux["next_ibot_center"]), want, rtol=1e-5, atol=1e-6)
+
+
+def _steps_on(transfer: str, objective: ObjectiveConfig, steps: int = 3):
+    """`steps` jitted train steps on the tiny pipeline's batches shipped as `transfer`."""
+    spec, mesh, state, step = _setup((2, 4, 1), objective)
+    iterator = iter(tiny_dataset(seed=5, transfer_dtype=transfer))
+    history = []
+    for _ in range(steps):
+        host = next(iterator)
+        batch = pipeline.to_global_batch(host, sharding.batch_shardings(host.keys(), mesh))
+        state, metrics = step(state, batch, jax.random.fold_in(jax.random.key(3), state.step))
+        history.append(jax.device_get(metrics))
+    return history, jax.device_get(state.student)
+
+
+def test_integer_crops_normalised_in_the_step_train_like_host_normalised_floats():
+    """uint8 / uint16 transfer (normalised inside the jitted step) against float32 crops
+    normalised on the host, same pipeline seed: the inputs differ by float32 rounding only
+    (< 1e-6, tests/test_pipeline.py), so three steps' losses and metrics agree to 1e-5 and the
+    parameters to 1e-6."""
+    crop = MultiCropConfig()
+    objective = ObjectiveConfig(koleo_group_size=2, pixel_mean=crop.mean, pixel_std=crop.std)
+    reference, params = _steps_on("float32", objective)
+    for transfer in ("uint8", "uint16"):
+        history, got_params = _steps_on(transfer, objective)
+        for got, want in zip(history, reference, strict=True):
+            assert got.keys() == want.keys()
+            for key in want:
+                np.testing.assert_allclose(
+                    got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=f"{transfer} {key}"
+                )
+        for a, b in zip(jax.tree.leaves(got_params), jax.tree.leaves(params), strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6, err_msg=transfer)
+
+
+def test_integer_crops_need_the_pixel_statistics():
+    _, mesh, state, step = _setup((1, 1, 1))  # ObjectiveConfig without pixel_mean / pixel_std
+    host = next(iter(tiny_dataset(transfer_dtype="uint8")))
+    batch = pipeline.to_global_batch(host, sharding.batch_shardings(host.keys(), mesh))
+    with pytest.raises(ValueError, match="pixel_mean"):
+        step(state, batch, jax.random.key(0))

@@ -50,8 +50,14 @@ def synthetic_source(n: int = 32, seed: int = 0) -> list[dict]:
     return records
 
 
-def tiny_dataset(batch: int = 16, group: int = 2, seed: int = 0, source=None):
-    crop = augment.MultiCropConfig(global_size=GLOBAL, local_size=LOCAL, n_local=N_LOCAL)
+def tiny_dataset(
+    batch: int = 16, group: int = 2, seed: int = 0, source=None, transfer_dtype: str = "float32"
+):
+    """The pipeline over `synthetic_source`; crops host-normalised float32 unless
+    `transfer_dtype` says otherwise (tests that call the loss directly need floats)."""
+    crop = augment.MultiCropConfig(
+        global_size=GLOBAL, local_size=LOCAL, n_local=N_LOCAL, transfer_dtype=transfer_dtype
+    )
     return pipeline.make_dataset(
         source if source is not None else synthetic_source(),
         seed=seed,

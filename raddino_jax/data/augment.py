@@ -14,14 +14,17 @@ into 2 global and ``n_local`` local crops, normalised float32. Per crop, in DINO
 4. Solarize (global 2 only, p 0.2, threshold 128 on the 0-255 scale).
 5. ``(x / dtype_max - mean) / std`` with RAD-DINO's radiograph statistics (recipe s8).
 
-Pixel ops 2-5 are pointwise except the blur, so they run as lookup tables on the integer
+Pixel ops 2-4 are pointwise except the blur, so they run as lookup tables on the integer
 image: exact PIL/torchvision uint8 semantics (truncation after each blend) and fast. The two
 jitter blends compose into one integer table, and everything after the blur (or after the
-jitter when there is no blur) folds into one level -> float32 table per crop, so the float
-image is written exactly once. :func:`multi_crop_levels` stops before that last table and
-returns the integer crops with their tables: the input pipeline applies them straight into
-its batch arrays (no per-sample float copies). All randomness comes from the
-``np.random.Generator`` passed in (Grain hands one per element).
+jitter when there is no blur) folds into one level -> level table per crop.
+:func:`multi_crop_levels` stops before that last table and returns the integer crops with their
+tables; op 5 is not a table of its own. The input pipeline writes each crop through its table
+straight into its batch arrays in the transfer dtype (``transfer_dtype``: integer levels that
+the train step normalises on the device, or float32 normalised here); :func:`multi_crop`
+composes each integer table with the normalisation into one level -> float32 table, so its
+float image is written exactly once. All randomness comes from the ``np.random.Generator``
+passed in (Grain hands one per element).
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
+# How crops travel from the host to the devices (``MultiCropConfig.transfer_dtype``): integer
+# levels, normalised inside the train step, or float32 normalised on the host.
+TRANSFER_DTYPES: tuple[str, ...] = ("uint8", "uint16", "float32")
+
 
 @dataclasses.dataclass(frozen=True)
 class MultiCropConfig:
@@ -46,6 +53,11 @@ class MultiCropConfig:
     ``mean`` / ``std`` are RAD-DINO's MIMIC-CXR statistics (recipe s8), applied after scaling
     to [0, 1]. ``antialias_min_downscale``: crops shrunk by at least this factor are resized
     with area averaging instead of plain bicubic (see ``resize_crop``).
+
+    ``transfer_dtype`` is the dtype of the batch's crop arrays (``TRANSFER_DTYPES``): "uint8"
+    (default: a quarter of float32's bytes) or "uint16" ship integer levels that the train step
+    normalises on the device; uint8 images shipped as uint16 are exact (x * 257), uint16 images
+    need "uint16". "float32" normalises on the host.
     """
 
     global_size: int = 224
@@ -66,6 +78,7 @@ class MultiCropConfig:
     mean: float = 0.5307
     std: float = 0.2583
     antialias_min_downscale: float = 1.25
+    transfer_dtype: str = "uint8"
 
     def __post_init__(self) -> None:
         if self.blur_kernel % 2 != 1:
@@ -78,6 +91,10 @@ class MultiCropConfig:
             raise ValueError(f"std must be positive, got {self.std}")
         if self.n_local < 0:
             raise ValueError(f"n_local must be >= 0, got {self.n_local}")
+        if self.transfer_dtype not in TRANSFER_DTYPES:
+            raise ValueError(
+                f"transfer_dtype must be one of {TRANSFER_DTYPES}, got {self.transfer_dtype!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,17 +327,48 @@ def normalise_table(dtype: np.dtype, mean: float, std: float) -> np.ndarray:
     return table
 
 
-@functools.lru_cache(maxsize=16)
-def output_table(dtype: np.dtype, mean: float, std: float, solarize_threshold: int | None):
-    """Level -> float32 table of solarize (when ``solarize_threshold`` is set) then normalise.
+def finishing_table(
+    dtype: np.dtype, jitter: np.ndarray | None, solarize_threshold: int | None
+) -> np.ndarray | None:
+    """A crop's last integer level -> level table: ``jitter`` (not yet applied) then solarize.
 
-    Cached and read-only: most crops share one of these two tables.
+    Solarize runs when ``solarize_threshold`` is set. None when neither applies: the levels are
+    final as they are and need no lookup. Integer tables compose exactly (PIL truncates after
+    each op), so the crop written through this table is the one the ops give in sequence.
     """
-    table = normalise_table(dtype, mean, std)
-    if solarize_threshold is not None:
-        table = table[solarize_table(dtype, solarize_threshold)]
-        table.flags.writeable = False
+    if solarize_threshold is None:
+        return jitter
+    solarize = solarize_table(dtype, solarize_threshold)
+    return solarize if jitter is None else solarize[jitter]
+
+
+def float_table(dtype: np.dtype, table: np.ndarray | None, mean: float, std: float) -> np.ndarray:
+    """Level -> float32 table: ``table`` (None: the identity) then (level / max - mean) / std.
+
+    ``normalise_table[table]`` holds the same float32 values as normalising ``table[levels]``,
+    so a crop written through it equals the host normalisation of its finished levels.
+    """
+    normalise = normalise_table(dtype, mean, std)
+    return normalise if table is None else normalise[table]
+
+
+@functools.lru_cache(maxsize=1)
+def _widened_identity() -> np.ndarray:
+    """uint16 [256] table of 257 * level (cached, read-only)."""
+    table = np.arange(256, dtype=np.uint16) * np.uint16(257)
+    table.flags.writeable = False
     return table
+
+
+def widened_table(table: np.ndarray | None) -> np.ndarray:
+    """uint8 level -> uint16 level table: ``table`` (None: the identity) times 257.
+
+    x / 255 == 257 x / 65535 exactly, so uint8 crops shipped as uint16 normalise to the same
+    values.
+    """
+    if table is None:
+        return _widened_identity()
+    return table.astype(np.uint16) * np.uint16(257)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,12 +385,13 @@ def augment_crop_levels(
     scale: tuple[float, float],
     blur_p: float,
     solarize_p: float,
-) -> tuple[np.ndarray, np.ndarray, CropParams]:
+) -> tuple[np.ndarray, np.ndarray | None, CropParams]:
     """One augmented crop of a [H, W] integer image, before its last lookup table.
 
-    Returns ([size, size] integer levels, level -> float32 table, params):
-    ``apply_table(levels, table)`` is the normalised crop. Without blur the jitter table is
-    folded into the float table, so the jittered integer image is never materialised.
+    Returns ([size, size] integer levels, integer level -> level table or None, params):
+    ``apply_table(levels, table)`` is the crop (``levels`` itself when the table is None),
+    still unnormalised. Without blur the jitter table is folded into that table, so the
+    jittered image is never materialised.
     """
     box = sample_resized_crop_box(rng, image.shape[0], image.shape[1], scale, cfg.ratio)
     crop = resize_crop(image, box, size, cfg.antialias_min_downscale)
@@ -367,12 +416,10 @@ def augment_crop_levels(
             crop, pending = apply_table(crop, pending), None
         crop = gaussian_blur(crop, blur_sigma, cfg.blur_kernel)
 
-    # Solarize and normalise are both pointwise: one level -> float32 table.
+    # Solarize is pointwise too: one integer table with any pending jitter.
     solarized = bool(solarize_p > 0 and rng.random() < solarize_p)
     threshold = scaled_solarize_threshold(cfg.solarize_threshold, crop.dtype)
-    table = output_table(crop.dtype, cfg.mean, cfg.std, threshold if solarized else None)
-    if pending is not None:
-        table = table[pending]
+    table = finishing_table(crop.dtype, pending, threshold if solarized else None)
     params = CropParams(
         box=box,
         flipped=flipped,
@@ -389,28 +436,29 @@ def augment_crop_levels(
 class MultiCropLevels(NamedTuple):
     """One image's crops as integer levels plus the table that finishes each (recipe s5).
 
-    ``apply_table(global_levels[k], global_tables[k])`` is global crop k, normalised float32
-    (likewise for the locals). Tables are often shared, cached read-only arrays.
+    ``apply_table(global_levels[k], global_tables[k])`` is global crop k's final integer levels
+    (``global_levels[k]`` itself where the table is None; likewise for the locals); only the
+    normalisation is left. Tables are often shared, cached read-only arrays.
 
     Attributes:
       global_levels: [2, G, G] uint8/uint16.
-      global_tables: 2 float32 [dtype_max + 1] tables.
+      global_tables: 2 integer [dtype_max + 1] tables of the levels' dtype, or None.
       local_levels: [n_local, L, L] uint8/uint16.
-      local_tables: n_local float32 tables.
+      local_tables: n_local such tables.
       params: the 2 + n_local ``CropParams`` (global 1, global 2, locals).
     """
 
     global_levels: np.ndarray
-    global_tables: tuple[np.ndarray, ...]
+    global_tables: tuple[np.ndarray | None, ...]
     local_levels: np.ndarray
-    local_tables: tuple[np.ndarray, ...]
+    local_tables: tuple[np.ndarray | None, ...]
     params: tuple[CropParams, ...]
 
 
 def multi_crop_levels(
     image: np.ndarray, rng: np.random.Generator, cfg: MultiCropConfig
 ) -> MultiCropLevels:
-    """DINOv2 multi-crop of one [H, W(, 1)] uint8/uint16 image, before the float tables.
+    """DINOv2 multi-crop of one [H, W(, 1)] uint8/uint16 image, before the last tables.
 
     Draws exactly what :func:`multi_crop` draws, in the same order, from ``rng``.
     """
@@ -439,17 +487,40 @@ def multi_crop_levels(
 
 
 def apply_tables(
-    levels: np.ndarray, tables: Sequence[np.ndarray], out: np.ndarray | None = None
+    levels: np.ndarray,
+    tables: Sequence[np.ndarray | None],
+    out: np.ndarray,
+    *,
+    mean: float | None = None,
+    std: float | None = None,
 ) -> np.ndarray:
-    """Finishes crops: [n, S, S] levels and n tables -> float32 [n, S, S] (into ``out``).
+    """Finishes crops: [n, S, S] levels through their n tables into ``out``, in its dtype.
 
-    ``out`` may be any float32 array whose [k] slices are C-contiguous [S, S], e.g. a strided
-    crop-major batch view ``batch[:, i, :, :, 0]``; each crop is written there directly.
+    - ``out`` of the levels' dtype: ``table[levels]``, a plain copy where the table is None;
+    - uint16 ``out``, uint8 levels: ``257 * table[levels]``, the same normalised values;
+    - float32 ``out``: ``(table[levels] / max - mean) / std`` through one float table
+      (``mean`` and ``std`` required).
+    uint16 levels do not fit uint8 (ValueError). ``out`` may be any array whose [k] slices are
+    C-contiguous [S, S], e.g. a strided crop-major batch view ``batch[:, i, :, :, 0]``: each
+    crop is written there directly. Returns ``out``.
     """
-    if out is None:
-        out = np.empty(levels.shape, np.float32)
-    for k, table in enumerate(tables):
-        apply_table(levels[k], table, out=out[k])
+    dtype = levels.dtype
+    if out.dtype == np.float32:
+        if mean is None or std is None:
+            raise ValueError("float32 crops are normalised: pass mean and std")
+        for k, table in enumerate(tables):
+            apply_table(levels[k], float_table(dtype, table, mean, std), out=out[k])
+    elif out.dtype == dtype:
+        for k, table in enumerate(tables):
+            if table is None:
+                np.copyto(out[k], levels[k])
+            else:
+                apply_table(levels[k], table, out=out[k])
+    elif dtype == np.uint8 and out.dtype == np.uint16:
+        for k, table in enumerate(tables):
+            apply_table(levels[k], widened_table(table), out=out[k])
+    else:
+        raise ValueError(f"{dtype} levels do not fit {out.dtype} crops without losing levels")
     return out
 
 
@@ -473,8 +544,11 @@ def multi_crop(
       normalised; plus the params list when ``return_params``.
     """
     levels = multi_crop_levels(image, rng, cfg)
-    global_crops = apply_tables(levels.global_levels, levels.global_tables)[..., None]
-    local_crops = apply_tables(levels.local_levels, levels.local_tables)[..., None]
+    finish = functools.partial(apply_tables, mean=cfg.mean, std=cfg.std)
+    global_crops = np.empty((*levels.global_levels.shape, 1), np.float32)
+    local_crops = np.empty((*levels.local_levels.shape, 1), np.float32)
+    finish(levels.global_levels, levels.global_tables, global_crops[..., 0])
+    finish(levels.local_levels, levels.local_tables, local_crops[..., 0])
     crops = {"global_crops": global_crops, "local_crops": local_crops}
     if return_params:
         return crops, list(levels.params)

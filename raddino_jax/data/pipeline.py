@@ -15,8 +15,9 @@ function of (seed, position) and the iterator state is a single index:
    ever computed).
 3. Per-process shard ``[process_index::process_count]``: disjoint, and within an epoch whose
    length is a multiple of ``process_count`` together covering the source.
-4. ``batch(per_process_batch, drop_remainder=True)`` into crop-major arrays (recipe s7); the
-   crops travel as integer levels and are normalised straight into the batch arrays.
+4. ``batch(per_process_batch, drop_remainder=True)`` into crop-major arrays (recipe s7): each
+   crop's last integer table writes it straight into the batch arrays, in the transfer dtype
+   (``config.data.transfer_dtype``).
 5. Batch-level ``random_map`` adding iBOT masks, drawn per group of ``mask_group_size``
    consecutive images (the reference draws per device batch).
 6. ``to_iter_dataset`` and, optionally, ``mp_prefetch`` worker processes.
@@ -24,7 +25,10 @@ function of (seed, position) and the iterator state is a single index:
 Host batch layout (``Bp`` = per_process_batch, ``n_groups = Bp / mask_group_size``, ``b`` =
 mask_group_size, ``N = (G // patch)**2``, ``U = mask_upper_bound(2b, N)``):
 
-- ``global_crops`` float32 [2, Bp, G, G, 1]; ``local_crops`` float32 [n_local, Bp, L, L, 1]
+- ``global_crops`` [2, Bp, G, G, 1]; ``local_crops`` [n_local, Bp, L, L, 1], in the transfer
+  dtype: uint8 (default) or uint16 pixel levels, normalised on the device at the start of the
+  jitted step (``train.step.normalise_crops``: ``(x / 255 or 65535 - mean) / std``), or float32
+  already normalised on the host
 - ``masks`` bool [2, Bp, N]
 - ``mask_indices`` int32 [n_groups, U]: flat ``crop * N + patch`` into the group's
   [2, b, N] tokens (crop = k * b + i for global crop k of the group's image i)
@@ -37,6 +41,10 @@ effects: Grain worker processes re-import it and unpickle the transforms below.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import queue
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -75,11 +83,11 @@ def derive_seed(*words: int) -> int:
 
 
 class DecodeAndMultiCrop(grain.transforms.RandomMap):
-    """Record -> ``augment.MultiCropLevels``: integer crops + their float tables.
+    """Record -> ``augment.MultiCropLevels``: integer crops + their last integer tables.
 
-    The float32 conversion is left to the batch function (:func:`batch_crop_levels`), which
-    writes every crop straight into the crop-major batch arrays: the per-image float crops
-    are never materialised and there is no stacking copy.
+    The tables are left to the batch function (:func:`batch_crop_levels`), which writes every
+    crop through its table straight into the crop-major batch arrays: the per-image finished
+    crops are never materialised and there is no stacking copy.
     """
 
     def __init__(self, crop_cfg: augment.MultiCropConfig):
@@ -101,24 +109,37 @@ def stack_crop_major(samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, n
     return {key: np.stack([s[key] for s in samples], axis=1) for key in samples[0]}
 
 
-def batch_crop_levels(samples: Sequence[augment.MultiCropLevels]) -> dict[str, np.ndarray]:
-    """Batches per-image integer crops into normalised crop-major float32 arrays.
+def batch_crop_levels(
+    samples: Sequence[augment.MultiCropLevels], cfg: augment.MultiCropConfig
+) -> dict[str, np.ndarray]:
+    """Batches per-image integer crops into crop-major arrays of ``cfg.transfer_dtype``.
 
-    The same arrays as ``stack_crop_major`` of the samples' ``multi_crop`` outputs:
-    ``global_crops`` [2, B, G, G, 1] and ``local_crops`` [n_local, B, L, L, 1] (recipe s7).
-    Each crop's table writes it straight into its slot of the preallocated batch.
+    ``global_crops`` [2, B, G, G, 1] and ``local_crops`` [n_local, B, L, L, 1] (recipe s7):
+    uint8 / uint16 pixel levels for the train step to normalise (uint8 images as uint16 are
+    257 x their levels, the same normalised values), or for "float32" the normalised crops,
+    the same arrays as ``stack_crop_major`` of the samples' ``multi_crop`` outputs. Each crop's
+    table writes it straight into its slot of the preallocated batch. uint16 images with
+    "uint8" raise ValueError: quantising them would silently drop levels.
     """
+    transfer = np.dtype(cfg.transfer_dtype)
+    if transfer == np.uint8 and any(s.global_levels.dtype == np.uint16 for s in samples):
+        raise ValueError(
+            'config.data.transfer_dtype: the records hold uint16 images, which "uint8" crops '
+            'cannot carry without losing levels; set config.data.transfer_dtype="uint16" (or '
+            '"float32")'
+        )
     first = samples[0]
     batch = len(samples)
     global_crops = np.empty(
-        (len(first.global_tables), batch, *first.global_levels.shape[1:], 1), np.float32
+        (len(first.global_tables), batch, *first.global_levels.shape[1:], 1), transfer
     )
     local_crops = np.empty(
-        (len(first.local_tables), batch, *first.local_levels.shape[1:], 1), np.float32
+        (len(first.local_tables), batch, *first.local_levels.shape[1:], 1), transfer
     )
+    finish = functools.partial(augment.apply_tables, mean=cfg.mean, std=cfg.std)
     for i, sample in enumerate(samples):
-        augment.apply_tables(sample.global_levels, sample.global_tables, global_crops[:, i, ..., 0])
-        augment.apply_tables(sample.local_levels, sample.local_tables, local_crops[:, i, ..., 0])
+        finish(sample.global_levels, sample.global_tables, global_crops[:, i, ..., 0])
+        finish(sample.local_levels, sample.local_tables, local_crops[:, i, ..., 0])
     return {"global_crops": global_crops, "local_crops": local_crops}
 
 
@@ -365,7 +386,8 @@ def make_dataset(
         or a ``Mixture`` of such sources.
       seed: pipeline seed in [0, 2**32); shuffle, crops and masks derive from it.
       per_process_batch: images per host batch, Bp.
-      crop_cfg: multi-crop recipe; ``global_size`` must be a multiple of ``patch_size``.
+      crop_cfg: multi-crop recipe; ``global_size`` must be a multiple of ``patch_size``; its
+        ``transfer_dtype`` is the crop arrays' dtype.
       mask_group_size: images per mask draw (the per-device batch); must divide Bp.
       patch_size: ViT patch size; the mask grid is global_size // patch_size.
       mask_ratio_min_max, mask_sample_probability: iBOT masking (recipe s7).
@@ -405,7 +427,11 @@ def make_dataset(
     mask_words = (process_index, process_count) + ((start_position,) if start_position else ())
     batches = (
         shard(crops[start_position:], process_index, process_count)
-        .batch(per_process_batch, drop_remainder=True, batch_fn=batch_crop_levels)
+        .batch(
+            per_process_batch,
+            drop_remainder=True,
+            batch_fn=functools.partial(batch_crop_levels, cfg=crop_cfg),
+        )
         .random_map(AddIbotMasks(spec), seed=derive_seed(seed, _MASK_STREAM, *mask_words))
     )
     read_options = grain.ReadOptions(
@@ -462,3 +488,125 @@ def to_global_batch(
         key: jax.make_array_from_process_local_data(shardings[key], np.asarray(value))
         for key, value in host_batch.items()
     }
+
+
+class DevicePrefetcher:
+    """Global batches assembled and put on the devices ahead of the step that uses them.
+
+    Iterates ``to_global_batch(host batch, shardings)`` over a host-batch iterator (a Grain
+    iterator of ``make_dataset``). With ``depth`` >= 2 (``config.data.device_prefetch``) a
+    background thread keeps up to ``depth`` global batches ready in a queue, so the host's next
+    batches are built and transferred while the current step runs, also while the loop waits
+    on a step's metrics or a checkpoint; the batches come in the iterator's order. With
+    ``depth`` 0 or 1 nothing runs in the background: ``next`` reads and transfers one batch.
+
+    Checkpointing: ``get_state()`` is the wrapped iterator's state at the first batch that
+    ``next`` has not returned yet (prefetched batches are made again after a restore), as the
+    JSON bytes Grain's Orbax handler writes unchanged for an iterator that is not a Grain
+    ``DatasetIterator``: the file is the one the bare iterator would write, so checkpoints
+    restore into either. ``set_state`` takes those bytes (or the state dict) and
+    ``start_prefetch`` restarts the thread, as the handler's restore calls them.
+    """
+
+    def __init__(
+        self,
+        iterator: Any,
+        shardings: Mapping[str, jax.sharding.Sharding],
+        depth: int,
+    ):
+        if depth < 0:
+            raise ValueError(f"config.data.device_prefetch must be >= 0, got {depth}")
+        self._iterator = iterator
+        self._shardings = shardings
+        self._depth = depth
+        self._state = iterator.get_state()  # at the first batch not yet returned by next()
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.start_prefetch()
+
+    @property
+    def threaded(self) -> bool:
+        """Whether a background thread prepares the batches (depth >= 2)."""
+        return self._depth >= 2
+
+    def __iter__(self) -> DevicePrefetcher:
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        if not self.threaded:
+            batch = to_global_batch(next(self._iterator), self._shardings)
+            self._state = self._iterator.get_state()
+            return batch
+        if self._thread is None:
+            self.start_prefetch()
+        kind, value, state = self._queue.get()
+        if kind == "error":
+            self._join()
+            raise value
+        if kind == "end":
+            self._join()
+            raise StopIteration
+        self._state = state
+        return value
+
+    def start_prefetch(self) -> None:
+        """Starts the wrapped iterator's own prefetch and, with depth >= 2, the thread."""
+        start = getattr(self._iterator, "start_prefetch", None)
+        if start is not None:
+            start()
+        if self.threaded and self._thread is None:
+            self._stop.clear()
+            self._queue = queue.Queue(maxsize=self._depth)
+            self._thread = threading.Thread(
+                target=self._produce, name="device-prefetch", daemon=True
+            )
+            self._thread.start()
+
+    def _produce(self) -> None:
+        """The thread: read, transfer, queue (with the iterator's state after the batch)."""
+        try:
+            while not self._stop.is_set():
+                batch = to_global_batch(next(self._iterator), self._shardings)
+                self._offer(("batch", batch, self._iterator.get_state()))
+        except StopIteration:
+            self._offer(("end", None, None))
+        except BaseException as err:  # re-raised by __next__ in the loop's thread
+            self._offer(("error", err, None))
+
+    def _offer(self, item: tuple) -> None:
+        """Queues ``item``, waiting for room unless the prefetcher is being stopped."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def _join(self) -> None:
+        """Stops the thread and drops the batches it prepared (they are made again)."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread, self._queue = None, None
+
+    def get_state(self) -> bytes:
+        """The iterator's state at the first batch not yet returned, as Grain's JSON bytes."""
+        return json.dumps(self._state, indent=4).encode()
+
+    def set_state(self, state: bytes | str | dict) -> None:
+        """Continues from ``state`` (``get_state``'s bytes, or the iterator's state dict);
+        batches prepared before are dropped. ``start_prefetch`` (or ``next``) restarts."""
+        self._join()
+        if isinstance(state, bytes | str):
+            state = json.loads(state)
+        self._iterator.set_state(state)
+        self._state = self._iterator.get_state()
+
+    def close(self) -> None:
+        """Stops the thread and closes the wrapped iterator (its worker processes)."""
+        self._join()
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()

@@ -35,6 +35,10 @@ class ObjectiveConfig:
     backbone into the Gram teacher at `gram_start_step` and then every `gram_update_every`
     steps (0: never again); "initial" keeps the weights the run started from (random init or
     `init.checkpoint`) for the whole run.
+
+    `pixel_mean` / `pixel_std` normalise integer crops at the start of the train step
+    (`train.step.normalise_crops`; the config derives them from data.mean / data.std); None
+    (the default) accepts only crops already normalised on the host.
     """
 
     student_temperature: float = 0.1
@@ -49,6 +53,8 @@ class ObjectiveConfig:
     gram_start_step: int = 0
     gram_update_every: int = 0  # 0: the Gram teacher is never refreshed after the first copy
     gram_teacher: str = "ema"  # "ema" or "initial"
+    pixel_mean: float | None = None
+    pixel_std: float | None = None
 
     @property
     def gram_enabled(self) -> bool:
@@ -73,6 +79,10 @@ class ObjectiveConfig:
             raise ValueError(
                 f"gram_teacher must be one of {gram.GRAM_TEACHERS}, got {self.gram_teacher!r}"
             )
+        if (self.pixel_mean is None) != (self.pixel_std is None):
+            raise ValueError("pixel_mean and pixel_std must be set together (or both None)")
+        if self.pixel_std is not None and self.pixel_std <= 0:
+            raise ValueError(f"pixel_std must be > 0, got {self.pixel_std}")
         if self.gram_teacher == "initial" and self.gram_update_every:
             raise ValueError(
                 "gram_teacher 'initial' is never refreshed: set gram_update_every to 0, or use "

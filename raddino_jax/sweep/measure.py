@@ -10,8 +10,9 @@ devices. What `run_point` fills in (`row.SweepRow`):
   argument + output + temp - alias, compared with the device's HBM: `fits`) and
   `cost_analysis()` flops, bytes accessed and, on TPU, `optimal_seconds`: XLA's estimate of
   the step time, from which the *estimated* images/s and MFU follow (`SweepRow`);
-- in mode "run": warm-up steps, then timed steps on a synthetic batch (random normalised
-  crops, masks from the real iBOT mask sampler so the static buffer size is right): median
+- in mode "run": warm-up steps, then timed steps on a synthetic batch (random crops in
+  `config.data.transfer_dtype`, as the loop ships them; masks from the real iBOT mask sampler
+  so the static buffer size is right): median
   step time, images/s, analytic TFLOP/s (`config.step_flops`) and MFU.
 Mode "compile" stops after compiling (no state allocated, no step run: an AOT memory check for
 a topology); mode "state" compiles nothing (exact state bytes and analytic FLOPs only).
@@ -194,18 +195,33 @@ def step_flops(point: Point) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
+def _crop_dtype(point: Point) -> np.dtype:
+    """The crops' dtype in the loop's batches: `config.data.transfer_dtype`."""
+    return np.dtype(point.config.data.transfer_dtype)
+
+
+def _random_crops(rng: np.random.Generator, shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """Random crops: uniform pixel levels of an integer dtype, or standard-normal float32
+    (what normalised crops look like)."""
+    if np.issubdtype(dtype, np.integer):
+        return rng.integers(0, np.iinfo(dtype).max, shape, dtype=dtype, endpoint=True)
+    return rng.standard_normal(shape, dtype=np.float32)
+
+
 def host_batch(point: Point, seed: int) -> dict[str, np.ndarray]:
     """A synthetic host batch in the pipeline's layout (pipeline module docstring).
 
-    global_crops [2, B, G, G, 1] and local_crops [n_local, B, L, L, 1]: standard-normal float32
-    (what normalised crops look like); masks / mask_indices / mask_weights / mask_valid from the
-    pipeline's own AddIbotMasks, i.e. the real sampler and the real static buffer U.
+    global_crops [2, B, G, G, 1] and local_crops [n_local, B, L, L, 1] in
+    `config.data.transfer_dtype` (random levels, or standard-normal float32), so the step
+    compiled for it is the one the loop runs; masks / mask_indices / mask_weights / mask_valid
+    from the pipeline's own AddIbotMasks, i.e. the real sampler and the real static buffer U.
     """
     c, rng = point.config, np.random.default_rng(seed)
     b, g, loc = c.batch_size, c.data.global_size, c.data.local_size
+    dtype = _crop_dtype(point)
     crops = {
-        "global_crops": rng.standard_normal((2, b, g, g, 1), dtype=np.float32),
-        "local_crops": rng.standard_normal((c.data.n_local, b, loc, loc, 1), dtype=np.float32),
+        "global_crops": _random_crops(rng, (2, b, g, g, 1), dtype),
+        "local_crops": _random_crops(rng, (c.data.n_local, b, loc, loc, 1), dtype),
     }
     return pipeline.AddIbotMasks(point.mask_spec).random_map(crops, rng)
 
@@ -214,9 +230,10 @@ def batch_shapes(point: Point) -> dict[str, jax.ShapeDtypeStruct]:
     """The batch as sharded ShapeDtypeStructs, for compiling without building a batch."""
     c, spec = point.config, point.mask_spec
     b, g, loc = c.batch_size, c.data.global_size, c.data.local_size
+    crops = _crop_dtype(point)
     shapes = {
-        "global_crops": ((2, b, g, g, 1), np.float32),
-        "local_crops": ((c.data.n_local, b, loc, loc, 1), np.float32),
+        "global_crops": ((2, b, g, g, 1), crops),
+        "local_crops": ((c.data.n_local, b, loc, loc, 1), crops),
         "masks": ((2, b, spec.n_tokens), np.bool_),
         "mask_indices": ((spec.n_groups, spec.upper_bound), np.int32),
         "mask_weights": ((spec.n_groups, spec.upper_bound), np.float32),

@@ -1,18 +1,24 @@
 """The training loop: build everything from the config, resume, step, log, checkpoint, evaluate.
 
-One batch's path: Grain iterator (host batch, crop-major; `config.data.num_workers` processes
-prepare batches ahead) -> `to_global_batch` (global jax.Array sharded over data x fsdp) ->
-jitted `train_step` -> metrics (read on the host one step late) -> metrics.jsonl / TensorBoard
-/ progress bar.
+One batch's path: Grain iterator (host batch, crop-major, crops as uint8 levels by default;
+`config.data.num_workers` processes prepare batches ahead) -> `pipeline.DevicePrefetcher`
+(`to_global_batch`: global jax.Arrays sharded over data x fsdp, `config.data.device_prefetch`
+of them kept ready by a background thread) -> jitted `train_step` (normalises the crops on
+the device) -> metrics (read on the host one step late) -> metrics.jsonl / TensorBoard /
+progress bar.
 
 Where the host waits for the devices, each step:
 - The step count is a Python counter (the device value is read once, at the start), so the
-  host prepares batch N+1 and puts it on the devices while step N runs.
+  host prepares batch N+1 and puts it on the devices while step N runs; with
+  `data.device_prefetch` >= 2 a thread does that, also while the loop waits below.
 - After dispatching step N the host reads step N-1's metrics (all of them, for the NaN guard);
   that waits for step N-1, never for step N, so the host runs at most one step ahead.
 - On checkpoint steps (and the last step) it waits for step N's metrics before saving, so a
   checkpoint never holds an update the NaN guard rejected; the save itself is asynchronous.
-- The preemption check is an all-gather across processes when there are several.
+- The preemption check is an all-gather across processes when there are several; it runs
+  every `config.preemption_check_every` steps and on checkpoint steps, so a SIGTERM/SIGINT is
+  honoured (checkpoint saved, exit) within that many steps (`preemption_check_due`). One
+  process reads its own flag every step.
 """
 
 from __future__ import annotations
@@ -79,13 +85,30 @@ class _SignalFlag:
             signal.signal(sig, handler)
 
     def raised(self) -> int | None:
-        """The signal, agreed across processes (any process preempted -> all save)."""
+        """The signal, agreed across processes (any process preempted -> all save).
+
+        With several processes this is a collective: every process must call it on the same
+        step (`preemption_check_due`)."""
         flag = np.int32(self.signum or 0)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             flag = np.max(multihost_utils.process_allgather(flag))
         return int(flag) or None
+
+
+def preemption_check_due(
+    steps_done: int, every: int, process_count: int, checkpoint_step: bool
+) -> bool:
+    """Whether the loop checks for a signal after its `steps_done`-th step.
+
+    One process reads its own flag: free, so every step. Several agree on it with an
+    all-gather that every process must enter on the same step; they do so every `every` steps
+    (`config.preemption_check_every`) and on checkpoint steps. The decision depends only on
+    the step count and the config, so all processes take it alike; a signal is honoured
+    within `every` steps.
+    """
+    return process_count == 1 or checkpoint_step or steps_done % every == 0
 
 
 def initial_params(config: ml_collections.ConfigDict, spec: ModelSpec) -> dict | None:
@@ -197,6 +220,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     # State: resume, or start from pretrained / random weights
     rules = config_lib.tensor_rules(config)
+    batch_shardings = sharding.batch_shardings(BATCH_KEYS, mesh)
     gram = objective.gram_enabled  # the state carries a Gram teacher (recipe, Gram anchoring)
     abstract, shardings = train_state.abstract_state(spec, optimizer, mesh, rules, gram)
     checkpointer = checkpoint.TrainCheckpointer(workdir, config.keep_checkpoints)
@@ -243,7 +267,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             schedules=schedules,
         )
 
-    batch_shardings = sharding.batch_shardings(BATCH_KEYS, mesh)
     peak = flops.peak_flops_per_device(
         devices[0].device_kind,
         spec.backbone.dtype,
@@ -259,17 +282,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     log = _StepLog(config, writer, progress, peak, len(devices), stage_table, data)
     step_fn = None
     saved_step = latest
+    # Global batches ahead of the step; checkpoints hold the iterator at the first one unused.
+    batches = pipeline.DevicePrefetcher(data_iterator, batch_shardings, config.data.device_prefetch)
     try:
         with _SignalFlag() as signals:
             step = int(state.step)  # the one device read of the step count: then a host counter
             while step < config.total_steps:
                 if step_fn is None or step >= stage.end_step:  # the first step of a stage
                     if step >= stage.end_step:
-                        close = getattr(data_iterator, "close", None)
-                        if close is not None:
-                            close()
+                        batches.close()
                         stage = stages_lib.stage_at(stage_table, step)
-                        data_iterator = stage_iterator(stage)
+                        batches = pipeline.DevicePrefetcher(
+                            stage_iterator(stage), batch_shardings, config.data.device_prefetch
+                        )
                     if len(stage_table) > 1:
                         say(
                             f"stage {stage.index}: steps {stage.start_step}-{stage.end_step}, "
@@ -280,18 +305,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     log.enter(stage, config_lib.step_flops(stage.config, spec, len(devices)))
                 if profile and step == profile[0] and is_main:
                     jax.profiler.start_trace(str(workdir / "profile"))
-                batch = pipeline.to_global_batch(next(data_iterator), batch_shardings)
+                batch = next(batches)
                 state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
                 log.flush()  # the previous step's metrics (finished: see the loop's top)
                 log.pending = (step + 1, metrics)
                 if profile and step + 1 == profile[1] and is_main:
                     jax.block_until_ready(metrics)
                     jax.profiler.stop_trace()
-                if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.total_steps:
+                done = step + 1  # steps finished once this one has run
+                checkpoint_step = done % config.checkpoint_every == 0 or done == config.total_steps
+                if checkpoint_step:
                     # finish this step's metrics first: a checkpoint never holds a bad update,
                     # and metrics.jsonl has its line if the process dies right after
                     log.flush()
-                    checkpointer.save(state, data_iterator)
+                    checkpointer.save(state, batches)
                     saved_step = step + 1
                     checkpointer.check()
                 if evaluator is not None and (step + 1) % config.eval.every == 0:
@@ -301,11 +328,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                         f"step {step + 1} eval "
                         + ", ".join(f"{k}={v:.3f}" for k, v in results.items())
                     )
-                signum = signals.raised()
+                due = preemption_check_due(
+                    done, config.preemption_check_every, jax.process_count(), checkpoint_step
+                )
+                signum = signals.raised() if due else None
                 if signum:
                     log.flush()
                     if saved_step != step + 1:
-                        checkpointer.save(state, data_iterator, force=True)
+                        checkpointer.save(state, batches, force=True)
                     checkpointer.wait()
                     raise Preempted(signum, step + 1)
                 step += 1
@@ -313,6 +343,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         checkpointer.wait()
         checkpointer.check()
     finally:
+        batches.close()
         checkpointer.wait()
         checkpointer.close()
         writer.close()
