@@ -1,4 +1,5 @@
-"""Fault injection for the driver tests: a NaN loss at a chosen step, SIGKILL after a checkpoint.
+"""Fault injection for the driver tests: a NaN loss at a chosen step, SIGKILL (or, in process, an
+exception) after a checkpoint.
 
 Production code carries no test hooks. Each fault is a replacement for one function the
 driver looks up at call time; in-process tests install it with pytest's `monkeypatch`:
@@ -60,6 +61,26 @@ def save_then_kill(kill_step: int):
         if saved and int(state.step) == kill_step:
             self.wait()
             os.kill(os.getpid(), signal.SIGKILL)
+        return saved
+
+    return save
+
+
+class Crash(RuntimeError):
+    """The in-process stand-in for a lost node (`save_then_crash`)."""
+
+
+def save_then_crash(crash_step: int):
+    """Like `save_then_kill`, but raises `Crash` instead of SIGKILL, so an in-process test can
+    interrupt `loop.train` after the checkpoint of `crash_step` and call it again. The loop's
+    cleanup runs (threads stopped, checkpoints finished), as a new process would start clean."""
+    real_save = checkpoint.TrainCheckpointer.save
+
+    def save(self, state, data_iterator, **kwargs):
+        saved = real_save(self, state, data_iterator, **kwargs)
+        if saved and int(state.step) == crash_step:
+            self.wait()
+            raise Crash(f"crash after the checkpoint of step {crash_step}")
         return saved
 
     return save

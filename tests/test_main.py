@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -109,6 +110,46 @@ def test_resume_after_sigkill_is_exact(dataset, tmp_path):
         out = tmp_path / f"hf_{which}"
         argv = ["to-hf", "--checkpoint", str(straight), "--out", str(out), "--which", which]
         assert convert_cli.main([*argv, "--verify"]) == 0
+
+
+@pytest.mark.slow
+def test_resume_with_batches_prefetched_ahead_is_exact(dataset, tmp_path, monkeypatch):
+    """Three global batches prefetched by the thread (data.device_prefetch=3) when the run
+    dies after checkpoint 3: the checkpoint holds the iterator at the first batch step 4 uses,
+    so the resumed run equals an uninterrupted one that prefetches nothing (0)."""
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    loop.train(tiny_run_config(*dataset, **{"data.device_prefetch": 0}), str(straight))
+    ahead = tiny_run_config(*dataset, **{"data.device_prefetch": 3})
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint.TrainCheckpointer, "save", faults.save_then_crash(3))
+        with pytest.raises(faults.Crash):
+            loop.train(ahead, str(crashed))
+    assert not [t for t in threading.enumerate() if t.name == "device-prefetch"]
+    loop.train(ahead, str(crashed))
+    a, b = _by_step(straight), _by_step(crashed)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in (1, 2, 3, 4, 5, 6):
+        for key in LOSS_KEYS:
+            assert a[step][key] == b[step][key], (step, key)
+    _assert_same_params(straight, crashed)
+
+
+@pytest.mark.parametrize("processes", [1, 2, 4])
+def test_preemption_check_decision(processes):
+    """One process checks every step; several only every N steps and on checkpoint steps, a
+    function of the step and the config alone (so every process enters the all-gather)."""
+    every, checkpoints = 10, {7, 14, 25}
+    due = [
+        s
+        for s in range(1, 31)
+        if loop.preemption_check_due(s, every, processes, checkpoint_step=s in checkpoints)
+    ]
+    if processes == 1:
+        assert due == list(range(1, 31))
+    else:
+        assert due == [7, 10, 14, 20, 25, 30]
+        gaps = np.diff([0, *due])
+        assert gaps.max() <= every  # a signal is honoured within N steps
 
 
 @pytest.mark.slow
