@@ -1,0 +1,208 @@
+"""Host stalls: the training loop's time per step against the bare compiled step (issue 14).
+
+Two timings of the same config in one process:
+- loop: `raddino_jax.train.loop.train` itself (Grain pipeline with its augmentations on the
+  host, `data.transfer_dtype` crops, `data.device_prefetch` batches ahead, one-step-late
+  metrics, logging every step) on the built-in samples; the per-step times are the
+  `step_time_s` it logs in WORKDIR/metrics.jsonl (wall time between consecutive steps).
+- bare: the step the loop compiles (same builders, mesh, state and shardings) called on one
+  fixed batch from the same pipeline, `jax.block_until_ready` after every call.
+The first `--skip` steps of each (compile, warm-up) are left out; the table gives min and
+median seconds per step and loop / bare. Goal: the loop's median within 5% of the bare step's.
+On CPU the pipeline's host work shares the cores with the step, so this also measures how
+much the augmentations cost next to the step, not only the loop's waits.
+
+Run on a quiet machine (`uptime`); ~3-5 minutes on 2 cores with the defaults (samples built
+once under --data-root, two compiles, 2 x (skip + steps) steps of configs/demo.py, ~1.5 s each):
+  PYTHONPATH=. .venv/bin/python benchmarks/loop_overhead.py
+  ... --steps 30 --device-prefetch 0 --transfer-dtype float32   (the previous loop's settings)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="demo", help="configs/<name>.py")
+    p.add_argument("--steps", type=int, default=20, help="timed steps of each")
+    p.add_argument("--skip", type=int, default=3, help="untimed first steps of each")
+    p.add_argument("--batch", type=int, default=0, help="global batch (0: the config's)")
+    p.add_argument("--device-prefetch", type=int, default=-1, help="-1: the config's")
+    p.add_argument("--transfer-dtype", default="", help="uint8, uint16, float32 ('': config's)")
+    p.add_argument("--phantoms", type=int, default=96, help="built-in samples to build")
+    p.add_argument("--data-root", default="", help="where the samples are built (reused)")
+    return p.parse_args(argv)
+
+
+def bench_config(args: argparse.Namespace, data_dir: str, name: str):
+    """The named config on the prebuilt samples: no eval, a metrics line every step, only the
+    final checkpoint, and the requested batch / prefetch / transfer overrides."""
+    config = importlib.import_module(f"configs.{args.config}").get_config()
+    config.data.dir, config.data.name = data_dir, name
+    config.total_steps = args.skip + args.steps
+    config.log_every = 1
+    config.checkpoint_every = 10**9  # the last step still saves (outside the timed steps)
+    config.eval.every = 0
+    config.optim.warmup_steps = min(config.optim.warmup_steps, config.total_steps)
+    config.optim.freeze_last_layer_steps = min(
+        config.optim.freeze_last_layer_steps, config.total_steps
+    )
+    if args.batch:
+        config.batch_size = args.batch
+    if args.device_prefetch >= 0:
+        config.data.device_prefetch = args.device_prefetch
+    if args.transfer_dtype:
+        config.data.transfer_dtype = args.transfer_dtype
+    return config
+
+
+def loop_step_times(config, workdir: str) -> list[float]:
+    """`step_time_s` of every step the real loop logged (log_every = 1), in step order."""
+    from raddino_jax.train import loop
+    from raddino_jax.train.metrics import read_metrics
+
+    loop.train(config, workdir)
+    records = sorted(
+        (r for r in read_metrics(workdir) if "step_time_s" in r), key=lambda r: r["step"]
+    )
+    return [r["step_time_s"] for r in records]
+
+
+def bare_step_times(config, workdir: str, n: int) -> list[float]:
+    """Seconds of `n` calls of the loop's compiled step on one fixed batch of its pipeline,
+    each waited for (`jax.block_until_ready`); the first call compiles."""
+    import jax
+
+    from raddino_jax import config as config_lib
+    from raddino_jax.data import pipeline, sources
+    from raddino_jax.models import abstract_params
+    from raddino_jax.parallel import sharding
+    from raddino_jax.parallel.mesh import make_mesh
+    from raddino_jax.train import state as train_state
+    from raddino_jax.train.optim import build_optimizer
+    from raddino_jax.train.step import compile_train_step
+
+    devices = jax.devices()
+    mesh = make_mesh(dict(config.mesh), devices)
+    spec = config_lib.model_spec(config)
+    objective = config_lib.objective_config(config, len(devices))
+    schedules = config_lib.schedules(config)
+    optimizer = build_optimizer(
+        abstract_params(spec),
+        config_lib.optimizer_config(config),
+        lr_schedule=schedules.lr,
+        last_layer_lr_schedule=schedules.last_layer_lr,
+        wd_schedule=schedules.weight_decay,
+    )
+    rules = config_lib.tensor_rules(config)
+    gram = objective.gram_enabled
+    _, shardings = train_state.abstract_state(spec, optimizer, mesh, rules, gram)
+    state = train_state.create_state(
+        spec, optimizer, mesh, seed=config.seed, rules=rules, gram=gram
+    )
+    step_fn = compile_train_step(
+        mesh,
+        shardings,
+        pipeline.BATCH_KEYS,
+        spec=spec,
+        objective=objective,
+        optimizer=optimizer,
+        schedules=schedules,
+    )
+    data = sources.open_training_data(config, workdir)
+    host = next(
+        iter(
+            pipeline.make_dataset(
+                data.records,
+                seed=config.seed,
+                per_process_batch=config.batch_size,
+                crop_cfg=config_lib.crop_config(config),
+                mask_group_size=config_lib.mask_group_size(config, len(devices)),
+                patch_size=spec.backbone.patch_size,
+                mask_ratio_min_max=tuple(config.data.mask_ratio_min_max),
+                mask_sample_probability=config.data.mask_sample_probability,
+            )
+        )
+    )
+    batch = pipeline.to_global_batch(host, sharding.batch_shardings(pipeline.BATCH_KEYS, mesh))
+    base = jax.random.key(config.seed)
+    times = []
+    for i in range(n):
+        start = time.perf_counter()
+        state, metrics = step_fn(state, batch, jax.random.fold_in(base, i))
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def machine_info() -> str:
+    import jax
+
+    device = jax.devices()[0]
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"machine: {platform.platform()}, {os.cpu_count()} CPU(s), load average {load}\n"
+        f"python {platform.python_version()}, jax {jax.__version__}, "
+        f"{len(jax.devices())} {device.device_kind} ({device.platform}) device(s)"
+    )
+
+
+def table(loop_times: list[float], bare_times: list[float]) -> str:
+    """min / median s/step of both and the loop / bare ratios."""
+    rows = [("loop", loop_times), ("bare step", bare_times)]
+    lines = ["| | steps | min s/step | median s/step |", "|---|---|---|---|"]
+    for name, times in rows:
+        lines.append(
+            f"| {name} | {len(times)} | {min(times):.3f} | {statistics.median(times):.3f} |"
+        )
+    lines.append(
+        f"| loop / bare | | {min(loop_times) / min(bare_times):.3f} | "
+        f"{statistics.median(loop_times) / statistics.median(bare_times):.3f} |"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = parse_args(argv)
+    if args.steps < 1 or args.skip < 1:
+        raise SystemExit("--steps and --skip must be >= 1 (the first step compiles)")
+    from raddino_jax.data import sources
+
+    machine = machine_info()  # the load average before this benchmark adds its own
+    with tempfile.TemporaryDirectory(prefix="loop_overhead_") as scratch:
+        root = args.data_root or os.path.join(scratch, "data")
+        probe = importlib.import_module(f"configs.{args.config}").get_config()
+        data_dir, name = sources.builtin_dataset(root, args.phantoms, probe.data.builtin_size)
+        config = bench_config(args, data_dir, name)
+        loop_times = loop_step_times(config, os.path.join(scratch, "run"))[args.skip :]
+        bare_times = bare_step_times(config, os.path.join(scratch, "bare"), args.skip + args.steps)
+        bare_times = bare_times[args.skip :]
+    # The summary last, after the loop's own console output.
+    print("command: " + " ".join([sys.executable, *sys.argv]))
+    print(machine)
+    print(
+        f"config: configs/{args.config}.py, batch {config.batch_size}, "
+        f"{config.data.global_size}/{config.data.local_size} px x{2 + config.data.n_local} "
+        f"crops, transfer {config.data.transfer_dtype}, device_prefetch "
+        f"{config.data.device_prefetch}, num_workers {config.data.num_workers}, "
+        f"{args.skip} untimed + {args.steps} timed steps each"
+    )
+    print(table(loop_times, bare_times))
+    ratio = statistics.median(loop_times) / statistics.median(bare_times)
+    print(f"loop / bare (median): {ratio:.3f} (goal <= 1.05)")
+    return {"loop_median_s": statistics.median(loop_times), "ratio": ratio}
+
+
+if __name__ == "__main__":
+    main()
