@@ -125,12 +125,55 @@ def einsum_attention(qkv: jax.Array) -> jax.Array:
     One transpose of the fused qkv to [3, B, h, N, d] makes both batched matmuls contiguous;
     jax.nn.dot_product_attention keeps [B, N, h, d] operands plus a grouped-query axis, and
     XLA's CPU layout assignment then copies the [B, h, N, N] score matrices in the backward
-    pass. Softmax runs in float32 like dot_product_attention's.
+    pass. Softmax runs in float32 like dot_product_attention's. The backward is
+    `_lean_attention`'s: no [B, h, N, N] array is kept between the passes.
     """
     head_dim = qkv.shape[-1]
     q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))
     q = q * jnp.asarray(head_dim**-0.5, q.dtype)
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+    out = _lean_attention(q, k, v)
     return jnp.transpose(out, (0, 2, 1, 3))
+
+
+def _attention_probs(q: jax.Array, k: jax.Array, lse: jax.Array | None = None):
+    """float32 softmax(q k^T) over keys and its log-sum-exp [B, h, N, 1]; with `lse` given,
+    the probabilities are recomputed from it (the backward)."""
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    if lse is None:
+        lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    return jnp.exp(logits - lse), lse
+
+
+@jax.custom_vjp
+def _lean_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """softmax(q k^T) v for [B, h, N, d] operands (q already scaled).
+
+    Autodiff of the plain formula keeps the [B, h, N, N] probabilities and the exp before
+    normalisation for the backward: two of them per block, the largest residuals of the
+    step at 224 px and above. This version keeps q, k, v and the per-query log-sum-exp, and
+    the backward recomputes the probabilities (one extra q k^T matmul per block), as flash
+    attention does.
+    """
+    probs, _ = _attention_probs(q, k)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
+
+
+def _lean_attention_fwd(q, k, v):
+    probs, lse = _attention_probs(q, k)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
+    return out, (q, k, v, lse)
+
+
+def _lean_attention_bwd(residuals, d_out):
+    q, k, v, lse = residuals
+    probs, _ = _attention_probs(q, k, lse)
+    d_v = jnp.einsum("bhqk,bhqd->bhkd", probs.astype(d_out.dtype), d_out)
+    d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)
+    d_logits = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))
+    d_logits = d_logits.astype(q.dtype)
+    d_q = jnp.einsum("bhqk,bhkd->bhqd", d_logits, k)
+    d_k = jnp.einsum("bhqk,bhqd->bhkd", d_logits, q)
+    return d_q, d_k, d_v.astype(v.dtype)
+
+
+_lean_attention.defvjp(_lean_attention_fwd, _lean_attention_bwd)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from raddino_jax.models.layers import gelu
 from raddino_jax.models.vit import COMPUTE_DTYPES, PARAM_DTYPE, linear
 
 
@@ -75,7 +76,7 @@ class DINOHead(nnx.Module):
         for i, layer in enumerate(self.mlp):
             x = layer(x)
             if i < len(self.mlp) - 1:
-                x = jax.nn.gelu(x, approximate=False)
+                x = gelu(x)
         x = x.astype(jnp.float32)
         # torch F.normalize(eps=1e-12) in fp32 (recipe s2)
         x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)

@@ -31,6 +31,7 @@ from raddino_jax.models.attention import (  # noqa: F401 (re-exported)
     splash_attention,
 )
 from raddino_jax.models.interpolate import INTERPOLATE_MODES, resample_grid
+from raddino_jax.models.layers import LayerNorm, gelu
 
 PARAM_DTYPE = jnp.float32
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -178,8 +179,10 @@ def linear(din: int, dout: int, rngs: nnx.Rngs, dtype, *, use_bias: bool = True)
     )
 
 
-def layer_norm(dim: int, eps: float, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=PARAM_DTYPE, rngs=rngs)
+def layer_norm(dim: int, eps: float, dtype, rngs: nnx.Rngs) -> LayerNorm:
+    """nnx.LayerNorm's parameters and values with a lean backward (models/layers.py)."""
+    del rngs  # scale 1, bias 0: nothing random
+    return LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=PARAM_DTYPE)
 
 
 class PatchEmbed(nnx.Module):
@@ -231,7 +234,7 @@ class Mlp(nnx.Module):
         self.fc2 = linear(cfg.ffn_hidden, cfg.embed_dim, rngs, cfg.compute_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+        return self.fc2(gelu(self.fc1(x)))
 
 
 class SwiGLU(nnx.Module):

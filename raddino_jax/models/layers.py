@@ -1,0 +1,107 @@
+"""Memory-lean building blocks: exact GELU and LayerNorm with hand-written backward passes.
+
+Autodiff of the textbook formulas keeps every intermediate of the forward for the backward:
+GELU's erfc and exp outputs, LayerNorm's centred input and normalised output, each one a full
+[tokens, width] array per block. Those residuals were most of the train step's temporary
+memory on CPU and of its HBM on TPU (docs/architecture.md, "Memory"); these versions keep only
+what the backward needs and recompute the cheap rest:
+
+- `gelu`: keeps its input; the backward recomputes Phi(x) and phi(x) (elementwise, fused).
+- `layer_norm`: keeps its input and the per-token mean and reciprocal standard deviation.
+
+Values equal `jax.nn.gelu(approximate=False)` and `flax.nnx.LayerNorm` to float rounding
+(tests/test_layers.py checks values and gradients).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _gelu_parts(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(Phi(x), x * phi(x)) in float32: the normal CDF and the derivative's second term."""
+    x32 = x.astype(jnp.float32)
+    cdf = 0.5 * jax.lax.erfc(-x32 * _INV_SQRT2)
+    return cdf, x32 * jnp.exp(-0.5 * x32 * x32) * _INV_SQRT_2PI
+
+
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU, x * Phi(x), computed in float32 and returned in x's dtype."""
+    return (x.astype(jnp.float32) * _gelu_parts(x)[0]).astype(x.dtype)
+
+
+def _gelu_fwd(x):
+    return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+    cdf, tail = _gelu_parts(x)
+    return ((g.astype(jnp.float32) * (cdf + tail)).astype(x.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+def _normalise(x32: jax.Array, eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(x_hat, mean, rstd) over the last axis, two-pass variance in float32."""
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    centred = x32 - mean
+    rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
+    return centred * rstd, mean, rstd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis: statistics in float32, result in x's dtype."""
+    x_hat, _, _ = _normalise(x.astype(jnp.float32), eps)
+    return (x_hat * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+    x_hat, mean, rstd = _normalise(x.astype(jnp.float32), eps)
+    y = (x_hat * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+    return y, (x, mean, rstd, scale, bias)
+
+
+def _layer_norm_bwd(eps, residuals, g):
+    del eps
+    x, mean, rstd, scale, bias = residuals
+    x_hat = (x.astype(jnp.float32) - mean) * rstd
+    g32 = g.astype(jnp.float32)
+    reduce_axes = tuple(range(g.ndim - 1))
+    d_bias = jnp.sum(g32, axis=reduce_axes)
+    d_scale = jnp.sum(g32 * x_hat, axis=reduce_axes)
+    d_xhat = g32 * scale.astype(jnp.float32)
+    d_x = rstd * (
+        d_xhat
+        - jnp.mean(d_xhat, axis=-1, keepdims=True)
+        - x_hat * jnp.mean(d_xhat * x_hat, axis=-1, keepdims=True)
+    )
+    return d_x.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nnx.Module):
+    """`flax.nnx.LayerNorm`'s parameters (`scale`, `bias`) and values, with `layer_norm`'s
+    lean backward. `dtype` is the output dtype; statistics are always float32."""
+
+    def __init__(self, dim: int, *, epsilon: float, dtype, param_dtype):
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = layer_norm(x, self.scale[...], self.bias[...], self.epsilon)
+        return y.astype(self.dtype)
