@@ -145,9 +145,11 @@ def check_flops(rows: dict) -> None:
     # On one device XLA counts the whole step. It also counts what the analytic model leaves
     # out (LayerNorm, GELU, softmax, the losses, AdamW, the EMA, the where() guard: a few % at
     # D=32) and skips the patch-embed conv's input gradient (not needed), so it lands a few %
-    # above the matmul-only count; measured 1.049 for this config.
+    # above the matmul-only count; measured 1.049 for this config. The attention backward
+    # recomputes q k^T (models/attention.py, one more of attention's six matmul passes, which
+    # model FLOPs leave out like any recompute): 1.121 since, at this attention-heavy size.
     ratio = rows["1x1x1"].xla_flops_per_device / expected
-    assert 1.0 <= ratio <= 1.10, ratio
+    assert 1.0 <= ratio <= 1.15, ratio
     assert rows["1x1x1"].replication == pytest.approx(ratio)
 
 

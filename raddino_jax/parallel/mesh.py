@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -50,9 +51,13 @@ def make_mesh(
     if not isinstance(mesh_config, Mapping):
         mesh_config = dict(zip(MESH_AXES, mesh_config, strict=True))
     shape = resolve_mesh_shape(mesh_config, len(devices))
-    return jax.make_mesh(
-        shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
-    )
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if len({getattr(d, "core_on_chip", 0) for d in devices}) > 1:
+        # One device per TensorCore (a deviceless v4 topology, sweep/topology.py): jax's
+        # topology-aware ordering only knows one device per chip, so keep the given order,
+        # which puts the two cores of a chip next to each other.
+        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
 
 
 def parse_layout(text: str) -> tuple[int, int, int]:
