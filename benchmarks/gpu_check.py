@@ -1,7 +1,9 @@
 """One-GPU check, run by benchmarks/gpu_check.sh: correctness vs CPU, ViT-B/14 speed, a sweep.
 
-1. correctness: two train steps of a tiny float32 model (drop path off) on the GPU and on the
-   CPU (jax.devices("cpu")) from the same initial state and batch, with float32 matmuls at
+1. correctness: (b) cuDNN attention vs the einsum path on the GPU, bfloat16, value and
+   gradient, relative error <= 2e-2 of the largest entry; and two train steps of a tiny
+   float32 model (drop path off) on the GPU and on the CPU (jax.devices("cpu")) from the
+   same initial state and batch, with float32 matmuls at
    "highest" precision on both (GPU float32 defaults to TF32 otherwise). Two steps because the
    lr is 0 at step 0 (warmup): step 1 applies a real update. Every metric of both steps (loss
    terms, per-submodule gradient norms, teacher entropy, ...) must agree to rtol 1e-4 and
@@ -29,6 +31,41 @@ from raddino_jax import sweep
 
 CORRECTNESS_RTOL = 1e-4
 CORRECTNESS_ATOL = 1e-4
+ATTENTION_TOL = 2e-2  # bfloat16 inputs and outputs; a wrong mask/scale/layout is O(1)
+
+
+def check_attention(device) -> None:
+    """cuDNN flash attention (the GPU default) vs the einsum path, bfloat16, value and gradient,
+    on the device at ViT-B/14 shapes with 257 and 50 tokens (224 px globals, 98 px locals).
+    On CPU (--dry-run) cuDNN does not exist and the XLA path stands in for it."""
+    from raddino_jax.models import attention
+
+    impl = "cudnn" if device.platform == "gpu" else "xla"
+    for tokens in (257, 50):
+        qkv = jax.device_put(
+            jax.random.normal(jax.random.key(tokens), (4, tokens, 3, 12, 64), jax.numpy.bfloat16),
+            device,
+        )
+        grad_out = jax.device_put(
+            jax.random.normal(jax.random.key(1), (4, tokens, 12, 64), jax.numpy.bfloat16), device
+        )
+
+        def value_and_grad(fn, qkv=qkv, grad_out=grad_out):
+            out, vjp = jax.vjp(fn, qkv)
+            return np.asarray(out, np.float32), np.asarray(vjp(grad_out)[0], np.float32)
+
+        ours = jax.jit(lambda t, impl=impl: attention.attention(t, impl))
+        reference = jax.jit(attention.einsum_attention)
+        (v1, g1), (v2, g2) = value_and_grad(ours), value_and_grad(reference)
+        err_v = float(np.abs(v1 - v2).max() / np.abs(v2).max())
+        err_g = float(np.abs(g1 - g2).max() / np.abs(g2).max())
+        print(
+            f"[1b] attention {impl} vs einsum, {tokens} tokens: value {err_v:.1e}, grad {err_g:.1e}"
+        )
+        if max(err_v, err_g) > ATTENTION_TOL:
+            raise SystemExit(
+                f"attention {impl} differs from the einsum path by more than {ATTENTION_TOL}"
+            )
 
 
 def tiny_overrides(config) -> None:
@@ -179,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
 
     check_correctness(device)
+    check_attention(device)
     print(f"    ({time.perf_counter() - start:.0f} s so far)", flush=True)
 
     # 2. ViT-B/14 at 224 and 518 (the 224 row doubles as the sweep's reference row).

@@ -167,15 +167,14 @@ def _lean_attention_fwd(q, k, v):
 def _lean_attention_bwd(residuals, d_out):
     q, k, v, lse = residuals
     k = after(k, d_out)  # the recomputation starts in this block's backward (layers.after)
-    # P^T [B, h, keys, queries], the layout the dV and dK matmuls want.
-    logits_t = jnp.einsum("bhkd,bhqd->bhkq", k, q, preferred_element_type=jnp.float32)
-    probs_t = jnp.exp(logits_t - jnp.swapaxes(lse, -1, -2))
-    d_v = jnp.einsum("bhkq,bhqd->bhkd", probs_t.astype(d_out.dtype), d_out)
-    d_probs_t = jnp.einsum("bhkd,bhqd->bhkq", v, d_out, preferred_element_type=jnp.float32)
-    row = jnp.sum(probs_t * d_probs_t, axis=-2, keepdims=True)  # per query: sum_k P dP
-    d_logits_t = (probs_t * (d_probs_t - row)).astype(q.dtype)
-    d_q = jnp.einsum("bhkq,bhkd->bhqd", d_logits_t, k)
-    d_k = jnp.einsum("bhkq,bhqd->bhkd", d_logits_t, q)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    probs = jnp.exp(logits - lse)
+    d_v = jnp.einsum("bhqk,bhqd->bhkd", probs.astype(d_out.dtype), d_out)
+    d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)
+    d_logits = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))
+    d_logits = d_logits.astype(q.dtype)
+    d_q = jnp.einsum("bhqk,bhkd->bhqd", d_logits, k)
+    d_k = jnp.einsum("bhqk,bhqd->bhkd", d_logits, q)
     return d_q, d_k, d_v.astype(v.dtype)
 
 

@@ -2,9 +2,9 @@
 
 Autodiff of the textbook formulas keeps every intermediate of the forward for the backward:
 GELU's erfc and exp outputs, LayerNorm's centred input and normalised output, each one a full
-[tokens, width] array per block. Those residuals were most of the train step's temporary
-memory on CPU and of its HBM on TPU (docs/architecture.md, "Memory"); these versions keep only
-what the backward needs and recompute the cheap rest:
+[tokens, width] array per block. On the CPU step they were about a third of what the step saves
+for its backward (docs/architecture.md, "Memory: lean backward passes"); these versions keep
+only what the backward needs and recompute the cheap rest:
 
 - `gelu`: keeps its input; the backward recomputes Phi(x) and phi(x) (elementwise, fused).
 - `layer_norm`: keeps its input and the per-token mean and reciprocal standard deviation.
@@ -51,9 +51,9 @@ def after(x: jax.Array, g: jax.Array) -> jax.Array:
 
 
 def _gelu_bwd(x, g):
-    # The barrier asks XLA to keep this recomputation in the backward; CPU XLA drops barriers
-    # before scheduling, where `after` pins the attention recompute instead (measured: here
-    # the barrier's placement gives the lower peak, benchmarks/RESULTS.md).
+    # The barrier keeps the recomputation out of the forward's fusions (on CPU it also made
+    # this backward ~25% faster); `after` (used by the attention) would pin it harder, but
+    # the GELU recompute is elementwise and cheap to hold.
     x, g = jax.lax.optimization_barrier((x, g))
     x32 = x.astype(jnp.float32)
     cdf = 0.5 + 0.5 * jax.lax.erf(x32 * _INV_SQRT2)
@@ -87,7 +87,7 @@ def _layer_norm_fwd(x, scale, bias, eps):
 
 def _layer_norm_bwd(eps, residuals, g):
     del eps
-    (x, mean, rstd, scale, bias), g = jax.lax.optimization_barrier((residuals, g))  # _gelu_bwd
+    x, mean, rstd, scale, bias = residuals
     x_hat = (x.astype(jnp.float32) - mean) * rstd
     g32 = g.astype(jnp.float32)
     reduce_axes = tuple(range(g.ndim - 1))
