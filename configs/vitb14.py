@@ -11,6 +11,15 @@ value), 10k warmup, layer decay 1.0, drop path 0, momentum 0.994, 8 local crops 
 centring (not Sinkhorn), shared iBOT head with K=65536. `init.checkpoint` takes a from-torch
 output or the torch file / HF folder directly; heads start fresh unless `init.heads` is given.
 Expect ~28 img/s per A100 in the reference (recipe s11); measure yours with raddino_jax.sweep.
+
+Memory (benchmarks/RESULTS.md, compiled for the slices without a TPU): as written, 40 images
+per chip fit a v5p chip (remat "dots", 52.6 GiB of 95). Smaller chips need more recompute and
+fewer images per chip, e.g. v5e (16 GiB): --config.model.remat=full --config.batch_size=<24 x
+chips> --config.data.mask_group_size=24 --config.ssl.koleo_group_size=24 (9.7-10.9 GiB per
+chip); v4 (32 GiB per chip, 16 per TensorCore): --config.model.remat=full at 40 per chip.
+Check a layout before paying for it:
+  python -m raddino_jax.sweep --config=configs/vitb14.py --topology=v5e:2x4 --meshes=8x1x1 \
+      --batch-sizes=192 --remat=full --compile-only --out=DIR
 """
 
 from raddino_jax.config import base_config
