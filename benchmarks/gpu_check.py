@@ -22,7 +22,9 @@ All on one device (1x1x1 mesh). Budget: under ~8 minutes on an H100 (compiles do
 from __future__ import annotations
 
 import argparse
+import json
 import time
+import traceback
 
 import jax
 import numpy as np
@@ -34,7 +36,7 @@ CORRECTNESS_ATOL = 1e-4
 ATTENTION_TOL = 2e-2  # bfloat16 inputs and outputs; a wrong mask/scale/layout is O(1)
 
 
-def check_attention(device) -> None:
+def check_attention(device) -> bool:
     """cuDNN flash attention (the GPU default) vs the einsum path, bfloat16, value and gradient,
     on the device at ViT-B/14 shapes with 257 and 50 tokens (224 px globals, 98 px locals).
     On CPU (--dry-run) cuDNN does not exist and the XLA path stands in for it."""
@@ -66,6 +68,7 @@ def check_attention(device) -> None:
             raise SystemExit(
                 f"attention {impl} differs from the einsum path by more than {ATTENTION_TOL}"
             )
+    return True
 
 
 def tiny_overrides(config) -> None:
@@ -202,10 +205,31 @@ def format_rows(title: str, entries) -> str:
     return "\n".join(lines)
 
 
+def _guarded(name: str, fn, failures: list[str]):
+    """Run one part; a failure is printed and recorded so the later parts still run (a lent
+    GPU is minutes long: one broken part must not cost the others' figures)."""
+    try:
+        return fn()
+    except BaseException as err:  # noqa: BLE001 - SystemExit from a failed check included
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        traceback.print_exc()
+        failures.append(f"{name}: {type(err).__name__}: {str(err)[:300]}")
+        print(f"[{name}] FAILED: {failures[-1]}", flush=True)
+        return None
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true", help="tiny model on CPU, 2 steps")
     p.add_argument("--steps", type=int, default=0, help="timed steps (default 5; dry-run 2)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=0,
+        help="skip the remaining timed rows once this many seconds have passed (0: no limit)",
+    )
+    p.add_argument("--out", default="", help="also write the rows as JSON lines to this file")
     args = p.parse_args(argv)
     tiny = args.dry_run
     steps, warmup = args.steps or (2 if tiny else 5), 1 if tiny else 2
@@ -214,46 +238,71 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"no GPU visible (default device {device}); use --dry-run on CPU")
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}")
     start = time.perf_counter()
+    failures: list[str] = []
 
-    check_correctness(device)
-    check_attention(device)
+    _guarded("1", lambda: check_correctness(device), failures)
+    default_attention = ""  # the platform's choice: cuDNN on GPU
+    if _guarded("1b", lambda: check_attention(device), failures) is None:
+        default_attention = "xla"
+        print("[1b] cuDNN attention failed its check: the timed rows use the XLA path instead")
     print(f"    ({time.perf_counter() - start:.0f} s so far)", flush=True)
 
-    # 2. ViT-B/14 at 224 and 518 (the 224 row doubles as the sweep's reference row).
-    big_batch, small_batch = (16, 8) if tiny else (64, 16)
+    # Rows in order of value, so a budget cut loses the least useful ones: the RAD-DINO
+    # per-chip setting (518/98, 40 images, vitb14's remat "dots" + scanned blocks) first, then
+    # the unremat'ed 224 and 518 rows, then the 224 sweep (batch, remat, attention).
+    radd_batch, big_batch, small_batch = (8, 16, 8) if tiny else (40, 64, 16)
     size_224, size_518 = (56, 70) if tiny else (224, 518)
-    config_224 = vitb_config(size_224, big_batch, tiny=tiny)
-    config_518 = vitb_config(size_518, small_batch, tiny=tiny)
-    entries = []
-    for size, config, batch in (
-        (size_224, config_224, big_batch),
-        (size_518, config_518, small_batch),
-    ):
-        row, mem = timed_row(config, device, batch, "none", "", steps, warmup)
-        entries.append((size, "", row, mem))
-        print(sweep.describe_row(row), flush=True)
-    print(format_rows("[2] ViT-B/14 SSL step, bfloat16, 8 local crops", entries))
-    print(f"    ({time.perf_counter() - start:.0f} s so far)", flush=True)
-
-    # 3. batch x remat x attention at 224/98 (reusing the 224 row above).
-    sweep_entries = [entries[0]]
-    # attention "" is chosen by the platform: cuDNN on GPU (vit.PLATFORM_ATTENTION).
     plan = [
-        (big_batch // 2, "none", ""),
-        (big_batch, "full", ""),
-        (big_batch, "dots", ""),
-        (big_batch, "none", "xla"),
-        (big_batch, "none", "einsum"),
-        (big_batch, "none", "cudnn"),
+        ("2", size_518, radd_batch, "dots", ""),
+        ("2", size_224, big_batch, "none", ""),
+        ("2", size_518, small_batch, "none", ""),
+        ("3", size_224, big_batch // 2, "none", ""),
+        ("3", size_224, big_batch, "dots", ""),
+        ("3", size_224, big_batch, "full", ""),
+        ("3", size_224, big_batch, "none", "xla"),
+        ("3", size_224, big_batch, "none", "einsum"),
     ]
-    for batch, remat, attention in plan:
-        c = vitb_config(size_224, batch, tiny=tiny)
-        row, mem = timed_row(c, device, batch, remat, attention, steps, warmup)
-        sweep_entries.append((size_224, attention, row, mem))
+    entries: dict[str, list] = {"2": [], "3": []}
+    out = open(args.out, "a") if args.out else None  # noqa: SIM115 - closed below
+    for part, size, batch, remat, attention in plan:
+        elapsed = time.perf_counter() - start
+        if args.budget_s and elapsed > args.budget_s:
+            print(
+                f"[{part}] skipped {size} px batch {batch} remat {remat} "
+                f"attention {attention or 'default'}: budget {args.budget_s:.0f} s spent"
+            )
+            continue
+        config = vitb_config(size, batch, tiny=tiny)
+        attention = attention or default_attention
+        result = _guarded(
+            part,
+            lambda c=config, b=batch, r=remat, a=attention: timed_row(
+                c, device, b, r, a, steps, warmup
+            ),
+            failures,
+        )
+        if result is None:
+            continue
+        row, mem = result
+        entries[part].append((size, attention, row, mem))
         print(sweep.describe_row(row), flush=True)
-    local = config_224.data.local_size
-    print(format_rows(f"[3] sweep at {size_224}/{local} px (ViT-B/14, bfloat16)", sweep_entries))
+        if out:
+            record = {"part": part, "global_px": size, "attention": attention or "default"}
+            record.update({k: v for k, v in vars(row).items() if not k.startswith("_")})
+            record.update(mem)
+            out.write(json.dumps(record, default=str) + "\n")
+            out.flush()
+        print(f"    ({time.perf_counter() - start:.0f} s so far)", flush=True)
+    if out:
+        out.close()
+    local = vitb_config(size_224, big_batch, tiny=tiny).data.local_size
+    print(
+        format_rows(f"[2] ViT-B/14 SSL step, bfloat16, 8 local crops of {local} px", entries["2"])
+    )
+    print(format_rows(f"[3] sweep at {size_224}/{local} px (ViT-B/14, bfloat16)", entries["3"]))
     print(f"total {time.perf_counter() - start:.0f} s")
+    if failures:
+        raise SystemExit("FAILED parts:\n  " + "\n  ".join(failures))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
 # Usage (from anywhere; it cds to the repo root):
 #   bash benchmarks/gpu_check.sh             # GPU machine
 #   bash benchmarks/gpu_check.sh --dry-run   # CPU, tiny model, 2 steps: checks the script
+#   bash benchmarks/gpu_check.sh --budget-s 420 --out rows.jsonl   # stop adding rows at 420 s
 #
 # Python environment, first match wins:
 #   $PYTHON if set (an interpreter that already has the project's requirements + GPU jax);
@@ -22,10 +23,11 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 DRY_RUN=0
+PASS=()  # everything else goes to gpu_check.py (--budget-s S, --out FILE, --steps N)
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    *) echo "unknown argument: $arg" >&2; exit 2 ;;
+    *) PASS+=("$arg") ;;
   esac
 done
 
@@ -56,6 +58,6 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import jax; print('jax', jax.__version__, 'devices', jax.devices())"
 if [[ "$DRY_RUN" == 1 ]]; then
-  exec "$PY" benchmarks/gpu_check.py --dry-run
+  exec "$PY" benchmarks/gpu_check.py --dry-run "${PASS[@]}"
 fi
-exec "$PY" benchmarks/gpu_check.py
+exec "$PY" benchmarks/gpu_check.py "${PASS[@]}"

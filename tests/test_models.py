@@ -182,10 +182,14 @@ def test_remat_spellings():
 
 
 def test_attention_is_chosen_by_the_lowering_platform():
-    spec = ModelSpec(vit_config("vit_small", **TINY))
+    spec = ModelSpec(vit_config("vit_small", **{**TINY, "dtype": "bfloat16"}))
     assert spec.for_platform("tpu").backbone.attention_impl == "splash"
     assert spec.for_platform("gpu").backbone.attention_impl == "cudnn"
     assert spec.for_platform("cpu").backbone.attention_impl == "einsum"
+    # cuDNN's fused attention takes 16-bit inputs only: a float32 model on GPU gets XLA's.
+    f32 = spec.replace(backbone=spec.backbone.replace(dtype="float32"))
+    assert f32.for_platform("gpu").backbone.attention_impl == "xla"
+    assert f32.for_platform("tpu").backbone.attention_impl == "splash"
     forced = spec.replace(backbone=spec.backbone.replace(attention_impl="xla"))
     assert forced.for_platform("tpu").backbone.attention_impl == "xla"
 

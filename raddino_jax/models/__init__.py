@@ -52,7 +52,7 @@ class ModelSpec:
         """This spec with the attention implementation resolved for `platform` (the platform
         of the mesh's devices the step is lowered for: "tpu", "gpu", "cpu"); a forced
         `attention_impl` is kept (`vit.resolve_attention_impl`)."""
-        impl = resolve_attention_impl(self.backbone.attention_impl, platform)
+        impl = resolve_attention_impl(self.backbone.attention_impl, platform, self.backbone.dtype)
         return self.replace(backbone=self.backbone.replace(attention_impl=impl))
 
 

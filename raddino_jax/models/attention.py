@@ -20,21 +20,27 @@ PLATFORM_ATTENTION = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn", "cpu": "
 # so a 98 px local crop (50 tokens) would pay 2.6x its attention FLOPs in padding.
 SPLASH_MIN_TOKENS = 256
 SPLASH_BLOCK = 128
+# Compute dtypes cuDNN flash attention accepts (jax.nn.dot_product_attention, "cudnn").
+CUDNN_DTYPES = ("bfloat16", "float16")
 
 
-def resolve_attention_impl(impl: str, platform: str) -> str:
+def resolve_attention_impl(impl: str, platform: str, dtype: str = "bfloat16") -> str:
     """The attention implementation for a step lowered for `platform` ("tpu", "gpu", "cpu").
 
     A non-empty `impl` (config.model.attention_impl) is kept: it forces one implementation.
     "" picks PLATFORM_ATTENTION[platform]: splash on TPU, cuDNN on GPU, einsum on CPU. The
     platform is the mesh devices' (`ModelSpec.for_platform`), never `jax.default_backend()`:
-    a deviceless TPU compile runs on a CPU host.
+    a deviceless TPU compile runs on a CPU host. cuDNN's fused attention takes only 16-bit
+    inputs, so a float32 model (`dtype`, the compute dtype) on GPU gets the XLA path instead.
     """
     if impl:
         return impl
     if platform not in PLATFORM_ATTENTION:
         raise ValueError(f"no attention implementation for platform {platform!r}")
-    return PLATFORM_ATTENTION[platform]
+    chosen = PLATFORM_ATTENTION[platform]
+    if chosen == "cudnn" and dtype not in CUDNN_DTYPES:
+        return "xla"
+    return chosen
 
 
 def attention(qkv: jax.Array, impl: str) -> jax.Array:
@@ -45,7 +51,7 @@ def attention(qkv: jax.Array, impl: str) -> jax.Array:
     (eager use, evaluation) falls back to the default backend's choice.
     """
     if not impl:
-        impl = resolve_attention_impl("", jax.default_backend())
+        impl = resolve_attention_impl("", jax.default_backend(), jnp.dtype(qkv.dtype).name)
     if impl == "splash":
         if qkv.shape[1] < SPLASH_MIN_TOKENS:
             return einsum_attention(qkv)

@@ -306,6 +306,10 @@ ESTIMATE_BY_DEPTH = (
     "scan_blocks: XLA FLOPs and estimates extrapolated from unscanned depth-1 and depth-2 "
     "compiles (XLA's cost analysis counts a loop body once); memory from the scanned compile"
 )
+SCANNED_COST_SKIPPED = (
+    "scan_blocks: no XLA FLOPs or estimate (its cost analysis counts a loop body once and the "
+    "depth extrapolation runs only with --compile-only); the time is measured"
+)
 _LINEAR_COSTS = ("flops", "bytes accessed", "optimal_seconds")
 
 
@@ -456,8 +460,12 @@ def run_point(
             setattr(row, key, value)
         cost = cost_fields(compiled)
         if c.model.scan_blocks and point.spec.backbone.depth > 2:
-            cost = depth_extrapolated_cost(c, devices[:n_devices], compiler_options)
-            row.reason = ESTIMATE_BY_DEPTH
+            if mode == "compile":
+                cost = depth_extrapolated_cost(c, devices[:n_devices], compiler_options)
+                row.reason = ESTIMATE_BY_DEPTH
+            else:  # the step is timed: two more compiles for an estimate would be wasted
+                cost = {}
+                row.reason = SCANNED_COST_SKIPPED
         row.xla_flops_per_device = float(cost["flops"]) if "flops" in cost else None
         _fill_estimates(row, point, cost, peak_flops)
         if row.estimated_step_time_s and _uses_splash(point):
