@@ -22,6 +22,8 @@ SPLASH_MIN_TOKENS = 256
 SPLASH_BLOCK = 128
 # Compute dtypes cuDNN flash attention accepts (jax.nn.dot_product_attention, "cudnn").
 CUDNN_DTYPES = ("bfloat16", "float16")
+# cuDNN's training kernel takes even sequence lengths only (jax's check_is_flash_attention).
+CUDNN_TOKEN_MULTIPLE = 2
 
 
 def resolve_attention_impl(impl: str, platform: str, dtype: str = "bfloat16") -> str:
@@ -58,8 +60,28 @@ def attention(qkv: jax.Array, impl: str) -> jax.Array:
         return splash_attention(qkv)
     if impl == "einsum":
         return einsum_attention(qkv)
+    if impl == "cudnn":
+        return padded_dot_product_attention(qkv, impl, CUDNN_TOKEN_MULTIPLE)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+
+
+def padded_dot_product_attention(qkv: jax.Array, impl: str, multiple: int) -> jax.Array:
+    """`jax.nn.dot_product_attention` over tokens padded to a multiple of `multiple`:
+    [B, N, 3, h, d] -> [B, N, h, d]. cuDNN's fused training kernel refuses odd sequence
+    lengths (a 224 px crop has 257 tokens); the padded keys are excluded through
+    `key_value_seq_lengths` and the padded queries' rows are dropped, so the result equals
+    attention over the N real tokens."""
+    batch, tokens = qkv.shape[:2]
+    padded = -(-tokens // multiple) * multiple
+    if padded != tokens:
+        qkv = jnp.pad(qkv, ((0, 0), (0, padded - tokens)) + ((0, 0),) * 3)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    lengths = jnp.full((batch,), tokens, jnp.int32) if padded != tokens else None
+    out = jax.nn.dot_product_attention(
+        q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation=impl
+    )
+    return out[:, :tokens]
 
 
 def splash_attention(qkv: jax.Array, *, interpret: bool = False) -> jax.Array:
