@@ -9,12 +9,18 @@
    terms, per-submodule gradient norms, teacher entropy, ...) must agree to rtol 1e-4 and
    every student/teacher parameter afterwards to atol 1e-4 + rtol 1e-4 (float32
    reassociation across different kernels; a real bug moves them by >= 1e-2).
-2. ViT-B/14 SSL step in bfloat16, 8 local crops of 98 px, global crops 224 and 518:
-   images/s, MFU (analytic FLOPs, `raddino_jax.flops`), XLA's memory analysis and the
-   device's allocator statistics.
+2. ViT-B/14 SSL step in bfloat16, 8 local crops of 98 px: RAD-DINO's per-chip setting first
+   (518 px globals, 40 images, remat "dots", scanned blocks), then 224 px x 64 and 518 px x 16
+   without remat: images/s, MFU (analytic FLOPs, `raddino_jax.flops`), XLA's memory analysis
+   and the device's allocator statistics.
 3. a small sweep at 224/98: batch size, remat, attention implementation
-   (model.attention_impl "" = jax's choice, "xla", "cudnn"), printed as one table.
-All on one device (1x1x1 mesh). Budget: under ~8 minutes on an H100 (compiles dominate).
+   (model.attention_impl "" = the platform's choice, cuDNN on GPU; "xla"; "einsum"), and the
+   518 x 40 row with einsum attention, printed as tables.
+Each part runs guarded (a failure is reported and the rest still runs); if the cuDNN check
+fails, the timed rows use the XLA attention path. `--budget-s` stops starting rows after that
+many seconds, `--rows` picks rows of the plan, `--out` appends each row as a JSON line.
+All on one device (1x1x1 mesh). Measured on one H200: ~7 minutes for everything (compiles
+~20-45 s per row), benchmarks/RESULTS.md.
 
 --dry-run: the same three parts on CPU with a tiny model, 2 timed steps (checks the script).
 """
