@@ -5,8 +5,10 @@ Two timings of the same config in one process:
   host, `data.transfer_dtype` crops, `data.device_prefetch` batches ahead, one-step-late
   metrics, logging every step) on the built-in samples; the per-step times are the
   `step_time_s` it logs in WORKDIR/metrics.jsonl (wall time between consecutive steps).
-- bare: the step the loop compiles (same builders, mesh, state and shardings) called on one
-  fixed batch from the same pipeline, `jax.block_until_ready` after every call.
+- bare: the step the loop compiles, built by the sweep's `measure.build_point` (the loop's
+  builders, mesh, state and shardings) and called on one fixed batch in the loop's layout
+  (`measure.host_batch`: crops in `data.transfer_dtype`, normalised on the device),
+  `jax.block_until_ready` after every call.
 The first `--skip` steps of each (compile, warm-up) are left out; the table gives min and
 median seconds per step and loop / bare. Goal: the loop's median within 5% of the bare step's.
 On CPU the pipeline's host work shares the cores with the step, so this also measures how
@@ -27,7 +29,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -79,71 +80,37 @@ def loop_step_times(config, workdir: str) -> list[float]:
     return [r["step_time_s"] for r in records]
 
 
-def bare_step_times(config, workdir: str, n: int) -> list[float]:
-    """Seconds of `n` calls of the loop's compiled step on one fixed batch of its pipeline,
-    each waited for (`jax.block_until_ready`); the first call compiles."""
+def bare_step_times(config, *, steps: int, warmup: int) -> list[float]:
+    """Seconds of `steps` calls of the loop's step after `warmup` untimed ones, each waited for
+    (`jax.block_until_ready`).
+
+    The step is the sweep's (`raddino_jax.sweep.measure`): `build_point` makes the mesh, spec,
+    objective, schedules, optimizer, state shardings and jitted step with the loop's builders,
+    `compile_step` compiles it ahead of time for the loop's batch layout, and `time_steps`
+    runs it on a fresh state and one fixed synthetic batch (`host_batch`: crops in
+    `data.transfer_dtype`, normalised on the device as in the loop; masks from the
+    pipeline's own sampler) with replicated step keys made before timing.
+    """
+    import jax
+
+    from raddino_jax.sweep import measure
+
+    point = measure.build_point(config, jax.devices())
+    compiled, _ = measure.compile_step(point, config.seed)
+    return measure.time_steps(point, compiled, steps=steps, warmup=warmup, seed=config.seed)
+
+
+def check_supported(config) -> None:
+    """Refuses what the bare step cannot build, before the loop's minutes are spent."""
     import jax
 
     from raddino_jax import config as config_lib
-    from raddino_jax.data import pipeline, sources
-    from raddino_jax.models import abstract_params
-    from raddino_jax.parallel import sharding
-    from raddino_jax.parallel.mesh import make_mesh
-    from raddino_jax.train import state as train_state
-    from raddino_jax.train.optim import build_optimizer
-    from raddino_jax.train.step import compile_train_step
 
-    devices = jax.devices()
-    mesh = make_mesh(dict(config.mesh), devices)
-    spec = config_lib.model_spec(config)
-    objective = config_lib.objective_config(config, len(devices))
-    schedules = config_lib.schedules(config)
-    optimizer = build_optimizer(
-        abstract_params(spec),
-        config_lib.optimizer_config(config),
-        lr_schedule=schedules.lr,
-        last_layer_lr_schedule=schedules.last_layer_lr,
-        wd_schedule=schedules.weight_decay,
-    )
-    rules = config_lib.tensor_rules(config)
-    gram = objective.gram_enabled
-    _, shardings = train_state.abstract_state(spec, optimizer, mesh, rules, gram)
-    state = train_state.create_state(
-        spec, optimizer, mesh, seed=config.seed, rules=rules, gram=gram
-    )
-    step_fn = compile_train_step(
-        mesh,
-        shardings,
-        pipeline.BATCH_KEYS,
-        spec=spec,
-        objective=objective,
-        optimizer=optimizer,
-        schedules=schedules,
-    )
-    data = sources.open_training_data(config, workdir)
-    host = next(
-        iter(
-            pipeline.make_dataset(
-                data.records,
-                seed=config.seed,
-                per_process_batch=config.batch_size,
-                crop_cfg=config_lib.crop_config(config),
-                mask_group_size=config_lib.mask_group_size(config, len(devices)),
-                patch_size=spec.backbone.patch_size,
-                mask_ratio_min_max=tuple(config.data.mask_ratio_min_max),
-                mask_sample_probability=config.data.mask_sample_probability,
-            )
+    if config_lib.objective_config(config, jax.device_count()).gram_enabled:
+        raise SystemExit(
+            "ssl.gram_weight > 0: the sweep's build_point (the bare step) has no Gram teacher "
+            "in its train state"
         )
-    )
-    batch = pipeline.to_global_batch(host, sharding.batch_shardings(pipeline.BATCH_KEYS, mesh))
-    base = jax.random.key(config.seed)
-    times = []
-    for i in range(n):
-        start = time.perf_counter()
-        state, metrics = step_fn(state, batch, jax.random.fold_in(base, i))
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def machine_info() -> str:
@@ -185,9 +152,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         probe = importlib.import_module(f"configs.{args.config}").get_config()
         data_dir, name = sources.builtin_dataset(root, args.phantoms, probe.data.builtin_size)
         config = bench_config(args, data_dir, name)
+        check_supported(config)
         loop_times = loop_step_times(config, os.path.join(scratch, "run"))[args.skip :]
-        bare_times = bare_step_times(config, os.path.join(scratch, "bare"), args.skip + args.steps)
-        bare_times = bare_times[args.skip :]
+        bare_times = bare_step_times(config, steps=args.steps, warmup=args.skip)
     # The summary last, after the loop's own console output.
     print("command: " + " ".join([sys.executable, *sys.argv]))
     print(machine)

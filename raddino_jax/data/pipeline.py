@@ -22,6 +22,10 @@ function of (seed, position) and the iterator state is a single index:
    consecutive images (the reference draws per device batch).
 6. ``to_iter_dataset`` and, optionally, ``mp_prefetch`` worker processes.
 
+The host batches become global ``jax.Array``s in ``data/prefetch.py`` (``to_global_batch``, and
+``DevicePrefetcher``, which keeps the next ones on the devices while a step runs); both names
+are re-exported here.
+
 Host batch layout (``Bp`` = per_process_batch, ``n_groups = Bp / mask_group_size``, ``b`` =
 mask_group_size, ``N = (G // patch)**2``, ``U = mask_upper_bound(2b, N)``):
 
@@ -42,9 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import queue
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -55,6 +56,7 @@ import numpy as np
 from raddino_jax.data import augment
 from raddino_jax.data.layout import BATCH_KEYS, IMAGE_AXIS  # noqa: F401 (re-exported)
 from raddino_jax.data.png import decode_image, decode_png_fast  # noqa: F401 (re-exported)
+from raddino_jax.data.prefetch import DevicePrefetcher, to_global_batch  # noqa: F401 (re-exported)
 from raddino_jax.ssl import masking
 
 # Stream identifiers mixed into the user seed so the pipeline's random ops are independent.
@@ -464,149 +466,3 @@ def checkpoint_save_args(iterator: grain.DatasetIterator) -> Any:
 def checkpoint_restore_args(iterator: grain.DatasetIterator) -> Any:
     """Orbax args restoring into ``iterator`` (a fresh iterator of the same dataset)."""
     return grain.checkpoint.CheckpointRestore(item=iterator)
-
-
-# ---------------------------------------------------------------------------------------------
-# Host batch -> global jax.Array
-# ---------------------------------------------------------------------------------------------
-
-
-def to_global_batch(
-    host_batch: Mapping[str, np.ndarray], shardings: Mapping[str, jax.sharding.Sharding]
-) -> dict[str, jax.Array]:
-    """Assembles every process's host batch into global arrays.
-
-    Each process passes its own batch; the global shape is inferred from the sharding (its
-    image axis, ``IMAGE_AXIS``, is ``process_count`` times longer). ``shardings`` must name
-    exactly the batch's keys, so a typo is an error rather than a silently unsharded array.
-    """
-    if set(host_batch) != set(shardings):
-        raise KeyError(
-            f"batch keys {sorted(host_batch)} differ from sharding keys {sorted(shardings)}"
-        )
-    return {
-        key: jax.make_array_from_process_local_data(shardings[key], np.asarray(value))
-        for key, value in host_batch.items()
-    }
-
-
-class DevicePrefetcher:
-    """Global batches assembled and put on the devices ahead of the step that uses them.
-
-    Iterates ``to_global_batch(host batch, shardings)`` over a host-batch iterator (a Grain
-    iterator of ``make_dataset``). With ``depth`` >= 2 (``config.data.device_prefetch``) a
-    background thread keeps up to ``depth`` global batches ready in a queue, so the host's next
-    batches are built and transferred while the current step runs, also while the loop waits
-    on a step's metrics or a checkpoint; the batches come in the iterator's order. With
-    ``depth`` 0 or 1 nothing runs in the background: ``next`` reads and transfers one batch.
-
-    Checkpointing: ``get_state()`` is the wrapped iterator's state at the first batch that
-    ``next`` has not returned yet (prefetched batches are made again after a restore), as the
-    JSON bytes Grain's Orbax handler writes unchanged for an iterator that is not a Grain
-    ``DatasetIterator``: the file is the one the bare iterator would write, so checkpoints
-    restore into either. ``set_state`` takes those bytes (or the state dict) and
-    ``start_prefetch`` restarts the thread, as the handler's restore calls them.
-    """
-
-    def __init__(
-        self,
-        iterator: Any,
-        shardings: Mapping[str, jax.sharding.Sharding],
-        depth: int,
-    ):
-        if depth < 0:
-            raise ValueError(f"config.data.device_prefetch must be >= 0, got {depth}")
-        self._iterator = iterator
-        self._shardings = shardings
-        self._depth = depth
-        self._state = iterator.get_state()  # at the first batch not yet returned by next()
-        self._queue: queue.Queue | None = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self.start_prefetch()
-
-    @property
-    def threaded(self) -> bool:
-        """Whether a background thread prepares the batches (depth >= 2)."""
-        return self._depth >= 2
-
-    def __iter__(self) -> DevicePrefetcher:
-        return self
-
-    def __next__(self) -> dict[str, jax.Array]:
-        if not self.threaded:
-            batch = to_global_batch(next(self._iterator), self._shardings)
-            self._state = self._iterator.get_state()
-            return batch
-        if self._thread is None:
-            self.start_prefetch()
-        kind, value, state = self._queue.get()
-        if kind == "error":
-            self._join()
-            raise value
-        if kind == "end":
-            self._join()
-            raise StopIteration
-        self._state = state
-        return value
-
-    def start_prefetch(self) -> None:
-        """Starts the wrapped iterator's own prefetch and, with depth >= 2, the thread."""
-        start = getattr(self._iterator, "start_prefetch", None)
-        if start is not None:
-            start()
-        if self.threaded and self._thread is None:
-            self._stop.clear()
-            self._queue = queue.Queue(maxsize=self._depth)
-            self._thread = threading.Thread(
-                target=self._produce, name="device-prefetch", daemon=True
-            )
-            self._thread.start()
-
-    def _produce(self) -> None:
-        """The thread: read, transfer, queue (with the iterator's state after the batch)."""
-        try:
-            while not self._stop.is_set():
-                batch = to_global_batch(next(self._iterator), self._shardings)
-                self._offer(("batch", batch, self._iterator.get_state()))
-        except StopIteration:
-            self._offer(("end", None, None))
-        except BaseException as err:  # re-raised by __next__ in the loop's thread
-            self._offer(("error", err, None))
-
-    def _offer(self, item: tuple) -> None:
-        """Queues ``item``, waiting for room unless the prefetcher is being stopped."""
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.05)
-                return
-            except queue.Full:
-                continue
-
-    def _join(self) -> None:
-        """Stops the thread and drops the batches it prepared (they are made again)."""
-        if self._thread is None:
-            return
-        self._stop.set()
-        self._thread.join()
-        self._thread, self._queue = None, None
-
-    def get_state(self) -> bytes:
-        """The iterator's state at the first batch not yet returned, as Grain's JSON bytes."""
-        return json.dumps(self._state, indent=4).encode()
-
-    def set_state(self, state: bytes | str | dict) -> None:
-        """Continues from ``state`` (``get_state``'s bytes, or the iterator's state dict);
-        batches prepared before are dropped. ``start_prefetch`` (or ``next``) restarts."""
-        self._join()
-        if isinstance(state, bytes | str):
-            state = json.loads(state)
-        self._iterator.set_state(state)
-        self._state = self._iterator.get_state()
-
-    def close(self) -> None:
-        """Stops the thread and closes the wrapped iterator (its worker processes)."""
-        self._join()
-        close = getattr(self._iterator, "close", None)
-        if close is not None:
-            close()
