@@ -155,7 +155,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.read_threads = 0
     c.data.prefetch = 2
     # Global batches kept on the devices ahead of the step by a background thread (data/
-    # pipeline.DevicePrefetcher); 0 or 1: the loop builds each right after dispatching a step.
+    # prefetch.DevicePrefetcher); 0 or 1: the loop builds each right after dispatching a step.
     c.data.device_prefetch = 2
 
     c.ssl = ml_collections.ConfigDict(sections["ssl"])

@@ -1,7 +1,7 @@
 """The training loop: build everything from the config, resume, step, log, checkpoint, evaluate.
 
 One batch's path: Grain iterator (host batch, crop-major, crops as uint8 levels by default;
-`config.data.num_workers` processes prepare batches ahead) -> `pipeline.DevicePrefetcher`
+`config.data.num_workers` processes prepare batches ahead) -> `prefetch.DevicePrefetcher`
 (`to_global_batch`: global jax.Arrays sharded over data x fsdp, `config.data.device_prefetch`
 of them kept ready by a background thread) -> jitted `train_step` (normalises the crops on
 the device) -> metrics (read on the host one step late) -> metrics.jsonl / TensorBoard /
@@ -34,7 +34,7 @@ from etils import epath
 
 from raddino_jax import checkpoint, flops
 from raddino_jax import config as config_lib
-from raddino_jax.data import pipeline, sources
+from raddino_jax.data import pipeline, prefetch, sources
 from raddino_jax.models import ModelSpec, abstract_params, init_params
 from raddino_jax.parallel import sharding
 from raddino_jax.parallel.mesh import make_mesh
@@ -283,7 +283,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     step_fn = None
     saved_step = latest
     # Global batches ahead of the step; checkpoints hold the iterator at the first one unused.
-    batches = pipeline.DevicePrefetcher(data_iterator, batch_shardings, config.data.device_prefetch)
+    batches = prefetch.DevicePrefetcher(data_iterator, batch_shardings, config.data.device_prefetch)
     try:
         with _SignalFlag() as signals:
             step = int(state.step)  # the one device read of the step count: then a host counter
@@ -292,7 +292,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     if step >= stage.end_step:
                         batches.close()
                         stage = stages_lib.stage_at(stage_table, step)
-                        batches = pipeline.DevicePrefetcher(
+                        batches = prefetch.DevicePrefetcher(
                             stage_iterator(stage), batch_shardings, config.data.device_prefetch
                         )
                     if len(stage_table) > 1:
