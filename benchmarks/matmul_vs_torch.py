@@ -1,0 +1,111 @@
+"""The train step's linear-layer matmuls on CPU: XLA (jax.jit) vs PyTorch, shape by shape.
+
+Why: the whole CPU step (`benchmarks/step_vs_reference.py`) is slower than PyTorch's; this
+separates the matmuls (the bulk of the FLOPs) from everything else. For each linear layer of
+one ViT block (qkv, proj, fc1, fc2) and each token count of the step (global crops, local
+crops), it times the forward product X W, the input gradient G W^T and the weight gradient
+X^T G in float32, on both frameworks with the same n cores (affinity set before import, as in
+`model_vs_torch.py`), and prints GFLOP/s per shape plus the matmul seconds per train step
+each framework's rates imply (student forward + both gradients, teacher forward, x depth).
+
+Run: PYTHONPATH=. .venv/bin/python benchmarks/matmul_vs_torch.py [--global-size 224]
+     [--local-size 98] [--batch 16] [--n-local 8] [--width 384] [--depth 12] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from model_vs_torch import _pin_threads  # noqa: E402 - the benchmarks share the pinning
+
+PATCH = 14
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--global-size", type=int, default=224)
+    p.add_argument("--local-size", type=int, default=98)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--n-local", type=int, default=8)
+    p.add_argument("--width", type=int, default=384)
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions (minimum reported)")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    return p.parse_args(argv)
+
+
+def tokens(size: int) -> int:
+    return (size // PATCH) ** 2 + 1
+
+
+def products(args: argparse.Namespace) -> list[tuple[str, int, int, int, int]]:
+    """(label, M, K, N, calls per step) of every matmul kind, as [M, K] @ [K, N]."""
+    d = args.width
+    layers = {"qkv": (d, 3 * d), "proj": (d, d), "fc1": (d, 4 * d), "fc2": (4 * d, d)}
+    rows = {
+        "global": args.batch * 2 * tokens(args.global_size),
+        "local": args.batch * args.n_local * tokens(args.local_size),
+    }
+    out = []
+    for crop, m in rows.items():
+        teacher = 1 if crop == "global" else 0  # the teacher sees the global crops only
+        for name, (i, o) in layers.items():
+            out.append((f"{crop} {name} X W", m, i, o, args.depth * (1 + teacher)))
+            out.append((f"{crop} {name} G W^T", m, o, i, args.depth))
+            out.append((f"{crop} {name} X^T G", i, m, o, args.depth))
+    return out
+
+
+def time_min(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    _pin_threads(args.threads, "")
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    rng = np.random.default_rng(0)
+    matmul = jax.jit(lambda a, b: a @ b)
+    print(f"{args.threads} threads, jax {jax.__version__}, torch {torch.__version__}")
+    print("| product | M x K x N | calls/step | jax GFLOP/s | torch GFLOP/s | jax/torch time |")
+    print("|---|---|---|---|---|---|")
+    totals = {"jax": 0.0, "torch": 0.0}
+    for label, m, k, n, calls in products(args):
+        a = rng.standard_normal((m, k), dtype=np.float32)
+        b = rng.standard_normal((k, n), dtype=np.float32)
+        ja, jb = jnp.asarray(a), jnp.asarray(b)
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        t_jax = time_min(lambda ja=ja, jb=jb: matmul(ja, jb).block_until_ready(), args.reps)
+        t_torch = time_min(lambda ta=ta, tb=tb: ta @ tb, args.reps)
+        flop = 2 * m * k * n
+        totals["jax"] += calls * t_jax
+        totals["torch"] += calls * t_torch
+        print(
+            f"| {label} | {m} x {k} x {n} | {calls} | {flop / t_jax / 1e9:.0f} "
+            f"| {flop / t_torch / 1e9:.0f} | {t_jax / t_torch:.2f} |"
+        )
+    print(
+        f"\nmatmul seconds per train step at these rates: jax {totals['jax']:.2f} s, "
+        f"torch {totals['torch']:.2f} s (jax/torch {totals['jax'] / totals['torch']:.2f})"
+    )
+
+
+if __name__ == "__main__":
+    main()
