@@ -84,18 +84,24 @@ def check_attention(device) -> bool:
     return True
 
 
-def diagnose_correctness(device) -> None:
-    """Where the GPU and CPU part, printed (run when [1] fails): the tiny float32 backbone's
-    forward (same parameters, same images) per attention path, then every step-0 metric with
-    the einsum attention forced on both devices."""
+def correctness_config():
+    """The demo config shrunk to the tiny float32 model of part [1], one device, batch 8."""
     from configs import demo
-    from raddino_jax import models
 
     config = demo.get_config()
     tiny_overrides(config)
     config.model.dtype = "float32"
     config.batch_size, config.data.mask_group_size, config.ssl.koleo_group_size = 8, 4, 4
-    config = sweep.point_config(config, (1, 1, 1), 8, False)
+    return sweep.point_config(config, (1, 1, 1), 8, False)
+
+
+def diagnose_correctness(device) -> None:
+    """Where the GPU and CPU part, printed (run when [1] fails): the tiny float32 backbone's
+    forward (same parameters, same images) per attention path, then every step-0 metric with
+    the einsum attention forced on both devices."""
+    from raddino_jax import models
+
+    config = correctness_config()
     cpu = jax.devices("cpu")[0]
     spec = sweep.build_point(config, [cpu]).spec
     with jax.default_device(cpu):
@@ -184,13 +190,7 @@ def run_steps(config, device: jax.Device, n_steps: int = 2) -> tuple[list[dict],
 
 def check_correctness(device: jax.Device) -> float:
     """Largest parameter difference GPU vs CPU after two steps; raises if out of tolerance."""
-    from configs import demo
-
-    config = demo.get_config()
-    tiny_overrides(config)
-    config.model.dtype = "float32"
-    config.batch_size, config.data.mask_group_size, config.ssl.koleo_group_size = 8, 4, 4
-    config = sweep.point_config(config, (1, 1, 1), 8, False)
+    config = correctness_config()
     cpu = jax.devices("cpu")[0]
     with jax.default_matmul_precision("highest"):
         got_history, got = run_steps(config, device)
