@@ -175,7 +175,12 @@ def run_steps(config, device: jax.Device, n_steps: int = 2) -> tuple[list[dict],
 
     point = sweep.build_point(config, [device])
     state = train_state.create_state(
-        point.spec, point.optimizer, point.mesh, seed=0, rules=point.tensor_rules
+        point.spec,
+        point.optimizer,
+        point.mesh,
+        seed=0,
+        rules=point.tensor_rules,
+        gram=point.gram,
     )
     batch = pipeline.to_global_batch(
         sweep.host_batch(point, seed=0), sharding.batch_shardings(BATCH_KEYS, point.mesh)

@@ -81,7 +81,12 @@ def step_timer(point, compiled, seed: int = 0):
 
     holder = {
         "state": train_state.create_state(
-            point.spec, point.optimizer, point.mesh, seed=0, rules=point.tensor_rules
+            point.spec,
+            point.optimizer,
+            point.mesh,
+            seed=0,
+            rules=point.tensor_rules,
+            gram=point.gram,
         )
     }
     batch = pipeline.to_global_batch(

@@ -280,6 +280,7 @@ class OursStep:
             self.point.mesh,
             seed=config.seed,
             rules=self.point.tensor_rules,
+            gram=self.point.gram,
         )
         self.host_batch = measure.host_batch(self.point, config.seed)
         self.batch = pipeline.to_global_batch(

@@ -285,3 +285,12 @@ def test_scanned_step_costs_extrapolate_to_the_unrolled_step():
     assert unrolled.status == scanned.status == "compiled", (unrolled.reason, scanned.reason)
     assert scanned.reason == sweep.measure.ESTIMATE_BY_DEPTH
     assert scanned.xla_flops_per_device == pytest.approx(unrolled.xla_flops_per_device, rel=0.01)
+
+
+def test_gram_config_runs_through_the_sweep():
+    """A config with Gram anchoring (ssl.gram_weight > 0) builds its Gram teacher into the
+    sweep's train state and times like any other point."""
+    c = set_dotted(tiny_config(), {"ssl.gram_weight": 1.0, "ssl.gram_start_step": 0})
+    row = sweep.run_point(c, SINGLE, 8, "none", devices=jax.devices()[:1], steps=1, warmup=1)
+    assert row.status == "ok", row.reason
+    assert sweep.build_point(sweep.point_config(c, SINGLE, 8, "none"), jax.devices()[:1]).gram

@@ -102,6 +102,7 @@ class Point:
     step_fn: object
     mask_spec: pipeline.MaskSpec
     tensor_rules: tuple  # config.sharding.tensor_rules, for states created from this point
+    gram: bool = False  # the state carries a Gram teacher (ssl.gram_weight > 0)
 
 
 @functools.lru_cache(maxsize=8)
@@ -113,27 +114,34 @@ def _param_shapes(spec: ModelSpec) -> dict:
 _STATE_SHAPES: dict = {}
 
 
-def _state_shapes(spec: ModelSpec, optimizer_config, optimizer) -> train_state.TrainState:
+def _state_shapes(
+    spec: ModelSpec, optimizer_config, optimizer, gram: bool = False
+) -> train_state.TrainState:
     """Unsharded ShapeDtypeStruct train state (traced as `train_state.abstract_state` does).
 
     Cached per (spec, optimizer config): the optimizer state's shapes follow the parameter tree
     and the config, not the schedules' values (which change with the batch size), so the first
     optimizer seen stands for all.
     """
-    key = (spec, optimizer_config)
+    key = (spec, optimizer_config, gram)
     if key not in _STATE_SHAPES:
         _STATE_SHAPES[key] = jax.eval_shape(
-            lambda: train_state.new_state(init_params(spec, 0), optimizer, spec)
+            lambda: train_state.new_state(init_params(spec, 0), optimizer, spec, gram)
         )
     return _STATE_SHAPES[key]
 
 
 def abstract_state(
-    spec: ModelSpec, optimizer, optimizer_config, mesh: jax.sharding.Mesh, rules: tuple
+    spec: ModelSpec,
+    optimizer,
+    optimizer_config,
+    mesh: jax.sharding.Mesh,
+    rules: tuple,
+    gram: bool = False,
 ):
     """(ShapeDtypeStruct state carrying its shardings, shardings): `train_state.abstract_state`
     with the layout-independent tracing cached across the sweep's layouts."""
-    shapes = _state_shapes(spec, optimizer_config, optimizer)
+    shapes = _state_shapes(spec, optimizer_config, optimizer, gram)
     shardings = train_state.state_shardings(shapes, mesh, rules)
     with_shardings = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
@@ -156,19 +164,23 @@ def build_point(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
         wd_schedule=schedules.weight_decay,
     )
     rules = config_lib.tensor_rules(config)
-    abstract, shardings = abstract_state(spec, optimizer, optimizer_config, mesh, rules)
+    objective = config_lib.objective_config(config, n_devices)
+    gram = objective.gram_enabled
+    abstract, shardings = abstract_state(spec, optimizer, optimizer_config, mesh, rules, gram)
     step_fn = compile_train_step(
         mesh,
         shardings,
         BATCH_KEYS,
         spec=spec,
-        objective=config_lib.objective_config(config, n_devices),
+        objective=objective,
         optimizer=optimizer,
         schedules=schedules,
     )
     # single process: the host batch is the global batch
     mask_spec = config_lib.mask_spec(config, n_devices, spec.backbone.patch_size)
-    return Point(config, mesh, spec, optimizer, abstract, shardings, step_fn, mask_spec, rules)
+    return Point(
+        config, mesh, spec, optimizer, abstract, shardings, step_fn, mask_spec, rules, gram
+    )
 
 
 def state_bytes(abstract_state) -> tuple[int, int]:
@@ -394,7 +406,12 @@ def _fill_estimates(row: SweepRow, point: Point, cost: dict, peak: float | None)
 def time_steps(point: Point, compiled, *, steps: int, warmup: int, seed: int) -> list[float]:
     """Seconds of each of `steps` timed steps after `warmup` untimed ones (state donated)."""
     state = train_state.create_state(
-        point.spec, point.optimizer, point.mesh, seed=seed, rules=point.tensor_rules
+        point.spec,
+        point.optimizer,
+        point.mesh,
+        seed=seed,
+        rules=point.tensor_rules,
+        gram=point.gram,
     )
     batch = pipeline.to_global_batch(
         host_batch(point, seed), sharding.batch_shardings(BATCH_KEYS, point.mesh)
