@@ -192,6 +192,40 @@ def test_attention_is_chosen_by_the_lowering_platform():
     assert f32.for_platform("tpu").backbone.attention_impl == "splash"
     forced = spec.replace(backbone=spec.backbone.replace(attention_impl="xla"))
     assert forced.for_platform("tpu").backbone.attention_impl == "xla"
+    # Lean backward passes: off on TPU (autodiff compiled 1.4% faster there at equal memory).
+    assert spec.for_platform("tpu").backbone.lean_backward == "off"
+    assert spec.for_platform("cpu").backbone.lean_backward == "on"
+    assert spec.for_platform("gpu").backbone.lean_backward == "on"
+    lean = spec.replace(backbone=spec.backbone.replace(lean_backward="on"))
+    assert lean.for_platform("tpu").backbone.lean_backward == "on"
+    with pytest.raises(ValueError, match="lean_backward"):
+        spec.backbone.replace(lean_backward="yes")
+
+
+def test_lean_and_autodiff_backward_agree():
+    """The backbone with the lean backward passes and with autodiff's: same values, same
+    gradients (float32, to 1e-5 of the largest gradient; measured 6e-7 of it)."""
+    cfg = vit_config("vit_small", **TINY)
+    x = jax.random.normal(jax.random.key(0), (2, 56, 56, 3))
+    w = jax.random.normal(jax.random.key(1), (2, 16, cfg.embed_dim))  # a well-conditioned loss
+    results = []
+    for mode in ("on", "off"):
+        spec = ModelSpec(cfg.replace(lean_backward=mode, attention_impl="einsum"))
+        params = init_params(spec, 0)
+
+        def loss(p, spec=spec):
+            out = bind(spec, p).backbone(x)
+            return jnp.sum(out["x_norm_patchtokens"] * w) + jnp.sum(out["x_norm_clstoken"])
+
+        results.append(jax.value_and_grad(loss)(params))
+    (v_on, g_on), (v_off, g_off) = results
+    np.testing.assert_allclose(v_on, v_off, rtol=1e-6)
+    # Absolute tolerance on the scale of the largest gradient: small leaves such as the cls
+    # token's are sums that cancel, so their float32 reassociation error is absolute (2.5e-5
+    # measured against a largest entry of 41.6).
+    scale = max(float(np.abs(b).max()) for b in jax.tree.leaves(g_off))
+    for a, b in zip(jax.tree.leaves(g_on), jax.tree.leaves(g_off), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("tokens,multiple", [(257, 2), (50, 2), (257, 64)])

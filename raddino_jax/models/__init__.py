@@ -51,9 +51,12 @@ class ModelSpec:
     def for_platform(self, platform: str) -> ModelSpec:
         """This spec with the attention implementation resolved for `platform` (the platform
         of the mesh's devices the step is lowered for: "tpu", "gpu", "cpu"); a forced
-        `attention_impl` is kept (`vit.resolve_attention_impl`)."""
-        impl = resolve_attention_impl(self.backbone.attention_impl, platform, self.backbone.dtype)
-        return self.replace(backbone=self.backbone.replace(attention_impl=impl))
+        `attention_impl` is kept (`vit.resolve_attention_impl`); the lean backward passes are
+        turned off for TPU unless `lean_backward` forces them (`ViTConfig.lean_backward`)."""
+        backbone = self.backbone
+        impl = resolve_attention_impl(backbone.attention_impl, platform, backbone.dtype)
+        lean = backbone.lean_backward or ("off" if platform == "tpu" else "on")
+        return self.replace(backbone=backbone.replace(attention_impl=impl, lean_backward=lean))
 
 
 class SSLModel(nnx.Module):

@@ -45,7 +45,7 @@ def resolve_attention_impl(impl: str, platform: str, dtype: str = "bfloat16") ->
     return chosen
 
 
-def attention(qkv: jax.Array, impl: str) -> jax.Array:
+def attention(qkv: jax.Array, impl: str, lean: bool = True) -> jax.Array:
     """Softmax attention of fused qkv [B, N, 3, heads, hd] -> [B, N, heads, hd], scale hd^-0.5.
 
     `impl` is normally resolved before tracing (`resolve_attention_impl` via
@@ -56,10 +56,10 @@ def attention(qkv: jax.Array, impl: str) -> jax.Array:
         impl = resolve_attention_impl("", jax.default_backend(), jnp.dtype(qkv.dtype).name)
     if impl == "splash":
         if qkv.shape[1] < SPLASH_MIN_TOKENS:
-            return einsum_attention(qkv)
+            return einsum_attention(qkv, lean)
         return splash_attention(qkv)
     if impl == "einsum":
-        return einsum_attention(qkv)
+        return einsum_attention(qkv, lean)
     if impl == "cudnn":
         return padded_dot_product_attention(qkv, impl, CUDNN_TOKEN_MULTIPLE)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -149,19 +149,19 @@ def splash_attention(qkv: jax.Array, *, interpret: bool = False) -> jax.Array:
     return jnp.transpose(out, (0, 2, 1, 3)).astype(qkv.dtype)
 
 
-def einsum_attention(qkv: jax.Array) -> jax.Array:
+def einsum_attention(qkv: jax.Array, lean: bool = True) -> jax.Array:
     """Plain softmax attention with heads-major operands: [B, N, 3, h, d] -> [B, N, h, d].
 
     One transpose of the fused qkv to [3, B, h, N, d] makes both batched matmuls contiguous;
     jax.nn.dot_product_attention keeps [B, N, h, d] operands plus a grouped-query axis, and
     XLA's CPU layout assignment then copies the [B, h, N, N] score matrices in the backward
-    pass. Softmax runs in float32 like dot_product_attention's. The backward is
-    `_lean_attention`'s: no [B, h, N, N] array is kept between the passes.
+    pass. Softmax runs in float32 like dot_product_attention's. With `lean` the backward is
+    `_lean_attention`'s (no [B, h, N, N] array kept between the passes), else autodiff's.
     """
     head_dim = qkv.shape[-1]
     q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))
     q = q * jnp.asarray(head_dim**-0.5, q.dtype)
-    out = _lean_attention(q, k, v)
+    out = (_lean_attention if lean else softmax_attention)(q, k, v)
     return jnp.transpose(out, (0, 2, 1, 3))
 
 
@@ -172,9 +172,15 @@ def _attention_probs(q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.exp(logits - lse), lse
 
 
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """softmax(q k^T) v for [B, h, N, d] operands (q already scaled); autodiff backward."""
+    probs, _ = _attention_probs(q, k)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
+
+
 @jax.custom_vjp
 def _lean_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """softmax(q k^T) v for [B, h, N, d] operands (q already scaled).
+    """`softmax_attention` with a lean backward.
 
     Autodiff of the plain formula keeps the [B, h, N, N] probabilities and the exp before
     normalisation for the backward: two of them per block, the largest residuals of the
@@ -182,8 +188,7 @@ def _lean_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     the backward recomputes the probabilities (one extra q k^T matmul per block), as flash
     attention does.
     """
-    probs, _ = _attention_probs(q, k)
-    return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
+    return softmax_attention(q, k, v)
 
 
 def _lean_attention_fwd(q, k, v):

@@ -26,11 +26,17 @@ _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-@jax.custom_vjp
-def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU, x * Phi(x), computed in float32 and returned in x's dtype."""
+def exact_gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU, x * Phi(x), computed in float32 and returned in x's dtype; autodiff
+    backward (what a step lowered for TPU uses, `ViTConfig.lean_backward`)."""
     x32 = x.astype(jnp.float32)
     return (x32 * (0.5 * jax.lax.erfc(-x32 * _INV_SQRT2))).astype(x.dtype)
+
+
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+    """`exact_gelu` whose backward keeps only x (the lean version)."""
+    return exact_gelu(x)
 
 
 def _gelu_fwd(x):
@@ -72,11 +78,17 @@ def _normalise(x32: jax.Array, eps: float) -> tuple[jax.Array, jax.Array, jax.Ar
     return centred * rstd, mean, rstd
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
-    """LayerNorm over the last axis: statistics in float32, result in x's dtype."""
+def plain_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis: statistics in float32, result in x's dtype; autodiff
+    backward."""
     x_hat, _, _ = _normalise(x.astype(jnp.float32), eps)
     return (x_hat * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """`plain_layer_norm` whose backward keeps x, mean and rstd (the lean version)."""
+    return plain_layer_norm(x, scale, bias, eps)
 
 
 def _layer_norm_fwd(x, scale, bias, eps):
@@ -107,14 +119,17 @@ layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 class LayerNorm(nnx.Module):
     """`flax.nnx.LayerNorm`'s parameters (`scale`, `bias`) and values, with `layer_norm`'s
-    lean backward. `dtype` is the output dtype; statistics are always float32."""
+    lean backward (`lean=False`: autodiff's). `dtype` is the output dtype; statistics are
+    always float32."""
 
-    def __init__(self, dim: int, *, epsilon: float, dtype, param_dtype):
+    def __init__(self, dim: int, *, epsilon: float, dtype, param_dtype, lean: bool = True):
         self.epsilon = epsilon
         self.dtype = dtype
+        self.lean = lean
         self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
         self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = layer_norm(x, self.scale[...], self.bias[...], self.epsilon)
+        norm = layer_norm if self.lean else plain_layer_norm
+        y = norm(x, self.scale[...], self.bias[...], self.epsilon)
         return y.astype(self.dtype)
