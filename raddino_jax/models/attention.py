@@ -50,7 +50,8 @@ def attention(qkv: jax.Array, impl: str, lean: bool = True) -> jax.Array:
 
     `impl` is normally resolved before tracing (`resolve_attention_impl` via
     `ModelSpec.for_platform`, which `train.step.compile_train_step` applies). An unresolved ""
-    (eager use, evaluation) falls back to the default backend's choice.
+    (eager use, evaluation) falls back to the default backend's choice. `lean` picks the
+    einsum path's hand-written backward (`ViTConfig.lean_backward`).
     """
     if not impl:
         impl = resolve_attention_impl("", jax.default_backend(), jnp.dtype(qkv.dtype).name)
