@@ -1,8 +1,10 @@
 """Mesh-layout sweeps of the SSL train step; the CLI is `python -m raddino_jax.sweep`.
 
 row.py: `SweepRow` (one point's results) and its console line.
-measure.py: build one point (mesh, abstract state, jitted step), compile it, read XLA's memory
-  and cost analysis, time it; `sweep` loops over (layout, batch size, remat).
+measure.py: build one point (mesh, abstract state, jitted step), compile it, time it; `sweep`
+  loops over (layout, batch size, remat).
+estimate.py: what XLA's memory and cost analysis of the compiled step imply (peak bytes, fit,
+  XLA FLOPs, the estimated step time; a scanned step's costs extrapolated over its depth).
 report.py: rank the rows and write sweep.csv / sweep.json / sweep.md / sweep.png.
 __main__.py: the absl flags and `main`.
 
@@ -10,6 +12,7 @@ The names below are re-exported so that `from raddino_jax import sweep; sweep.ru
 reads as one module (the benchmarks and tests use it that way).
 """
 
+from raddino_jax.sweep.estimate import memory_fields, xla_flops
 from raddino_jax.sweep.measure import (
     MODES,
     Point,
@@ -18,7 +21,6 @@ from raddino_jax.sweep.measure import (
     failure_reason,
     host_batch,
     infeasible_reason,
-    memory_fields,
     point_config,
     run_point,
     state_bytes,
@@ -26,7 +28,6 @@ from raddino_jax.sweep.measure import (
     step_keys,
     sweep,
     time_steps,
-    xla_flops,
 )
 from raddino_jax.sweep.report import _fmt, markdown_table, ranked, write_outputs
 from raddino_jax.sweep.row import MiB, SweepRow, _mib, describe_row, layout_name

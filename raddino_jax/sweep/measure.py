@@ -6,10 +6,11 @@ devices. What `run_point` fills in (`row.SweepRow`):
   (sum over leaves of prod(shard_shape) * itemsize), computed on the abstract state (nothing is
   allocated);
 - compile with `jax.jit(...).lower(...).compile()` (`compile_time_s`) and read XLA's
-  `memory_analysis()` (argument / output / temp / generated-code bytes per device; peak =
-  argument + output + temp - alias, compared with the device's HBM: `fits`) and
-  `cost_analysis()` flops, bytes accessed and, on TPU, `optimal_seconds`: XLA's estimate of
-  the step time, from which the *estimated* images/s and MFU follow (`SweepRow`);
+  `memory_analysis()` (peak bytes per device against the device's HBM: `fits`) and
+  `cost_analysis()` (flops, bytes accessed and, on TPU, `optimal_seconds`, from which the
+  *estimated* images/s and MFU follow): those estimates are `estimate.py`'s, which also
+  extrapolates a scanned step's costs over its depth (`depth_extrapolated_cost` here compiles
+  the two small steps it needs);
 - in mode "run": warm-up steps, then timed steps on a synthetic batch (random crops in
   `config.data.transfer_dtype`, as the loop ships them; masks from the real iBOT mask sampler
   so the static buffer size is right): median
@@ -37,12 +38,23 @@ from raddino_jax import config as config_lib
 from raddino_jax import flops
 from raddino_jax.data import pipeline
 from raddino_jax.data.pipeline import BATCH_KEYS
-from raddino_jax.models import ModelSpec, abstract_params, init_params, vit
+from raddino_jax.models import ModelSpec, abstract_params, init_params
 from raddino_jax.models.vit import normalize_remat
 from raddino_jax.parallel import sharding
 from raddino_jax.parallel.mesh import make_mesh
+from raddino_jax.sweep.estimate import (
+    ESTIMATE_BY_DEPTH,
+    SCANNED_COST_SKIPPED,
+    SPLASH_NOT_COSTED,
+    cost_fields,
+    device_peak_and_hbm,
+    extrapolate_by_depth,
+    fill_estimates,
+    memory_fields,
+    uses_splash,
+)
+from raddino_jax.sweep.estimate import xla_flops as xla_flops  # re-exported: measure.xla_flops
 from raddino_jax.sweep.row import SweepRow, describe_row, layout_name
-from raddino_jax.sweep.topology import per_device_share
 from raddino_jax.train import state as train_state
 from raddino_jax.train.optim import build_optimizer
 from raddino_jax.train.step import compile_train_step
@@ -277,130 +289,23 @@ def compile_step(point: Point, seed: int = 0, compiler_options: dict | None = No
     return compiled, time.perf_counter() - start
 
 
-def memory_fields(compiled) -> dict[str, int | None]:
-    """Per-device bytes from `compiled.memory_analysis()`; all None where the backend lacks it."""
-    names = {
-        "argument_bytes": "argument_size_in_bytes",
-        "output_bytes": "output_size_in_bytes",
-        "temp_bytes": "temp_size_in_bytes",
-        "generated_code_bytes": "generated_code_size_in_bytes",
-        "alias_bytes": "alias_size_in_bytes",
-    }
-    try:
-        stats = compiled.memory_analysis()
-    except (NotImplementedError, jax.errors.JaxRuntimeError):
-        stats = None
-    if stats is None:
-        return {key: None for key in [*names, "peak_bytes_per_device"]}
-    out = {key: int(getattr(stats, attr, 0) or 0) for key, attr in names.items()}
-    out["peak_bytes_per_device"] = (
-        out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
-    )
-    return out
-
-
-def cost_fields(compiled) -> dict:
-    """XLA's cost analysis of the compiled (per-device, partitioned) program; {} if absent.
-
-    Keys used here: "flops", "bytes accessed" and, from the TPU compiler, "optimal_seconds"
-    (its cost-model estimate of the step time).
-    """
-    try:
-        cost = compiled.cost_analysis()
-    except (NotImplementedError, jax.errors.JaxRuntimeError):
-        return {}
-    if isinstance(cost, list | tuple):  # older jax: one dict per program
-        cost = cost[0] if cost else None
-    return dict(cost or {})
-
-
-ESTIMATE_BY_DEPTH = (
-    "scan_blocks: XLA FLOPs and estimates extrapolated from unscanned depth-1 and depth-2 "
-    "compiles (XLA's cost analysis counts a loop body once); memory from the scanned compile"
-)
-SCANNED_COST_SKIPPED = (
-    "scan_blocks: no XLA FLOPs or estimate (its cost analysis counts a loop body once and the "
-    "depth extrapolation runs only with --compile-only); the time is measured"
-)
-_LINEAR_COSTS = ("flops", "bytes accessed", "optimal_seconds")
-
-
-SPLASH_NOT_COSTED = (
-    "XLA's FLOPs and estimate leave out the Pallas splash-attention kernel (it carries no "
-    "cost estimate): the estimated step time is a lower bound"
-)
-
-
-def _uses_splash(point: Point) -> bool:
-    """Whether the step's global crops go through the splash kernel (vit.attention)."""
-    platform = point.mesh.devices.flat[0].platform
-    backbone = point.spec.for_platform(platform).backbone
-    grid = point.config.data.global_size // backbone.patch_size
-    tokens = 1 + backbone.num_register_tokens + grid**2
-    return backbone.attention_impl == "splash" and tokens >= vit.SPLASH_MIN_TOKENS
-
-
 def depth_extrapolated_cost(
     config: ml_collections.ConfigDict, devices: Sequence[jax.Device], compiler_options=None
 ) -> dict:
     """XLA's cost analysis of the step as if its blocks were unrolled, for a scanned config.
 
-    XLA's `cost_analysis()` counts a while loop's body once, so a scanned 12-block step reports
-    the FLOPs and `optimal_seconds` of one block plus the rest. The blocks are identical, so
-    every cost is affine in the depth: cost(D) = cost(1) + (D - 1) * (cost(2) - cost(1)), with
-    cost(1) and cost(2) from unscanned compiles of the same point at depth 1 and 2 (small
-    programs: they compile in a fraction of the full step's time and fit where it does not).
+    `estimate.extrapolate_by_depth` (why it is needed and how) over unscanned compiles of the
+    same point at depth 1 and 2.
     """
-    depth = config_lib.model_spec(config).backbone.depth
-    costs = []
-    for d in (1, 2):
+
+    def compiled_at_depth(depth: int):
         c = config.copy_and_resolve_references()
-        c.model.depth, c.model.scan_blocks = d, False
+        c.model.depth, c.model.scan_blocks = depth, False
         compiled, _ = compile_step(build_point(c, devices), c.seed, compiler_options)
-        costs.append(cost_fields(compiled))
-    one, two = costs
-    return {
-        k: float(one[k]) + (depth - 1) * (float(two[k]) - float(one[k]))
-        for k in _LINEAR_COSTS
-        if k in one and k in two
-    }
+        return compiled
 
-
-def xla_flops(compiled) -> float | None:
-    """XLA's flop count of the compiled (per-device, partitioned) program, if reported."""
-    cost = cost_fields(compiled)
-    return float(cost["flops"]) if "flops" in cost else None
-
-
-def _device_peak_and_hbm(point: Point, peak: float | None) -> tuple[float | None, int | None]:
-    """(peak FLOP/s, HBM bytes) of one mesh device; v4 topologies' per-core devices get half
-    of the chip's (`topology.per_device_share`)."""
-    devices = list(point.mesh.devices.flat)
-    kind = devices[0].device_kind
-    share = per_device_share(devices) if devices[0].platform == "tpu" else 1.0
-    if peak is None:
-        override = point.config.peak_tflops_per_device * 1e12 or None
-        peak = flops.peak_flops_per_device(kind, point.spec.backbone.dtype, override=override)
-        peak = peak * share if peak and not override else peak
-    hbm = flops.hbm_bytes_per_device(kind)
-    return peak, int(hbm * share) if hbm else None
-
-
-def _fill_estimates(row: SweepRow, point: Point, cost: dict, peak: float | None) -> None:
-    """HBM fit and XLA's step-time estimate (with the images/s and MFU it implies)."""
-    peak, hbm = _device_peak_and_hbm(point, peak)
-    row.device_kind = point.mesh.devices.flat[0].device_kind
-    row.hbm_bytes_per_device = hbm
-    if hbm and row.peak_bytes_per_device is not None:
-        row.hbm_fraction = row.peak_bytes_per_device / hbm
-        row.fits = row.peak_bytes_per_device <= hbm
-    if "bytes accessed" in cost:
-        row.xla_bytes_accessed_per_device = float(cost["bytes accessed"])
-    seconds = float(cost.get("optimal_seconds", 0.0) or 0.0)
-    if seconds > 0:
-        row.estimated_step_time_s = seconds
-        row.estimated_images_per_s = row.batch_size / seconds
-        row.estimated_mfu = flops.mfu(row.analytic_flops_per_step, seconds, row.n_devices, peak)
+    depth = config_lib.model_spec(config).backbone.depth
+    return extrapolate_by_depth(depth, compiled_at_depth)
 
 
 def time_steps(point: Point, compiled, *, steps: int, warmup: int, seed: int) -> list[float]:
@@ -484,8 +389,8 @@ def run_point(
                 cost = {}
                 row.reason = SCANNED_COST_SKIPPED
         row.xla_flops_per_device = float(cost["flops"]) if "flops" in cost else None
-        _fill_estimates(row, point, cost, peak_flops)
-        if row.estimated_step_time_s and _uses_splash(point):
+        fill_estimates(row, point, cost, peak_flops)
+        if row.estimated_step_time_s and uses_splash(point):
             row.reason = "; ".join(filter(None, [row.reason, SPLASH_NOT_COSTED]))
         if row.xla_flops_per_device is not None:
             row.replication = row.xla_flops_per_device * n_devices / row.analytic_flops_per_step
@@ -502,7 +407,7 @@ def run_point(
 
 
 def _fill_throughput(row: SweepRow, point: Point, step_time: float, peak: float | None) -> None:
-    peak, _ = _device_peak_and_hbm(point, peak)
+    peak, _ = device_peak_and_hbm(point, peak)
     row.step_time_s = step_time
     row.images_per_s = row.batch_size / step_time
     row.tflops_per_s = row.analytic_flops_per_step / step_time / 1e12
