@@ -13,10 +13,13 @@ output or the torch file / HF folder directly; heads start fresh unless `init.he
 Expect ~28 img/s per A100 in the reference (recipe s11); measure yours with raddino_jax.sweep.
 
 Memory (benchmarks/RESULTS.md, compiled for the slices without a TPU): as written, 40 images
-per chip fit a v5p chip (remat "dots", 52.6 GiB of 95). Smaller chips need more recompute and
-fewer images per chip, e.g. v5e (16 GiB): --config.model.remat=full --config.batch_size=<24 x
-chips> --config.data.mask_group_size=24 --config.ssl.koleo_group_size=24 (9.7-10.9 GiB per
-chip); v4 (32 GiB per chip, 16 per TensorCore): --config.model.remat=full at 40 per chip.
+per chip fit a v5p chip (remat "dots", 53.1 GiB of 95 on v5p-8 and v5p-64; estimated >= 483
+ms per step) and an H200 (38 GiB; measured 382 ms per step). Smaller chips need more
+recompute and fewer images per chip, e.g. v5e (16 GiB): --config.model.remat=full
+--config.batch_size=<24 x chips> --config.data.mask_group_size=24
+--config.ssl.koleo_group_size=24 (9.7-10.9 GiB per chip); v4 (32 GiB per chip, a device per
+TensorCore with 16 GiB): --config.model.remat=full --config.data.mask_group_size=20
+--config.ssl.koleo_group_size=20 at 40 per chip (9.6 GiB per core).
 Check a layout before paying for it:
   python -m raddino_jax.sweep --config=configs/vitb14.py --topology=v5e:2x4 --meshes=8x1x1 \
       --batch-sizes=192 --remat=full --compile-only --out=DIR
@@ -38,7 +41,7 @@ def get_config():
     c.model.drop_path_rate = 0.0
     c.model.dtype = "bfloat16"
     c.model.head_out_dim = 65536
-    # Fit 40 images per chip in HBM (v5p: 52.6 GiB of 95, benchmarks/RESULTS.md): keep the
+    # Fit 40 images per chip in HBM (v5p: 53.1 GiB of 95, benchmarks/RESULTS.md): keep the
     # matmul outputs and recompute the rest of each block; scan compiles one block body.
     c.model.remat = "dots"
     c.model.scan_blocks = True
