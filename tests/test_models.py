@@ -217,7 +217,7 @@ def test_lean_and_autodiff_backward_agree():
             out = bind(spec, p).backbone(x)
             return jnp.sum(out["x_norm_patchtokens"] * w) + jnp.sum(out["x_norm_clstoken"])
 
-        results.append(jax.value_and_grad(loss)(params))
+        results.append(jax.jit(jax.value_and_grad(loss))(params))
     (v_on, g_on), (v_off, g_off) = results
     np.testing.assert_allclose(v_on, v_off, rtol=1e-6)
     # Absolute tolerance on the scale of the largest gradient: small leaves such as the cls
