@@ -79,3 +79,22 @@ def test_unknown_topology_is_a_usage_error(tmp_path):
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "--topology=v5p:nonsense" in result.stderr
+
+
+def test_mesh_splits_physical_axes_when_a_layout_needs_it():
+    """8x8x1 over v5p-64's 4x4x4 torus: jax.make_mesh finds no whole-axis assignment (8 is no
+    product of the 4s); make_mesh falls back to splitting a physical axis, over all 64 chips."""
+    code = (
+        "from raddino_jax.parallel.mesh import make_mesh\n"
+        "from raddino_jax.sweep.topology import topology_devices\n"
+        "devices = topology_devices('v5p:4x4x4')\n"
+        "for layout in ((8, 8, 1), (16, 4, 1), (64, 1, 1)):\n"
+        "    m = make_mesh(layout, devices)\n"
+        "    print(tuple(m.devices.shape), len({d.id for d in m.devices.flat}))\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TPU_WORKER_HOSTNAMES": "localhost"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:3] == ["(8, 8, 1) 64", "(16, 4, 1) 64", "(64, 1, 1) 64"]

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -57,7 +58,14 @@ def make_mesh(
         # topology-aware ordering only knows one device per chip, so keep the given order,
         # which puts the two cores of a chip next to each other.
         return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    except NotImplementedError:
+        # jax.make_mesh maps each logical axis onto whole physical axes, so 8x8 over a 4x4x4
+        # torus (v5p-64) has no assignment; splitting a physical axis across two logical ones
+        # still gives a topology-aware order.
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def parse_layout(text: str) -> tuple[int, int, int]:
