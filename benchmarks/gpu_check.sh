@@ -19,6 +19,9 @@
 # their own CUDA 12 runtime from pip and only need an NVIDIA driver >= 525, which every H100
 # image has; jax[cuda13] needs driver >= 580. Use JAX_CUDA=cuda13 on hosts with a 580+ driver.
 # --dry-run uses $PYTHON or the existing .venv (CPU jax) and never installs anything.
+# Offline GPU image with its own jax (as on the H200 of benchmarks/RESULTS.md, jax 0.11.2):
+# pip-install grain, array-record, ml-collections (+ deflate, portpicker, zstandard, dm-tree)
+# from carried wheels into a --target dir on PYTHONPATH, then PYTHON=python3 bash this script.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
