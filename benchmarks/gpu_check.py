@@ -168,23 +168,8 @@ def vitb_config(global_size: int, batch: int, *, tiny: bool):
 
 def run_steps(config, device: jax.Device, n_steps: int = 2) -> tuple[list[dict], dict]:
     """([metrics of each step], {"student", "teacher"} afterwards) on `device`, as numpy."""
-    from raddino_jax.data import pipeline
-    from raddino_jax.data.layout import BATCH_KEYS
-    from raddino_jax.parallel import sharding
-    from raddino_jax.train import state as train_state
-
     point = sweep.build_point(config, [device])
-    state = train_state.create_state(
-        point.spec,
-        point.optimizer,
-        point.mesh,
-        seed=0,
-        rules=point.tensor_rules,
-        gram=point.gram,
-    )
-    batch = pipeline.to_global_batch(
-        sweep.host_batch(point, seed=0), sharding.batch_shardings(BATCH_KEYS, point.mesh)
-    )
+    state, batch = sweep.initial_state(point, seed=0), sweep.device_batch(point, seed=0)
     history = []
     for key in sweep.step_keys(point, n_steps, seed=0):
         state, metrics = point.step_fn(state, batch, key)

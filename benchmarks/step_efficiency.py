@@ -75,23 +75,9 @@ def step_timer(point, compiled, seed: int = 0):
     import jax
 
     from raddino_jax import sweep
-    from raddino_jax.data import pipeline
-    from raddino_jax.parallel import sharding
-    from raddino_jax.train import state as train_state
 
-    holder = {
-        "state": train_state.create_state(
-            point.spec,
-            point.optimizer,
-            point.mesh,
-            seed=0,
-            rules=point.tensor_rules,
-            gram=point.gram,
-        )
-    }
-    batch = pipeline.to_global_batch(
-        sweep.host_batch(point, seed), sharding.batch_shardings(pipeline.BATCH_KEYS, point.mesh)
-    )
+    holder = {"state": sweep.initial_state(point, seed=0)}
+    batch = sweep.device_batch(point, seed)
     keys = iter(sweep.step_keys(point, 10_000, seed))
 
     def run() -> float:

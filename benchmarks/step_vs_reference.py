@@ -267,25 +267,14 @@ class OursStep:
     def __init__(self, config, device):
         import jax
 
-        from raddino_jax.data import pipeline
         from raddino_jax.parallel import sharding
         from raddino_jax.sweep import measure
-        from raddino_jax.train import state as train_state
 
         self.config = config
         self.point = measure.build_point(config, [device])
-        self.state = train_state.create_state(
-            self.point.spec,
-            self.point.optimizer,
-            self.point.mesh,
-            seed=config.seed,
-            rules=self.point.tensor_rules,
-            gram=self.point.gram,
-        )
+        self.state = measure.initial_state(self.point, config.seed)
         self.host_batch = measure.host_batch(self.point, config.seed)
-        self.batch = pipeline.to_global_batch(
-            self.host_batch, sharding.batch_shardings(pipeline.BATCH_KEYS, self.point.mesh)
-        )
+        self.batch = measure.device_batch(self.point, config.seed)
         # Drop path is off, so the key is unused; one placed key keeps the timed call lean.
         self.key = jax.device_put(jax.random.key(config.seed), sharding.replicated(self.point.mesh))
         self.step_fn = self.point.step_fn

@@ -308,9 +308,9 @@ def depth_extrapolated_cost(
     return extrapolate_by_depth(depth, compiled_at_depth)
 
 
-def time_steps(point: Point, compiled, *, steps: int, warmup: int, seed: int) -> list[float]:
-    """Seconds of each of `steps` timed steps after `warmup` untimed ones (state donated)."""
-    state = train_state.create_state(
+def initial_state(point: Point, seed: int) -> train_state.TrainState:
+    """A fresh train state for `point`, created in its shardings (Gram teacher included)."""
+    return train_state.create_state(
         point.spec,
         point.optimizer,
         point.mesh,
@@ -318,9 +318,19 @@ def time_steps(point: Point, compiled, *, steps: int, warmup: int, seed: int) ->
         rules=point.tensor_rules,
         gram=point.gram,
     )
-    batch = pipeline.to_global_batch(
+
+
+def device_batch(point: Point, seed: int) -> dict[str, jax.Array]:
+    """`host_batch(point, seed)` as global arrays in the step's batch shardings."""
+    return pipeline.to_global_batch(
         host_batch(point, seed), sharding.batch_shardings(BATCH_KEYS, point.mesh)
     )
+
+
+def time_steps(point: Point, compiled, *, steps: int, warmup: int, seed: int) -> list[float]:
+    """Seconds of each of `steps` timed steps after `warmup` untimed ones (state donated)."""
+    state = initial_state(point, seed)
+    batch = device_batch(point, seed)
     keys = step_keys(point, warmup + steps, seed)
     times = []
     for i, key in enumerate(keys):
