@@ -294,3 +294,42 @@ def test_gram_config_runs_through_the_sweep():
     row = sweep.run_point(c, SINGLE, 8, "none", devices=jax.devices()[:1], steps=1, warmup=1)
     assert row.status == "ok", row.reason
     assert sweep.build_point(sweep.point_config(c, SINGLE, 8, "none"), jax.devices()[:1]).gram
+
+
+@pytest.mark.parametrize("transfer", ["uint8", "float32"])
+def test_synthetic_host_batch_has_the_pipeline_layout(transfer):
+    """The sweep times and compiles on `host_batch`; it must have exactly the keys, shapes and
+    dtypes of a batch from the real pipeline (`pipeline.make_dataset`) for the same config, or
+    the sweep would measure a different program than the loop runs."""
+    import cv2
+
+    from raddino_jax import config as config_lib
+    from raddino_jax.data import pipeline
+
+    c = set_dotted(tiny_config(), {"data.transfer_dtype": transfer, "batch_size": 8})
+    point = sweep.build_point(sweep.point_config(c, SINGLE, 8, "none"), jax.devices()[:1])
+    rng = np.random.default_rng(0)
+    records = [
+        {"image": cv2.imencode(".png", rng.integers(0, 256, (80, 72), np.uint8))[1].tobytes()}
+        for _ in range(8)
+    ]
+    real = next(
+        iter(
+            pipeline.make_dataset(
+                records,
+                seed=0,
+                per_process_batch=8,
+                crop_cfg=config_lib.crop_config(point.config),
+                mask_group_size=config_lib.mask_group_size(point.config, 1),
+                patch_size=point.spec.backbone.patch_size,
+                mask_ratio_min_max=tuple(point.config.data.mask_ratio_min_max),
+                mask_sample_probability=point.config.data.mask_sample_probability,
+                process_index=0,
+                process_count=1,
+            )
+        )
+    )
+    synthetic = sweep.host_batch(point, seed=0)
+    assert sorted(synthetic) == sorted(real)
+    for key, value in real.items():
+        assert (synthetic[key].shape, synthetic[key].dtype) == (value.shape, value.dtype), key
