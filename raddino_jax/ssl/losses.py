@@ -116,12 +116,6 @@ def update_center(
     return _f32(center) * momentum + (1.0 - momentum) * batch_mean
 
 
-def _safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
-    """``numerator / denominator`` with 0 where the denominator is 0 (empty rows/columns)."""
-    nonzero = denominator > 0
-    return jnp.where(nonzero, numerator / jnp.where(nonzero, denominator, 1.0), 0.0)
-
-
 def sinkhorn_knopp_teacher(
     teacher_logits: jax.Array,
     temperature: float | jax.Array,
@@ -189,11 +183,8 @@ def sinkhorn_knopp_teacher(
 def _potential(log_q: jax.Array, axis: int | None) -> jax.Array:
     """-logsumexp of `log_q` over `axis` (keepdims), 0 where everything is -inf (an empty row
     or column stays empty instead of becoming NaN)."""
-    top = jnp.max(log_q, axis=axis, keepdims=True)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    total = jnp.sum(jnp.exp(log_q - top), axis=axis, keepdims=True)
-    lse = top + jnp.log(total)
-    return jnp.where(total > 0, -lse, 0.0)
+    lse = jax.nn.logsumexp(log_q, axis=axis, keepdims=True)  # -inf where everything is -inf
+    return jnp.where(jnp.isfinite(lse), -lse, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------
