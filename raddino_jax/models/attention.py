@@ -166,10 +166,14 @@ def einsum_attention(qkv: jax.Array, lean: bool = True) -> jax.Array:
     return jnp.transpose(out, (0, 2, 1, 3))
 
 
-def _attention_probs(q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """float32 softmax(q k^T) over keys and its log-sum-exp [B, h, N, 1]."""
+def _attention_probs(
+    q: jax.Array, k: jax.Array, lse: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """float32 softmax(q k^T) over keys and its log-sum-exp [B, h, N, 1]; with `lse` given
+    (the backward's recomputation) it is used instead of being computed again."""
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    if lse is None:
+        lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
     return jnp.exp(logits - lse), lse
 
 
@@ -201,8 +205,7 @@ def _lean_attention_fwd(q, k, v):
 def _lean_attention_bwd(residuals, d_out):
     q, k, v, lse = residuals
     k = after(k, d_out)  # the recomputation starts in this block's backward (layers.after)
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-    probs = jnp.exp(logits - lse)
+    probs, _ = _attention_probs(q, k, lse)
     d_v = jnp.einsum("bhqk,bhqd->bhkd", probs.astype(d_out.dtype), d_out)
     d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)
     d_logits = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))
