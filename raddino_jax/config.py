@@ -266,6 +266,14 @@ def validate(config: ml_collections.ConfigDict, *, n_devices: int, process_count
         f"the {config.batch_size // group} mask groups do not split over {shards} batch shards;"
         " use the per-device batch or a divisor of it",
     )
+    chunk = config.ssl.prototype_chunk
+    for head in (spec.dino_head, spec.ibot_head):
+        _require(
+            not chunk or head is None or head.out_dim % chunk == 0,
+            "ssl.prototype_chunk",
+            f"{chunk} does not divide the head's {head and head.out_dim} prototypes "
+            "(model.head_out_dim / model.ibot_out_dim); 0 turns chunking off",
+        )
     koleo = objective_config(config, n_devices).koleo_group_size
     _require(
         config.batch_size % koleo == 0,

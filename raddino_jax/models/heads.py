@@ -45,15 +45,18 @@ class WeightNormLinear(nnx.Module):
         )
         self.weight_g = nnx.Param(jnp.ones((dout,), dtype=PARAM_DTYPE))
 
+    def kernel(self) -> jax.Array:
+        """The effective weight ``g * v / ||v||`` [din, dout] in the parameter dtype."""
+        v = self.weight_v[...]
+        return v * (self.weight_g[...] / jnp.linalg.norm(v, axis=0))
+
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., din] -> float32 [..., dout]: operands in the compute dtype, accumulation and
         output in float32 (the logits feed a 0.04-0.1 temperature softmax; docs/conventions.md,
         "Accumulate in float32")."""
-        v = self.weight_v[...]
-        kernel = v * (self.weight_g[...] / jnp.linalg.norm(v, axis=0))
         return jnp.dot(
             x.astype(self.dtype),
-            kernel.astype(self.dtype),
+            self.kernel().astype(self.dtype),
             preferred_element_type=jnp.float32,
         )
 
@@ -72,12 +75,16 @@ class DINOHead(nnx.Module):
         self.mlp[-1].preferred_element_type = jnp.float32
         self.last_layer = WeightNormLinear(cfg.bottleneck_dim, cfg.out_dim, dtype, rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def features(self, x: jax.Array) -> jax.Array:
+        """[..., in_dim] -> float32 [..., bottleneck]: the MLP and the L2 normalisation, i.e.
+        everything before the prototypes (`ssl/chunked.py` applies those chunk by chunk)."""
         for i, layer in enumerate(self.mlp):
             x = layer(x)
             if i < len(self.mlp) - 1:
                 x = gelu(x)
         x = x.astype(jnp.float32)
         # torch F.normalize(eps=1e-12) in fp32 (recipe s2)
-        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-        return self.last_layer(x).astype(jnp.float32)
+        return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.last_layer(self.features(x)).astype(jnp.float32)

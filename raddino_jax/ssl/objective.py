@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from raddino_jax.models import ModelSpec, bind
-from raddino_jax.ssl import gram, losses
+from raddino_jax.ssl import chunked, gram, losses
 
 CENTERINGS = ("centering", "sinkhorn_knopp")
 
@@ -35,6 +35,10 @@ class ObjectiveConfig:
     backbone into the Gram teacher at `gram_start_step` and then every `gram_update_every`
     steps (0: never again); "initial" keeps the weights the run started from (random init or
     `init.checkpoint`) for the whole run.
+
+    `prototype_chunk` > 0 applies the heads' prototype layer and the DINO / iBOT losses that
+    many prototypes at a time (`ssl/chunked.py`): the [rows, K] logits are never stored. It
+    must divide the heads' K; 0 (the default) materialises the logits.
 
     `pixel_mean` / `pixel_std` normalise integer crops at the start of the train step
     (`train.step.normalise_crops`; the config derives them from data.mean / data.std); None
@@ -55,6 +59,7 @@ class ObjectiveConfig:
     gram_teacher: str = "ema"  # "ema" or "initial"
     pixel_mean: float | None = None
     pixel_std: float | None = None
+    prototype_chunk: int = 0  # > 0: heads' prototype layer + losses in chunks (ssl/chunked.py)
 
     @property
     def gram_enabled(self) -> bool:
@@ -69,6 +74,8 @@ class ObjectiveConfig:
             raise ValueError("center_momentum must be in [0, 1)")
         if self.koleo_group_size < 0:
             raise ValueError("koleo_group_size must be >= 0")
+        if self.prototype_chunk < 0:
+            raise ValueError(f"prototype_chunk must be >= 0 (0: off), got {self.prototype_chunk}")
         if self.gram_weight < 0:
             raise ValueError(f"gram_weight must be >= 0 (0: off), got {self.gram_weight}")
         if self.gram_start_step < 0:
@@ -195,22 +202,8 @@ def ssl_loss(
 
     # Teacher: both globals, unmasked, no drop path (recipe s7).
     t_out = teacher.backbone(globals_flat)
-    t_cls_logits = teacher.dino_head(_crop_major(t_out["x_norm_clstoken"], n_global))
-    t_cls_logits = t_cls_logits.reshape(n_global * batch_size, -1)
+    t_cls = _crop_major(t_out["x_norm_clstoken"], n_global).reshape(n_global * batch_size, -1)
     t_patch = gather_masked_tokens(t_out["x_norm_patchtokens"], batch["mask_indices"])
-    t_patch_logits = teacher_ibot_head(t_patch)
-    t_cls_logits, t_patch_logits = jax.lax.stop_gradient((t_cls_logits, t_patch_logits))
-    t_cls_probs, next_dino_center = teacher_targets(
-        t_cls_logits, dino_center, teacher_temperature, cfg
-    )
-    t_patch_probs, next_ibot_center = teacher_targets(
-        t_patch_logits,
-        ibot_center,
-        teacher_temperature,
-        cfg,
-        valid,
-        n_groups=batch["mask_indices"].shape[0],
-    )
 
     # Student: masked globals and locals (two passes, equivalent to the reference's one list pass).
     key_global, key_local = jax.random.split(key)
@@ -218,15 +211,15 @@ def ssl_loss(
     s_local = student.backbone(locals_flat, drop_path_key=key_local)
     s_global_cls = _crop_major(s_global["x_norm_clstoken"], n_global)
     s_cls = jnp.concatenate([s_global_cls, _crop_major(s_local["x_norm_clstoken"], n_local)])
-    s_cls_logits = student.dino_head(s_cls)
-    s_patch_logits = student_ibot_head(
-        gather_masked_tokens(s_global["x_norm_patchtokens"], batch["mask_indices"])
-    )
+    s_patch = gather_masked_tokens(s_global["x_norm_patchtokens"], batch["mask_indices"])
 
-    tau = cfg.student_temperature
-    teacher_probs = t_cls_probs.reshape(n_global, batch_size, -1)
-    dino = losses.dino_loss(s_cls_logits, teacher_probs, tau)
-    ibot = losses.ibot_loss(s_patch_logits, t_patch_probs, weights, n_global * batch_size, tau)
+    n_groups = batch["mask_indices"].shape[0]
+    heads = (student.dino_head, student_ibot_head, teacher.dino_head, teacher_ibot_head)
+    inputs = (s_cls, s_patch, t_cls, t_patch)
+    terms_of = _chunked_terms if cfg.prototype_chunk else _materialised_terms
+    dino, ibot, monitors = terms_of(
+        heads, inputs, dino_center, ibot_center, teacher_temperature, valid, weights, n_groups, cfg
+    )
     group = cfg.koleo_group_size or batch_size
     if batch_size % group:
         raise ValueError(f"ssl.koleo_group_size {group} does not divide the batch {batch_size}")
@@ -239,22 +232,106 @@ def ssl_loss(
         )
         total = total + cfg.gram_weight * gram_term
 
-    swapped = teacher_probs[::-1].reshape(n_global * batch_size, -1)  # crop swap, recipe s3
     aux = {
         "dino_loss": dino,
         "ibot_loss": ibot,
         "koleo_loss": koleo,
-        "next_dino_center": next_dino_center,
-        "next_ibot_center": next_ibot_center,
-        "teacher_entropy": losses.entropy(t_cls_probs),
-        "student_teacher_kl": losses.mean_kl_divergence(
-            swapped, s_cls_logits[:n_global].reshape(n_global * batch_size, -1), tau
-        ),
+        **monitors,
         "masked_tokens": jnp.sum(valid.astype(jnp.float32)),
     }
     if cfg.gram_enabled:
         aux["gram_loss"] = gram_term
     return total, aux
+
+
+def _materialised_terms(
+    heads, inputs, dino_center, ibot_center, teacher_temperature, valid, weights, n_groups, cfg
+):
+    """(DINO loss, iBOT loss, monitors and next centres) from the heads' [rows, K] logits."""
+    student_dino, student_ibot, teacher_dino, teacher_ibot = heads
+    s_cls, s_patch, t_cls, t_patch = inputs
+    n_teacher = 2
+    batch_size = t_cls.shape[0] // n_teacher
+    t_cls_logits = jax.lax.stop_gradient(teacher_dino(t_cls))
+    t_patch_logits = jax.lax.stop_gradient(teacher_ibot(t_patch))
+    t_cls_probs, next_dino_center = teacher_targets(
+        t_cls_logits, dino_center, teacher_temperature, cfg
+    )
+    t_patch_probs, next_ibot_center = teacher_targets(
+        t_patch_logits, ibot_center, teacher_temperature, cfg, valid, n_groups=n_groups
+    )
+    s_cls_logits = student_dino(s_cls)
+    s_patch_logits = student_ibot(s_patch)
+    tau = cfg.student_temperature
+    teacher_probs = t_cls_probs.reshape(n_teacher, batch_size, -1)
+    dino = losses.dino_loss(s_cls_logits, teacher_probs, tau)
+    ibot = losses.ibot_loss(s_patch_logits, t_patch_probs, weights, n_teacher * batch_size, tau)
+    swapped = teacher_probs[::-1].reshape(n_teacher * batch_size, -1)  # crop swap, recipe s3
+    monitors = {
+        "next_dino_center": next_dino_center,
+        "next_ibot_center": next_ibot_center,
+        "teacher_entropy": losses.entropy(t_cls_probs),
+        "student_teacher_kl": losses.mean_kl_divergence(
+            swapped, s_cls_logits[:n_teacher].reshape(n_teacher * batch_size, -1), tau
+        ),
+    }
+    return dino, ibot, monitors
+
+
+def _chunked_terms(
+    heads, inputs, dino_center, ibot_center, teacher_temperature, valid, weights, n_groups, cfg
+):
+    """`_materialised_terms` with the prototype layer applied chunk by chunk (ssl/chunked.py):
+    the same values, no [rows, K] array."""
+    student_dino, student_ibot, teacher_dino, teacher_ibot = heads
+    s_cls, s_patch, t_cls, t_patch = inputs
+    chunk = cfg.prototype_chunk
+    n_teacher = 2
+    batch_size = t_cls.shape[0] // n_teacher
+
+    def prepared(head, x):  # (features in the head's compute dtype, float32 features, kernel)
+        features = head.features(x)
+        return features.astype(head.last_layer.dtype), features, head.last_layer.kernel()
+
+    t_cls_x, t_cls_f32, t_cls_kernel = jax.lax.stop_gradient(prepared(teacher_dino, t_cls))
+    t_patch_x, t_patch_f32, t_patch_kernel = jax.lax.stop_gradient(prepared(teacher_ibot, t_patch))
+    all_rows = jnp.ones(t_cls_x.shape[:1], bool)
+    if cfg.centering == "sinkhorn_knopp":
+        iterations = cfg.sinkhorn_iterations
+        cls_targets = chunked.sinkhorn_targets(
+            t_cls_x, t_cls_kernel, teacher_temperature, iterations, all_rows, chunk
+        )
+        patch_targets = chunked.sinkhorn_targets(
+            t_patch_x, t_patch_kernel, teacher_temperature, iterations, valid, chunk
+        )
+        next_dino_center, next_ibot_center = dino_center, ibot_center
+    else:
+        cls_targets = chunked.centered_targets(
+            t_cls_x, t_cls_kernel, dino_center, teacher_temperature, all_rows, chunk
+        )
+        patch_targets = chunked.centered_targets(
+            t_patch_x, t_patch_kernel, ibot_center, teacher_temperature, valid, chunk
+        )
+        momentum = cfg.center_momentum
+        next_dino_center = chunked.next_center(dino_center, t_cls_f32, t_cls_kernel, momentum)
+        next_ibot_center = chunked.next_center(
+            ibot_center, t_patch_f32, t_patch_kernel, momentum, valid, n_groups
+        )
+
+    s_cls_x, _, s_cls_kernel = prepared(student_dino, s_cls)
+    s_patch_x, _, s_patch_kernel = prepared(student_ibot, s_patch)
+    tau = cfg.student_temperature
+    dino, entropy, kl = chunked.dino_terms(s_cls_x, s_cls_kernel, cls_targets, tau, chunk)
+    ibot = chunked.ibot_loss(
+        s_patch_x, s_patch_kernel, patch_targets, weights, n_teacher * batch_size, tau, chunk
+    )
+    monitors = {
+        "next_dino_center": next_dino_center,
+        "next_ibot_center": next_ibot_center,
+        "teacher_entropy": entropy,
+        "student_teacher_kl": kl,
+    }
+    return dino, ibot, monitors
 
 
 def _gram_term(
