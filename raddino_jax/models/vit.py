@@ -239,7 +239,8 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
-        out = attention(qkv, self.attention_impl, self.lean)
+        with jax.named_scope("attention"):  # sweep/profile.py sums time by these scopes
+            out = attention(qkv, self.attention_impl, self.lean)
         return self.proj(out.reshape(batch, tokens, dim))
 
 

@@ -217,14 +217,15 @@ def ssl_loss(
     heads = (student.dino_head, student_ibot_head, teacher.dino_head, teacher_ibot_head)
     inputs = (s_cls, s_patch, t_cls, t_patch)
     terms_of = _chunked_terms if cfg.prototype_chunk else _materialised_terms
-    dino, ibot, monitors = terms_of(
-        heads, inputs, dino_center, ibot_center, teacher_temperature, valid, weights, n_groups, cfg
-    )
     group = cfg.koleo_group_size or batch_size
     if batch_size % group:
         raise ValueError(f"ssl.koleo_group_size {group} does not divide the batch {batch_size}")
-    cls_per_crop = s_global_cls
-    koleo = sum(losses.koleo_loss_grouped(cls_per_crop[c], group) for c in range(n_global))
+    with jax.named_scope("heads_losses"):  # sweep/profile.py sums time by this scope
+        dino, ibot, monitors = terms_of(
+            heads, inputs, dino_center, ibot_center, teacher_temperature, valid, weights,
+            n_groups, cfg,
+        )
+        koleo = sum(losses.koleo_loss_grouped(s_global_cls[c], group) for c in range(n_global))
     total = cfg.dino_weight * dino + cfg.ibot_weight * ibot + cfg.koleo_weight * koleo
     if cfg.gram_enabled:
         gram_term = _gram_term(

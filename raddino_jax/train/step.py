@@ -126,9 +126,11 @@ def train_step(
         gram_teacher,
         step >= objective.gram_start_step,
     )
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.student)
-    student = optax.apply_updates(state.student, updates)
-    teacher = ema(state.teacher, student, momentum)
+    with jax.named_scope("optimizer"):  # named scopes: sweep/profile.py sums time by them
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.student)
+        student = optax.apply_updates(state.student, updates)
+    with jax.named_scope("teacher_ema"):
+        teacher = ema(state.teacher, student, momentum)
 
     metrics = {
         "loss": loss,

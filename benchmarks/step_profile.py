@@ -1,0 +1,142 @@
+"""The real train step profiled by kind of work, beside the same step with config overrides.
+
+Both variants are compiled for one device, timed with their rounds interleaved (so both see the
+same machine load), traced with `jax.profiler`, and the traces summed by kind
+(`raddino_jax.sweep.profile`: matmuls, attention forward/backward, elementwise, heads + losses,
+optimizer + EMA, copies/transposes). Prints one markdown table (ms per step, share, after/before
+ratio), XLA's memory analysis of each compiled step and the median step times with their ratio.
+
+  PYTHONPATH=. .venv/bin/python benchmarks/step_profile.py --config demo --batch 8 \
+      --compare ssl.prototype_chunk=128
+  # on a GPU (bf16, the RAD-DINO setting; see gpu_check.sh):
+  python3 benchmarks/step_profile.py --config vitb14 --batch 40 --dtype bfloat16 \
+      --compare ssl.prototype_chunk=8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import statistics
+import tempfile
+import time
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="demo", help="configs/<name>.py")
+    p.add_argument("--batch", type=int, default=8, help="global batch (0: the config's)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--set", action="append", default=[], help="KEY=VALUE for both variants")
+    p.add_argument("--compare", action="append", default=[], help="KEY=VALUE for 'after'")
+    p.add_argument("--steps", type=int, default=3, help="timed and traced steps per variant")
+    p.add_argument("--trace-dir", default="", help="keep the traces here (default: temporary)")
+    return p.parse_args(argv)
+
+
+def _apply(config, assignments: list[str]):
+    """KEY=VALUE overrides (values parsed as Python literals, else kept as strings)."""
+    for item in assignments:
+        key, _, text = item.partition("=")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        node = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        if leaf not in node:
+            raise SystemExit(f"--set/--compare: unknown config key {key!r}")
+        node[leaf] = value
+    return config
+
+
+def variant_config(args: argparse.Namespace, extra: list[str]):
+    """The named config for one device: batch, dtype, mask/KoLeo groups within the batch."""
+    config = importlib.import_module(f"configs.{args.config}").get_config()
+    if args.batch:
+        config.batch_size = args.batch
+    config.model.dtype = args.dtype
+    config.data.mask_group_size = min(config.data.mask_group_size or args.batch,
+                                      config.batch_size)
+    config.ssl.koleo_group_size = min(config.ssl.koleo_group_size or args.batch,
+                                      config.batch_size)
+    config.eval.every = 0
+    return _apply(config, [*args.set, *extra])
+
+
+def prepare(config, devices):
+    """(point, compiled step, one-step runner) for a config on a 1x1x1 mesh."""
+    import jax
+
+    from raddino_jax import sweep
+
+    point = sweep.build_point(
+        sweep.point_config(config, (1, 1, 1), config.batch_size, config.model.remat), devices
+    )
+    compiled, _ = sweep.compile_step(point)
+    holder = {"state": sweep.initial_state(point, seed=0)}
+    batch = sweep.device_batch(point, seed=0)
+    keys = iter(sweep.step_keys(point, 10_000, seed=0))
+
+    def run() -> float:
+        start = time.perf_counter()
+        holder["state"], metrics = compiled(holder["state"], batch, next(keys))
+        jax.block_until_ready((holder["state"], metrics))
+        return time.perf_counter() - start
+
+    return point, compiled, run
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    import jax
+
+    from raddino_jax.sweep import memory_fields, profile
+
+    devices = jax.devices()[:1]
+    variants = {"before": variant_config(args, []), "after": variant_config(args, args.compare)}
+    prepared = {name: prepare(config, devices) for name, config in variants.items()}
+    for _, _, run in prepared.values():
+        run()  # warm-up
+    times = {name: [] for name in prepared}
+    for _ in range(args.steps):
+        for name, (_, _, run) in prepared.items():
+            times[name].append(run())
+    tables = {}
+    root = args.trace_dir or tempfile.mkdtemp(prefix="step_profile_")
+    for name, (_, compiled, run) in prepared.items():
+        events = profile.trace_steps(run, args.steps, f"{root}/{name}")
+        text = compiled.as_text()
+        tables[name] = profile.summarise(
+            events, profile.parse_hlo_ops(text), args.steps, module=profile.module_name(text)
+        )
+
+    device = devices[0]
+    print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}")
+    config = variants["before"]
+    print(
+        f"step: {args.config} batch {config.batch_size}, {config.data.global_size}/"
+        f"{config.data.local_size} px x(2+{config.data.n_local}), {args.dtype}; "
+        f"after = before + {args.compare or 'nothing'}"
+    )
+    print(profile.markdown_table(tables))
+    result = {"tables": tables}
+    for name, (_, compiled, _) in prepared.items():
+        memory = memory_fields(compiled)
+        result[f"{name}_temp_bytes"] = memory["temp_bytes"]
+        result[f"{name}_step_s"] = statistics.median(times[name])
+        peak = memory["peak_bytes_per_device"]
+        print(
+            f"{name}: median step {result[f'{name}_step_s'] * 1e3:.1f} ms over {args.steps}; "
+            f"XLA temp {memory['temp_bytes'] and memory['temp_bytes'] / 2**20:.1f} MiB, "
+            f"peak {peak and peak / 2**20:.1f} MiB per device"
+        )
+    print(f"after / before: step time {result['after_step_s'] / result['before_step_s']:.3f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
