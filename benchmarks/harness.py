@@ -9,8 +9,9 @@
 - `machine_header`: command, CPU, cores, load, versions; `markdown_table`: rows for RESULTS.md;
 - `named_config`: `configs/<name>.py` with "key=value" overrides, as `--config.key=value`.
 
-Importing this module imports neither jax nor torch. Scripts run from the repository root:
-`PYTHONPATH=. python benchmarks/<script>.py` (or `python -m benchmarks.<script>`).
+Importing this module imports neither jax nor torch. A script imports it as `import harness`
+(Python puts the script's folder first on sys.path) and runs from the repository root:
+`PYTHONPATH=. python benchmarks/<script>.py`.
 """
 
 from __future__ import annotations
@@ -130,8 +131,8 @@ def machine_header(argv: Sequence[str] | None = None) -> str:
         jax = sys.modules["jax"]
         device = jax.devices()[0]
         versions.append(
-            f"jax {jax.__version__} ({len(jax.devices())} {device.device_kind} "
-            f"{device.platform}); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+            f"jax {jax.__version__} ({len(jax.devices())} {device.platform} device(s), "
+            f"{device.device_kind}); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
         )
     if "torch" in sys.modules:
         torch = sys.modules["torch"]

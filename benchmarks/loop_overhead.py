@@ -42,13 +42,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--transfer-dtype", default="", help="uint8, uint16, float32 ('': config's)")
     p.add_argument("--phantoms", type=int, default=96, help="built-in samples to build")
     p.add_argument("--data-root", default="", help="where the samples are built (reused)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. --set model.depth=2 (repeatable)")  # fmt: skip
     return p.parse_args(argv)
 
 
 def bench_config(args: argparse.Namespace, data_dir: str, name: str):
     """The named config on the prebuilt samples: no eval, a metrics line every step, only the
     final checkpoint, and the requested batch / prefetch / transfer overrides."""
-    config = harness.named_config(args.config)
+    config = harness.named_config(args.config, args.set)
     config.data.dir, config.data.name = data_dir, name
     config.total_steps = args.skip + args.steps
     config.log_every = 1

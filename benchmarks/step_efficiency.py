@@ -35,12 +35,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--profile", default="", help="write a jax.profiler trace of 2 steps here")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. --set model.depth=2 (repeatable)")  # fmt: skip
     return p.parse_args(argv)
 
 
-def step_config(name: str, batch: int, dtype: str, remat: bool):
+def step_config(name: str, batch: int, dtype: str, remat: bool, overrides=()):
     """The named config, sized for one device: batch, dtype, remat; masks/KoLeo per batch."""
-    config = harness.named_config(name)
+    config = harness.named_config(name, overrides)
     if batch:
         config.batch_size = batch
     config.model.dtype = dtype
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     from raddino_jax import flops, sweep
 
-    config = step_config(args.config, args.batch, args.dtype, args.remat)
+    config = step_config(args.config, args.batch, args.dtype, args.remat, args.set)
     point = sweep.build_point(
         sweep.point_config(config, (1, 1, 1), config.batch_size, args.remat), jax.devices()[:1]
     )

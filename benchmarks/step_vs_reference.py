@@ -1,18 +1,13 @@
 """The whole train step on CPU: ours (jax.jit) vs the same step in PyTorch (eager), in one run.
 
-Ours is the real compiled step on one CPU device (`raddino_jax.reference.compare.OursStep`);
-the other side is `raddino_jax.reference`, the same step written in PyTorch. Both start from
-the same weights and run on the same batch (the sweep's synthetic host batch: crops in the
-loop's transfer dtype, masks from the real iBOT sampler). Per crop size (2 x G + n_local x L)
-each side runs in its own worker process, so sys time, page faults and peak RSS are its own:
-1. the jax worker writes the initial weights, the batch and the reference config, compiles,
-   runs step 0 and saves its state; the torch worker loads them, runs step 0 and saves its;
-2. the parent compares the step-0 losses and the states (`compare.compare_states`) before
-   anything is timed (the proof that it is the same step);
-3. after `--warmup` more steps each, rounds alternate ours / torch (`--steps` each).
-Both workers are alive together (peak memory is the sum). Threads: `harness.pin_threads`.
-Measure on a quiet machine: torch's OpenMP threads wait on each other at every op, and another
-process on one of the cores stretches that wait by time slices.
+Ours is the real compiled step on one CPU device (`raddino_jax.reference.compare.OursStep`),
+theirs `raddino_jax.reference.step.ReferenceStep`; same weights, same batch (the sweep's
+synthetic host batch). Per crop size (2 x G + n_local x L) each side runs in its own worker
+process (`harness.Worker`: its sys time, page faults and peak RSS are its own; both are alive
+together). The jax worker writes the weights, batch and `ReferenceConfig`, both run step 0 and
+save their states, and the parent compares them (`compare.compare_states`) before anything is
+timed; then, after `--warmup` steps each, rounds alternate ours / torch. Measure on a quiet
+machine: torch's OpenMP threads wait on each other at every op.
 
 The model: ViT-S/14 shape (`--width 384 --depth 12`, heads = width / 64), float32, a DINO head
 shared with iBOT (2048 hidden, 256 bottleneck, `--K` prototypes), batch 16, as
