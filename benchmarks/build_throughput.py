@@ -32,6 +32,7 @@ import statistics
 import tempfile
 import time
 
+import harness
 import numpy as np
 
 RAD_DINO_IMAGES = 882_775
@@ -152,7 +153,7 @@ def main() -> None:
     print(
         f"corpus {args.corpus}: {files} files in {input_path} ({time.perf_counter() - start:.0f} s)"
     )
-    print(f"load average before: {os.getloadavg()}, cpus: {os.cpu_count()}")
+    print(harness.machine_header())
 
     times: dict[str, list[float]] = {"multiprocess": [], "beam": []}
     counts = {}
@@ -168,20 +169,17 @@ def main() -> None:
     per_file = time_in_process(input_path, args, min(args.in_process_files, files))
     print(f"load average after: {os.getloadavg()}")
 
+    rates = {runner: c["found"] / seconds for runner, (seconds, c) in results.items()}
+    rows = [[runner, f"{seconds:.1f} ({', '.join(f'{t:.1f}' for t in times[runner])})",
+             f"{rates[runner]:.2f}", f"{rates[runner] / args.workers:.2f}"]
+            for runner, (seconds, _) in results.items()]  # fmt: skip
+    first = min(args.in_process_files, files)
+    rows.append([f"convert_item in this process (first {first} files)", f"{per_file:.3f} s/file",
+                 f"{1 / per_file:.2f}", f"{1 / per_file:.2f}"])  # fmt: skip
+    header = [f"runner ({args.workers} processes)", f"wall s: median (all {args.rounds})",
+              "images/s", "images/s per process"]  # fmt: skip
     print()
-    print(
-        f"| runner ({args.workers} processes) | wall s: median (all {args.rounds}) "
-        "| images/s | images/s per process |"
-    )
-    print("|---|---|---|---|")
-    rates = {}
-    for runner, (seconds, runner_counts) in results.items():
-        rate = runner_counts["found"] / seconds
-        rates[runner] = rate
-        spread = ", ".join(f"{t:.1f}" for t in times[runner])
-        print(f"| {runner} | {seconds:.1f} ({spread}) | {rate:.2f} | {rate / args.workers:.2f} |")
-    print(f"| convert_item in this process (first {min(args.in_process_files, files)} files) | "
-          f"{per_file:.3f} s/file | {1 / per_file:.2f} | {1 / per_file:.2f} |")  # fmt: skip
+    print(harness.markdown_table(header, rows))
     print(f"\nbeam / multiprocess images/s: {rates['beam'] / rates['multiprocess']:.2f}")
 
     per_process = rates["beam"] / args.workers

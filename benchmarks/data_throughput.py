@@ -29,11 +29,13 @@ import time
 from collections.abc import Callable
 
 import cv2
+import harness
 import numpy as np
 import pydicom
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from raddino_jax.data import augment, pipeline
+from raddino_jax.data.png import decode_image
 
 DICOM_NAME = "RG1_UNCR.dcm"
 
@@ -108,7 +110,7 @@ def pil_sample(png: bytes, rng: np.random.Generator, cfg: augment.MultiCropConfi
 
 def ours_sample(png: bytes, rng: np.random.Generator, cfg: augment.MultiCropConfig) -> dict:
     """Our per-sample path: cv2 decode + ``multi_crop`` (what the Grain transform runs)."""
-    return augment.multi_crop(pipeline.decode_image(png), rng, cfg)
+    return augment.multi_crop(decode_image(png), rng, cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,11 +141,6 @@ def pipeline_samples_per_second(png: bytes, cfg: augment.MultiCropConfig, batche
     return 32 * samples_per_second(lambda: next(it), batches)
 
 
-def median_and_spread(values: list[float]) -> str:
-    """'median (min-max)' of per-round rates."""
-    return f"{statistics.median(values):.1f} ({min(values):.0f}-{max(values):.0f})"
-
-
 def _area_resize(image: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
     """The previous resize path for shrinks >= 1.25x: cv2's generic INTER_AREA."""
     t, l, h, w = box
@@ -171,7 +168,7 @@ def _fast_resize(image: np.ndarray, box: tuple[int, int, int, int], size: int) -
 
 def resize_accuracy(png: bytes, rounds: int = 3) -> None:
     """RMSE (8-bit levels) vs PIL of the fast resize and of cv2's generic INTER_AREA."""
-    image = pipeline.decode_image(png)
+    image = decode_image(png)
     pil = Image.fromarray(image)
     print(
         "\n| crop | boxes shrunk >= 1.25x | RMSE vs PIL: ours | generic INTER_AREA "
@@ -201,19 +198,18 @@ def resize_accuracy(png: bytes, rounds: int = 3) -> None:
 
     encoded = np.frombuffer(png, np.uint8)
     decoders = {
-        "decode_image (fast PNG path)": lambda: pipeline.decode_image(png),
+        "decode_image (fast PNG path)": lambda: decode_image(png),
         "cv2.imdecode IMREAD_UNCHANGED": lambda: cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED),
         "cv2.imdecode IMREAD_GRAYSCALE": lambda: cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE),
         "PIL open + load": lambda: Image.open(io.BytesIO(png)).load(),
     }
-    times = {name: [] for name in decoders}
-    for _ in range(5):  # interleaved
-        for name, fn in decoders.items():
-            times[name].append(1e3 / samples_per_second(fn, 50))
-    print("\n| PNG decode | ms, min of 5 | median |")
-    print("|---|---:|---:|")
-    for name, values in times.items():
-        print(f"| {name} | {min(values):.2f} | {statistics.median(values):.2f} |")
+    times = harness.interleaved(
+        {name: lambda fn=fn: [fn() for _ in range(50)] for name, fn in decoders.items()}, 5
+    )
+    rows = [[name, f"{min(t) * 20:.2f}", f"{statistics.median(t) * 20:.2f}"]
+            for name, t in times.items()]  # fmt: skip
+    print()
+    print(harness.markdown_table(["PNG decode", "ms, min of 5", "median"], rows))
 
 
 def main() -> None:
@@ -226,6 +222,7 @@ def main() -> None:
 
     cv2.setNumThreads(1)
     png, shape = radiograph_png()
+    print(harness.machine_header())
     print(f"input: {DICOM_NAME} -> {shape[0]}x{shape[1]} uint8 PNG, {len(png)} bytes")
     print(f"one process, one thread; {args.rounds} alternating rounds of {args.samples} samples")
     rows = []
@@ -239,21 +236,15 @@ def main() -> None:
             ours.append(samples_per_second(run_ours, args.samples))
             pil.append(samples_per_second(run_pil, args.samples))
             grain_rates.append(pipeline_samples_per_second(png, cfg, args.pipeline_batches))
-        ratios = [o / p for o, p in zip(ours, pil, strict=True)]
-        rows.append((global_size, ours, pil, ratios, grain_rates))
+        rows.append((global_size, ours, pil, grain_rates))
 
     print()
-    print(
-        "| crops | ours (samples/s/core) | PIL (samples/s/core) | ours/PIL per round "
-        "| grain pipeline, B=32 (samples/s) |"
-    )
-    print("|---|---:|---:|---:|---:|")
-    for global_size, ours, pil, ratios, grain_rates in rows:
-        ratio = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
-        print(
-            f"| {global_size}/98 x2+8 | {median_and_spread(ours)} | {median_and_spread(pil)} "
-            f"| {ratio} | {median_and_spread(grain_rates)} |"
-        )
+    header = ["crops", "ours (samples/s/core)", "PIL (samples/s/core)", "ours/PIL per round",
+              "grain pipeline, B=32 (samples/s)"]  # fmt: skip
+    table = [[f"{g}/98 x2+8", harness.spread(ours, ".1f"), harness.spread(pil, ".1f"),
+              harness.format_paired(ours, pil), harness.spread(grain, ".1f")]
+             for g, ours, pil, grain in rows]  # fmt: skip
+    print(harness.markdown_table(header, table))
     if args.accuracy:
         resize_accuracy(png)
 

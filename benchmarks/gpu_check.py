@@ -32,9 +32,11 @@ import json
 import time
 import traceback
 
+import harness
 import jax
 import numpy as np
 
+from configs import tiny
 from raddino_jax import sweep
 
 CORRECTNESS_RTOL = 1e-4
@@ -128,13 +130,8 @@ def diagnose_correctness(device) -> None:
 
 
 def tiny_overrides(config) -> None:
-    """Shrink any config to a 2-block, 32-wide ViT on 56/28 px crops (tests' tiny model)."""
-    config.model.arch = "vit_small"
-    config.model.embed_dim, config.model.depth, config.model.num_heads = 32, 2, 2
-    config.model.img_size = 0
-    config.model.head_out_dim, config.model.head_hidden_dim = 64, 32
-    config.model.head_bottleneck_dim = 16
-    config.data.global_size, config.data.local_size, config.data.n_local = 56, 28, 2
+    """Shrink any config to the tests' tiny model (configs/tiny.py), without drop path."""
+    tiny.shrink(config)
     config.model.drop_path_rate = 0.0
 
 
@@ -224,25 +221,20 @@ def timed_row(config, device, batch: int, remat: str, attention: str, steps: int
 
 def format_rows(title: str, entries) -> str:
     """One table: config, status, compile, ms/step, img/s, TFLOP/s, MFU, memory."""
-    lines = [
-        title,
-        "| global px | batch | remat | attention | status | compile s | ms/step | img/s "
-        "| TFLOP/s | MFU | XLA peak MiB | temp MiB | allocator peak so far MiB | note |",
-        "|" + "---|" * 14,
-    ]
-    for size, attention, row, mem in entries:
-        ok = row.status == "ok"
-        lines.append(
-            f"| {size} | {row.batch_size} | {row.remat} "
-            f"| {attention or 'default'} | {row.status} "
-            f"| {sweep._fmt(row.compile_time_s, '.1f')} "
-            f"| {sweep._fmt(row.step_time_s and row.step_time_s * 1e3, '.1f')} "
-            f"| {sweep._fmt(row.images_per_s, '.1f')} | {sweep._fmt(row.tflops_per_s, '.1f')} "
-            f"| {sweep._fmt(row.mfu, '.3f')} | {sweep._mib(row.peak_bytes_per_device)} "
-            f"| {sweep._mib(row.temp_bytes)} | {mem['process_peak_mib']:.0f} "
-            f"| {'' if ok else row.reason[:120]} |"
-        )
-    return "\n".join(lines)
+    header = ["global px", "batch", "remat", "attention", "status", "compile s", "ms/step",
+              "img/s", "TFLOP/s", "MFU", "XLA peak MiB", "temp MiB",
+              "allocator peak so far MiB", "note"]  # fmt: skip
+    rows = [
+        [size, row.batch_size, row.remat, attention or "default", row.status,
+         sweep.cell(row.compile_time_s, ".1f"),
+         sweep.cell(row.step_time_s and row.step_time_s * 1e3, ".1f"),
+         sweep.cell(row.images_per_s, ".1f"), sweep.cell(row.tflops_per_s, ".1f"),
+         sweep.cell(row.mfu, ".3f"), sweep.mib(row.peak_bytes_per_device),
+         sweep.mib(row.temp_bytes), f"{mem['process_peak_mib']:.0f}",
+         "" if row.status == "ok" else row.reason[:120]]
+        for size, attention, row, mem in entries
+    ]  # fmt: skip
+    return title + "\n" + harness.markdown_table(header, rows)
 
 
 def _guarded(name: str, fn, failures: list[str]):

@@ -23,12 +23,11 @@ once under --data-root, two compiles, 2 x (skip + steps) steps of configs/demo.p
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
-import platform
 import statistics
-import sys
 import tempfile
+
+import harness
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -43,13 +42,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--transfer-dtype", default="", help="uint8, uint16, float32 ('': config's)")
     p.add_argument("--phantoms", type=int, default=96, help="built-in samples to build")
     p.add_argument("--data-root", default="", help="where the samples are built (reused)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. --set model.depth=2 (repeatable)")  # fmt: skip
     return p.parse_args(argv)
 
 
 def bench_config(args: argparse.Namespace, data_dir: str, name: str):
     """The named config on the prebuilt samples: no eval, a metrics line every step, only the
     final checkpoint, and the requested batch / prefetch / transfer overrides."""
-    config = importlib.import_module(f"configs.{args.config}").get_config()
+    config = harness.named_config(args.config, args.set)
     config.data.dir, config.data.name = data_dir, name
     config.total_steps = args.skip + args.steps
     config.log_every = 1
@@ -100,49 +101,33 @@ def bare_step_times(config, *, steps: int, warmup: int) -> list[float]:
     return measure.time_steps(point, compiled, steps=steps, warmup=warmup, seed=config.seed)
 
 
-def machine_info() -> str:
-    import jax
-
-    device = jax.devices()[0]
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (
-        f"machine: {platform.platform()}, {os.cpu_count()} CPU(s), load average {load}\n"
-        f"python {platform.python_version()}, jax {jax.__version__}, "
-        f"{len(jax.devices())} {device.device_kind} ({device.platform}) device(s)"
-    )
-
-
 def table(loop_times: list[float], bare_times: list[float]) -> str:
     """min / median s/step of both and the loop / bare ratios."""
-    rows = [("loop", loop_times), ("bare step", bare_times)]
-    lines = ["| | steps | min s/step | median s/step |", "|---|---|---|---|"]
-    for name, times in rows:
-        lines.append(
-            f"| {name} | {len(times)} | {min(times):.3f} | {statistics.median(times):.3f} |"
-        )
-    lines.append(
-        f"| loop / bare | | {min(loop_times) / min(bare_times):.3f} | "
-        f"{statistics.median(loop_times) / statistics.median(bare_times):.3f} |"
-    )
-    return "\n".join(lines)
+    median = statistics.median
+    rows = [[name, len(t), f"{min(t):.3f}", f"{median(t):.3f}"]
+            for name, t in (("loop", loop_times), ("bare step", bare_times))]  # fmt: skip
+    rows.append(["loop / bare", "", f"{min(loop_times) / min(bare_times):.3f}",
+                 f"{median(loop_times) / median(bare_times):.3f}"])  # fmt: skip
+    return harness.markdown_table(["", "steps", "min s/step", "median s/step"], rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     if args.steps < 1 or args.skip < 1:
         raise SystemExit("--steps and --skip must be >= 1 (the first step compiles)")
+    import jax  # noqa: F401  (its devices go into the header)
+
     from raddino_jax.data import sources
 
-    machine = machine_info()  # the load average before this benchmark adds its own
+    machine = harness.machine_header()  # the load average before this benchmark adds its own
     with tempfile.TemporaryDirectory(prefix="loop_overhead_") as scratch:
         root = args.data_root or os.path.join(scratch, "data")
-        probe = importlib.import_module(f"configs.{args.config}").get_config()
+        probe = harness.named_config(args.config)
         data_dir, name = sources.builtin_dataset(root, args.phantoms, probe.data.builtin_size)
         config = bench_config(args, data_dir, name)
         loop_times = loop_step_times(config, os.path.join(scratch, "run"))[args.skip :]
         bare_times = bare_step_times(config, steps=args.steps, warmup=args.skip)
     # The summary last, after the loop's own console output.
-    print("command: " + " ".join([sys.executable, *sys.argv]))
     print(machine)
     print(
         f"config: configs/{args.config}.py, batch {config.batch_size}, "

@@ -5,7 +5,7 @@ separates the matmuls (the bulk of the FLOPs) from everything else. For each lin
 one ViT block (qkv, proj, fc1, fc2) and each token count of the step (global crops, local
 crops), it times the forward product X W, the input gradient G W^T and the weight gradient
 X^T G in float32, on both frameworks with the same n cores (affinity set before import, as in
-`model_vs_torch.py`), and prints GFLOP/s per shape plus the matmul seconds per train step
+`harness.pin_threads`), and prints GFLOP/s per shape plus the matmul seconds per train step
 each framework's rates imply (student forward + both gradients, teacher forward, x depth).
 
 Run: PYTHONPATH=. .venv/bin/python benchmarks/matmul_vs_torch.py [--global-size 224]
@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from model_vs_torch import _pin_threads  # noqa: E402 - the benchmarks share the pinning
+import harness
 
 PATCH = 14
 
@@ -73,20 +70,16 @@ def time_min(fn, reps: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    _pin_threads(args.threads, "")
+    harness.pin_threads(args.threads)
+    torch = harness.torch_threads(args.threads)
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import torch
 
-    torch.set_num_threads(args.threads)
-    torch.set_num_interop_threads(1)
     rng = np.random.default_rng(0)
     matmul = jax.jit(lambda a, b: a @ b)
-    print(f"{args.threads} threads, jax {jax.__version__}, torch {torch.__version__}")
-    print("| product | M x K x N | calls/step | jax GFLOP/s | torch GFLOP/s | jax/torch time |")
-    print("|---|---|---|---|---|---|")
-    totals = {"jax": 0.0, "torch": 0.0}
+    print(harness.machine_header())
+    rows, totals = [], {"jax": 0.0, "torch": 0.0}
     for label, m, k, n, calls in products(args):
         a = rng.standard_normal((m, k), dtype=np.float32)
         b = rng.standard_normal((k, n), dtype=np.float32)
@@ -97,10 +90,11 @@ def main(argv: list[str] | None = None) -> None:
         flop = 2 * m * k * n
         totals["jax"] += calls * t_jax
         totals["torch"] += calls * t_torch
-        print(
-            f"| {label} | {m} x {k} x {n} | {calls} | {flop / t_jax / 1e9:.0f} "
-            f"| {flop / t_torch / 1e9:.0f} | {t_jax / t_torch:.2f} |"
-        )
+        rows.append([label, f"{m} x {k} x {n}", calls, f"{flop / t_jax / 1e9:.0f}",
+                     f"{flop / t_torch / 1e9:.0f}", f"{t_jax / t_torch:.2f}"])  # fmt: skip
+    header = ["product", "M x K x N", "calls/step", "jax GFLOP/s", "torch GFLOP/s",
+              "jax/torch time"]  # fmt: skip
+    print(harness.markdown_table(header, rows))
     print(
         f"\nmatmul seconds per train step at these rates: jax {totals['jax']:.2f} s, "
         f"torch {totals['torch']:.2f} s (jax/torch {totals['jax'] / totals['torch']:.2f})"

@@ -6,17 +6,11 @@ a randomly initialised HF model is `save_pretrained` into a temporary folder and
 `convert.from_torch.read_torch_weights`; forward outputs and a few gradients are compared
 before anything is timed.
 
-Thread pinning (both frameworks get the same n cores, default n = os.cpu_count()):
-- the process CPU affinity is restricted to n cores with `os.sched_setaffinity` *before* jax
-  and torch are imported: XLA's CPU client sizes its intra-op (Eigen) thread pool from the
-  affinity mask (tsl::port::MaxParallelism);
-- `torch.set_num_threads(n)` and `torch.set_num_interop_threads(1)` for PyTorch.
-XLA flags are taken from `--xla-flags` (appended to $XLA_FLAGS) so each variant can be tried.
-
-Timing: after warm-up (compilation, allocator), rounds alternate ours / torch so both see the
-same machine load. Reported: median and min..max over rounds, the median (and range) of the
-per-round ratio ours/torch (paired, so slow load drift cancels), and the ratio of the minima
-(the least-disturbed samples; the most stable figure on a shared machine).
+Both frameworks get the same n cores (`harness.pin_threads`, default n = os.cpu_count());
+`--xla-flags` are appended to $XLA_FLAGS so each variant can be tried. After warm-up
+(compilation, allocator), rounds alternate ours / torch (`harness.interleaved`). Reported:
+median and min..max over rounds, the median (and range) of the per-round ratio ours/torch, and
+the ratio of the minima (the least-disturbed samples).
 
 Run: PYTHONPATH=. .venv/bin/python benchmarks/model_vs_torch.py [--archs vit_small vit_base]
      [--batch 8] [--size 224] [--rounds 7] [--threads N] [--attention-impls default xla einsum]
@@ -27,10 +21,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
+
+import harness
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,16 +46,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", default="", help="write a jax.profiler trace of ours here")
     p.add_argument("--only", choices=["both", "jax", "torch"], default="both")
     return p.parse_args(argv)
-
-
-def _pin_threads(n: int, xla_flags: str) -> None:
-    """Restrict this process to n cores and set XLA_FLAGS; must run before importing jax/torch."""
-    cores = sorted(os.sched_getaffinity(0))
-    if n > len(cores):
-        raise SystemExit(f"--threads {n} > {len(cores)} available cores")
-    os.sched_setaffinity(0, cores[:n])
-    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), xla_flags]))
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def build_models(arch: str, size: int, folder: str):
@@ -173,20 +157,6 @@ def check_agreement(jax_step, params, torch_step, torch_model, images_nhwc) -> d
     return report
 
 
-def time_interleaved(fns: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
-    """Alternate the named zero-arg callables `rounds` times after `warmup` untimed calls each."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def run_arch(args, arch: str) -> dict[str, list[float]]:
     import jax
     import numpy as np
@@ -216,7 +186,7 @@ def run_arch(args, arch: str) -> dict[str, list[float]]:
             )
     if args.only in ("both", "torch"):
         fns["torch"] = lambda: torch_step(images_torch)
-    times = time_interleaved(fns, args.rounds, args.warmup)
+    times = harness.interleaved(fns, args.rounds, args.warmup)
     if args.profile:
         first = next(k for k in fns if k.startswith("ours"))
         with jax.profiler.trace(os.path.join(args.profile, arch)):
@@ -227,40 +197,23 @@ def run_arch(args, arch: str) -> dict[str, list[float]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    _pin_threads(args.threads, args.xla_flags)
-    import jax
-    import torch
+    harness.pin_threads(args.threads, args.xla_flags)
+    harness.torch_threads(args.threads)
+    import jax  # noqa: F401  (after the pinning; its version goes into the header)
 
-    torch.set_num_threads(args.threads)
-    torch.set_num_interop_threads(1)
-    print(
-        f"threads={args.threads} (affinity {sorted(os.sched_getaffinity(0))}), "
-        f"jax {jax.__version__} {jax.default_backend()}, torch {torch.__version__}, "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, batch {args.batch}, "
-        f"{args.size} px, {args.rounds} rounds"
-    )
+    print(harness.machine_header())
+    print(f"batch {args.batch}, {args.size} px, {args.rounds} rounds after {args.warmup} warm-up")
     rows = []
     for arch in args.archs:
         times = run_arch(args, arch)
-        rows.append((arch, times))
-    print(
-        f"\n{'arch':10s} | {'variant':14s} | {'median s':>8s} | {'min..max s':>14s} | "
-        "ours/torch: median of paired ratios (range) | ratio of mins"
-    )
-    for arch, times in rows:
         ref = times.get("torch")
         for name, ts in times.items():
-            ratio = "-"
-            if ref and name != "torch":
-                paired = [a / b for a, b in zip(ts, ref)]  # same round: same machine load
-                ratio = (
-                    f"{statistics.median(paired):.2f} ({min(paired):.2f}..{max(paired):.2f})"
-                    f" | {min(ts) / min(ref):.2f}"
-                )
-            print(
-                f"{arch:10s} | {name:14s} | {statistics.median(ts):8.3f} | "
-                f"{min(ts):6.3f}..{max(ts):6.3f} | {ratio}"
-            )
+            ratio = harness.format_paired(ts, ref) if ref and name != "torch" else "-"
+            mins = f"{min(ts) / min(ref):.2f}" if ref and name != "torch" else "-"
+            rows.append([arch, name, harness.spread(ts), ratio, mins])
+    header = ["arch", "variant", "median (min..max) s", "ours/torch paired median (range)",
+              "ratio of mins"]  # fmt: skip
+    print(harness.markdown_table(header, rows))
     return 0
 
 

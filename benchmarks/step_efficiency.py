@@ -20,9 +20,9 @@ Run (float32: CPUs have no fast bfloat16 matmuls in XLA):
 from __future__ import annotations
 
 import argparse
-import importlib
 import statistics
-import time
+
+import harness
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,12 +35,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--profile", default="", help="write a jax.profiler trace of 2 steps here")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. --set model.depth=2 (repeatable)")  # fmt: skip
     return p.parse_args(argv)
 
 
-def step_config(name: str, batch: int, dtype: str, remat: bool):
+def step_config(name: str, batch: int, dtype: str, remat: bool, overrides=()):
     """The named config, sized for one device: batch, dtype, remat; masks/KoLeo per batch."""
-    config = importlib.import_module(f"configs.{name}").get_config()
+    config = harness.named_config(name, overrides)
     if batch:
         config.batch_size = batch
     config.model.dtype = dtype
@@ -51,8 +53,8 @@ def step_config(name: str, batch: int, dtype: str, remat: bool):
     return config
 
 
-def matmul_timer(size: int):
-    """A zero-argument function timing one jitted [size, size] @ [size, size] float32 matmul."""
+def matmul_call(size: int):
+    """A zero-argument call of one jitted [size, size] @ [size, size] float32 matmul (waited)."""
     import jax
     import jax.numpy as jnp
 
@@ -60,18 +62,11 @@ def matmul_timer(size: int):
     a = jax.random.normal(keys[0], (size, size), jnp.float32)
     b = jax.random.normal(keys[1], (size, size), jnp.float32)
     matmul = jax.jit(jnp.matmul)
-    matmul(a, b).block_until_ready()  # compile
-
-    def run() -> float:
-        start = time.perf_counter()
-        matmul(a, b).block_until_ready()
-        return time.perf_counter() - start
-
-    return run
+    return lambda: matmul(a, b).block_until_ready()
 
 
-def step_timer(point, compiled, seed: int = 0):
-    """A zero-argument function timing one train step (state threaded through, donated)."""
+def step_call(point, compiled, seed: int = 0):
+    """A zero-argument call of one train step (state threaded through, donated; waited)."""
     import jax
 
     from raddino_jax import sweep
@@ -80,12 +75,9 @@ def step_timer(point, compiled, seed: int = 0):
     batch = sweep.device_batch(point, seed)
     keys = iter(sweep.step_keys(point, 10_000, seed))
 
-    def run() -> float:
-        key = next(keys)
-        start = time.perf_counter()
-        holder["state"], metrics = compiled(holder["state"], batch, key)
+    def run() -> None:
+        holder["state"], metrics = compiled(holder["state"], batch, next(keys))
         jax.block_until_ready((holder["state"], metrics))
-        return time.perf_counter() - start
 
     return run
 
@@ -96,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     from raddino_jax import flops, sweep
 
-    config = step_config(args.config, args.batch, args.dtype, args.remat)
+    config = step_config(args.config, args.batch, args.dtype, args.remat, args.set)
     point = sweep.build_point(
         sweep.point_config(config, (1, 1, 1), config.batch_size, args.remat), jax.devices()[:1]
     )
@@ -113,13 +105,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         remat=args.remat,
     )
     xla = sweep.xla_flops(compiled)
-    run_matmul, run_step = matmul_timer(args.matmul_size), step_timer(point, compiled)
-    for _ in range(args.warmup):
-        run_matmul(), run_step()
-    matmul_times, step_times = [], []
-    for _ in range(args.rounds):
-        matmul_times.append(run_matmul())
-        step_times.append(run_step())
+    run_step = step_call(point, compiled)
+    times = harness.interleaved(
+        {"matmul": matmul_call(args.matmul_size), "step": run_step}, args.rounds, args.warmup
+    )
+    matmul_times, step_times = times["matmul"], times["step"]
     if args.profile:
         jax.profiler.start_trace(args.profile)
         run_step(), run_step()
@@ -136,8 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     }
     result["ratio_median"] = result["step_gflops_median"] / result["matmul_gflops_median"]
     result["ratio_best"] = result["step_gflops_best"] / result["matmul_gflops_best"]
-    device = jax.devices()[0]
-    print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}")
+    print(harness.machine_header())
     print(
         f"step: {args.config} batch {config.batch_size}, {config.data.global_size}/"
         f"{config.data.local_size} px x(2+{config.data.n_local}), {args.dtype}"

@@ -142,10 +142,6 @@ def load_any_params(path: str | epath.Path, which: str = "teacher") -> tuple[Mod
     )
 
 
-def load_any_preprocessing(path: str | epath.Path) -> Preprocessing:
-    return load_preprocessing(path)
-
-
 # ----------------------------------------------------------------------------------------------
 # Training checkpoints: student, teacher, optimizer + centres + step, and the data iterator
 # ----------------------------------------------------------------------------------------------

@@ -451,9 +451,10 @@ def objective_config(config: ml_collections.ConfigDict, n_devices: int) -> Objec
     )
 
 
-def schedules(config: ml_collections.ConfigDict) -> Schedules:
+def schedule_args(config: ml_collections.ConfigDict) -> dict[str, float | int]:
+    """The arguments of `build_schedules` for `config` (the torch reference reads them too)."""
     o, t = config.optim, config.teacher
-    return build_schedules(
+    return dict(
         base_lr=o.base_lr,
         global_batch=config.batch_size,
         total_steps=config.total_steps,
@@ -467,6 +468,10 @@ def schedules(config: ml_collections.ConfigDict) -> Schedules:
         teacher_temp=t.temperature,
         warmup_teacher_temp_steps=t.warmup_temperature_steps,
     )
+
+
+def schedules(config: ml_collections.ConfigDict) -> Schedules:
+    return build_schedules(**schedule_args(config))
 
 
 def optimizer_config(config: ml_collections.ConfigDict) -> OptimizerConfig:

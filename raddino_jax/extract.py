@@ -75,7 +75,7 @@ def extract_features(
 ) -> dict[str, np.ndarray]:
     """Features of every input image, stacked along the first axis."""
     spec, params = checkpoint.load_any_params(checkpoint_path, which=which)
-    pre = checkpoint.load_any_preprocessing(checkpoint_path)
+    pre = checkpoint.load_preprocessing(checkpoint_path)
     features = make_feature_fn(spec, n_layers)
     parts: dict[str, list[np.ndarray]] = {}
     paths: list[str] = []

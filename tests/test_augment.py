@@ -1,4 +1,5 @@
-"""Tests for raddino_jax.data.augment: torchvision/PIL semantics and the recipe's probabilities."""
+"""Tests for raddino_jax.data.augment and its lookup tables (data/lut.py): torchvision/PIL
+semantics and the recipe's probabilities."""
 
 import dataclasses
 import math
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
-from raddino_jax.data import augment
+from raddino_jax.data import augment, lut
 from raddino_jax.data.augment import MultiCropConfig
 
 SMALL = MultiCropConfig(global_size=28, local_size=14, n_local=4)
@@ -27,17 +28,17 @@ def _binomial_ok(count: int, n: int, p: float, sigmas: float = 5.0) -> bool:
 
 
 # Sequential references for the fused jitter table: the pipeline never runs these, it applies
-# `augment.jitter_table` (both blends composed into one table) instead.
+# `lut.jitter_table` (both blends composed into one table) instead.
 
 
 def adjust_brightness(image: np.ndarray, factor: float) -> np.ndarray:
     """torchvision/PIL brightness: blend with black, i.e. x * factor, clipped and truncated."""
-    return augment.apply_table(image, augment.blend_table(image.dtype, factor, 0.0))
+    return lut.apply_table(image, lut.blend_table(image.dtype, factor, 0.0))
 
 
 def adjust_contrast(image: np.ndarray, factor: float) -> np.ndarray:
     """torchvision/PIL contrast: blend with the image's mean grey level rounded to an integer."""
-    return augment.apply_table(image, augment.contrast_table(image, factor))
+    return lut.apply_table(image, lut.contrast_table(image, factor))
 
 
 def jitter(
@@ -215,12 +216,12 @@ def test_uint16_brightness_and_contrast_formulas():
 def test_solarize_matches_pil_and_scales_for_uint16():
     img = np.arange(256, dtype=np.uint8).reshape(16, 16)
     ref = np.asarray(ImageOps.solarize(Image.fromarray(img), 128))
-    out = augment.apply_table(img, augment.solarize_table(np.uint8, 128))
+    out = lut.apply_table(img, lut.solarize_table(np.uint8, 128))
     np.testing.assert_array_equal(out, ref)
-    t16 = augment.scaled_solarize_threshold(128, np.uint16)
+    t16 = lut.scaled_solarize_threshold(128, np.uint16)
     assert t16 == 128 * 257
     img16 = img.astype(np.uint16) * 257
-    out16 = augment.apply_table(img16, augment.solarize_table(np.uint16, t16))
+    out16 = lut.apply_table(img16, lut.solarize_table(np.uint16, t16))
     np.testing.assert_array_equal(out16, ref.astype(np.uint16) * 257)
 
 
@@ -261,7 +262,7 @@ def _replay(image, p: augment.CropParams, size: int, cfg: MultiCropConfig) -> np
     if p.blur_sigma > 0:
         crop = augment.gaussian_blur(crop, p.blur_sigma, cfg.blur_kernel)
     if p.solarized:
-        crop = augment.apply_table(crop, augment.solarize_table(crop.dtype, 128))
+        crop = lut.apply_table(crop, lut.solarize_table(crop.dtype, 128))
     return ((crop.astype(np.float64) / 255 - cfg.mean) / cfg.std).astype(np.float32)
 
 
@@ -320,9 +321,9 @@ def test_jitter_table_equals_sequential_ops(dtype, brightness_first):
     if dtype == np.uint16:
         img = img * np.uint16(257) + np.uint16(100)
     for b, c in [(0.6, 1.4), (1.37, 0.63), (1.0, 1.0), (1.21, 1.33)]:
-        table = augment.jitter_table(img, b, c, brightness_first)
+        table = lut.jitter_table(img, b, c, brightness_first)
         expected = jitter(img, b, c, brightness_first)
-        np.testing.assert_array_equal(augment.apply_table(img, table), expected)
+        np.testing.assert_array_equal(lut.apply_table(img, table), expected)
         if dtype == np.uint8:  # and the same as PIL's two enhancers in that order
             pil = Image.fromarray(img)
             ops = [(ImageEnhance.Brightness, b), (ImageEnhance.Contrast, c)]
@@ -366,7 +367,7 @@ def test_levels_and_tables_reproduce_multi_crop(dtype):
     finished = augment.apply_tables(
         levels.local_levels, levels.local_tables, np.empty_like(levels.local_levels)
     )
-    normalise = augment.normalise_table(np.dtype(dtype), SMALL.mean, SMALL.std)
+    normalise = lut.normalise_table(np.dtype(dtype), SMALL.mean, SMALL.std)
     np.testing.assert_array_equal(normalise[finished][..., None], crops["local_crops"])
 
 
@@ -383,18 +384,18 @@ def test_tables_are_none_when_no_pixel_op_applies():
     solarizing = dataclasses.replace(cfg, solarize_p=1.0)
     levels = augment.multi_crop_levels(img, np.random.default_rng(2), solarizing)
     assert levels.global_tables[0] is None  # solarize is global 2 only
-    assert levels.global_tables[1] is augment.solarize_table(np.dtype(np.uint8), 128)
+    assert levels.global_tables[1] is lut.solarize_table(np.dtype(np.uint8), 128)
 
 
 def test_uint8_levels_as_uint16_are_exact():
     """x * 257 as uint16 normalises to exactly x's uint8 value: x / 255 == 257 x / 65535."""
     levels8 = np.arange(256, dtype=np.uint8)
-    norm8 = augment.normalise_table(np.dtype(np.uint8), SMALL.mean, SMALL.std)
-    norm16 = augment.normalise_table(np.dtype(np.uint16), SMALL.mean, SMALL.std)
+    norm8 = lut.normalise_table(np.dtype(np.uint8), SMALL.mean, SMALL.std)
+    norm16 = lut.normalise_table(np.dtype(np.uint16), SMALL.mean, SMALL.std)
     np.testing.assert_array_equal(norm16[levels8.astype(np.uint16) * 257], norm8)
     # Through apply_tables: a jitter-like table and the identity, written as uint16.
     img = _radiograph_like(np.random.default_rng(3))[:28, :28]
-    table = augment.blend_table(np.dtype(np.uint8), 1.3, 40.0)
+    table = lut.blend_table(np.dtype(np.uint8), 1.3, 40.0)
     crops = np.stack([img, img])
     wide = augment.apply_tables(crops, (table, None), np.empty((2, 28, 28), np.uint16))
     np.testing.assert_array_equal(wide[0], table[img].astype(np.uint16) * 257)

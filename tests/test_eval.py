@@ -485,7 +485,7 @@ def test_knn_evaluator_matches_independent_extraction(samples_dataset, tiny_chec
 
     data_dir, name = samples_dataset
     spec, params = checkpoint.load_any_params(tiny_checkpoints[0])
-    pre = checkpoint.load_any_preprocessing(tiny_checkpoints[0])
+    pre = checkpoint.load_preprocessing(tiny_checkpoints[0])
     evaluator = KnnEvaluator(data_dir, name, "effusion", pre, spec, batch_size=8)
     metrics = evaluator(params)
     assert set(metrics) == {f"knn/{m}_k{k}" for m in ("top1", "balanced_acc") for k in (10, 20)}
@@ -525,7 +525,7 @@ def test_knn_evaluator_matches_independent_extraction(samples_dataset, tiny_chec
 def test_metadata_probes_on_phantoms(samples_dataset, tiny_checkpoints):
     data_dir, name = samples_dataset
     spec, params = checkpoint.load_any_params(tiny_checkpoints[0])
-    pre = checkpoint.load_any_preprocessing(tiny_checkpoints[0])
+    pre = checkpoint.load_preprocessing(tiny_checkpoints[0])
     roles, info = splits.load_roles(data_dir, name, 56, max_examples=None, with_masks=False, seed=0)
     assert info["carved"] == {} and all(v == 0 for v in info["patient_overlap"].values())
     result = evaluate.evaluate_model(spec, params, pre, roles, ["nodule"], ["metadata"])

@@ -8,7 +8,7 @@ import pytest
 
 from raddino_jax import checkpoint
 from raddino_jax import config as config_lib
-from raddino_jax.data import pipeline
+from raddino_jax.data import prefetch
 from raddino_jax.models import bind, init_params
 from raddino_jax.parallel import sharding
 from raddino_jax.parallel.mesh import make_mesh
@@ -179,7 +179,7 @@ def _run_steps(objective: ObjectiveConfig, host_batches, layout=(2, 4, 1)):
     records = []
     initial = jax.device_get(state.student["backbone"])
     for host in host_batches:
-        batch = pipeline.to_global_batch(host, sharding.batch_shardings(host.keys(), mesh))
+        batch = prefetch.to_global_batch(host, sharding.batch_shardings(host.keys(), mesh))
         teacher_before = jax.device_get(state.teacher["backbone"])  # the state is donated
         state, metrics = step(state, batch, jax.random.fold_in(jax.random.key(0), state.step))
         records.append(

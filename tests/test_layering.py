@@ -4,6 +4,8 @@
   holds command lines over raddino_jax's libraries, never the reverse).
 - Lower layers (models, ssl, parallel, data, train, eval) never import a command-line module
   (main, evaluate, extract, sweep, convert.__main__): shared code lives in a library module.
+- Nothing in `raddino_jax` outside `raddino_jax.reference` (the train step in PyTorch, the
+  `torch` extra) imports it: only the tests and the benchmarks do.
 """
 
 from __future__ import annotations
@@ -96,3 +98,19 @@ def test_lower_layers_never_import_command_line_modules(path):
     offending = sorted(n for n in imported if any(is_within(n, cli) for cli in CLI_MODULES))
     offending += sorted(n for n in imported if n.split(".")[-1] == "__main__")
     assert not offending, f"{module_name(path)} imports command-line modules {offending}"
+
+
+def test_only_tests_and_benchmarks_import_the_torch_reference():
+    reference = PACKAGE / "reference"
+    offending = {
+        module_name(path): sorted(
+            n for n in imported_modules(path) if is_within(n, "raddino_jax.reference")
+        )
+        for path in SOURCES
+        if reference not in path.parents
+    }
+    assert not {k: v for k, v in offending.items() if v}
+    assert any(
+        is_within(n, "raddino_jax.reference")
+        for n in imported_modules(ROOT / "tests" / "test_step_reference.py")
+    ), "the walk must see an import of the reference"

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from raddino_jax import losses as public_losses
 from raddino_jax.ssl import losses
 
 RTOL = 1e-6
@@ -80,11 +79,6 @@ def assert_close(actual, expected, rtol=RTOL, atol=0.0):
 # ----------------------------------------------------------------------------------------------
 # Teacher targets
 # ----------------------------------------------------------------------------------------------
-
-
-def test_public_module_reexports_the_same_functions():
-    for name in losses.__all__:
-        assert getattr(public_losses, name) is getattr(losses, name)
 
 
 def test_softmax_center_teacher_matches_reference():

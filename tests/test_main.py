@@ -257,7 +257,7 @@ def test_per_process_shards_are_disjoint(dataset):
     source = sources.open_training_split(*dataset, "train")
     seen = []
     for index in range(2):
-        records = pipeline.sharded_records(source, seed=0, process_index=index, process_count=2)
+        records = pipeline.shard(pipeline.record_stream(source, 0), index, 2)
         seen.append({bytes(records[i]["path"]) for i in range(len(source) // 2)})
     assert not seen[0] & seen[1]
 

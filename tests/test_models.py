@@ -12,16 +12,16 @@ from flax import nnx
 
 from raddino_jax.convert import names
 from raddino_jax.models import ModelSpec, bind, init_params
+from raddino_jax.models.attention import einsum_attention, splash_attention
 from raddino_jax.models.heads import DINOHead, HeadConfig
 from raddino_jax.models.interpolate import resample_grid
-from raddino_jax.models.vit import (
-    DinoVisionTransformer,
-    count_params,
-    drop_path,
-    einsum_attention,
-    splash_attention,
-    vit_config,
-)
+from raddino_jax.models.vit import DinoVisionTransformer, drop_path, vit_config
+
+
+def count_params(module: nnx.Module) -> int:
+    """Scalar parameters of an NNX module (shapes only: works on `nnx.eval_shape` modules)."""
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, img_size=56, layerscale_init=0.5)
 

@@ -219,7 +219,6 @@ def test_custom_rules_first_match_wins_and_unmatched_reported():
     typo = dataclasses.replace(cfg, wd_mult_rules=((r"gama", 0.0),))
     assert optim.unmatched_rules(params, typo) == ["gama"]
     assert optim.unmatched_rules(params, optim.OptimizerConfig()) == []
-    assert "weight_v" in optim.format_multipliers(params, cfg)
 
 
 # --------------------------------------------------------------------------- update math
@@ -410,7 +409,7 @@ def test_jit_on_sharded_params_matches_single_device():
     shardings = jax.tree.map(sharding_for, params)
     sharded = jax.device_put(params, shardings)
     grads = jax.device_put(random_grads(params, seed=7), shardings)
-    tx, schedules = build(params, lr=1e-2, wd=0.04)
+    tx, _ = build(params, lr=1e-2, wd=0.04)
     state = jax.jit(tx.init)(sharded)
 
     step = jitted_step(tx)
@@ -422,16 +421,13 @@ def test_jit_on_sharded_params_matches_single_device():
     assert kernel.sharding.is_equivalent_to(
         shardings["backbone"]["blocks"]["0"]["attn"]["qkv"]["kernel"], 2
     )
-    assert int(optim.optimizer_step(state_sharded)) == 1
-    logged = jax.jit(lambda st: optim.current_hparams(st, **schedules))(state_sharded)
-    assert float(logged["lr"]) == pytest.approx(1e-2) and float(logged["wd"]) == pytest.approx(0.04)
 
 
 def test_resume_from_host_copy_is_exact():
     """The step count lives in the state: 3 + restore + 2 steps == 5 uninterrupted steps."""
     params = make_params(seed=8)
     last_lr = lambda s: jnp.where(s < 4, 0.0, 1e-2)  # noqa: E731
-    tx, schedules = build(params, lr=lambda s: 1e-3 * (s + 1), last_lr=last_lr, wd=0.04)
+    tx, _ = build(params, lr=lambda s: 1e-3 * (s + 1), last_lr=last_lr, wd=0.04)
     step = jitted_step(tx)
     grads = [random_grads(params, seed=20 + t) for t in range(5)]
 
@@ -444,10 +440,6 @@ def test_resume_from_host_copy_is_exact():
         resumed, state, _ = step(resumed, state, g)
     host = jax.device_get((resumed, state))  # what a checkpoint round trip gives back
     resumed, state = jax.tree.map(jnp.asarray, host)
-    assert int(optim.optimizer_step(state)) == 3
-    hparams = optim.current_hparams(state, **schedules)
-    assert float(hparams["lr"]) == pytest.approx(4e-3) and float(hparams["last_layer_lr"]) == 0.0
-    assert float(optim.current_hparams(4, **schedules)["last_layer_lr"]) == pytest.approx(1e-2)
     for g in grads[3:]:
         resumed, state, _ = step(resumed, state, g)
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight), strict=True):

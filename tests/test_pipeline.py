@@ -9,6 +9,7 @@ import time
 import zlib
 
 import cv2
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -17,8 +18,10 @@ from absl import flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from raddino_jax.data import augment, pipeline
+from raddino_jax.data import augment, pipeline, prefetch
 from raddino_jax.data.augment import MultiCropConfig
+from raddino_jax.data.layout import IMAGE_AXIS
+from raddino_jax.data.png import decode_image, decode_png_fast
 from raddino_jax.ssl import masking
 
 CFG = MultiCropConfig(global_size=28, local_size=14, n_local=2)  # uint8 transfer (default)
@@ -77,7 +80,7 @@ def test_batch_layout(transfer):
         "mask_weights": ((2, upper), np.float32),
         "mask_valid": ((2, upper), np.bool_),
     }
-    assert set(batch) == set(expected) == set(pipeline.IMAGE_AXIS)
+    assert set(batch) == set(expected) == set(IMAGE_AXIS)
     for key, (shape, dtype) in expected.items():
         assert batch[key].shape == shape, key
         assert batch[key].dtype == dtype, key
@@ -111,13 +114,13 @@ def test_orbax_round_trip_of_iterator(tmp_path):
     it = iter(_dataset())
     _take(it, 2)
     with ocp.CheckpointManager(tmp_path, item_names=("data",)) as manager:
-        manager.save(7, args=ocp.args.Composite(data=pipeline.checkpoint_save_args(it)))
+        manager.save(7, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(item=it)))
         manager.wait_until_finished()
     expected = _take(it, 2)
     fresh = iter(_dataset())
     with ocp.CheckpointManager(tmp_path, item_names=("data",)) as manager:
         restored = manager.restore(
-            7, args=ocp.args.Composite(data=pipeline.checkpoint_restore_args(fresh))
+            7, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(item=fresh))
         )
     _assert_batches_equal(_take(restored["data"], 2), expected)
 
@@ -128,7 +131,7 @@ def test_process_shards_are_disjoint_and_cover_each_epoch():
         [
             r["id"]
             for r in itertools.islice(
-                pipeline.sharded_records(source, seed=3, process_index=p, process_count=2),
+                pipeline.shard(pipeline.record_stream(source, 3), p, 2),
                 2 * N_IMAGES // 2,
             )
         ]
@@ -147,7 +150,7 @@ def test_epochs_are_differently_permuted():
     ids = [
         r["id"]
         for r in itertools.islice(
-            pipeline.sharded_records(_png_source(), seed=3, process_index=0, process_count=1),
+            pipeline.shard(pipeline.record_stream(_png_source(), 3), 0, 1),
             3 * N_IMAGES,
         )
     ]
@@ -209,8 +212,8 @@ def test_uint16_and_decoded_array_records():
     rng = np.random.default_rng(1)
     img16 = (rng.integers(0, 256, (40, 34)) * 257).astype(np.uint16)
     png16 = cv2.imencode(".png", img16)[1].tobytes()
-    np.testing.assert_array_equal(pipeline.decode_image(png16), img16)
-    np.testing.assert_array_equal(pipeline.decode_image(img16[:, :, None]), img16)
+    np.testing.assert_array_equal(decode_image(png16), img16)
+    np.testing.assert_array_equal(decode_image(img16[:, :, None]), img16)
     as_bytes = [{"image": png16}] * 4
     as_array = [{"image": img16[:, :, None]}] * 4
     cfg16 = dataclasses.replace(CFG, transfer_dtype="uint16")
@@ -289,13 +292,12 @@ def test_to_global_batch_on_eight_devices():
     assert len(devices) == 8
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     shardings = {
-        key: NamedSharding(mesh, P(*([None] * axis), "data"))
-        for key, axis in pipeline.IMAGE_AXIS.items()
+        key: NamedSharding(mesh, P(*([None] * axis), "data")) for key, axis in IMAGE_AXIS.items()
     }
     host = next(iter(_dataset(per_process_batch=8, mask_group_size=1)))
-    arrays = pipeline.to_global_batch(host, shardings)
+    arrays = prefetch.to_global_batch(host, shardings)
     for key, array in arrays.items():
-        axis = pipeline.IMAGE_AXIS[key]
+        axis = IMAGE_AXIS[key]
         assert array.shape == host[key].shape  # one process: global == host batch
         assert array.sharding == shardings[key]
         for shard in array.addressable_shards:
@@ -303,7 +305,7 @@ def test_to_global_batch_on_eight_devices():
             np.testing.assert_array_equal(np.asarray(shard.data), host[key][shard.index])
         np.testing.assert_array_equal(np.asarray(array), host[key])
     with pytest.raises(KeyError):
-        pipeline.to_global_batch(host, {k: v for k, v in shardings.items() if k != "masks"})
+        prefetch.to_global_batch(host, {k: v for k, v in shardings.items() if k != "masks"})
 
 
 class _Counting:
@@ -335,8 +337,7 @@ def _wait_for(condition, timeout: float = 60.0) -> None:
 def _eight_device_shardings() -> dict:
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     return {
-        key: NamedSharding(mesh, P(*([None] * axis), "data"))
-        for key, axis in pipeline.IMAGE_AXIS.items()
+        key: NamedSharding(mesh, P(*([None] * axis), "data")) for key, axis in IMAGE_AXIS.items()
     }
 
 
@@ -359,7 +360,7 @@ def test_device_prefetcher_keeps_order_and_state_of_first_unused_batch(depth):
         expected.append(next(bare))
     shardings = _eight_device_shardings()
     source = _Counting(iter(_dataset(**PREFETCH_DATA)))
-    prefetcher = pipeline.DevicePrefetcher(source, shardings, depth)
+    prefetcher = prefetch.DevicePrefetcher(source, shardings, depth)
     assert prefetcher.threaded == (depth >= 2)
     for k in range(3):
         batch = next(prefetcher)
@@ -375,7 +376,7 @@ def test_device_prefetcher_keeps_order_and_state_of_first_unused_batch(depth):
     fresh = iter(_dataset(**PREFETCH_DATA))
     fresh.set_state(json.loads(state))
     _assert_batches_equal(_take(fresh, 2), expected[3:5])
-    resumed = pipeline.DevicePrefetcher(iter(_dataset(**PREFETCH_DATA)), shardings, depth)
+    resumed = prefetch.DevicePrefetcher(iter(_dataset(**PREFETCH_DATA)), shardings, depth)
     resumed.set_state(state)
     resumed.start_prefetch()
     got = [jax.device_get(next(resumed)) for _ in range(2)]
@@ -389,27 +390,29 @@ def test_orbax_checkpoint_through_the_prefetcher_is_the_bare_iterator_file(tmp_p
     bare = iter(_dataset(**PREFETCH_DATA))
     _take(bare, 2)
     with ocp.CheckpointManager(tmp_path / "bare", item_names=("data",)) as manager:
-        manager.save(2, args=ocp.args.Composite(data=pipeline.checkpoint_save_args(bare)))
+        manager.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(item=bare)))
     expected = _take(bare, 2)
     shardings = _eight_device_shardings()
     source = _Counting(iter(_dataset(**PREFETCH_DATA)))
-    prefetcher = pipeline.DevicePrefetcher(source, shardings, 3)
+    prefetcher = prefetch.DevicePrefetcher(source, shardings, 3)
     _take(prefetcher, 2)
     _wait_for(lambda: source.count == 5)
     with ocp.CheckpointManager(tmp_path / "ahead", item_names=("data",)) as manager:
-        manager.save(2, args=ocp.args.Composite(data=pipeline.checkpoint_save_args(prefetcher)))
+        manager.save(
+            2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(item=prefetcher))
+        )
     prefetcher.close()
     name = "2/data/process_0-of-1.json"
     assert (tmp_path / "ahead" / name).read_text() == (tmp_path / "bare" / name).read_text()
     for directory in ("bare", "ahead"):
         targets = (
             iter(_dataset(**PREFETCH_DATA)),
-            pipeline.DevicePrefetcher(iter(_dataset(**PREFETCH_DATA)), shardings, 2),
+            prefetch.DevicePrefetcher(iter(_dataset(**PREFETCH_DATA)), shardings, 2),
         )
         for target in targets:
             with ocp.CheckpointManager(tmp_path / directory, item_names=("data",)) as manager:
                 restored = manager.restore(
-                    2, args=ocp.args.Composite(data=pipeline.checkpoint_restore_args(target))
+                    2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(item=target))
                 )["data"]
             _assert_batches_equal([jax.device_get(b) for b in _take(restored, 2)], expected)
             if hasattr(restored, "close"):
@@ -419,14 +422,14 @@ def test_orbax_checkpoint_through_the_prefetcher_is_the_bare_iterator_file(tmp_p
 
 def test_device_prefetcher_reraises_the_iterator_error_in_order():
     source = _Counting(iter(_dataset(**PREFETCH_DATA)), fail_at=2)
-    prefetcher = pipeline.DevicePrefetcher(source, _eight_device_shardings(), 2)
+    prefetcher = prefetch.DevicePrefetcher(source, _eight_device_shardings(), 2)
     _take(prefetcher, 2)  # the batches before the error still arrive
     with pytest.raises(RuntimeError, match="broken record"):
         next(prefetcher)
     prefetcher.close()
     assert not _prefetch_threads()
     with pytest.raises(ValueError, match="device_prefetch"):
-        pipeline.DevicePrefetcher(source, _eight_device_shardings(), -1)
+        prefetch.DevicePrefetcher(source, _eight_device_shardings(), -1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -477,39 +480,39 @@ def test_fast_png_decode_matches_the_image_and_cv2(dtype, row_filter):
     img = rng.integers(0, np.iinfo(dtype).max + 1, (23, 17)).astype(dtype)
     png = _encode_png(img, [row_filter] * 23)
     np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(png, np.uint8), -1), img)
-    fast = pipeline.decode_png_fast(png)
+    fast = decode_png_fast(png)
     assert fast is not None and fast.dtype == dtype
     np.testing.assert_array_equal(fast, img)
-    np.testing.assert_array_equal(pipeline.decode_image(np.frombuffer(png, np.uint8)), img)
+    np.testing.assert_array_equal(decode_image(np.frombuffer(png, np.uint8)), img)
     # What cv2.imencode writes (the data preparation's encoder) takes the fast path.
-    assert pipeline.decode_png_fast(cv2.imencode(".png", img)[1].tobytes()) is not None
+    assert decode_png_fast(cv2.imencode(".png", img)[1].tobytes()) is not None
 
 
 def test_other_pngs_fall_back_to_cv2():
     img = np.random.default_rng(0).integers(0, 256, (12, 9)).astype(np.uint8)
     for filters in ([1] * 6 + [2] * 6, [3] * 12):  # mixed filters, Avg
         png = _encode_png(img, filters)
-        assert pipeline.decode_png_fast(png) is None
-        np.testing.assert_array_equal(pipeline.decode_image(png), img)
+        assert decode_png_fast(png) is None
+        np.testing.assert_array_equal(decode_image(png), img)
     rgb = cv2.imencode(".png", np.dstack([img] * 3))[1].tobytes()
-    assert pipeline.decode_png_fast(rgb) is None
+    assert decode_png_fast(rgb) is None
     good = _encode_png(img, [1] * 12)
     corrupt = good[:60] + bytes([good[60] ^ 0xFF]) + good[61:]
-    assert pipeline.decode_png_fast(corrupt) is None
-    assert pipeline.decode_png_fast(good[:-40]) is None
+    assert decode_png_fast(corrupt) is None
+    assert decode_png_fast(good[:-40]) is None
     with pytest.raises(ValueError):
-        pipeline.decode_image(b"not a png at all")
+        decode_image(b"not a png at all")
 
 
 def test_batch_function_equals_stacking_float_crops():
     source = _png_source(3)
-    images = [pipeline.decode_image(r["image"]) for r in source]
+    images = [decode_image(r["image"]) for r in source]
     levels = [
         augment.multi_crop_levels(im, np.random.default_rng(k), CFG) for k, im in enumerate(images)
     ]
     floats = [augment.multi_crop(im, np.random.default_rng(k), CFG) for k, im in enumerate(images)]
     batch = pipeline.batch_crop_levels(levels, dataclasses.replace(CFG, transfer_dtype="float32"))
-    expected = pipeline.stack_crop_major(floats)
+    expected = {key: np.stack([f[key] for f in floats], axis=1) for key in floats[0]}
     assert set(batch) == set(expected)
     for key in batch:
         assert batch[key].shape == expected[key].shape and batch[key].dtype == np.float32
@@ -537,7 +540,7 @@ def _source_ids(records) -> np.ndarray:
 
 def test_mixture_counts_are_within_binomial_noise_of_the_weights():
     mixture, n = _mixture(), 2000
-    records = pipeline.sharded_records(mixture, seed=3, process_index=0, process_count=1)
+    records = pipeline.shard(pipeline.record_stream(mixture, 3), 0, 1)
     ids = _source_ids(records[i] for i in range(n))
     counts = np.bincount(ids, minlength=2)
     sigma = np.sqrt(n * 0.8 * 0.2)
@@ -550,7 +553,7 @@ def test_mixture_counts_are_within_binomial_noise_of_the_weights():
     # The window shuffle spreads the sources over processes whose stride matches the
     # interleaving period (4:1 -> every 5th position): each of 5 processes gets about 20%.
     for p in range(5):
-        shard_records = pipeline.sharded_records(mixture, seed=3, process_index=p, process_count=5)
+        shard_records = pipeline.shard(pipeline.record_stream(mixture, 3), p, 5)
         share = _source_ids(shard_records[i] for i in range(400)).mean()
         assert abs(share - 0.2) < 3 * np.sqrt(0.16 / 400), (p, share)
 
@@ -620,12 +623,6 @@ def test_mixture_iterator_resumes_exactly():
 def test_start_position_continues_the_stream():
     """A later stage's dataset starts at a global position: same records and crops as the
     stream from 0 there (its masks are a separate stream)."""
-    source = _png_source()
-    whole = pipeline.sharded_records(source, seed=3, process_index=0, process_count=1)
-    later = pipeline.sharded_records(
-        source, seed=3, process_index=0, process_count=1, start_position=8
-    )
-    assert [later[i]["id"] for i in range(20)] == [whole[i + 8]["id"] for i in range(20)]
     base = _take(iter(_dataset()), 3)
     stage = next(iter(_dataset(start_position=8)))
     for key in ("global_crops", "local_crops"):

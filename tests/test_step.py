@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from raddino_jax.data import pipeline
+from raddino_jax.data import prefetch
 from raddino_jax.data.augment import MultiCropConfig
 from raddino_jax.parallel import sharding
 from raddino_jax.parallel.mesh import make_mesh
@@ -99,7 +99,7 @@ def test_same_step_on_every_mesh_layout(host_batches):
         assert weight_v.sharding.spec == expected["v"], layout  # Adam state follows its param
         metrics_all = []
         for host in host_batches:
-            batch = pipeline.to_global_batch(host, sharding.batch_shardings(host.keys(), mesh))
+            batch = prefetch.to_global_batch(host, sharding.batch_shardings(host.keys(), mesh))
             assert batch["global_crops"].sharding.spec == P(None, ("data", "fsdp"))
             state, metrics = step(state, batch, jax.random.key(7))
             metrics_all.append(jax.device_get(metrics))
@@ -123,7 +123,7 @@ def test_compiles_once_over_five_steps(host_batches):
     iterator = iter(tiny_dataset(seed=3))
     for _ in range(5):
         host = next(iterator)
-        batch = pipeline.to_global_batch(host, sharding.batch_shardings(host.keys(), mesh))
+        batch = prefetch.to_global_batch(host, sharding.batch_shardings(host.keys(), mesh))
         state, metrics = step(state, batch, jax.random.key(int(state.step)))
     assert step._cache_size() == 1
     assert int(state.step) == 5
@@ -171,7 +171,7 @@ def _train(momentum: float, steps: int = 100):
     history = []
     for _ in range(steps):
         host = next(iterator)
-        batch = pipeline.to_global_batch(host, sharding.batch_shardings(host.keys(), mesh))
+        batch = prefetch.to_global_batch(host, sharding.batch_shardings(host.keys(), mesh))
         state, metrics = step(state, batch, jax.random.fold_in(jax.random.key(0), state.step))
         history.append(jax.device_get(metrics))
     return spec, {k: np.array([h[k] for h in history]) for k in history[0]}
@@ -255,7 +255,7 @@ def _steps_on(transfer: str, objective: ObjectiveConfig, steps: int = 3):
     history = []
     for _ in range(steps):
         host = next(iterator)
-        batch = pipeline.to_global_batch(host, sharding.batch_shardings(host.keys(), mesh))
+        batch = prefetch.to_global_batch(host, sharding.batch_shardings(host.keys(), mesh))
         state, metrics = step(state, batch, jax.random.fold_in(jax.random.key(3), state.step))
         history.append(jax.device_get(metrics))
     return history, jax.device_get(state.student)
@@ -284,6 +284,6 @@ def test_integer_crops_normalised_in_the_step_train_like_host_normalised_floats(
 def test_integer_crops_need_the_pixel_statistics():
     _, mesh, state, step = _setup((1, 1, 1))  # ObjectiveConfig without pixel_mean / pixel_std
     host = next(iter(tiny_dataset(transfer_dtype="uint8")))
-    batch = pipeline.to_global_batch(host, sharding.batch_shardings(host.keys(), mesh))
+    batch = prefetch.to_global_batch(host, sharding.batch_shardings(host.keys(), mesh))
     with pytest.raises(ValueError, match="pixel_mean"):
         step(state, batch, jax.random.key(0))

@@ -1,10 +1,11 @@
-"""Our jitted train step equals the PyTorch reference step (benchmarks/reference_step.py).
+"""Our jitted train step equals the PyTorch reference step (raddino_jax/reference/).
 
-Same weights, same batch, two steps of a tiny model (2 blocks, width 64, 4 heads, K 64,
-56 px globals + 8 x 28 px locals, batch 4): the losses agree to 1e-5 relative, and after
-the two steps the student, teacher (EMA) and centres agree. Step 0 has the last layer frozen
-(`freeze_last_layer_steps=1`) and step 1 moves it; the teacher temperature, momentum and weight
-decay change between the steps, so every schedule and per-parameter rule is exercised.
+Same weights, same batch, two steps of the tiny model (configs/tiny.py: 2 blocks, width 32,
+2 heads, K 64, 56 px globals + 2 x 28 px locals) at batch 4: the losses agree to 1e-5
+relative, and after the two steps the student, teacher (EMA) and centres agree. Step 0 has
+the last layer frozen (`freeze_last_layer_steps=1`) and step 1 moves it; the teacher
+temperature, momentum and weight decay change between the steps, so every schedule and
+per-parameter rule is exercised.
 
 Tolerances (float32, different kernels and summation orders): losses and metrics 1e-5
 relative, centres 1e-5; per student and teacher tensor, in norm, |ours - torch| <= 1e-3 x
@@ -12,14 +13,10 @@ the change the two steps made to it (Adam moves each entry by ~lr) + 1e-6 x the 
 (float32 resolution: the teacher EMA's changes to weights of 1.0 are ~10 ulp), and the
 student's change 1e-3 relative. The key third of each qkv bias has a zero gradient in
 exact arithmetic, so both sides move it by rounding noise: it is only bounded, by the lr
-(`step_vs_reference.split_key_bias`).
+(`reference.compare.split_key_bias`).
 """
 
 from __future__ import annotations
-
-import importlib
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -27,11 +24,11 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the PyTorch reference step needs torch")
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-if str(BENCHMARKS) not in sys.path:
-    sys.path.insert(0, str(BENCHMARKS))
-reference_step = importlib.import_module("reference_step")
-step_vs_reference = importlib.import_module("step_vs_reference")
+from configs import tiny  # noqa: E402
+from raddino_jax.reference import compare  # noqa: E402
+from raddino_jax.reference import config as reference_config  # noqa: E402
+from raddino_jax.reference import step as reference_step  # noqa: E402
+from raddino_jax.reference.model import SSLModel  # noqa: E402
 
 LOSS_RTOL = 1e-5
 PARAM_RTOL = 1e-3
@@ -56,22 +53,13 @@ METRICS = (
 
 
 def tiny_config():
-    return step_vs_reference.benchmark_config(
-        56,
-        28,
-        batch=4,
-        n_local=8,
-        depth=2,
-        width=64,
-        heads=4,
-        k=64,
-        head_hidden=64,
-        head_bottleneck=32,
-        seed=3,
-        total_steps=6,
-        freeze_last_layer_steps=1,
-        warmup_teacher_temp_steps=2,
-    )
+    """The tiny model as the reference implements it, batch 4; the last layer frozen at step
+    0 and a 2-step teacher temperature warm-up, so every schedule moves between the steps."""
+    config = compare.comparable(tiny.get_config(), batch=4)
+    config.seed = 3
+    config.optim.freeze_last_layer_steps = 1
+    config.teacher.warmup_temperature_steps = 2
+    return config
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +67,9 @@ def two_steps():
     """(initial student weights, [per-step (ours, torch) metrics], final ours, final torch)."""
     torch.manual_seed(0)
     config = tiny_config()
-    ours = step_vs_reference.OursStep(config, jax.devices()[0])
+    ours = compare.OursStep(config, jax.devices()[0])
     initial = ours.student_weights()
-    reference = reference_step.ReferenceStep(step_vs_reference.reference_config(config), initial)
+    reference = reference_step.ReferenceStep(reference_config.from_config(config), initial)
     batch = reference_step.batch_to_torch(ours.host_batch)
     metrics = [(ours(), reference(batch)) for _ in range(2)]
     return initial, metrics, ours.named_state(), dict(reference.named_state())
@@ -103,14 +91,14 @@ def test_losses_and_metrics_agree(two_steps):
 
 def test_state_after_two_steps_agrees(two_steps):
     initial, metrics, ours, theirs = two_steps
-    report = step_vs_reference.compare_states(initial, ours, theirs)
+    report = compare.compare_states(initial, ours, theirs)
     assert report["student update rel (worst tensor)"] < UPDATE_RTOL, report
     for model in ("student", "teacher"):
         assert report[f"{model} params rel"] < PARAM_RTOL, report
     # Per tensor (norms): the disagreement is a small part of the steps' change, up to float32
     # resolution (the teacher's EMA moves LayerScale / norm weights of 1.0 by ~1e-6, about
     # 10 ulp, so its change alone cannot be compared relatively).
-    split = step_vs_reference.split_key_bias
+    split = compare.split_key_bias
     for name, start in initial.items():
         for model in ("student", "teacher"):
             mine, _ = split(name, ours[f"{model}.{name}"])
@@ -137,18 +125,18 @@ def test_reference_param_rules_match_ours():
     config = tiny_config()
     shapes = abstract_params(config_lib.model_spec(config))
     lr_mult, wd_mult, last = param_multipliers(shapes, config_lib.optimizer_config(config))
-    cfg = step_vs_reference.reference_config(config)
+    cfg = reference_config.from_config(config)
 
     def as_torch_names(tree):
         filled = jax.tree.map(lambda s, v: np.full(s.shape, float(v), np.float32), shapes, tree)
-        return step_vs_reference.torch_named(filled)
+        return compare.torch_named(filled)
 
     lr_named, wd_named, last_named = map(as_torch_names, (lr_mult, wd_mult, last))
     ours = {
         name: (lr_named[name].flat[0], wd_named[name].flat[0], bool(last_named[name].flat[0]))
         for name in lr_named
     }
-    model = reference_step.SSLModel(cfg)
+    model = SSLModel(cfg)
     assert set(ours) == {name for name, _ in model.named_parameters()}
     for name, (lr, wd, is_last) in ours.items():
         rule = reference_step.param_rule(name, cfg)

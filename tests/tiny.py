@@ -5,6 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from configs import tiny
 from raddino_jax.data import augment, pipeline
 from raddino_jax.models import ModelSpec, abstract_params
 from raddino_jax.models.heads import HeadConfig
@@ -12,7 +13,7 @@ from raddino_jax.models.vit import vit_config
 from raddino_jax.ssl.schedules import build_schedules
 from raddino_jax.train.optim import OptimizerConfig, build_optimizer
 
-GLOBAL, LOCAL, N_LOCAL = 56, 28, 2
+GLOBAL, LOCAL, N_LOCAL = tiny.GLOBAL_SIZE, tiny.LOCAL_SIZE, tiny.N_LOCAL
 
 
 def tiny_spec(k: int = 64, embed_dim: int = 32) -> ModelSpec:
@@ -100,32 +101,9 @@ def tiny_optimizer(spec: ModelSpec, total_steps: int = 100, global_batch: int = 
 
 
 def tiny_run_config(data_dir: str, name: str, **overrides):
-    """A driver config for a 2-block ViT on 56/28 px crops over a prebuilt tiny dataset."""
-    from raddino_jax.config import base_config
-
-    c = base_config()
-    c.total_steps = 6
-    c.log_every = 1
-    c.checkpoint_every = 3
-    c.batch_size = 16
-    c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
-    c.model.arch = "vit_small"
-    c.model.embed_dim = 32
-    c.model.depth = 2
-    c.model.num_heads = 2
-    c.model.layerscale_init = 0.1
-    c.model.drop_path_rate = 0.1
-    c.model.dtype = "float32"
-    c.model.head_out_dim = 64
-    c.model.head_hidden_dim = 32
-    c.model.head_bottleneck_dim = 16
+    """`configs/tiny.py` over a prebuilt tiny dataset, with {"data.global_size": 56, ...}."""
+    c = tiny.get_config()
     c.data.dir, c.data.name = data_dir, name
-    c.data.global_size, c.data.local_size, c.data.n_local = GLOBAL, LOCAL, N_LOCAL
-    c.data.mask_group_size = 2
-    c.ssl.koleo_group_size = 2
-    c.optim.warmup_steps = 2
-    c.optim.freeze_last_layer_steps = 1
-    c.teacher.warmup_temperature_steps = 3
     return set_dotted(c, overrides)
 
 

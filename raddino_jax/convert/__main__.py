@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 def load_for_export(path: str, which: str) -> tuple[ModelSpec, dict, checkpoint.Preprocessing]:
     """(spec, params, preprocessing) from a parameter checkpoint or a training run directory."""
     spec, params = checkpoint.load_any_params(path, which=which)
-    return spec, params, checkpoint.load_any_preprocessing(path)
+    return spec, params, checkpoint.load_preprocessing(path)
 
 
 def cmd_from_torch(args: argparse.Namespace) -> None:

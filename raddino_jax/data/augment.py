@@ -15,7 +15,8 @@ into 2 global and ``n_local`` local crops, normalised float32. Per crop, in DINO
 5. ``(x / dtype_max - mean) / std`` with RAD-DINO's radiograph statistics (recipe s8).
 
 Pixel ops 2-4 are pointwise except the blur, so they run as lookup tables on the integer
-image: exact PIL/torchvision uint8 semantics (truncation after each blend) and fast. The two
+image (``data/lut.py``): exact PIL/torchvision uint8 semantics (truncation after each blend)
+and fast. The two
 jitter blends compose into one integer table, and everything after the blur (or after the
 jitter when there is no blur) folds into one level -> level table per crop.
 :func:`multi_crop_levels` stops before that last table and returns the integer crops with their
@@ -37,6 +38,8 @@ from typing import NamedTuple
 
 import cv2
 import numpy as np
+
+from raddino_jax.data import lut
 
 # How crops travel from the host to the devices (``MultiCropConfig.transfer_dtype``): integer
 # levels, normalised inside the train step, or float32 normalised on the host.
@@ -115,27 +118,6 @@ class CropParams:
     solarized: bool
 
 
-_DTYPE_MAX = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}
-
-
-def dtype_max(dtype: np.dtype) -> int:
-    """Largest value of a supported integer image dtype (uint8 or uint16)."""
-    try:
-        return _DTYPE_MAX[np.dtype(dtype)]
-    except KeyError:
-        raise TypeError(f"images must be uint8 or uint16, got {np.dtype(dtype)}") from None
-
-
-def as_2d_image(image: np.ndarray) -> np.ndarray:
-    """Returns a [H, W] view of a [H, W] or [H, W, 1] uint8/uint16 image."""
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[:, :, 0]
-    if image.ndim != 2:
-        raise ValueError(f"expected a [H, W] or [H, W, 1] image, got shape {image.shape}")
-    dtype_max(image.dtype)
-    return image
-
-
 # ---------------------------------------------------------------------------------------------
 # Geometry
 # ---------------------------------------------------------------------------------------------
@@ -212,86 +194,6 @@ def _antialiased_shrink(crop: np.ndarray, size: int, shrink: float) -> np.ndarra
     return cv2.resize(upscaled, (size, size), interpolation=cv2.INTER_AREA)
 
 
-# ---------------------------------------------------------------------------------------------
-# Photometric ops as lookup tables on integer images
-# ---------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=4)
-def _float_levels(dtype: np.dtype) -> np.ndarray:
-    """[dtype_max + 1] float32 levels 0..max (cached, read-only)."""
-    levels = np.arange(dtype_max(dtype) + 1, dtype=np.float32)
-    levels.flags.writeable = False
-    return levels
-
-
-def blend_table(dtype: np.dtype, factor: float, degenerate: float) -> np.ndarray:
-    """Table of PIL's ``Image.blend(degenerate, image, factor)`` on integer levels.
-
-    out = trunc(clip(degenerate + factor * (x - degenerate), 0, max)), the truncation that
-    both PIL (ImageEnhance) and torchvision's tensor ``_blend`` use for integer images.
-    """
-    # float32 arithmetic like PIL's ImagingBlend (exact for uint16 levels, < 2**24).
-    grey = np.float32(degenerate)
-    out = _float_levels(dtype) - grey
-    out *= np.float32(factor)
-    out += grey
-    np.maximum(out, 0, out=out)
-    np.minimum(out, dtype_max(dtype), out=out)
-    # Non-negative, so the float -> int cast truncates like floor.
-    return out.astype(dtype)
-
-
-def apply_table(image: np.ndarray, table: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Applies a per-level lookup table to an integer image ([H, W] -> [H, W], table dtype).
-
-    ``out``, a C-contiguous [H, W] array of the table's dtype, receives the result in place
-    (e.g. a slice of a batch array).
-    """
-    if image.dtype == np.uint8:
-        return cv2.LUT(image, table, dst=out)
-    return np.take(table, image, out=out)
-
-
-def mean_level(image: np.ndarray, table: np.ndarray | None = None) -> float:
-    """Mean grey level of ``table[image]`` (of ``image`` when ``table`` is None), exactly.
-
-    The level sum is an exact integer divided once, as PIL's ImageStat computes it (cv2.mean
-    multiplies by 1/n and can be one ulp off, which matters at the int(mean + 0.5) rounding).
-    """
-    if table is not None:
-        image = apply_table(image, table)
-    if image.dtype == np.uint8:
-        level_sum = int(cv2.sumElems(image)[0])  # exact: integer partial sums < 2**53
-    else:
-        level_sum = int(image.sum(dtype=np.uint64))
-    return level_sum / image.size
-
-
-def contrast_table(image: np.ndarray, factor: float, table: np.ndarray | None = None) -> np.ndarray:
-    """The contrast table for ``table[image]`` (``image`` itself when ``table`` is None).
-
-    PIL's ImageEnhance.Contrast blends with the mean grey level rounded to an integer,
-    int(mean + 0.5) (DINOv2 augments PIL images, recipe s5).
-    """
-    grey = int(mean_level(image, table) + 0.5)
-    return blend_table(image.dtype, factor, float(grey))
-
-
-def jitter_table(
-    image: np.ndarray, brightness: float, contrast: float, brightness_first: bool
-) -> np.ndarray:
-    """One integer table equal to ColorJitter's brightness and contrast in the given order.
-
-    Each blend truncates to integers (PIL semantics), so composing the two tables is exact;
-    only the contrast grey depends on the pixels, via the mean of the first op's output.
-    """
-    brightness_t = blend_table(image.dtype, brightness, 0.0)
-    if brightness_first:
-        return contrast_table(image, contrast, brightness_t)[brightness_t]
-    return brightness_t[contrast_table(image, contrast)]
-
-
 def gaussian_blur(image: np.ndarray, sigma: float, kernel: int) -> np.ndarray:
     """torchvision GaussianBlur: separable ``kernel`` x ``kernel`` Gaussian, reflect padding.
 
@@ -302,73 +204,6 @@ def gaussian_blur(image: np.ndarray, sigma: float, kernel: int) -> np.ndarray:
     return cv2.GaussianBlur(
         image, (kernel, kernel), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101
     )
-
-
-@functools.lru_cache(maxsize=16)
-def solarize_table(dtype: np.dtype, threshold: int) -> np.ndarray:
-    """PIL ``ImageOps.solarize``: levels >= threshold become max - level (cached, read-only)."""
-    levels = np.arange(dtype_max(dtype) + 1)
-    table = np.where(levels >= threshold, dtype_max(dtype) - levels, levels).astype(dtype)
-    table.flags.writeable = False
-    return table
-
-
-def scaled_solarize_threshold(threshold_255: int, dtype: np.dtype) -> int:
-    """The 0-255 threshold on this dtype's scale (128 -> 32896 for uint16, 128*257)."""
-    return int(round(threshold_255 * dtype_max(dtype) / 255))
-
-
-@functools.lru_cache(maxsize=16)
-def normalise_table(dtype: np.dtype, mean: float, std: float) -> np.ndarray:
-    """float32 table of (level / max - mean) / std (cached, read-only)."""
-    levels = np.arange(dtype_max(dtype) + 1, dtype=np.float64)
-    table = ((levels / dtype_max(dtype) - mean) / std).astype(np.float32)
-    table.flags.writeable = False
-    return table
-
-
-def finishing_table(
-    dtype: np.dtype, jitter: np.ndarray | None, solarize_threshold: int | None
-) -> np.ndarray | None:
-    """A crop's last integer level -> level table: ``jitter`` (not yet applied) then solarize.
-
-    Solarize runs when ``solarize_threshold`` is set. None when neither applies: the levels are
-    final as they are and need no lookup. Integer tables compose exactly (PIL truncates after
-    each op), so the crop written through this table is the one the ops give in sequence.
-    """
-    if solarize_threshold is None:
-        return jitter
-    solarize = solarize_table(dtype, solarize_threshold)
-    return solarize if jitter is None else solarize[jitter]
-
-
-def float_table(dtype: np.dtype, table: np.ndarray | None, mean: float, std: float) -> np.ndarray:
-    """Level -> float32 table: ``table`` (None: the identity) then (level / max - mean) / std.
-
-    ``normalise_table[table]`` holds the same float32 values as normalising ``table[levels]``,
-    so a crop written through it equals the host normalisation of its finished levels.
-    """
-    normalise = normalise_table(dtype, mean, std)
-    return normalise if table is None else normalise[table]
-
-
-@functools.lru_cache(maxsize=1)
-def _widened_identity() -> np.ndarray:
-    """uint16 [256] table of 257 * level (cached, read-only)."""
-    table = np.arange(256, dtype=np.uint16) * np.uint16(257)
-    table.flags.writeable = False
-    return table
-
-
-def widened_table(table: np.ndarray | None) -> np.ndarray:
-    """uint8 level -> uint16 level table: ``table`` (None: the identity) times 257.
-
-    x / 255 == 257 x / 65535 exactly, so uint8 crops shipped as uint16 normalise to the same
-    values.
-    """
-    if table is None:
-        return _widened_identity()
-    return table.astype(np.uint16) * np.uint16(257)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,19 +242,19 @@ def augment_crop_levels(
         brightness = float(rng.uniform(1 - cfg.brightness, 1 + cfg.brightness))
         contrast = float(rng.uniform(1 - cfg.contrast, 1 + cfg.contrast))
         brightness_first = bool(rng.random() < 0.5)
-        pending = jitter_table(crop, brightness, contrast, brightness_first)
+        pending = lut.jitter_table(crop, brightness, contrast, brightness_first)
 
     blur_sigma = 0.0
     if blur_p > 0 and rng.random() < blur_p:
         blur_sigma = float(rng.uniform(cfg.blur_sigma[0], cfg.blur_sigma[1]))
         if pending is not None:
-            crop, pending = apply_table(crop, pending), None
+            crop, pending = lut.apply_table(crop, pending), None
         crop = gaussian_blur(crop, blur_sigma, cfg.blur_kernel)
 
     # Solarize is pointwise too: one integer table with any pending jitter.
     solarized = bool(solarize_p > 0 and rng.random() < solarize_p)
-    threshold = scaled_solarize_threshold(cfg.solarize_threshold, crop.dtype)
-    table = finishing_table(crop.dtype, pending, threshold if solarized else None)
+    threshold = lut.scaled_solarize_threshold(cfg.solarize_threshold, crop.dtype)
+    table = lut.finishing_table(crop.dtype, pending, threshold if solarized else None)
     params = CropParams(
         box=box,
         flipped=flipped,
@@ -462,7 +297,7 @@ def multi_crop_levels(
 
     Draws exactly what :func:`multi_crop` draws, in the same order, from ``rng``.
     """
-    image = as_2d_image(image)
+    image = lut.as_2d_image(image)
     g, l = cfg.global_size, cfg.local_size
     global_levels = np.empty((2, g, g), image.dtype)
     local_levels = np.empty((cfg.n_local, l, l), image.dtype)
@@ -509,16 +344,16 @@ def apply_tables(
         if mean is None or std is None:
             raise ValueError("float32 crops are normalised: pass mean and std")
         for k, table in enumerate(tables):
-            apply_table(levels[k], float_table(dtype, table, mean, std), out=out[k])
+            lut.apply_table(levels[k], lut.float_table(dtype, table, mean, std), out=out[k])
     elif out.dtype == dtype:
         for k, table in enumerate(tables):
             if table is None:
                 np.copyto(out[k], levels[k])
             else:
-                apply_table(levels[k], table, out=out[k])
+                lut.apply_table(levels[k], table, out=out[k])
     elif dtype == np.uint8 and out.dtype == np.uint16:
         for k, table in enumerate(tables):
-            apply_table(levels[k], widened_table(table), out=out[k])
+            lut.apply_table(levels[k], lut.widened_table(table), out=out[k])
     else:
         raise ValueError(f"{dtype} levels do not fit {out.dtype} crops without losing levels")
     return out

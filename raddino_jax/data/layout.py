@@ -2,7 +2,7 @@
 place them): no dependencies, so lower layers can import it without Grain or OpenCV."""
 
 # Axis of each batch array that indexes images; it is the axis that is split across
-# processes and devices (see ``pipeline.to_global_batch``).
+# processes and devices (see ``prefetch.to_global_batch``).
 IMAGE_AXIS: dict[str, int] = {
     "global_crops": 1,
     "local_crops": 1,

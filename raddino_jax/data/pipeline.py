@@ -23,8 +23,7 @@ function of (seed, position) and the iterator state is a single index:
 6. ``to_iter_dataset`` and, optionally, ``mp_prefetch`` worker processes.
 
 The host batches become global ``jax.Array``s in ``data/prefetch.py`` (``to_global_batch``, and
-``DevicePrefetcher``, which keeps the next ones on the devices while a step runs); both names
-are re-exported here.
+``DevicePrefetcher``, which keeps the next ones on the devices while a step runs).
 
 Host batch layout (``Bp`` = per_process_batch, ``n_groups = Bp / mask_group_size``, ``b`` =
 mask_group_size, ``N = (G // patch)**2``, ``U = mask_upper_bound(2b, N)``):
@@ -54,9 +53,7 @@ import jax
 import numpy as np
 
 from raddino_jax.data import augment
-from raddino_jax.data.layout import BATCH_KEYS, IMAGE_AXIS  # noqa: F401 (re-exported)
-from raddino_jax.data.png import decode_image, decode_png_fast  # noqa: F401 (re-exported)
-from raddino_jax.data.prefetch import DevicePrefetcher, to_global_batch  # noqa: F401 (re-exported)
+from raddino_jax.data.png import decode_image
 from raddino_jax.ssl import masking
 
 # Stream identifiers mixed into the user seed so the pipeline's random ops are independent.
@@ -102,15 +99,6 @@ class DecodeAndMultiCrop(grain.transforms.RandomMap):
         return augment.multi_crop_levels(image, rng, self.crop_cfg)
 
 
-def stack_crop_major(samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Batches per-image crops [n_crops, S, S, 1] into crop-major [n_crops, B, S, S, 1].
-
-    Crop-major with an explicit crop axis is DINOv2's collate layout (recipe s7) and keeps the
-    image axis (1) shardable.
-    """
-    return {key: np.stack([s[key] for s in samples], axis=1) for key in samples[0]}
-
-
 def batch_crop_levels(
     samples: Sequence[augment.MultiCropLevels], cfg: augment.MultiCropConfig
 ) -> dict[str, np.ndarray]:
@@ -119,7 +107,7 @@ def batch_crop_levels(
     ``global_crops`` [2, B, G, G, 1] and ``local_crops`` [n_local, B, L, L, 1] (recipe s7):
     uint8 / uint16 pixel levels for the train step to normalise (uint8 images as uint16 are
     257 x their levels, the same normalised values), or for "float32" the normalised crops,
-    the same arrays as ``stack_crop_major`` of the samples' ``multi_crop`` outputs. Each crop's
+    the samples' ``multi_crop`` outputs stacked on axis 1. Each crop's
     table writes it straight into its slot of the preallocated batch. uint16 images with
     "uint8" raise ValueError: quantising them would silently drop levels.
     """
@@ -341,20 +329,6 @@ def shard(dataset: grain.MapDataset, process_index: int, process_count: int) -> 
     return dataset[process_index::process_count]
 
 
-def sharded_records(
-    source: RandomAccessSource | Mixture,
-    *,
-    seed: int,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    start_position: int = 0,
-) -> grain.MapDataset:
-    """The raw records this process reads, in order (the order ``make_dataset`` uses)."""
-    process_index, process_count = _process_layout(process_index, process_count)
-    stream = record_stream(source, seed)[start_position:]
-    return shard(stream, process_index, process_count)
-
-
 def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     """Defaults to this JAX process's (index, count)."""
     if process_index is None:
@@ -403,7 +377,7 @@ def make_dataset(
 
     Returns:
       A ``grain.IterDataset`` of host batches (layout in the module docstring). Iterators
-      support ``get_state`` / ``set_state`` and Orbax via ``checkpoint_save_args``.
+      support ``get_state`` / ``set_state`` and Orbax via ``grain.checkpoint.CheckpointSave``.
     """
     if per_process_batch <= 0 or mask_group_size <= 0 or per_process_batch % mask_group_size:
         raise ValueError(
@@ -448,21 +422,3 @@ def make_dataset(
             )
         )
     return dataset
-
-
-# ---------------------------------------------------------------------------------------------
-# Iterator state and Orbax
-# ---------------------------------------------------------------------------------------------
-
-
-def checkpoint_save_args(iterator: grain.DatasetIterator) -> Any:
-    """Orbax args saving this iterator, e.g. ``ocp.args.Composite(data=...)``.
-
-    Grain's handler writes ``process_<i>-of-<n>.json`` per process with the iterator state.
-    """
-    return grain.checkpoint.CheckpointSave(item=iterator)
-
-
-def checkpoint_restore_args(iterator: grain.DatasetIterator) -> Any:
-    """Orbax args restoring into ``iterator`` (a fresh iterator of the same dataset)."""
-    return grain.checkpoint.CheckpointRestore(item=iterator)

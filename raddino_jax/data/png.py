@@ -9,7 +9,7 @@ import zlib
 import cv2
 import numpy as np
 
-from raddino_jax.data import augment
+from raddino_jax.data import lut
 
 try:  # optional: libdeflate inflates PNG data ~2x faster than zlib
     import deflate as _deflate
@@ -24,7 +24,7 @@ def decode_image(image: bytes | np.ndarray) -> np.ndarray:
     PNGs that :func:`decode_png_fast` handles skip libpng; everything else goes to cv2.
     """
     if isinstance(image, np.ndarray) and image.ndim >= 2:
-        return augment.as_2d_image(image)
+        return lut.as_2d_image(image)
     if isinstance(image, np.ndarray):
         encoded = image.view(np.uint8).reshape(-1)
     else:
@@ -34,7 +34,7 @@ def decode_image(image: bytes | np.ndarray) -> np.ndarray:
         decoded = cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED)
     if decoded is None:
         raise ValueError(f"could not decode an image from {encoded.size} bytes")
-    return augment.as_2d_image(decoded)
+    return lut.as_2d_image(decoded)
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -15,7 +15,7 @@ Checkpointed iterator state: the prefetcher reads ahead of the training loop, so
 iterator's own state would skip the batches still in the queue. ``DevicePrefetcher.get_state``
 is instead the iterator's state *after the last batch ``next`` returned*, i.e. at the first
 batch no step has used, as the JSON bytes of Grain's own file. Grain's Orbax handler
-(``pipeline.checkpoint_save_args`` / ``checkpoint_restore_args``) writes those bytes unchanged
+(``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore``) writes those bytes unchanged
 for an iterator that is not a Grain ``DatasetIterator``, so the file is the one the bare
 iterator would have written and a checkpoint restores into either. On restore the handler
 calls ``set_state`` (the batches prepared before are dropped) and ``start_prefetch`` (the
@@ -23,8 +23,7 @@ thread starts again from the restored position); the dropped batches are made ag
 since every pipeline element is a pure function of (seed, position).
 
 No Grain import here: the wrapped iterator only needs ``next``, ``get_state`` and
-``set_state`` (``start_prefetch`` and ``close`` are used when it has them). ``pipeline``
-re-exports both names.
+``set_state`` (``start_prefetch`` and ``close`` are used when it has them).
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ def learning_curve(
         raise FileNotFoundError(f"{run_dir}/checkpoints holds no finished checkpoint yet")
     tasks = ["knn", "linear"]
     spec = checkpoint.load_spec(run_dir)
-    pre = checkpoint.load_any_preprocessing(run_dir)
+    pre = checkpoint.load_preprocessing(run_dir)
     roles, split_info = load_roles(
         data_dir, name, pre.image_size, max_examples=max_examples, with_masks=False, seed=seed
     )

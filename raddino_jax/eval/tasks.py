@@ -328,16 +328,14 @@ def run_evaluation(
     if "segmentation" in tasks and not has_masks(data_dir, name):
         tasks.remove("segmentation")
     spec, params = checkpoint.load_any_params(checkpoint_path, which="teacher")
-    pre = checkpoint.load_any_preprocessing(checkpoint_path)
+    pre = checkpoint.load_preprocessing(checkpoint_path)
     models = [
         ("checkpoint", spec, params, pre),
         ("random_init", spec, init_params(spec, seed), pre),
     ]
     if baseline:
         base_spec, base_params = checkpoint.load_any_params(baseline, which="teacher")
-        models.append(
-            ("baseline", base_spec, base_params, checkpoint.load_any_preprocessing(baseline))
-        )
+        models.append(("baseline", base_spec, base_params, checkpoint.load_preprocessing(baseline)))
     roles_by_size: dict[int, dict[str, feats.SplitData]] = {}
     split_info = None
     results, timings, per_example = {}, {}, {}

@@ -8,8 +8,9 @@ from typing import Any
 
 from flax import nnx
 
+from raddino_jax.models.attention import resolve_attention_impl
 from raddino_jax.models.heads import DINOHead, HeadConfig
-from raddino_jax.models.vit import DinoVisionTransformer, ViTConfig, resolve_attention_impl
+from raddino_jax.models.vit import DinoVisionTransformer, ViTConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +52,7 @@ class ModelSpec:
     def for_platform(self, platform: str) -> ModelSpec:
         """This spec with the attention implementation resolved for `platform` (the platform
         of the mesh's devices the step is lowered for: "tpu", "gpu", "cpu"); a forced
-        `attention_impl` is kept (`vit.resolve_attention_impl`); the lean backward passes are
+        `attention_impl` is kept (`attention.resolve_attention_impl`); the lean backward passes are
         turned off for TPU unless `lean_backward` forces them (`ViTConfig.lean_backward`)."""
         backbone = self.backbone
         impl = resolve_attention_impl(backbone.attention_impl, platform, backbone.dtype)

@@ -17,19 +17,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from raddino_jax.models.attention import (  # noqa: F401 (re-exported)
-    ATTENTION_IMPLS,
-    PLATFORM_ATTENTION,
-    SPLASH_BLOCK,
-    SPLASH_MIN_TOKENS,
-    attention,
-    einsum_attention,
-    resolve_attention_impl,
-    splash_attention,
-)
+from raddino_jax.models.attention import ATTENTION_IMPLS, attention
 from raddino_jax.models.interpolate import INTERPOLATE_MODES, resample_grid
 from raddino_jax.models.layers import LayerNorm, exact_gelu, gelu
 
@@ -470,8 +460,3 @@ class DinoVisionTransformer(nnx.Module):
                 patch = patch.reshape(patch.shape[0], h, w, -1)
             layers.append((patch, layer[:, 0]))
         return tuple(layers)
-
-
-def count_params(module: nnx.Module) -> int:
-    """Number of scalar parameters in an NNX module."""
-    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(module, nnx.Param)))

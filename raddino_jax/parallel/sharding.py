@@ -59,13 +59,6 @@ def param_spec(
     return PartitionSpec(*dims)
 
 
-def param_specs(params, mesh: Mesh, rules: Rules = TENSOR_RULES):
-    """Tree of PartitionSpecs matching a parameter tree (arrays or ShapeDtypeStructs)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: param_spec(path_str(p), tuple(x.shape), mesh, rules), params
-    )
-
-
 def _suffix_index(
     param_tree, mesh: Mesh, rules: Rules
 ) -> dict[str, tuple[tuple[int, ...], PartitionSpec]]:

@@ -31,16 +31,16 @@ from raddino_jax.sweep.measure import (
     sweep,
     time_steps,
 )
-from raddino_jax.sweep.report import _fmt, markdown_table, ranked, write_outputs
-from raddino_jax.sweep.row import MiB, SweepRow, _mib, describe_row, layout_name
+from raddino_jax.sweep.report import cell, markdown_table, ranked, write_outputs
+from raddino_jax.sweep.row import MiB, SweepRow, describe_row, layout_name, mib
 
 __all__ = [
     "MODES",
     "MiB",
     "Point",
     "SweepRow",
-    "_fmt",
-    "_mib",
+    "cell",
+    "mib",
     "build_point",
     "compile_step",
     "describe_row",

@@ -29,7 +29,7 @@ import jax
 import ml_collections
 
 from raddino_jax import flops
-from raddino_jax.models import ModelSpec, vit
+from raddino_jax.models import ModelSpec, attention
 from raddino_jax.sweep.row import SweepRow
 from raddino_jax.sweep.topology import per_device_share
 
@@ -96,12 +96,12 @@ def cost_fields(compiled) -> dict:
 
 
 def uses_splash(point: PointView) -> bool:
-    """Whether the step's global crops go through the splash kernel (vit.attention)."""
+    """Whether the step's global crops go through the splash kernel (attention.attention)."""
     platform = point.mesh.devices.flat[0].platform
     backbone = point.spec.for_platform(platform).backbone
     grid = point.config.data.global_size // backbone.patch_size
     tokens = 1 + backbone.num_register_tokens + grid**2
-    return backbone.attention_impl == "splash" and tokens >= vit.SPLASH_MIN_TOKENS
+    return backbone.attention_impl == "splash" and tokens >= attention.SPLASH_MIN_TOKENS
 
 
 def extrapolate_by_depth(depth: int, compiled_at_depth: Callable[[int], object]) -> dict:

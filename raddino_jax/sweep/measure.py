@@ -36,8 +36,8 @@ import numpy as np
 
 from raddino_jax import config as config_lib
 from raddino_jax import flops
-from raddino_jax.data import pipeline
-from raddino_jax.data.pipeline import BATCH_KEYS
+from raddino_jax.data import pipeline, prefetch
+from raddino_jax.data.layout import BATCH_KEYS
 from raddino_jax.models import ModelSpec, abstract_params, init_params
 from raddino_jax.models.vit import normalize_remat
 from raddino_jax.parallel import sharding
@@ -322,7 +322,7 @@ def initial_state(point: Point, seed: int) -> train_state.TrainState:
 
 def device_batch(point: Point, seed: int) -> dict[str, jax.Array]:
     """`host_batch(point, seed)` as global arrays in the step's batch shardings."""
-    return pipeline.to_global_batch(
+    return prefetch.to_global_batch(
         host_batch(point, seed), sharding.batch_shardings(BATCH_KEYS, point.mesh)
     )
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 from etils import epath
 
-from raddino_jax.sweep.row import MiB, SweepRow, _mib
+from raddino_jax.sweep.row import MiB, SweepRow, mib
 
 
 def ranked(rows: Sequence[SweepRow]) -> list[SweepRow]:
@@ -60,7 +60,8 @@ def _json_default(value):
     return float(value) if isinstance(value, np.floating) else str(value)
 
 
-def _fmt(value: float | None, spec: str) -> str:
+def cell(value: float | None, spec: str) -> str:
+    """`value` formatted with `spec`; "" for None or NaN (an empty table cell)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     return format(value, spec)
@@ -79,16 +80,16 @@ def markdown_table(rows: Sequence[SweepRow]) -> str:
         best = "**best**" if i == 0 and r.status != "failed" else ""
         lines.append(
             f"| {best} | {r.layout} | {r.batch_size} | {r.remat} | {r.status} "
-            f"| {_mib(r.state_bytes_per_device)} | {_mib(r.peak_bytes_per_device)} "
-            f"| {_mib(r.temp_bytes)} | {_fmt(r.hbm_fraction, '.0%')} "
+            f"| {mib(r.state_bytes_per_device)} | {mib(r.peak_bytes_per_device)} "
+            f"| {mib(r.temp_bytes)} | {cell(r.hbm_fraction, '.0%')} "
             f"| {'' if r.fits is None else 'yes' if r.fits else 'NO'} "
-            f"| {_fmt(r.compile_time_s, '.1f')} "
-            f"| {_fmt(r.replication, '.2f')} "
-            f"| {_fmt(r.step_time_s and r.step_time_s * 1e3, '.0f')} "
-            f"| {_fmt(r.images_per_s, '.2f')} | {_fmt(r.tflops_per_s, '.4f')} "
-            f"| {_fmt(r.mfu, '.3f')} "
-            f"| {_fmt(r.estimated_step_time_s and r.estimated_step_time_s * 1e3, '.0f')} "
-            f"| {_fmt(r.estimated_images_per_s, '.1f')} | {_fmt(r.estimated_mfu, '.3f')} "
+            f"| {cell(r.compile_time_s, '.1f')} "
+            f"| {cell(r.replication, '.2f')} "
+            f"| {cell(r.step_time_s and r.step_time_s * 1e3, '.0f')} "
+            f"| {cell(r.images_per_s, '.2f')} | {cell(r.tflops_per_s, '.4f')} "
+            f"| {cell(r.mfu, '.3f')} "
+            f"| {cell(r.estimated_step_time_s and r.estimated_step_time_s * 1e3, '.0f')} "
+            f"| {cell(r.estimated_images_per_s, '.1f')} | {cell(r.estimated_mfu, '.3f')} "
             f"| {r.reason} |"
         )
     return "\n".join(lines) + "\n"

@@ -73,7 +73,7 @@ def layout_name(layout: tuple[int, int, int]) -> str:
     return "x".join(str(n) for n in layout)
 
 
-def _mib(value: int | None) -> str:
+def mib(value: int | None) -> str:
     """Bytes as MiB with one decimal; "" for None."""
     return "" if value is None else f"{value / MiB:.1f}"
 
@@ -82,9 +82,9 @@ def describe_row(row: SweepRow) -> str:
     """One console line per point."""
     if row.status == "failed":
         return f"{row.label}: failed ({row.reason})"
-    parts = [f"{row.label}: {row.status}", f"state {_mib(row.state_bytes_per_device)} MiB/dev"]
+    parts = [f"{row.label}: {row.status}", f"state {mib(row.state_bytes_per_device)} MiB/dev"]
     if row.peak_bytes_per_device is not None:
-        parts.append(f"peak {_mib(row.peak_bytes_per_device)} MiB/dev")
+        parts.append(f"peak {mib(row.peak_bytes_per_device)} MiB/dev")
     if row.hbm_fraction is not None:
         parts.append(
             f"{100 * row.hbm_fraction:.0f}% of HBM ({'fits' if row.fits else 'DOES NOT FIT'})"

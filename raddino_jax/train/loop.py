@@ -34,7 +34,7 @@ from etils import epath
 
 from raddino_jax import checkpoint, flops
 from raddino_jax import config as config_lib
-from raddino_jax.data import pipeline, prefetch, sources
+from raddino_jax.data import layout, pipeline, prefetch, sources
 from raddino_jax.models import ModelSpec, abstract_params, init_params
 from raddino_jax.parallel import sharding
 from raddino_jax.parallel.mesh import make_mesh
@@ -44,7 +44,7 @@ from raddino_jax.train.metrics import MetricsWriter
 from raddino_jax.train.optim import build_optimizer
 from raddino_jax.train.step import compile_train_step
 
-BATCH_KEYS = pipeline.BATCH_KEYS  # defined with the batch layout, in data/pipeline.py
+BATCH_KEYS = layout.BATCH_KEYS  # defined with the batch layout, in data/layout.py
 
 
 def say(message: str) -> None:

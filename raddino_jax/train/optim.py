@@ -208,27 +208,6 @@ def unmatched_rules(params: PyTree, cfg: OptimizerConfig) -> list[str]:
     return [pat for pat in patterns if not any(re.search(pat, path) for path in paths)]
 
 
-def format_multipliers(params: PyTree, cfg: OptimizerConfig) -> str:
-    """One line per parameter: path, shape, lr multiplier, wd multiplier, last-layer flag."""
-    lr_mult, wd_mult, last_layer = param_multipliers(params, cfg)
-    rows = zip(
-        jax.tree.leaves(param_paths(params)),
-        jax.tree.leaves(params),
-        jax.tree.leaves(lr_mult),
-        jax.tree.leaves(wd_mult),
-        jax.tree.leaves(last_layer),
-        strict=True,
-    )
-    return "\n".join(
-        f"{path:<48} {str(tuple(leaf.shape)):<18} lr x{lr:.6g} wd x{wd:.6g}"
-        + (" last_layer" if last else "")
-        for path, leaf, lr, wd, last in rows
-    )
-
-
-# --------------------------------------------------------------------------- clipping
-
-
 def _global_norm(tree: PyTree) -> jax.Array:
     """sqrt of the sum of squares of all leaves, accumulated in >= float32 (bf16 grads); scalar."""
     leaves = jax.tree.leaves(tree)
@@ -350,38 +329,3 @@ def build_optimizer(
             wd_schedule=wd_schedule,
         ),
     )
-
-
-def optimizer_step(opt_state: PyTree) -> jax.Array:
-    """The count the next update will evaluate the schedules at (updates applied so far)."""
-    found = [
-        s.count
-        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ScheduledDecayState))
-        if isinstance(s, ScheduledDecayState)
-    ]
-    if len(found) != 1:
-        raise ValueError(f"expected one ScheduledDecayState in opt_state, found {len(found)}")
-    return found[0]
-
-
-def current_hparams(
-    opt_state_or_step: PyTree | int | jax.Array,
-    *,
-    lr_schedule: optax.Schedule,
-    last_layer_lr_schedule: optax.Schedule,
-    wd_schedule: optax.Schedule,
-) -> dict[str, jax.Array]:
-    """Base lr, last-layer lr and wd the next update uses (before per-parameter multipliers).
-
-    Call it with the pre-update optimiser state inside the train step to log the values
-    applied at that step.
-    """
-    if isinstance(opt_state_or_step, tuple | list):
-        step = optimizer_step(opt_state_or_step)
-    else:
-        step = jnp.asarray(opt_state_or_step)
-    return {
-        "lr": jnp.asarray(lr_schedule(step), jnp.float32),
-        "last_layer_lr": jnp.asarray(last_layer_lr_schedule(step), jnp.float32),
-        "wd": jnp.asarray(wd_schedule(step), jnp.float32),
-    }

@@ -64,7 +64,7 @@ def normalise_crops(
     """The batch with integer crops (uint8 / uint16 pixel levels) normalised to float32.
 
     `(x / max - mean) / std` with max 255 or 65535 by dtype: the host pipeline's normalisation
-    (`data.augment.normalise_table`), so shipping levels and normalising here gives the
+    (`data.lut.normalise_table`), so shipping levels and normalising here gives the
     host-normalised crops to float32 rounding while moving a quarter (uint8) of the bytes.
     Float crops pass through unchanged. `mean` / `std` come from `ObjectiveConfig.pixel_mean` /
     `pixel_std` (config.data.mean / std).
