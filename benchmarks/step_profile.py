@@ -16,11 +16,10 @@ ratio), XLA's memory analysis of each compiled step and the median step times wi
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib
 import statistics
 import tempfile
-import time
+
+import harness
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,36 +34,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _apply(config, assignments: list[str]):
-    """KEY=VALUE overrides (values parsed as Python literals, else kept as strings)."""
-    for item in assignments:
-        key, _, text = item.partition("=")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        node = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        if leaf not in node:
-            raise SystemExit(f"--set/--compare: unknown config key {key!r}")
-        node[leaf] = value
-    return config
-
-
 def variant_config(args: argparse.Namespace, extra: list[str]):
     """The named config for one device: batch, dtype, mask/KoLeo groups within the batch."""
-    config = importlib.import_module(f"configs.{args.config}").get_config()
+    config = harness.named_config(args.config)
     if args.batch:
         config.batch_size = args.batch
     config.model.dtype = args.dtype
-    config.data.mask_group_size = min(config.data.mask_group_size or args.batch,
-                                      config.batch_size)
-    config.ssl.koleo_group_size = min(config.ssl.koleo_group_size or args.batch,
-                                      config.batch_size)
+    batch = config.batch_size
+    config.data.mask_group_size = min(config.data.mask_group_size or batch, batch)
+    config.ssl.koleo_group_size = min(config.ssl.koleo_group_size or batch, batch)
     config.eval.every = 0
-    return _apply(config, [*args.set, *extra])
+    overrides = [*args.set, *extra]
+    config.update_from_flattened_dict(
+        {k: harness.parse_value(v) for k, _, v in (o.partition("=") for o in overrides)}
+    )
+    return config
 
 
 def prepare(config, devices):
@@ -81,11 +65,9 @@ def prepare(config, devices):
     batch = sweep.device_batch(point, seed=0)
     keys = iter(sweep.step_keys(point, 10_000, seed=0))
 
-    def run() -> float:
-        start = time.perf_counter()
+    def run() -> None:
         holder["state"], metrics = compiled(holder["state"], batch, next(keys))
         jax.block_until_ready((holder["state"], metrics))
-        return time.perf_counter() - start
 
     return point, compiled, run
 
@@ -99,12 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
     devices = jax.devices()[:1]
     variants = {"before": variant_config(args, []), "after": variant_config(args, args.compare)}
     prepared = {name: prepare(config, devices) for name, config in variants.items()}
-    for _, _, run in prepared.values():
-        run()  # warm-up
-    times = {name: [] for name in prepared}
-    for _ in range(args.steps):
-        for name, (_, _, run) in prepared.items():
-            times[name].append(run())
+    times = harness.interleaved(
+        {name: run for name, (_, _, run) in prepared.items()}, args.steps, warmup=1
+    )
     tables = {}
     root = args.trace_dir or tempfile.mkdtemp(prefix="step_profile_")
     for name, (_, compiled, run) in prepared.items():
@@ -114,8 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
             events, profile.parse_hlo_ops(text), args.steps, module=profile.module_name(text)
         )
 
-    device = devices[0]
-    print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}")
+    print(harness.machine_header())
     config = variants["before"]
     print(
         f"step: {args.config} batch {config.batch_size}, {config.data.global_size}/"
