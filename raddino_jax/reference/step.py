@@ -185,7 +185,7 @@ def dino_loss(
     n_student = student_logits.shape[0]
     log_q = F.log_softmax(student_logits / temperature, dim=-1)
     pair_ce = -torch.einsum("tbk,sbk->ts", teacher_probs, log_q) / batch
-    same_crop = torch.eye(n_teacher, n_student, dtype=torch.bool)
+    same_crop = torch.eye(n_teacher, n_student, dtype=torch.bool, device=pair_ce.device)
     return pair_ce.masked_fill(same_crop, 0.0).sum() / (n_student * n_teacher - n_teacher)
 
 
@@ -270,31 +270,61 @@ def masked_token_rows(indices: torch.Tensor, batch: int, n_tokens: int) -> torch
     indices = indices.long()
     crop, rest = indices // (b * n_tokens), indices % (b * n_tokens)
     image, patch = rest // n_tokens, rest % n_tokens
-    group_start = (torch.arange(n_groups) * b).unsqueeze(1)
+    group_start = (torch.arange(n_groups, device=indices.device) * b).unsqueeze(1)
     return ((crop * batch + group_start + image) * n_tokens + patch).reshape(-1)
 
 
-def batch_to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """The pipeline's host batch (NumPy) as tensors sharing its memory."""
-    return {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in batch.items()}
+def batch_to_torch(batch: dict[str, np.ndarray], device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The pipeline's host batch (NumPy) as tensors (sharing its memory on the CPU)."""
+    return {
+        key: torch.from_numpy(np.ascontiguousarray(value)).to(device)
+        for key, value in batch.items()
+    }
+
+
+AUTOCAST_DTYPES = {"": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ReferenceStep:
-    """Student, teacher, AdamW state and centres; calling it runs one train step."""
+    """Student, teacher, AdamW state and centres; calling it runs one train step.
 
-    def __init__(self, cfg: ReferenceConfig, weights: dict[str, np.ndarray]):
+    As a speed peer (`benchmarks/step_vs_reference.py --device gpu`) it runs the way DINOv2's
+    trainer does on a GPU: float32 parameters and optimizer, the forward passes under
+    `torch.autocast` (`autocast="bfloat16"`), SDPA attention (`cfg.attention`), and with
+    `compile=True` `torch.compile` on each transformer block and on the head (DINOv3 trains
+    so). The default (CPU, no autocast, eager) is the float32 numerics reference.
+    """
+
+    def __init__(
+        self,
+        cfg: ReferenceConfig,
+        weights: dict[str, np.ndarray],
+        *,
+        device: str = "cpu",
+        autocast: str = "",
+        compile: bool = False,
+    ):
         """`weights`: the student's state dict ("backbone.*", "dino_head.*" names); the
         teacher starts as a copy, the centres at zero (as `train.state.new_state`)."""
+        if autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast must be one of {sorted(AUTOCAST_DTYPES)}, got {autocast!r}")
         self.cfg = cfg
+        self.device = torch.device(device)
+        self.autocast = AUTOCAST_DTYPES[autocast]
         self.schedules = Schedules(cfg)
-        self.student = SSLModel(cfg)
-        self.teacher = SSLModel(cfg)
+        self.student = SSLModel(cfg).to(self.device)
+        self.teacher = SSLModel(cfg).to(self.device)
         state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in weights.items()}
         self.student.load_state_dict(state, strict=True)
         self.teacher.load_state_dict(state, strict=True)
         self.teacher.requires_grad_(False)
-        self.dino_center = torch.zeros(cfg.head_out_dim)
-        self.ibot_center = torch.zeros(cfg.head_out_dim)
+        if compile:
+            for model in (self.student, self.teacher):
+                for block in model.backbone.blocks:
+                    block.compile()
+                model.dino_head.compile()
+        self.dino_center = torch.zeros(cfg.head_out_dim, device=self.device)
+        self.ibot_center = torch.zeros(cfg.head_out_dim, device=self.device)
         self.step = 0
         self.optimizer = torch.optim.AdamW(
             param_groups(self.student, cfg),
@@ -303,6 +333,11 @@ class ReferenceStep:
             foreach=cfg.adamw == "foreach",
             fused=cfg.adamw == "fused",
         )
+
+    def float32(self):
+        """A context where autocast is off: the losses, targets and centres run in float32
+        (as dinov2's loss modules do under its autocast)."""
+        return torch.autocast(self.device.type, enabled=False)
 
     def teacher_targets(
         self,
@@ -321,6 +356,8 @@ class ReferenceStep:
             patch_logits = self.teacher.dino_head(
                 patches.reshape(-1, patches.shape[-1]).index_select(0, rows)
             )
+        with torch.no_grad(), self.float32():
+            cls_logits, patch_logits = cls_logits.float(), patch_logits.float()
             cls_probs = centered_targets(cls_logits, self.dino_center, temp)
             patch_probs = centered_targets(patch_logits, self.ibot_center, temp)
             patch_probs = patch_probs * valid.unsqueeze(1)
@@ -359,14 +396,16 @@ class ReferenceStep:
         )
         tau = cfg.student_temperature
         teacher_probs = cls_probs.reshape(n_global, size, -1)
-        dino = dino_loss(s_cls_logits, teacher_probs, tau)
-        ibot = ibot_loss(s_patch_logits, patch_probs, weights, n_global * size, tau)
-        koleo = sum(
-            koleo_loss_grouped(crop_cls, cfg.koleo_group_size)
-            for crop_cls in s_global_cls.reshape(n_global, size, -1)
-        )
+        with self.float32():
+            s_cls_logits, s_patch_logits = s_cls_logits.float(), s_patch_logits.float()
+            dino = dino_loss(s_cls_logits, teacher_probs, tau)
+            ibot = ibot_loss(s_patch_logits, patch_probs, weights, n_global * size, tau)
+            koleo = sum(
+                koleo_loss_grouped(crop_cls, cfg.koleo_group_size)
+                for crop_cls in s_global_cls.float().reshape(n_global, size, -1)
+            )
         total = cfg.dino_weight * dino + cfg.ibot_weight * ibot + cfg.koleo_weight * koleo
-        with torch.no_grad():
+        with torch.no_grad(), self.float32():
             swapped = teacher_probs.flip(0).reshape(n_global * size, -1)
             monitors = {
                 "teacher_entropy": entropy(cls_probs),
@@ -416,7 +455,10 @@ class ReferenceStep:
         `finite` is 0."""
         scalars = self.schedules.at(self.step)
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.losses(batch, scalars.teacher_temperature)
+        with torch.autocast(
+            self.device.type, dtype=self.autocast or torch.float32, enabled=bool(self.autocast)
+        ):
+            out = self.losses(batch, scalars.teacher_temperature)
         out["loss"].backward()
         norms = self.clip_gradients()
         finite = math.isfinite(float(out["loss"].detach())) and all(
@@ -445,6 +487,6 @@ class ReferenceStep:
         """("student.<name>" | "teacher.<name>" | "dino_center" | "ibot_center", array) pairs."""
         for prefix, model in (("student", self.student), ("teacher", self.teacher)):
             for name, param in model.state_dict().items():
-                yield f"{prefix}.{name}", param.detach().numpy().copy()
-        yield "dino_center", self.dino_center.numpy().copy()
-        yield "ibot_center", self.ibot_center.numpy().copy()
+                yield f"{prefix}.{name}", param.detach().cpu().numpy().copy()
+        yield "dino_center", self.dino_center.cpu().numpy().copy()
+        yield "ibot_center", self.ibot_center.cpu().numpy().copy()
