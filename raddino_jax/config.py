@@ -296,7 +296,8 @@ def validate(config: ml_collections.ConfigDict, *, n_devices: int, process_count
     _require(
         0 <= o.warmup_steps <= config.total_steps,
         "optim.warmup_steps",
-        f"must be in [0, total_steps={config.total_steps}]",
+        f"must be in [0, total_steps={config.total_steps}]; to shorten a config, "
+        "config.scale_to_steps scales every schedule length with the run",
     )
     _require(0.0 < config.teacher.momentum <= 1.0, "teacher.momentum", "must be in (0, 1]")
     _require(
