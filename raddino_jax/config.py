@@ -18,6 +18,7 @@ here once. `docs/architecture.md` describes the mechanism; `tests/test_config.py
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any
@@ -181,10 +182,76 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0  # kNN on a held-out labelled split every N steps (0: off)
     c.eval.label = ""
+    # "DATA_DIR/NAME" to evaluate on; "": each training source that has eval.label, reported
+    # per source with a mixture (eval_datasets)
+    c.eval.data = ""
     c.eval.train_split = "train"
     c.eval.eval_split = "val"
     c.eval.max_examples = 512
     return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Run length
+# ----------------------------------------------------------------------------------------------
+
+# Every step-denominated setting that belongs to the recipe, and so scales with the run length
+# (`scale_to_steps`). Adding a key here is all a new schedule length needs. The start steps of
+# `stages` scale too. Not listed, on purpose: the cadences of running the run (log_every,
+# checkpoint_every, eval.every, preemption_check_every, profile_steps) are about the machine,
+# not the recipe, and a run always saves at its last step.
+STEP_SCHEDULE_KEYS: tuple[str, ...] = (
+    "optim.warmup_steps",
+    "optim.freeze_last_layer_steps",
+    "teacher.warmup_temperature_steps",
+    "ssl.gram_start_step",
+    "ssl.gram_update_every",
+)
+
+
+def scale_to_steps(
+    config: ml_collections.ConfigDict, total_steps: int
+) -> tuple[ml_collections.ConfigDict, dict[str, tuple[Any, Any]]]:
+    """A copy of `config` that runs `total_steps` steps, with every step-denominated schedule
+    (`STEP_SCHEDULE_KEYS` and the stage start steps) scaled by total_steps / config.total_steps,
+    so a shortened run keeps the recipe's proportions (10k of 100k warm-up steps -> 1,250 of
+    12,500) instead of spending most of it warming up with a frozen last layer.
+
+    Values are rounded to whole steps; a non-zero value stays at least 1 and 0 stays 0 (off).
+    Returns (config, {key: (old, new)} for every value that changed), for the caller to print.
+    `raddino_jax.scaling` uses it for every run; call it to shorten any config.
+    """
+    if total_steps <= 0:
+        raise ConfigError(f"config.total_steps: must be > 0, got {total_steps}")
+    ratio = total_steps / config.total_steps
+
+    def scaled(value: int) -> int:
+        return max(1, round(value * ratio)) if value else 0
+
+    out = ml_collections.ConfigDict(config.to_dict())
+    changes: dict[str, tuple[Any, Any]] = {}
+    if total_steps != config.total_steps:
+        changes["total_steps"] = (config.total_steps, total_steps)
+    out.total_steps = total_steps
+    for key in STEP_SCHEDULE_KEYS:
+        section, name = key.split(".")
+        old = config[section][name]
+        out[section][name] = scaled(old)
+        if out[section][name] != old:
+            changes[key] = (old, out[section][name])
+    if config.stages:
+        stages = tuple((scaled(start), *sizes) for start, *sizes in config.stages)
+        if stages != tuple(tuple(entry) for entry in config.stages):
+            changes["stages"] = (tuple(tuple(entry) for entry in config.stages), stages)
+        out.stages = stages
+    if config.is_locked:
+        out.lock()
+    return out, changes
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    """The changes of `scale_to_steps` as "key old -> new, ...", for the console."""
+    return ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changes.items()) or "none"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,7 +296,8 @@ def validate(config: ml_collections.ConfigDict, *, n_devices: int, process_count
     _require(
         0 <= o.warmup_steps <= config.total_steps,
         "optim.warmup_steps",
-        f"must be in [0, total_steps={config.total_steps}]",
+        f"must be in [0, total_steps={config.total_steps}]; to shorten a config, "
+        "config.scale_to_steps scales every schedule length with the run",
     )
     _require(0.0 < config.teacher.momentum <= 1.0, "teacher.momentum", "must be in (0, 1]")
     _require(
@@ -318,8 +386,92 @@ def validate(config: ml_collections.ConfigDict, *, n_devices: int, process_count
             "init.heads",
             f"{config.init.heads} does not exist",
         )
+    _validate_gram(config)
     if config.eval.every:
         _require(bool(config.eval.label), "eval.label", "set the label field for periodic kNN")
+        if d.dir or d.sources or config.eval.data:  # the built-in samples: checked once built
+            eval_datasets(config, training_datasets(config))
+
+
+def _validate_gram(config: ml_collections.ConfigDict) -> None:
+    """Gram anchoring that would never start is refused: its teacher would still be carried in
+    memory and in every checkpoint for nothing."""
+    s = config.ssl
+    if s.gram_weight <= 0:
+        return
+    _require(
+        s.gram_start_step < config.total_steps,
+        "ssl.gram_start_step",
+        f"{s.gram_start_step} is not before config.total_steps={config.total_steps}: Gram "
+        "anchoring would never turn on (yet its teacher would fill memory and checkpoints). "
+        "Start it earlier (DINOv3 anchors the later part of a run), raise total_steps, or set "
+        "ssl.gram_weight=0",
+    )
+
+
+def training_datasets(
+    config: ml_collections.ConfigDict, builtin: tuple[str, str] | None = None
+) -> list[tuple[str, str, str]]:
+    """(report name, data_dir, tfds name) of each configured training dataset: the mixture's
+    sources (named as in `images_seen/<name>`), data.dir/data.name, or the built-in samples
+    at `builtin` (data_dir, name) once they exist."""
+    from raddino_jax.data.sources import source_names
+
+    d = config.data
+    if d.sources:
+        names = source_names([name for name, _, _ in d.sources])
+        return [(n, data_dir, name) for n, (name, data_dir, _) in zip(names, d.sources)]
+    if d.dir:
+        return [(d.name, d.dir, d.name)]
+    return [(builtin[1], *builtin)] if builtin else []
+
+
+def eval_datasets(
+    config: ml_collections.ConfigDict, training: list[tuple[str, str, str]]
+) -> list[tuple[str, str, str]]:
+    """The datasets periodic kNN (`eval.every`) evaluates on, as (report name, data_dir, name).
+
+    `eval.data` ("DATA_DIR/NAME") if set, which must have `eval.label` and both eval splits;
+    else each of `training` (`training_datasets`) that has them. Raises ConfigError naming the
+    keys when none does, so a run fails at startup, not at its first evaluation.
+    """
+    from raddino_jax.data.records import dataset_contents
+
+    e = config.eval
+    splits = (e.train_split, e.eval_split)
+
+    def missing(data_dir: str, name: str) -> str:
+        try:
+            fields, have = dataset_contents(data_dir, name)
+        except (OSError, ValueError) as err:
+            return f"cannot be read ({err})"
+        if e.label not in fields:
+            return f"has no field {e.label!r} (fields: {', '.join(sorted(fields))})"
+        absent = [split for split in splits if split not in have]
+        if absent:
+            return f"has no split {', '.join(absent)} (splits: {', '.join(sorted(have))})"
+        return ""
+
+    if e.data:
+        data_dir, _, name = e.data.rstrip("/").rpartition("/")
+        _require(bool(data_dir and name), "eval.data", f"{e.data!r} is not DATA_DIR/NAME")
+        problem = missing(data_dir, name)
+        _require(
+            not problem,
+            "eval.data",
+            f"{e.data} {problem}; set eval.label and eval.train_split/eval_split to what it has",
+        )
+        return [(name, data_dir, name)]
+    usable = [t for t in training if not missing(t[1], t[2])]
+    _require(
+        bool(usable),
+        "eval.label",
+        "periodic kNN (eval.every) needs a dataset with this label and splits "
+        f"{e.train_split}/{e.eval_split}: "
+        + "; ".join(f"{d}/{name} {missing(d, name)}" for _, d, name in training)
+        + ". Set eval.data=DATA_DIR/NAME to a labelled dataset, or eval.label to a field",
+    )
+    return usable
 
 
 def _validate_sources(d: ml_collections.ConfigDict) -> None:
@@ -402,13 +554,25 @@ def mask_group_size(config: ml_collections.ConfigDict, n_devices: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_rules_match(spec: ModelSpec, optimizer: OptimizerConfig) -> None:
-    """A rule regex that matches no parameter is almost always a typo: refuse it at startup."""
+@functools.lru_cache(maxsize=8)
+def _unmatched_rules(spec: ModelSpec, optimizer: OptimizerConfig) -> tuple:
+    """The optimizer's rule regexes that match no parameter of `spec` (remembered per pair:
+    tracing the abstract parameters takes about a second, and every stage and every run of a
+    sweep validates the same model)."""
     from raddino_jax.models import abstract_params
     from raddino_jax.train.optim import unmatched_rules
 
-    params = abstract_params(spec)
-    unused = unmatched_rules(params, optimizer)
+    return tuple(unmatched_rules(abstract_params(spec), optimizer))
+
+
+def _check_rules_match(spec: ModelSpec, optimizer: OptimizerConfig) -> None:
+    """A rule regex that matches no parameter is almost always a typo: refuse it at startup."""
+    try:
+        hash((spec, optimizer))
+    except TypeError:  # a rule table holding lists: not cacheable, compute it
+        unused = list(_unmatched_rules.__wrapped__(spec, optimizer))
+    else:
+        unused = list(_unmatched_rules(spec, optimizer))
     _require(
         not unused,
         "optim",
@@ -508,9 +672,18 @@ def mask_spec(
     )
 
 
-def step_flops(config: ml_collections.ConfigDict, spec: ModelSpec, n_devices: int) -> float:
+def step_flops(
+    config: ml_collections.ConfigDict,
+    spec: ModelSpec,
+    n_devices: int,
+    *,
+    gram_active: bool | None = None,
+) -> float:
     """Analytic FLOPs of one global train step (`flops.ssl_step_flops`): what the loop's MFU and
-    the sweep both use. The iBOT buffer is the static one, padding included."""
+    the sweep both use. The iBOT buffer is the static one, padding included. With Gram
+    anchoring on, a step from `ssl.gram_start_step` on also runs the Gram teacher
+    (`gram_active`, default: whether Gram anchoring is on at all; the loop passes whether the
+    logged step is past the start, as the step skips the Gram forward before it)."""
     from raddino_jax import flops
 
     masks = mask_spec(config, n_devices, spec.backbone.patch_size)
@@ -524,6 +697,7 @@ def step_flops(config: ml_collections.ConfigDict, spec: ModelSpec, n_devices: in
         n_masked_tokens=masks.upper_bound * n_groups,
         separate_ibot_head=spec.ibot_head is not None,
         remat=spec.backbone.remat == "full",
+        gram=config.ssl.gram_weight > 0 and gram_active is not False,
     )["total"]
 
 

@@ -58,6 +58,12 @@ def backbone_forward_flops(cfg: ViTConfig, crop_size: int) -> dict[str, float]:
     return out
 
 
+def gram_matrix_flops(cfg: ViTConfig, crop_size: int) -> float:
+    """FLOPs of one crop's patch Gram matrix X X^T (X: [P, D], P patches, no CLS/registers)."""
+    patches = (crop_size // cfg.patch_size) ** 2
+    return 2.0 * patches * patches * cfg.embed_dim
+
+
 def head_forward_flops_per_token(cfg: HeadConfig) -> float:
     """FLOPs of one DINO/iBOT head forward for one token: the MLP linears + the last layer."""
     dims = [cfg.in_dim] + [cfg.hidden_dim] * (cfg.nlayers - 1) + [cfg.bottleneck_dim]
@@ -75,6 +81,7 @@ def ssl_step_flops(
     n_masked_tokens: int,
     separate_ibot_head: bool,
     remat: bool,
+    gram: bool = False,
 ) -> dict[str, float]:
     """FLOPs of one DINOv2 SSL step on `batch` images (recipe s3, s7, s11).
 
@@ -84,9 +91,14 @@ def ssl_step_flops(
     shared) on the `n_masked_tokens` = U rows of the static masked-token buffer (summed over
     mask groups, padding included: the compiled step pays for it).
     Teacher: forward only, backbone on the 2 global crops, head on 2 * batch CLS + U tokens.
+    Gram anchoring (`gram`, a step where it is active; recipe, "Gram anchoring (DINOv3)"): the
+    Gram teacher's backbone forward on the 2 global crops, and the P x P patch Gram matrices
+    (2 P^2 D each, P = patches per global crop) of the student (forward + backward, x3) and
+    of the Gram teacher (forward) for each of the 2 * batch global crops.
 
-    Returns a dict with student_backbone, teacher_backbone, student_heads, teacher_heads,
-    student, teacher, heads and total (all FLOPs per step, not per image).
+    Returns a dict with student_backbone, teacher_backbone, gram_teacher_backbone,
+    gram_matrices, student_heads, teacher_heads, student, teacher, gram, heads and total (all
+    FLOPs per step, not per image; the gram terms are 0 unless `gram`).
     """
     if spec.dino_head is None:
         raise ValueError("ssl_step_flops needs a spec with a dino_head")
@@ -106,11 +118,16 @@ def ssl_step_flops(
         "teacher_backbone": batch * 2 * global_fwd,
         "student_heads": 3.0 * (cls_tokens * dino_tok + n_masked_tokens * ibot_tok),
         "teacher_heads": 2 * batch * dino_tok + n_masked_tokens * ibot_tok,
+        "gram_teacher_backbone": batch * 2 * global_fwd if gram else 0.0,
+        "gram_matrices": (3.0 + 1.0) * 2 * batch * gram_matrix_flops(cfg, global_size)
+        if gram
+        else 0.0,
     }
     out["student"] = out["student_backbone"]
     out["teacher"] = out["teacher_backbone"]
+    out["gram"] = out["gram_teacher_backbone"] + out["gram_matrices"]
     out["heads"] = out["student_heads"] + out["teacher_heads"]
-    out["total"] = out["student"] + out["teacher"] + out["heads"]
+    out["total"] = out["student"] + out["teacher"] + out["gram"] + out["heads"]
     return out
 
 

@@ -8,10 +8,11 @@ One pretraining run per fraction (`DIR/runs/fraction_<f>`), each on a subset of 
 data: the patients whose fixed hash rank is below f (`data/sources.patient_subset`), so the
 subsets are deterministic, patient-disjoint (a patient's images are all in or all out) and
 nested (a smaller fraction's subset is contained in every larger one's). Every run trains for
-the same N steps (`--steps`, so each sees N x batch images); the x axis of the results is the
-number of distinct pretraining images in the subset. Each teacher is then evaluated with the
-evaluation CLI's tasks (`evaluate.run_evaluation`: kNN, logistic probes with AUROC, metadata
-probes, with paired bootstrap intervals) on DATA_DIR/NAME, and the sweep writes
+the same N steps (`--steps`, so each sees N x batch images, batch per stage); the x axis of the
+results is the number of distinct pretraining images in the subset. Each teacher is then
+evaluated with the evaluation CLI's tasks (`evaluate.run_evaluation`: kNN, logistic probes
+with AUROC, metadata probes, with paired bootstrap intervals) on DATA_DIR/NAME, and the sweep
+writes
 DIR/scaling.csv, scaling.json, scaling.md and scaling.png (metric vs pretraining images, per
 label, with the 95% intervals; a random initialisation as the reference line).
 
@@ -20,9 +21,16 @@ label, with the 95% intervals; a random initialisation as the reference line).
 leave-one-source-out mixture at the largest fraction (the paper's diversity question); runs
 are `DIR/runs/all` and `DIR/runs/without_<name>`.
 
-Resuming: a run with `DIR/runs/<run>/scaling_run.json` is finished and skipped; an interrupted
-run resumes from its last checkpoint. Config overrides (`--config.optim.base_lr=1e-3`) apply
-to every run; a mistyped key is an error.
+Run length: every run's step-denominated schedules (warm-ups, the last layer's freeze, the
+teacher temperature warm-up, Gram start/refresh, stage starts) are scaled from the config's
+total_steps to --steps by `config.scale_to_steps`, and the sweep prints each scaled value
+before the first run; `images_seen` counts each stage's batch.
+
+Every run's config and the evaluation labels are checked before the first run trains.
+Resuming: a run with `DIR/runs/<run>/scaling_run.json` is finished and skipped when its
+recorded steps, fraction, data, batch, stages and seed match this command (else the sweep
+stops, naming the differences); an interrupted run resumes from its last checkpoint. Config
+overrides (`--config.optim.base_lr=1e-3`) apply to every run; a mistyped key is an error.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
+import dataclasses
 import importlib.util
 import json
 import math
@@ -114,11 +123,12 @@ def run_configs(
 ) -> list[tuple[str, float, ml_collections.ConfigDict]]:
     """(run name, fraction, config) of every run of the sweep."""
 
+    from raddino_jax.config import scale_to_steps
+
     def with_data(fraction: float, sources=None) -> ml_collections.ConfigDict:
-        config = ml_collections.ConfigDict(base.to_dict())
-        config.total_steps = steps
-        if config.optim.warmup_steps > steps:  # the recipe's warmup does not fit a short run
-            config.optim.warmup_steps = steps // 10
+        # every step-denominated schedule follows the run length (config.scale_to_steps)
+        config, _ = scale_to_steps(base, steps)
+        config.unlock()
         config.data.fraction = fraction
         if sources is not None:
             config.data.sources = tuple(sources)
@@ -141,19 +151,91 @@ def run_configs(
     return runs
 
 
+def check_runs(
+    runs: Sequence[tuple[str, float, ml_collections.ConfigDict]],
+    eval_data: str,
+    labels: Sequence[str],
+) -> None:
+    """Everything that can fail before the first run trains: each run's config (as the
+    training loop validates it, on this machine's devices) and the evaluation dataset's labels.
+    Raises ConfigError / ValueError naming the run, key or label."""
+    import jax
+
+    from raddino_jax import config as config_lib
+    from raddino_jax.data.records import dataset_contents
+
+    for name, _, config in runs:
+        try:
+            config_lib.validate(
+                config, n_devices=len(jax.devices()), process_count=jax.process_count()
+            )
+        except config_lib.ConfigError as err:
+            raise config_lib.ConfigError(f"run {name}: {err}") from err
+    data_dir, _, dataset = eval_data.rstrip("/").rpartition("/")
+    if not data_dir or not dataset:
+        raise ValueError(f"--eval-data: {eval_data!r} is not DATA_DIR/NAME")
+    try:
+        fields, _ = dataset_contents(data_dir, dataset)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--eval-data: cannot read {eval_data} ({err})") from err
+    absent = [label for label in labels if label not in fields]
+    if absent:
+        raise ValueError(
+            f"--label: {eval_data} has no field {', '.join(map(repr, absent))}; fields: "
+            + ", ".join(sorted(fields))
+        )
+
+
 # ------------------------------------------------------------------------------------------
 # One run
 # ------------------------------------------------------------------------------------------
 
 
-def training_images(config: ml_collections.ConfigDict, run_dir: epath.Path) -> int:
-    """Distinct images of the run's (subset of its) training data."""
-    from raddino_jax.data import sources
-
-    records = sources.open_training_data(config, run_dir).records
+def training_images(data) -> int:
+    """Distinct images of a run's (subset of its) training data (`sources.TrainingData`)."""
+    records = data.records
     if hasattr(records, "sources"):
         return sum(len(s) for s in records.sources)
     return len(records)
+
+
+def images_seen(config: ml_collections.ConfigDict) -> int:
+    """Global images a run consumes in its config.total_steps steps, stage by stage."""
+    from raddino_jax.train import stages
+
+    return stages.images_before(stages.stage_table(config), config.total_steps)
+
+
+def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What makes two runs of the sweep the same run: recorded in RESULT_FILE and compared
+    before a finished run is reused."""
+    d = config.data
+    return {
+        "steps": int(config.total_steps),
+        "fraction": float(d.fraction),
+        "data": [d.dir, d.name] if not d.sources else [],
+        "sources": [list(s) for s in d.sources],
+        "batch_size": int(config.batch_size),
+        "stages": [list(s) for s in config.stages],
+        "seed": int(config.seed),
+    }
+
+
+def check_same_run(done: epath.Path, record: dict[str, Any], config) -> None:
+    """Raise ValueError naming every difference between a finished run's record and the run
+    this command asks for (reporting the old run as the new one would be silent and wrong)."""
+    wanted = json.loads(json.dumps(run_identity(config)))
+    differences = [
+        f"{key} {record.get(key, 'not recorded')!r} (asked: {value!r})"
+        for key, value in wanted.items()
+        if record.get(key) != value
+    ]
+    if differences:
+        raise ValueError(
+            f"{done} is a finished run of a different command: "
+            + "; ".join(differences)
+            + f". Use another --workdir, or delete {done.parent} to train it again"
+        )
 
 
 def run_one(
@@ -170,14 +252,19 @@ def run_one(
 ) -> dict[str, Any]:
     """Train (or resume) one run, evaluate its teacher, write RESULT_FILE; returns its record."""
     from raddino_jax import evaluate
+    from raddino_jax.data import sources
     from raddino_jax.train import loop
 
     done = run_dir / RESULT_FILE
     if done.exists():
+        record = json.loads(done.read_text())
+        check_same_run(done, record, config)
         print(f"scaling: {name} finished earlier, skipped ({done})", flush=True)
-        return json.loads(done.read_text())
+        return record
     print(f"scaling: {name}: training {config.total_steps} steps in {run_dir}", flush=True)
-    loop.train(config, str(run_dir))
+    # Opened once: the patient subset's scan of the records serves the count and the training.
+    data = sources.open_training_data(config, run_dir)
+    loop.train(config, str(run_dir), data=data)
     report = evaluate.run_evaluation(
         str(run_dir),
         eval_data,
@@ -189,11 +276,10 @@ def run_one(
     )
     record = {
         "run": name,
+        **run_identity(config),
         "fraction": fraction,
-        "images": training_images(config, run_dir),
-        "images_seen": int(config.total_steps * config.batch_size),
-        "steps": int(config.total_steps),
-        "sources": [list(s) for s in config.data.sources],
+        "images": training_images(data),
+        "images_seen": images_seen(config),
         "scores": _scores(report, "checkpoint"),
         "random_init": _scores(report, "random_init"),
         "eval": report,
@@ -363,32 +449,62 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     return parser.parse_known_args(argv)
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A sweep as the command line asks for it, checked before anything trains."""
+
+    runs: list[tuple[str, float, ml_collections.ConfigDict]]
+    labels: list[str]
+    tasks: list[str]
+    schedule_changes: dict[str, tuple[Any, Any]]  # config.scale_to_steps's, for the console
+
+
+def plan(args: argparse.Namespace, overrides: Sequence[str]) -> Plan:
+    """The runs of the sweep from its parsed command line; raises ConfigError / ValueError
+    (naming the flag, run or key) for anything wrong, before any run trains."""
+    from raddino_jax import config as config_lib
+
+    fractions = sorted({float(f) for f in args.fractions.split(",") if f.strip()})
+    if not fractions or not all(0 < f <= 1 for f in fractions):
+        raise ValueError(f"--fractions must be in (0, 1], got {args.fractions!r}")
+    if args.steps <= 0:
+        raise ValueError(f"--steps must be > 0, got {args.steps}")
+    labels = [label.strip() for label in args.label.split(",") if label.strip()]
+    tasks = [task.strip() for task in args.task.split(",") if task.strip()]
+    base = load_config(args.config, overrides)
+    workdir = epath.Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.sources:
+        base.data.dir, base.data.name = "", ""
+        base.data.sources = parse_sources(args.sources)
+    elif not base.data.dir and not base.data.sources:  # the built-in samples, built once
+        from raddino_jax.data import sources
+
+        base.data.dir, base.data.name = sources.builtin_dataset(
+            workdir, base.data.builtin_phantoms, base.data.builtin_size
+        )
+    runs = run_configs(base, fractions, args.steps, args.mixtures)
+    check_runs(runs, args.eval_data, labels)
+    _, changes = config_lib.scale_to_steps(base, args.steps)
+    return Plan(runs, labels, tasks, changes)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = parse_args(argv)
+    from raddino_jax import config as config_lib
     from raddino_jax.config import ConfigError
 
+    workdir = epath.Path(args.workdir)
     try:
-        fractions = sorted({float(f) for f in args.fractions.split(",") if f.strip()})
-        if not fractions or not all(0 < f <= 1 for f in fractions):
-            raise ValueError(f"--fractions must be in (0, 1], got {args.fractions!r}")
-        if args.steps <= 0:
-            raise ValueError(f"--steps must be > 0, got {args.steps}")
-        labels = [label.strip() for label in args.label.split(",") if label.strip()]
-        tasks = [task.strip() for task in args.task.split(",") if task.strip()]
-        base = load_config(args.config, overrides)
-        workdir = epath.Path(args.workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        if args.sources:
-            base.data.dir, base.data.name = "", ""
-            base.data.sources = parse_sources(args.sources)
-        elif not base.data.dir and not base.data.sources:  # the built-in samples, built once
-            from raddino_jax.data import sources
-
-            base.data.dir, base.data.name = sources.builtin_dataset(
-                workdir, base.data.builtin_phantoms, base.data.builtin_size
-            )
+        sweep = plan(args, overrides)
+        print(
+            f"scaling: {len(sweep.runs)} run(s) of {args.steps} steps; step schedules scaled "
+            "with the run length (config.scale_to_steps): "
+            + config_lib.describe_changes(sweep.schedule_changes),
+            flush=True,
+        )
         records = []
-        for name, fraction, config in run_configs(base, fractions, args.steps, args.mixtures):
+        for name, fraction, config in sweep.runs:
             records.append(
                 run_one(
                     name,
@@ -396,8 +512,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     config,
                     workdir / "runs" / name,
                     args.eval_data,
-                    labels,
-                    tasks,
+                    sweep.labels,
+                    sweep.tasks,
                     max_examples=args.max_examples,
                     n_resamples=args.bootstrap,
                 )
@@ -405,12 +521,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    labels = sweep.labels
     table = rows(records, labels)
     meta = {
         "command": "python -m raddino_jax.scaling " + " ".join(argv or sys.argv[1:]),
         "eval_data": args.eval_data,
         "labels": labels,
         "steps": args.steps,
+        "schedule_changes": {k: list(v) for k, v in sweep.schedule_changes.items()},
         "mixtures": args.mixtures,
         "runs": [{k: v for k, v in r.items() if k != "eval"} for r in records],
     }

@@ -169,6 +169,34 @@ def test_ssl_step_structure():
     assert math.isclose(base["total"], base["student"] + base["teacher"] + base["heads"])
 
 
+def test_gram_terms_match_xla_and_enter_the_total():
+    """With Gram anchoring active the step also runs the Gram teacher's backbone on both
+    globals and the patch Gram matrices (student forward + backward, Gram teacher forward):
+    the analytic Gram-matrix count against XLA's for the loss and its gradient, and the
+    step total against the sum of its terms."""
+    from raddino_jax.ssl import gram
+
+    crops, size = 2, 280
+    patches = (size // TINY_VIT.patch_size) ** 2
+    tokens = jax.ShapeDtypeStruct((crops, patches, TINY_VIT.embed_dim), jnp.float32)
+    xla = _xla_flops(jax.value_and_grad(gram.gram_loss), tokens, tokens)
+    analytic = 4 * crops * flops.gram_matrix_flops(TINY_VIT, size)
+    assert xla == pytest.approx(analytic, rel=XLA_TOLERANCE)
+
+    batch = 4
+    spec = ModelSpec(vit_config("vit_base"), dino_head=RAD_DINO_HEAD)
+    kw = dict(
+        global_size=224, local_size=98, n_local=8, batch=batch, n_masked_tokens=100, remat=False
+    )
+    off = flops.ssl_step_flops(spec, separate_ibot_head=False, **kw)
+    on = flops.ssl_step_flops(spec, separate_ibot_head=False, gram=True, **kw)
+    g = flops.backbone_forward_flops(spec.backbone, 224)["total"]
+    assert off["gram"] == 0 and on["gram_teacher_backbone"] == batch * 2 * g
+    assert on["gram_matrices"] == 4 * 2 * batch * 2 * 256**2 * 768  # 16 x 16 patches, D 768
+    assert on["total"] - off["total"] == pytest.approx(on["gram"])
+    assert on["total"] == pytest.approx(on["student"] + on["teacher"] + on["gram"] + on["heads"])
+
+
 def test_separate_ibot_head_uses_its_own_size():
     ibot = RAD_DINO_HEAD.replace(out_dim=131072)
     spec = ModelSpec(vit_config("vit_base"), dino_head=RAD_DINO_HEAD, ibot_head=ibot)

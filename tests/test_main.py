@@ -217,7 +217,10 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_train_and_checkpoint_together(dataset, tmp_path):
+def test_two_processes_train_checkpoint_and_all_save_on_sigterm_to_one(dataset, tmp_path):
+    """Two processes train and checkpoint together (every 2 steps, one data file each); a
+    SIGTERM to process 1 alone makes both save the same step and exit, within
+    preemption_check_every (3) steps."""
     workdir = tmp_path / "two"
     port = _free_port()
     procs = [
@@ -227,8 +230,9 @@ def test_two_processes_train_and_checkpoint_together(dataset, tmp_path):
                 f"--coordinator_address=localhost:{port}",
                 "--num_processes=2",
                 f"--process_id={i}",
-                "--config.total_steps=4",
+                "--config.total_steps=400",
                 "--config.checkpoint_every=2",
+                "--config.preemption_check_every=3",
             ),
             env=_env(dataset, devices=4),
             cwd=REPO,
@@ -238,16 +242,30 @@ def test_two_processes_train_and_checkpoint_together(dataset, tmp_path):
         )
         for i in range(2)
     ]
-    outputs = [p.communicate(timeout=600) for p in procs]
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 400
+    while (
+        time.time() < deadline
+        and all(p.poll() is None for p in procs)
+        and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3)
+    ):
+        time.sleep(0.2)
+    signalled_after = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=400) for p in procs]
+    saved = []
     for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
+        assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
+        saved.append(int(err.split("saved checkpoint at step ")[1].split()[0]))
     assert "8 cpu device(s), 2 process(es)" in outputs[0][0]
-    data = workdir / "checkpoints" / "4" / "data"
+    step = saved[0]
+    assert saved == [step, step] and signalled_after - 1 <= step <= signalled_after + 3 + 1
+    data = workdir / "checkpoints" / str(step) / "data"
     files = sorted(p.name for p in data.iterdir() if p.suffix == ".json")
     assert files == ["process_0-of-2.json", "process_1-of-2.json"], files
-    assert sorted(_by_step(workdir)) == [1, 2, 3, 4]
+    assert sorted(_by_step(workdir)) == list(range(1, step + 1))
     # the model restores with one process; the data iterator refuses with a clear reason
-    result = _run(dataset, workdir, "--config.total_steps=6", check=False)
+    result = _run(dataset, workdir, f"--config.total_steps={step + 2}", check=False)
     assert result.returncode == 3 and "2" in result.stderr and "processes" in result.stderr
 
 
@@ -319,13 +337,14 @@ def _mixture_overrides(dataset) -> dict:
 def test_two_stages_over_a_mixture_compile_once_each_and_resume_after_sigkill(
     dataset, tmp_path, monkeypatch
 ):
-    """56 -> 84 px globals (batch 16 -> 32) at step 3 over a 0.8/0.2 two-source mixture: one
+    """56 -> 84 px globals (batch 16 -> 32) at step 4 over a 0.8/0.2 two-source mixture: one
     compile per stage, the analytic FLOPs of each stage in metrics.jsonl, per-source counts,
-    and a SIGKILL after the checkpoint of step 4 (inside stage 2) resumes exactly."""
+    and a SIGKILL after the checkpoint of step 4, exactly on the stage boundary (it holds
+    stage 1's iterator; the resumed run switches to stage 2's), resumes exactly."""
     from raddino_jax.data import pipeline, sources
     from raddino_jax.train import stages as stages_lib
 
-    stage_overrides = {"stages": ((3, 84, 28, 32),), "checkpoint_every": 2}
+    stage_overrides = {"stages": ((4, 84, 28, 32),), "checkpoint_every": 2}
     compiled = []
     real_compile = loop.compile_train_step
 
@@ -346,10 +365,10 @@ def test_two_stages_over_a_mixture_compile_once_each_and_resume_after_sigkill(
     assert expected_flops[1] > 2 * expected_flops[0]  # more tokens, twice the batch
     mixture = sources.open_training_data(cfg, straight).records
     for step, record in records.items():
-        stage = 0 if step <= 3 else 1
+        stage = 0 if step <= 4 else 1
         assert record["stage"] == stage
         assert record["step_tflops"] == pytest.approx(expected_flops[stage], rel=1e-12)
-        seen = 16 * min(step, 3) + 32 * max(step - 3, 0)
+        seen = 16 * min(step, 4) + 32 * max(step - 4, 0)
         assert record["images_seen"] == seen
         counts = pipeline.source_counts(mixture, cfg.seed, seen)
         assert [record["images_seen/tiny"], record["images_seen/tiny_2"]] == counts.tolist()
@@ -359,7 +378,7 @@ def test_two_stages_over_a_mixture_compile_once_each_and_resume_after_sigkill(
         "--config.data.dir=",
         "--config.data.name=",
         f"--config.data.sources=(('{name}','{data_dir}',0.8),('{name}','{data_dir}',0.2))",
-        "--config.stages=((3,84,28,32),)",
+        "--config.stages=((4,84,28,32),)",
         "--config.checkpoint_every=2",
         "--kill_after_checkpoint=4",
     )
@@ -445,6 +464,17 @@ def test_gram_anchoring_trains_and_resumes_exactly_after_sigkill(dataset, tmp_pa
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     assert a[1]["gram_loss"] == a[2]["gram_loss"] == 0.0  # metrics of steps 0 and 1
     assert all(a[step]["gram_loss"] > 0.0 for step in (3, 4, 5, 6))
+    # MFU's analytic FLOPs count the Gram teacher's forward from the start step on
+    cfg = tiny_run_config(
+        *dataset,
+        **{"ssl.gram_weight": 1.0, "ssl.gram_start_step": 2, "ssl.gram_update_every": 2},
+    )
+    spec = config_lib.model_spec(cfg)
+    off, on = (config_lib.step_flops(cfg, spec, 8, gram_active=g) / 1e12 for g in (False, True))
+    assert on > off
+    assert [a[step]["step_tflops"] for step in range(1, 7)] == pytest.approx(
+        [off, off, on, on, on, on], rel=1e-12
+    )
     for step in (4, 5, 6):
         for key in (*LOSS_KEYS, "gram_loss"):
             assert a[step][key] == b[step][key], (step, key)

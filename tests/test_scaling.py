@@ -61,6 +61,11 @@ def test_scaling_sweep_end_to_end_then_skips_finished_runs(tmp_path, monkeypatch
     data_dir, name = build_tiny_dataset(tmp_path / "data")
     monkeypatch.setenv("RADDINO_TEST_DATA", f"{data_dir}/{name}")
     out = tmp_path / "sweep"
+    scans = []  # each patient-subset scan of the training records
+    real_subset = sources.patient_subset
+    monkeypatch.setattr(
+        sources, "patient_subset", lambda *a, **k: scans.append(a[1]) or real_subset(*a, **k)
+    )
     argv = [
         "--config=tests/tiny_config.py",
         "--fractions=0.5,1.0",
@@ -83,6 +88,10 @@ def test_scaling_sweep_end_to_end_then_skips_finished_runs(tmp_path, monkeypatch
         table = list(csv.DictReader(f))
     assert {r["run"] for r in table} >= {"fraction_0.5", "fraction_1", "random_init"}
     assert all(0.0 <= float(r["value"]) <= 1.0 for r in table)
+    for row in table:  # every kNN accuracy has a finite 95% interval around it
+        value, low, high = (float(row[k]) for k in ("value", "ci_low", "ci_high"))
+        assert np.isfinite([value, low, high]).all() and low <= value <= high, row
+    assert scans == [0.5]  # one scan of the records per subset run (training and the count)
 
     # Re-running trains nothing: every run is finished.
     from raddino_jax.train import loop

@@ -143,5 +143,12 @@ def open_split(data_dir: epath.PathLike, name: str, split: str, decode_images: b
     return builder.as_data_source(split=split, decoders=decoders)
 
 
+def dataset_contents(data_dir: epath.PathLike, name: str) -> tuple[set[str], set[str]]:
+    """(feature names, split names) of a built dataset, from its dataset_info alone (no record
+    is read)."""
+    builder = tfds.builder_from_directory(dataset_dir(data_dir, name))
+    return set(builder.info.features.keys()), set(builder.info.splits.keys())
+
+
 # The name the data pipeline uses; identical to open_split.
 read_records = open_split

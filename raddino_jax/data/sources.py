@@ -65,7 +65,7 @@ def open_training_split(data_dir: str, name: str, split: str):
 @dataclasses.dataclass(frozen=True)
 class TrainingData:
     """What the loop trains on: `records` is one random-access source or a `pipeline.Mixture`;
-    (data_dir, name) is the first dataset, the one periodic kNN evaluation reads."""
+    (data_dir, name) is the first dataset (the built-in samples' location when none is set)."""
 
     records: Any
     data_dir: str
@@ -99,13 +99,47 @@ class Subset:
         return self.source[int(self.indices[index])]
 
 
+# Records per raw read while scanning the patient ids (ArrayRecord reads a batch in parallel).
+SUBSET_SCAN_CHUNK = 1024
+_SUBSET_FEATURES = ("patient_id", "path")
+
+
+def subset_keys(source) -> list[str]:
+    """`subset_key` of every record of `source`, in order.
+
+    A tfds ArrayRecord source (`records.open_split`) is read as raw serialized records, in
+    chunks, and only the patient_id / path features are taken out of each: the full tfds
+    deserialisation of every feature (the image bytes included) is skipped. Any other
+    random-access source (a list of dicts in tests) is indexed.
+    """
+    raw = getattr(source, "data_source", None)  # tfds ArrayRecordDataSource: the raw records
+    if raw is None:
+        return [subset_key(source[i]) for i in range(len(source))]
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    keys = []
+    for start in range(0, len(source), SUBSET_SCAN_CHUNK):
+        chunk = range(start, min(start + SUBSET_SCAN_CHUNK, len(source)))
+        for serialized in raw.__getitems__(chunk):
+            features = tf_example_pb2.Example.FromString(serialized).features.feature
+            ids = {
+                name: features[name].bytes_list.value[0]
+                for name in _SUBSET_FEATURES
+                if name in features and features[name].bytes_list.value
+            }
+            keys.append(subset_key(ids))
+    return keys
+
+
 def patient_subset(source, fraction: float) -> Subset:
     """The records of the patients whose `patient_rank` is below `fraction` (one pass over the
-    source to read the patient ids). Nested: a smaller fraction's records are a subset of a
-    larger one's; patient-disjoint: a patient's images are all kept or all dropped."""
+    source reading only the patient ids: `subset_keys`). Nested: a smaller fraction's records
+    are a subset of a larger one's; patient-disjoint: a patient's images are all kept or all
+    dropped."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    keep = [i for i in range(len(source)) if patient_rank(subset_key(source[i])) < fraction]
+    keys = subset_keys(source)
+    keep = [i for i, key in enumerate(keys) if patient_rank(key) < fraction]
     return Subset(source, np.asarray(keep, np.int64))
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import signal
 import time
-from typing import Any
 
 import jax
 import ml_collections
@@ -164,8 +163,14 @@ def _write_run_files(workdir: epath.Path, config, spec: ModelSpec) -> None:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Run (or resume) training to `config.total_steps`; returns the last logged metrics."""
+def train(
+    config: ml_collections.ConfigDict, workdir: str, data: sources.TrainingData | None = None
+) -> dict[str, float]:
+    """Run (or resume) training to `config.total_steps`; returns the last logged metrics.
+
+    `data`: the run's training data when the caller has opened it already
+    (`sources.open_training_data(config, workdir)`; raddino_jax.scaling counts its images), so
+    a patient subset's scan of the records runs once per run."""
     workdir = epath.Path(workdir)
     devices = jax.devices()
     config_lib.validate(config, n_devices=len(devices), process_count=jax.process_count())
@@ -188,7 +193,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     )
 
     # Data: one dataset per resolution stage (train/stages.py), each continuing the stream
-    data = sources.open_training_data(config, workdir)
+    data = data or sources.open_training_data(config, workdir)
     data_dir, name = data.data_dir, data.name
     if not config.data.dir and not config.data.sources:
         say(
@@ -199,6 +204,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         shares = data.records.shares
         say("mixture: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(data.source_names, shares)))
     stage_table = stages_lib.stage_table(config)
+    # periodic kNN's datasets, checked now (label, splits): a run fails before its state exists
+    eval_data = _eval_datasets(config, data)
 
     def stage_iterator(stage: stages_lib.Stage):
         return iter(
@@ -272,7 +279,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         spec.backbone.dtype,
         override=config.peak_tflops_per_device * 1e12 or None,
     )
-    evaluator = _make_evaluator(config, spec, data_dir, name)
+    evaluator = None  # built per stage: kNN runs at the current stage's global size
     profile = (
         tuple(int(x) for x in config.profile_steps.split(":")) if config.profile_steps else None
     )
@@ -302,7 +309,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                         )
                     log.flush()
                     step_fn = stage_step_fn(stage)
-                    log.enter(stage, config_lib.step_flops(stage.config, spec, len(devices)))
+                    if eval_data and (evaluator is None or evaluator.size != stage.global_size):
+                        evaluator = _Evaluator(config, spec, eval_data, stage.global_size)
+                    log.enter(
+                        stage,
+                        *(
+                            config_lib.step_flops(stage.config, spec, len(devices), gram_active=g)
+                            for g in (False, True)
+                        ),
+                    )
                 if profile and step == profile[0] and is_main:
                     jax.profiler.start_trace(str(workdir / "profile"))
                 batch = next(batches)
@@ -323,7 +338,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     checkpointer.check()
                 if evaluator is not None and (step + 1) % config.eval.every == 0:
                     results = evaluator(state.teacher)
-                    writer.write(step + 1, results)
+                    writer.write(step + 1, {**results, "eval_image_size": evaluator.size})
                     say(
                         f"step {step + 1} eval "
                         + ", ".join(f"{k}={v:.3f}" for k, v in results.items())
@@ -365,14 +380,17 @@ class _StepLog:
         self.config, self.writer, self.progress = config, writer, progress
         self.peak, self.n_devices = peak, n_devices
         self.stage_table, self.data = stage_table, data
-        self.stage, self.flops_per_step = stage_table[0], 0.0
+        self.stage, self.flops_per_step, self.gram_flops_per_step = stage_table[0], 0.0, 0.0
         self.pending = None  # (step number after the update, device metrics)
         self.last: dict[str, float] = {}
         self.window_start, self.window_steps = time.perf_counter(), 0
 
-    def enter(self, stage, flops_per_step: float) -> None:
-        """A new stage: its batch size and analytic FLOPs; the timing window restarts."""
+    def enter(self, stage, flops_per_step: float, gram_flops_per_step: float) -> None:
+        """A new stage: its batch size and analytic FLOPs (of a step before and from
+        `ssl.gram_start_step`: the Gram teacher's forward runs only from there); the timing
+        window restarts."""
         self.stage, self.flops_per_step = stage, flops_per_step
+        self.gram_flops_per_step = gram_flops_per_step
         self.window_start, self.window_steps = time.perf_counter(), 0
 
     def images_seen(self, step: int) -> dict[str, float]:
@@ -399,13 +417,16 @@ class _StepLog:
         step_time = (time.perf_counter() - self.window_start) / self.window_steps
         values["step_time_s"] = step_time
         values["images_per_s"] = self.stage.batch_size / step_time
-        values["step_tflops"] = self.flops_per_step / 1e12  # analytic, this stage's shapes
-        values["model_tflops_per_s"] = self.flops_per_step / step_time / 1e12
+        # analytic, this stage's shapes; record `step` ran state.step = step - 1
+        gram_on = step - 1 >= self.config.ssl.gram_start_step
+        step_flops = self.gram_flops_per_step if gram_on else self.flops_per_step
+        values["step_tflops"] = step_flops / 1e12
+        values["model_tflops_per_s"] = step_flops / step_time / 1e12
         if len(self.stage_table) > 1:
             values["stage"] = self.stage.index
         values.update(self.images_seen(step))
         if self.peak:
-            values["mfu"] = self.flops_per_step / step_time / (self.peak * self.n_devices)
+            values["mfu"] = step_flops / step_time / (self.peak * self.n_devices)
         self.writer.write(step, values)
         if self.progress is not None:
             self.progress.set_postfix(
@@ -437,21 +458,48 @@ def _progress(enabled: bool, initial: int, total: int):
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
-def _make_evaluator(config, spec: ModelSpec, data_dir: str, name: str) -> Any:
+def _eval_datasets(config, data: sources.TrainingData) -> list[tuple[str, str, str]]:
+    """Periodic kNN's datasets (`config.eval_datasets`), said on the console; [] when off."""
     if not config.eval.every:
-        return None
-    from raddino_jax.eval.hook import KnnEvaluator
+        return []
+    training = config_lib.training_datasets(config, builtin=(data.data_dir, data.name))
+    chosen = config_lib.eval_datasets(config, training)
+    skipped = [t[0] for t in training if t not in chosen] if not config.eval.data else []
+    say(
+        f"eval: kNN on {config.eval.label!r} every {config.eval.every} steps on "
+        + ", ".join(f"{data_dir}/{name}" for _, data_dir, name in chosen)
+        + (f" (not {', '.join(skipped)}: no such label or split)" if skipped else "")
+    )
+    return chosen
 
-    pre = checkpoint.Preprocessing(
-        image_size=config.data.global_size, mean=config.data.mean, std=config.data.std
-    )
-    return KnnEvaluator(
-        data_dir,
-        name,
-        config.eval.label,
-        pre,
-        spec,
-        train_split=config.eval.train_split,
-        eval_split=config.eval.eval_split,
-        max_examples=config.eval.max_examples or None,
-    )
+
+class _Evaluator:
+    """Periodic kNN (`eval/hook.py`) on each chosen dataset at one global crop size; metric
+    keys get a `/<source>` suffix when there are several datasets."""
+
+    def __init__(self, config, spec: ModelSpec, datasets: list[tuple[str, str, str]], size: int):
+        from raddino_jax.eval.hook import KnnEvaluator
+
+        self.size = size
+        pre = checkpoint.Preprocessing(image_size=size, mean=config.data.mean, std=config.data.std)
+        self.evaluators = {
+            report_name: KnnEvaluator(
+                data_dir,
+                name,
+                config.eval.label,
+                pre,
+                spec,
+                train_split=config.eval.train_split,
+                eval_split=config.eval.eval_split,
+                max_examples=config.eval.max_examples or None,
+            )
+            for report_name, data_dir, name in datasets
+        }
+
+    def __call__(self, params) -> dict[str, float]:
+        several = len(self.evaluators) > 1
+        return {
+            f"{key}/{report_name}" if several else key: value
+            for report_name, evaluator in self.evaluators.items()
+            for key, value in evaluator(params).items()
+        }

@@ -2,9 +2,11 @@
 
 The first stage is the top-level config (`data.global_size`, `data.local_size`, `batch_size`)
 from step 0. `config.stages` lists the later ones as (start step, global size, local size,
-batch size) tuples, e.g. RAD-DINO's continuation at 518 px (recipe s4):
+batch size) tuples, each starting before `total_steps`. E.g. the DINOv2 recipe's short
+high-resolution stage at the end of a run, on configs/vitb14.py (100k steps) trained at
+224 px globals (`data.global_size = 224`) until its last 10k steps:
 
-    config.stages = ((100_000, 518, 98, 256),)
+    config.stages = ((90_000, 518, 98, 2560),)
 
 Each stage has its own config (the run's, with the stage's sizes), so everything that reads
 sizes from a config (crop and mask specs, `config.step_flops`, the batch checks of
@@ -53,7 +55,10 @@ def _entry(config: ml_collections.ConfigDict, index: int, entry) -> tuple[int, i
         raise StageError(f"{where}: {entry!r} must hold 4 positive integers")
     start = entry[0]
     if start >= config.total_steps:
-        raise StageError(f"{where}: start step {start} is not before total_steps")
+        raise StageError(
+            f"{where}: start step {start} is not before total_steps={config.total_steps}; a "
+            "stage must start inside the run (or raise total_steps)"
+        )
     return tuple(entry)
 
 
