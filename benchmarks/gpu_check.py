@@ -13,9 +13,10 @@
    (518 px globals, 40 images, remat "dots", scanned blocks), then 224 px x 64 and 518 px x 16
    without remat: images/s, MFU (analytic FLOPs, `raddino_jax.flops`), XLA's memory analysis
    and the device's allocator statistics.
-3. a small sweep at 224/98: batch size, remat, attention implementation
-   (model.attention_impl "" = the platform's choice, cuDNN on GPU; "xla"; "einsum"), and the
-   518 x 40 row with einsum attention, printed as tables.
+3. a small sweep at 224/98: remat, attention implementation (model.attention_impl "" = the
+   platform's choice, cuDNN on GPU; "xla"), and the 518 x 40 row with einsum attention.
+4. issue 19's levers at 518/98 x 40, each against row 2's first: remat "none", the head + loss
+   chunked over prototypes (ssl.prototype_chunk), unrolled blocks, 80 images per GPU.
 Each part runs guarded (a failure is reported and the rest still runs); if the cuDNN check
 fails, the timed rows use the XLA attention path. `--budget-s` stops starting rows after that
 many seconds, `--rows` picks rows of the plan, `--out` appends each row as a JSON line.
@@ -206,10 +207,16 @@ def check_correctness(device: jax.Device) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def timed_row(config, device, batch: int, remat: str, attention: str, steps: int, warmup: int):
-    """One sweep row on `device` plus the allocator's statistics afterwards."""
+def timed_row(
+    config, device, batch: int, remat: str, attention: str, steps: int, warmup: int,
+    overrides: tuple = (),
+):  # fmt: skip
+    """One sweep row on `device` plus the allocator's statistics afterwards; `overrides` are
+    "key=value" config settings (a lever of issue 19)."""
     c = config.copy_and_resolve_references()
     c.model.attention_impl = attention
+    c.update_from_flattened_dict({k: harness.parse_value(v) for k, _, v in
+                                  (o.partition("=") for o in overrides)})  # fmt: skip
     row = sweep.run_point(c, (1, 1, 1), batch, remat, devices=[device], steps=steps, warmup=warmup)
     stats = device.memory_stats() or {}
     return row, {
@@ -221,18 +228,19 @@ def timed_row(config, device, batch: int, remat: str, attention: str, steps: int
 
 def format_rows(title: str, entries) -> str:
     """One table: config, status, compile, ms/step, img/s, TFLOP/s, MFU, memory."""
-    header = ["global px", "batch", "remat", "attention", "status", "compile s", "ms/step",
+    header = ["global px", "batch", "remat", "attention", "lever", "status", "compile s", "ms/step",
               "img/s", "TFLOP/s", "MFU", "XLA peak MiB", "temp MiB",
               "allocator peak so far MiB", "note"]  # fmt: skip
     rows = [
-        [size, row.batch_size, row.remat, attention or "default", row.status,
+        [size, row.batch_size, row.remat, attention or "default", " ".join(lever) or "-",
+         row.status,
          sweep.cell(row.compile_time_s, ".1f"),
          sweep.cell(row.step_time_s and row.step_time_s * 1e3, ".1f"),
          sweep.cell(row.images_per_s, ".1f"), sweep.cell(row.tflops_per_s, ".1f"),
          sweep.cell(row.mfu, ".3f"), sweep.mib(row.peak_bytes_per_device),
          sweep.mib(row.temp_bytes), f"{mem['process_peak_mib']:.0f}",
          "" if row.status == "ok" else row.reason[:120]]
-        for size, attention, row, mem in entries
+        for size, attention, lever, row, mem in entries
     ]  # fmt: skip
     return title + "\n" + harness.markdown_table(header, rows)
 
@@ -285,25 +293,30 @@ def main(argv: list[str] | None = None) -> None:
 
     # Rows in order of value, so a budget cut loses the least useful ones: the RAD-DINO
     # per-chip setting (518/98, 40 images, vitb14's remat "dots" + scanned blocks) first, then
-    # the unremat'ed 224 and 518 rows, then the 224 sweep (batch, remat, attention).
+    # issue 19's levers at that setting, each on its own (remat none, the chunked head + loss,
+    # unrolled blocks, 80 images in mask/KoLeo groups of 40), then the 224 x 64 row and the
+    # 224 sweep (batch, remat, attention) measured before (RESULTS.md).
     radd_batch, big_batch, small_batch = (8, 16, 8) if tiny else (40, 64, 16)
     size_224, size_518 = (56, 70) if tiny else (224, 518)
+    chunk = "ssl.prototype_chunk=" + ("64" if tiny else "8192")
+    groups = (f"data.mask_group_size={radd_batch}", f"ssl.koleo_group_size={radd_batch}")
     plan = [
-        ("2", size_518, radd_batch, "dots", ""),
-        ("2", size_224, big_batch, "none", ""),
-        ("2", size_518, small_batch, "none", ""),
-        ("3", size_224, big_batch // 2, "none", ""),
-        ("3", size_224, big_batch, "dots", ""),
-        ("3", size_224, big_batch, "full", ""),
-        ("3", size_224, big_batch, "none", "xla"),
-        ("3", size_224, big_batch, "none", "einsum"),
-        ("2", size_518, radd_batch, "dots", "einsum"),
+        ("2", size_518, radd_batch, "dots", "", ()),
+        ("4", size_518, radd_batch, "none", "", ()),
+        ("4", size_518, radd_batch, "dots", "", (chunk,)),
+        ("4", size_518, radd_batch, "dots", "", ("model.scan_blocks=False",)),
+        ("4", size_518, 2 * radd_batch, "dots", "", groups),
+        ("4", size_518, 2 * radd_batch, "none", "", (*groups, chunk)),
+        ("2", size_224, big_batch, "none", "", ()),
+        ("3", size_224, big_batch, "dots", "", ()),
+        ("3", size_224, big_batch, "none", "xla", ()),
+        ("2", size_518, radd_batch, "dots", "einsum", ()),
     ]
     if args.rows:
         plan = [plan[int(i)] for i in args.rows.split(",")]
-    entries: dict[str, list] = {"2": [], "3": []}
+    entries: dict[str, list] = {"2": [], "3": [], "4": []}
     out = open(args.out, "a") if args.out else None  # noqa: SIM115 - closed below
-    for part, size, batch, remat, attention in plan:
+    for part, size, batch, remat, attention, lever in plan:
         elapsed = time.perf_counter() - start
         if args.budget_s and elapsed > args.budget_s:
             print(
@@ -315,18 +328,19 @@ def main(argv: list[str] | None = None) -> None:
         attention = attention or default_attention
         result = _guarded(
             part,
-            lambda c=config, b=batch, r=remat, a=attention: timed_row(
-                c, device, b, r, a, steps, warmup
+            lambda c=config, b=batch, r=remat, a=attention, o=lever: timed_row(
+                c, device, b, r, a, steps, warmup, o
             ),
             failures,
         )
         if result is None:
             continue
         row, mem = result
-        entries[part].append((size, attention, row, mem))
+        entries[part].append((size, attention, lever, row, mem))
         print(sweep.describe_row(row), flush=True)
         if out:
-            record = {"part": part, "global_px": size, "attention": attention or "default"}
+            record = {"part": part, "global_px": size, "attention": attention or "default",
+                      "lever": list(lever)}  # fmt: skip
             record.update({k: v for k, v in vars(row).items() if not k.startswith("_")})
             record.update(mem)
             out.write(json.dumps(record, default=str) + "\n")
@@ -339,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
         format_rows(f"[2] ViT-B/14 SSL step, bfloat16, 8 local crops of {local} px", entries["2"])
     )
     print(format_rows(f"[3] sweep at {size_224}/{local} px (ViT-B/14, bfloat16)", entries["3"]))
+    print(format_rows(f"[4] issue 19 levers at {size_518}/{local} px", entries["4"]))
     print(f"total {time.perf_counter() - start:.0f} s")
     if failures:
         raise SystemExit("FAILED parts:\n  " + "\n  ".join(failures))

@@ -3,8 +3,16 @@
 #   [1] one tiny float32 train step on the GPU vs the CPU of the same machine,
 #   [2] ViT-B/14 SSL step in bfloat16 at 224 and 518 px globals (8 x 98 px locals):
 #       images/s, MFU, XLA memory analysis, allocator statistics,
-#   [3] a small sweep at 224/98: batch size x remat x attention implementation.
-# Expected total under ~8 minutes on one H100 (mostly compiles).
+#   [3] a small sweep at 224/98: remat x attention implementation,
+#   [4] issue 19's levers at 518/98 x 40 (remat none, chunked head + loss, unrolled blocks,
+#       80 images per GPU),
+# and around it (GPU only), in order of value:
+#   [P] the peer: ours vs DINOv2's step in PyTorch (autocast bf16, SDPA, fused AdamW), eager and
+#       torch.compile'd, same weights and batch, step-0 losses checked, one ratio table
+#       (benchmarks/step_vs_reference.py --device gpu) at 518/98 x 40, then 224/98 x 64 last;
+#   [F] the profile of our 518/98 x 40 step by kind of work, before / after the chunked head
+#       (benchmarks/step_profile.py).
+# Expected total ~8-10 minutes on one H200 (mostly compiles); --budget-s trims part [2]-[4].
 #
 # Usage (from anywhere; it cds to the repo root):
 #   bash benchmarks/gpu_check.sh             # GPU machine
@@ -63,4 +71,15 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [[ "$DRY_RUN" == 1 ]]; then
   exec "$PY" benchmarks/gpu_check.py --dry-run "${PASS[@]}"
 fi
-exec "$PY" benchmarks/gpu_check.py "${PASS[@]}"
+STATUS=0
+PEER=(--device gpu --dtype bfloat16 --width 768 --depth 12 --n-local 8 --K 65536
+      --torch-modes eager,compile --torch-adamw fused --rounds 3 --steps 5 --threads 4)
+echo "[P] ours vs PyTorch (eager, torch.compile), ViT-B/14 518/98 x 40"
+"$PY" benchmarks/step_vs_reference.py "${PEER[@]}" --sizes 518x98 --batch 40 || STATUS=1
+"$PY" benchmarks/gpu_check.py "${PASS[@]}" || STATUS=1
+echo "[F] profile of the 518/98 x 40 step by kind of work, before / after the chunked head"
+"$PY" benchmarks/step_profile.py --config vitb14 --batch 40 --dtype bfloat16 --steps 3 \
+    --compare ssl.prototype_chunk=8192 || STATUS=1
+echo "[P] ours vs PyTorch at 224/98 x 64"
+"$PY" benchmarks/step_vs_reference.py "${PEER[@]}" --sizes 224x98 --batch 64 || STATUS=1
+exit $STATUS

@@ -13,10 +13,21 @@ The model: ViT-S/14 shape (`--width 384 --depth 12`, heads = width / 64), float3
 shared with iBOT (2048 hidden, 256 bottleneck, `--K` prototypes), batch 16, as
 `compare.comparable` sets it up (no drop path, LayerScale 1, no lr warmup, one device).
 
+On a GPU (`--device gpu`; issue 19's peer) the workers run one at a time (each gets the whole
+card), ours in `--dtype bfloat16`, torch as DINOv2's trainer runs there: `torch.autocast`
+bfloat16 over float32 weights, SDPA attention, fused AdamW, eager and/or `torch.compile` on each
+block and the head (`--torch-modes eager,compile`). Each torch mode's step-0 losses must agree
+with ours within `--loss-rtol` (bfloat16: 2e-2) before it is timed. Peak device memory is
+reported per worker.
+
 Run (defaults: both sizes, batch 16, 2 threads):
   PYTHONPATH=. .venv/bin/python benchmarks/step_vs_reference.py [--sizes 112x56 224x98]
       [--rounds 5] [--steps 2] [--threads 2] [--xla-flags "..."] [--env MALLOC_ARENA_MAX=2]
   smoke: ... --sizes 56x28 --depth 2 --width 64 --K 256 --steps 2 --rounds 1
+  GPU, RAD-DINO's per-chip setting (ViT-B/14, 40 images, K 65536):
+  python3 benchmarks/step_vs_reference.py --device gpu --dtype bfloat16 --sizes 518x98 \
+      --width 768 --depth 12 --batch 40 --K 65536 --torch-modes eager,compile \
+      --torch-adamw fused --rounds 3 --steps 5
 """
 
 from __future__ import annotations
@@ -58,14 +69,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the jax worker")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for the jax worker (repeatable)")  # fmt: skip
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="ours: model.dtype; torch: autocast dtype (float32: none)")  # fmt: skip
+    p.add_argument("--torch-modes", default="eager", help="eager,compile: one torch worker each")
+    p.add_argument("--loss-rtol", type=float, default=0.0,
+                   help="step-0 loss agreement required before timing (0: 1e-4 float32, "
+                        "2e-2 bfloat16)")  # fmt: skip
     p.add_argument("--json", default="", help="also write the raw results here")
     p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="eager", help=argparse.SUPPRESS)
     p.add_argument("--dir", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if any("=" not in item for item in args.env):
         p.error("--env takes KEY=VALUE")
     for size in args.sizes:
         parse_size(size)
+    args.torch_modes = args.torch_modes.split(",")
+    if set(args.torch_modes) - {"eager", "compile"}:
+        p.error("--torch-modes takes eager and/or compile")
+    args.loss_rtol = args.loss_rtol or (1e-4 if args.dtype == "float32" else 2e-2)
     return args
 
 
@@ -96,6 +119,17 @@ def benchmark_config(args: argparse.Namespace, size: str):
     return comparable(c, args.batch)
 
 
+def peak_bytes(kind: str) -> int:
+    """Peak device memory of this worker so far (0 on CPU)."""
+    if kind == "jax":
+        import jax
+
+        return int((jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0))
+    import torch
+
+    return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else 0
+
+
 def first_step(step) -> tuple[dict, float]:
     start = time.perf_counter()
     metrics = step()
@@ -110,8 +144,9 @@ def jax_worker(args: argparse.Namespace, folder: Path) -> None:
     from raddino_jax.reference.config import from_config
 
     config = benchmark_config(args, args.sizes[0])
-    reference = from_config(config, args.torch_attention, args.torch_adamw)
+    reference = from_config(config, args.torch_attention, args.torch_adamw)  # float32 model
     (folder / CONFIG).write_text(reference.to_json())
+    config.model.dtype = args.dtype
     ours = compare.OursStep(config, jax.devices()[0])
     np.savez(folder / WEIGHTS, **ours.student_weights())
     np.savez(folder / BATCH, **ours.host_batch)
@@ -122,7 +157,7 @@ def jax_worker(args: argparse.Namespace, folder: Path) -> None:
         ours()
     version = f"jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
     harness.send({"version": version, "compile_s": compile_s, "first_step_s": first_s,
-                  "metrics": metrics})  # fmt: skip
+                  "metrics": metrics, "peak_bytes": peak_bytes("jax")})  # fmt: skip
     harness.serve(ours)
 
 
@@ -133,43 +168,84 @@ def torch_worker(args: argparse.Namespace, folder: Path) -> None:
     from raddino_jax.reference.step import ReferenceStep, batch_to_torch
 
     cfg = ReferenceConfig.from_json((folder / CONFIG).read_text())
+    device = "cuda" if args.device == "gpu" else "cpu"
+    autocast = "" if args.dtype == "float32" else args.dtype
     with np.load(folder / WEIGHTS) as weights, np.load(folder / BATCH) as batch:
-        reference, tensors = ReferenceStep(cfg, dict(weights)), batch_to_torch(dict(batch))
-    metrics, first_s = first_step(lambda: reference(tensors))
-    np.savez(folder / "torch_state.npz", **dict(reference.named_state()))
+        reference = ReferenceStep(
+            cfg, dict(weights), device=device, autocast=autocast, compile=args.mode == "compile"
+        )
+        tensors = batch_to_torch(dict(batch), device)
+    metrics, first_s = first_step(lambda: reference(tensors))  # compiles in "compile" mode
+    np.savez(folder / f"torch {args.mode}_state.npz", **dict(reference.named_state()))
     for _ in range(args.warmup):
         reference(tensors)
     version = f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
     harness.send({"version": version, "compile_s": 0.0, "first_step_s": first_s,
-                  "metrics": metrics})  # fmt: skip
+                  "metrics": metrics, "peak_bytes": peak_bytes("torch")})  # fmt: skip
     harness.serve(lambda: reference(tensors))
 
 
+def check_losses(args: argparse.Namespace, ours: dict, theirs: dict, name: str) -> float:
+    """Largest relative step-0 loss difference; SystemExit above `--loss-rtol` (a peer that
+    computes something else is not timed)."""
+    worst = max(abs(ours[t] - theirs[t]) / max(abs(ours[t]), 1e-12) for t in LOSS_TERMS)
+    if worst > args.loss_rtol:
+        raise SystemExit(
+            f"{name}: step-0 losses differ from ours by {worst:.2e} relative (> --loss-rtol "
+            f"{args.loss_rtol}): " + ", ".join(f"{t} {ours[t]:.5f}/{theirs[t]:.5f}"
+                                             for t in LOSS_TERMS)
+        )
+    return worst
+
+
 def run_size(args: argparse.Namespace, argv: list[str], size: str) -> dict:
-    """Both workers for one size: step-0 agreement, then alternating timed rounds."""
+    """The workers for one size: step-0 agreement, then timed rounds (alternating on a CPU,
+    where all are alive together; one worker at a time on a GPU)."""
     from raddino_jax.reference.compare import compare_states
 
-    result = {"size": size, "load_before": os.getloadavg()[0], "ready": {}, "rounds": {}}
+    result = {"size": size, "load_before": os.getloadavg()[0], "ready": {}, "rounds": {},
+              "agreement": {}, "loss_rel": {}}  # fmt: skip
+    kinds = [("jax", "ours", "eager")] + [("torch", f"torch {m}", m) for m in args.torch_modes]
+    sequential = args.device == "gpu"
     with tempfile.TemporaryDirectory(prefix="step_vs_reference_") as folder:
         workers = {}
-        try:
-            for kind, name in (("jax", "ours"), ("torch", "torch")):
-                env = dict(os.environ)
-                if kind == "jax":
-                    env.update(item.split("=", 1) for item in args.env)
-                command = [sys.executable, __file__, *argv, "--sizes", size, "--worker", kind]
-                workers[name] = harness.Worker(name, [*command, "--dir", folder], env)
-                result["ready"][name] = workers[name].receive()
-            with (
-                np.load(Path(folder) / WEIGHTS) as initial,
-                np.load(Path(folder) / "ours_state.npz") as ours,
-                np.load(Path(folder) / "torch_state.npz") as theirs,
-            ):
-                result["agreement"] = compare_states(dict(initial), dict(ours), dict(theirs))
+
+        def start(kind: str, name: str, mode: str) -> None:
+            env = dict(os.environ)
+            if kind == "jax":
+                env.update(item.split("=", 1) for item in args.env)
+            command = [sys.executable, __file__, *argv, "--sizes", size, "--worker", kind,
+                       "--mode", mode, "--dir", folder]  # fmt: skip
+            workers[name] = harness.Worker(name, command, env)
+            result["ready"][name] = workers[name].receive()
+            if kind == "torch":
+                result["loss_rel"][name] = check_losses(
+                    args, result["ready"]["ours"]["metrics"], result["ready"][name]["metrics"], name
+                )
+                with (
+                    np.load(Path(folder) / WEIGHTS) as initial,
+                    np.load(Path(folder) / "ours_state.npz") as ours,
+                    np.load(Path(folder) / f"{name}_state.npz") as theirs,
+                ):
+                    result["agreement"][name] = compare_states(
+                        dict(initial), dict(ours), dict(theirs)
+                    )
+
+        def rounds(names: list[str]) -> None:
             for index in range(args.rounds):
-                for name, worker in workers.items():
-                    result["rounds"].setdefault(name, []).append(worker.round(args.steps))
-                print(f"{size} round {index + 1}/{args.rounds} done", file=sys.stderr)
+                for name in names:
+                    result["rounds"].setdefault(name, []).append(workers[name].round(args.steps))
+                print(f"{size} {', '.join(names)} round {index + 1}/{args.rounds}",
+                      file=sys.stderr)  # fmt: skip
+
+        try:
+            for kind, name, mode in kinds:
+                start(kind, name, mode)
+                if sequential:
+                    rounds([name])
+                    workers.pop(name).close()
+            if not sequential:
+                rounds(list(workers))
         finally:
             for worker in workers.values():
                 worker.close()
@@ -178,7 +254,7 @@ def run_size(args: argparse.Namespace, argv: list[str], size: str) -> dict:
 
 
 def timing_row(args: argparse.Namespace, result: dict) -> list[str]:
-    """crops, per side median (min) s/step and sys s / faults / peak RSS, paired ratio."""
+    """crops, per worker median (min) s/step and its resources, ours / each torch mode."""
     global_size, local_size = parse_size(result["size"])
     cells = [f"2x{global_size} + {args.n_local}x{local_size}"]
     times = {}
@@ -186,22 +262,26 @@ def timing_row(args: argparse.Namespace, result: dict) -> list[str]:
         steps = [t for r in rounds for t in r["times"]]
         times[name] = [statistics.median(r["times"]) for r in rounds]
         n = len(steps)
+        peak = result["ready"][name].get("peak_bytes", 0)
         cells.append(f"{statistics.median(steps):.3f} ({min(steps):.3f})")
         cells.append(
+            f"{peak / 2**30:.1f} GiB" if args.device == "gpu" else
             f"{sum(r['sys_s'] for r in rounds) / n:.2f} s, "
             f"{sum(r['faults'] for r in rounds) / n / 1e6:.3f}M, "
             f"{rounds[-1]['maxrss_kib'] / 2**20:.2f} GiB"
-        )
-    cells.append(harness.format_paired(times["ours"], times["torch"]))
+        )  # fmt: skip
+    for name in times:
+        if name != "ours":
+            cells.append(harness.format_paired(times["ours"], times[name]))
     cells.append(f"{result['ready']['ours']['compile_s']:.1f}")
     return cells
 
 
-def agreement_row(args: argparse.Namespace, result: dict) -> list[str]:
-    ours, theirs = (result["ready"][n]["metrics"] for n in ("ours", "torch"))
-    a = result["agreement"]
+def agreement_row(args: argparse.Namespace, result: dict, name: str) -> list[str]:
+    ours, theirs = (result["ready"][n]["metrics"] for n in ("ours", name))
+    a = result["agreement"][name]
     return [
-        result["size"],
+        f"{result['size']} {name}",
         *(f"{ours[t]:.6f} / {theirs[t]:.6f}" for t in LOSS_TERMS),
         f"{max(abs(ours[t] - theirs[t]) for t in LOSS_TERMS):.1e}",
         *(
@@ -216,31 +296,37 @@ def agreement_row(args: argparse.Namespace, result: dict) -> list[str]:
 
 def report(args: argparse.Namespace, results: list[dict]) -> str:
     ready = results[0]["ready"]
+    names = list(ready)
     loads = "; ".join(
         f"{r['size']}: {r['load_before']:.2f} -> {r['load_after']:.2f}" for r in results
     )
     setup = (
-        f"{ready['ours']['version']}; {ready['torch']['version']}; {args.threads} threads each; "
-        f"float32 ViT {args.width} wide x {args.depth} blocks, batch {args.batch}, K={args.K} "
-        f"shared head; torch attention {args.torch_attention}, AdamW {args.torch_adamw}"
+        f"{ready['ours']['version']}; {ready[names[1]]['version']}; {args.device}, "
+        f"{args.threads} threads each; {args.dtype} ViT {args.width} wide x {args.depth} "
+        f"blocks, batch {args.batch}, K={args.K} shared head; torch attention "
+        f"{args.torch_attention}, AdamW {args.torch_adamw}, modes {', '.join(args.torch_modes)}"
         + (f"; jax env {' '.join(args.env)}" if args.env else "")
-        + f". {args.rounds} alternating rounds x {args.steps} steps; load average {loads}."
+        + f". {args.rounds} rounds x {args.steps} steps"
+        + (" (one worker at a time)" if args.device == "gpu" else " (alternating)")
+        + f"; load average {loads}."
     )
+    resources = "peak device memory" if args.device == "gpu" else "sys s/step, faults, peak RSS"
+    header = ["crops"]
+    for name in names:
+        header += [f"{name} median (min) s/step", f"{name} {resources}"]
+    header += [f"ours / {name} paired median (range)" for name in names[1:]]
     timing = harness.markdown_table(
-        ["crops", "ours median (min) s/step", "ours sys s/step, faults/step, peak RSS",
-         "torch median (min) s/step", "torch sys s/step, faults/step, peak RSS",
-         "ours/torch paired median (range)", "ours compile s"],
-        [timing_row(args, r) for r in results],
-    )  # fmt: skip
+        [*header, "ours compile s"], [timing_row(args, r) for r in results]
+    )
     agreement = harness.markdown_table(
-        ["crops", *(f"{t} ours / torch" for t in LOSS_TERMS), "losses max abs diff",
+        ["crops, peer", *(f"{t} ours / torch" for t in LOSS_TERMS), "losses max abs diff",
          "student update rel (global, worst tensor)", "teacher update rel (global, worst)",
          "student / teacher params rel", "qkv key bias max abs", "centres max abs"],
-        [agreement_row(args, r) for r in results],
+        [agreement_row(args, r, n) for r in results for n in names[1:]],
     )  # fmt: skip
-    header = harness.machine_header(["benchmarks/step_vs_reference.py", *sys.argv[1:]])
+    header_line = harness.machine_header(["benchmarks/step_vs_reference.py", *sys.argv[1:]])
     return "\n\n".join(
-        [header, setup, timing, "Step-0 agreement (same weights and batch):", agreement]
+        [header_line, setup, timing, "Step-0 agreement (same weights and batch):", agreement]
     )
 
 
