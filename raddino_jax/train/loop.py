@@ -38,6 +38,7 @@ from raddino_jax.data import pipeline, prefetch, sources
 from raddino_jax.models import ModelSpec, abstract_params, init_params
 from raddino_jax.parallel import sharding
 from raddino_jax.parallel.mesh import make_mesh
+from raddino_jax.sweep import measure, preflight
 from raddino_jax.train import stages as stages_lib
 from raddino_jax.train import state as train_state
 from raddino_jax.train.metrics import MetricsWriter
@@ -187,71 +188,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         f"{jax.process_count()} process(es)"
     )
 
-    # Data: one dataset per resolution stage (train/stages.py), each continuing the stream
-    data = sources.open_training_data(config, workdir)
-    data_dir, name = data.data_dir, data.name
-    if not config.data.dir and not config.data.sources:
-        say(
-            f"no dataset configured (config.data.dir): training on the built-in samples at "
-            f"{data_dir}/{name}"
-        )
-    if data.source_names:
-        shares = data.records.shares
-        say("mixture: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(data.source_names, shares)))
-    stage_table = stages_lib.stage_table(config)
-
-    def stage_iterator(stage: stages_lib.Stage):
-        return iter(
-            pipeline.make_dataset(
-                data.records,
-                seed=config.seed,
-                per_process_batch=stage.batch_size // jax.process_count(),
-                crop_cfg=config_lib.crop_config(stage.config),
-                mask_group_size=config_lib.mask_group_size(stage.config, len(devices)),
-                patch_size=spec.backbone.patch_size,
-                mask_ratio_min_max=tuple(config.data.mask_ratio_min_max),
-                mask_sample_probability=config.data.mask_sample_probability,
-                num_workers=config.data.num_workers,
-                read_threads=config.data.read_threads,
-                prefetch_buffer=config.data.prefetch,
-                start_position=stage.start_position,
-            )
-        )
-
-    # State: resume, or start from pretrained / random weights
     rules = config_lib.tensor_rules(config)
     batch_shardings = sharding.batch_shardings(BATCH_KEYS, mesh)
     gram = objective.gram_enabled  # the state carries a Gram teacher (recipe, Gram anchoring)
     abstract, shardings = train_state.abstract_state(spec, optimizer, mesh, rules, gram)
-    checkpointer = checkpoint.TrainCheckpointer(workdir, config.keep_checkpoints)
-    latest = checkpointer.latest_step()
-    # The checkpoint of step S holds the iterator of the stage that ran step S - 1 (at a stage
-    # boundary, the previous stage's); the loop switches to the next stage's when it gets there.
-    stage = stages_lib.stage_at(stage_table, max((latest or 0) - 1, 0))
-    data_iterator = stage_iterator(stage)
-    if latest is not None:
-        state = checkpointer.restore(
-            latest,
-            abstract,
-            data_iterator,
-            # a checkpoint from before Gram was on: fine while the first copy is still ahead
-            gram_teacher_from_teacher=objective.gram_teacher == "ema"
-            and latest <= objective.gram_start_step,
-        )
-        say(f"resumed from {checkpointer.directory} at step {latest}")
-    else:
-        state = train_state.create_state(
-            spec,
-            optimizer,
-            mesh,
-            seed=config.seed,
-            params=initial_params(config, spec),
-            rules=rules,
-            gram=gram,
-        )
-    _write_run_files(workdir, config, spec)
-    writer = MetricsWriter(workdir, enabled=is_main)
-    writer.truncate_after(int(state.step))
+    stage_table = stages_lib.stage_table(config)
 
     def stage_step_fn(stage: stages_lib.Stage):
         """The step jitted for one stage's shapes: one compile per stage."""
@@ -267,6 +208,97 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             schedules=schedules,
         )
 
+    # Memory preflight, before any data is built or read: every stage's step compiled for these
+    # devices (the loop's first call of each reuses the executable) against their capacity.
+    step_fns = {stage.index: stage_step_fn(stage) for stage in stage_table}
+    preflight.check_run_memory(
+        [
+            (
+                f"stage {stage.index} ({_stage_shape(stage)})",
+                measure.Point(
+                    stage.config,
+                    mesh,
+                    spec,
+                    optimizer,
+                    abstract,
+                    shardings,
+                    step_fns[stage.index],
+                    config_lib.mask_spec(stage.config, len(devices), spec.backbone.patch_size),
+                    rules,
+                    gram,
+                ),
+            )
+            for stage in stage_table
+        ],
+        capacity_override_gib=config.device_memory_gib,
+        allow_over=config.allow_over_memory,
+        device_prefetch=config.data.device_prefetch,
+        say=say,
+    )
+
+    # Data: one dataset per resolution stage (train/stages.py), each continuing the stream
+    data = sources.open_training_data(config, workdir)
+    data_dir, name = data.data_dir, data.name
+    if config.data.builtin:
+        say(f"data.builtin: training on the built-in samples at {data_dir}/{name}")
+    if data.source_names:
+        shares = data.records.shares
+        say("mixture: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(data.source_names, shares)))
+
+    def stage_iterator(stage: stages_lib.Stage, start_position: int | None = None):
+        return iter(
+            pipeline.make_dataset(
+                data.records,
+                seed=config.seed,
+                per_process_batch=stage.batch_size // jax.process_count(),
+                crop_cfg=config_lib.crop_config(stage.config),
+                mask_group_size=config_lib.mask_group_size(stage.config, len(devices)),
+                patch_size=spec.backbone.patch_size,
+                mask_ratio_min_max=tuple(config.data.mask_ratio_min_max),
+                mask_sample_probability=config.data.mask_sample_probability,
+                num_workers=config.data.num_workers,
+                read_threads=config.data.read_threads,
+                prefetch_buffer=config.data.prefetch,
+                start_position=stage.start_position if start_position is None else start_position,
+                count_skipped=True,
+            )
+        )
+
+    # State: resume from the newest intact checkpoint, or start from pretrained / random weights
+    checkpointer = checkpoint.TrainCheckpointer(workdir, config.keep_checkpoints)
+    latest, state = checkpointer.restore_latest_valid(
+        abstract,
+        # a checkpoint from before Gram was on: fine while the first copy is still ahead
+        gram_teacher_from_teacher=lambda step: (
+            objective.gram_teacher == "ema" and step <= objective.gram_start_step
+        ),
+        say=say,
+    )
+    # The checkpoint of step S holds the iterator of the stage that ran step S - 1 (at a stage
+    # boundary, the previous stage's); the loop switches to the next stage's when it gets there.
+    stage = stages_lib.stage_at(stage_table, max((latest or 0) - 1, 0))
+    data_iterator = stage_iterator(stage)
+    skipped_before = 0  # undecodable records passed over by the steps before this run's first
+    if latest is not None:
+        data_iterator = _resume_data(
+            checkpointer, latest, data_iterator, stage_table, stage, stage_iterator
+        )
+        skipped_before = checkpointer.restore_counters(latest).get(pipeline.RECORDS_SKIPPED, 0)
+        say(f"resumed from {checkpointer.directory} at step {latest}")
+    else:
+        state = train_state.create_state(
+            spec,
+            optimizer,
+            mesh,
+            seed=config.seed,
+            params=initial_params(config, spec),
+            rules=rules,
+            gram=gram,
+        )
+    _write_run_files(workdir, config, spec)
+    writer = MetricsWriter(workdir, enabled=is_main)
+    writer.truncate_after(int(state.step))
+
     peak = flops.peak_flops_per_device(
         devices[0].device_kind,
         spec.backbone.dtype,
@@ -280,6 +312,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     base_key = jax.random.key(config.seed)
     progress = _progress(is_main, int(state.step), config.total_steps)
     log = _StepLog(config, writer, progress, peak, len(devices), stage_table, data)
+    log.skipped_before = skipped_before
+    skipped_here = 0  # undecodable records behind this process's batches of this run
     step_fn = None
     saved_step = latest
     # Global batches ahead of the step; checkpoints hold the iterator at the first one unused.
@@ -301,14 +335,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                             f"{stage.global_size}/{stage.local_size}px, batch {stage.batch_size}"
                         )
                     log.flush()
-                    step_fn = stage_step_fn(stage)
+                    step_fn = step_fns[stage.index]
                     log.enter(stage, config_lib.step_flops(stage.config, spec, len(devices)))
                 if profile and step == profile[0] and is_main:
                     jax.profiler.start_trace(str(workdir / "profile"))
                 batch = next(batches)
+                skipped_here += batches.last_records_skipped
                 state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
                 log.flush()  # the previous step's metrics (finished: see the loop's top)
-                log.pending = (step + 1, metrics)
+                log.pending = (step + 1, metrics, skipped_here)
                 if profile and step + 1 == profile[1] and is_main:
                     jax.block_until_ready(metrics)
                     jax.profiler.stop_trace()
@@ -318,7 +353,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     # finish this step's metrics first: a checkpoint never holds a bad update,
                     # and metrics.jsonl has its line if the process dies right after
                     log.flush()
-                    checkpointer.save(state, batches)
+                    checkpointer.save(state, batches, counters=log.counters(skipped_here))
                     saved_step = step + 1
                     checkpointer.check()
                 if evaluator is not None and (step + 1) % config.eval.every == 0:
@@ -335,7 +370,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 if signum:
                     log.flush()
                     if saved_step != step + 1:
-                        checkpointer.save(state, batches, force=True)
+                        counters = log.counters(skipped_here)
+                        checkpointer.save(state, batches, force=True, counters=counters)
                     checkpointer.wait()
                     raise Preempted(signum, step + 1)
                 step += 1
@@ -352,6 +388,48 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     return log.last
 
 
+def _stage_shape(stage: stages_lib.Stage) -> str:
+    """ "56/28px, batch 16, remat none, mesh {...}": what the memory preflight names."""
+    c = stage.config
+    return (
+        f"{c.model.arch} {stage.global_size}/{stage.local_size}px, batch {stage.batch_size}, "
+        f"remat {c.model.remat}, mesh {dict(c.mesh)}"
+    )
+
+
+def _resume_data(checkpointer, step: int, iterator, stage_table, stage, stage_iterator):
+    """The data iterator at the first image that the steps before `step` have not used.
+
+    A checkpoint written by as many processes as this run has holds each process's Grain
+    iterator: restored exactly (the same batches, crops and masks as an uninterrupted run).
+    Otherwise (another process count: preemptible capacity coming back smaller or larger), or
+    when that item does not restore, the position follows from the step: the steps before it
+    consumed global stream positions [0, `stages.images_before(step)`) exactly, every process
+    taking its stride of them, so the stream continues at that position on any number of
+    processes with no image repeated or skipped. Crops are keyed by the global position and
+    come out the same; the iBOT masks are drawn from the new layout's stream.
+    """
+    count = checkpointer.data_process_count(step)
+    reason = f"written by {count} process(es), this run has {jax.process_count()}"
+    ok = count == jax.process_count()
+    if ok:
+        try:
+            checkpointer.restore_data(step, iterator)
+        except Exception as err:  # noqa: BLE001 - any failure falls back to the step's position
+            ok, reason = False, f"data iterator does not restore ({checkpoint.one_line(err)})"
+    if checkpoint.all_processes_ok(ok):
+        return iterator
+    position = stages_lib.images_before(stage_table, step)
+    say(
+        f"data: checkpoint {step} {reason}: the stream continues at global position "
+        f"{position} (the images of steps 0-{step - 1})"
+    )
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
+    return stage_iterator(stage, start_position=position)
+
+
 class _StepLog:
     """Turns each step's device metrics into log records, one step late.
 
@@ -366,7 +444,9 @@ class _StepLog:
         self.peak, self.n_devices = peak, n_devices
         self.stage_table, self.data = stage_table, data
         self.stage, self.flops_per_step = stage_table[0], 0.0
-        self.pending = None  # (step number after the update, device metrics)
+        # (step number after the update, device metrics, this process's records_skipped)
+        self.pending = None
+        self.skipped_before = 0  # records_skipped (global) of the steps before this run
         self.last: dict[str, float] = {}
         self.window_start, self.window_steps = time.perf_counter(), 0
 
@@ -384,10 +464,35 @@ class _StepLog:
             out.update({f"images_seen/{n}": int(c) for n, c in zip(self.data.source_names, counts)})
         return out
 
+    def records_skipped(self, skipped_here: int) -> int:
+        """Undecodable records passed over since step 0, by all processes (with several,
+        a collective: every process calls it on the same steps)."""
+        total = np.int64(skipped_here)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            total = np.sum(multihost_utils.process_allgather(total))
+        return self.skipped_before + int(total)
+
+    def counters(self, skipped_here: int) -> dict[str, int]:
+        """What a checkpoint keeps besides the state (restored by `restore_counters`)."""
+        return {pipeline.RECORDS_SKIPPED: self.records_skipped(skipped_here)}
+
+    def check_bad_fraction(self, step: int, skipped: int, seen: int) -> None:
+        """Stops the run when more than `config.data.max_bad_fraction` of the images read so
+        far were undecodable records (counted, skipped and replaced by `DecodedStream`)."""
+        limit = self.config.data.max_bad_fraction
+        if skipped > limit * seen:
+            raise pipeline.BadDataError(
+                f"step {step}: {skipped} of the {seen} records read so far do not decode "
+                f"({skipped / seen:.2%} > config.data.max_bad_fraction={limit}); check or "
+                "rebuild the dataset (`python -m data_prep.build`), or raise the fraction"
+            )
+
     def flush(self) -> None:
         if self.pending is None:
             return
-        step, metrics = self.pending
+        step, metrics, skipped_here = self.pending
         self.pending = None
         _check_finite(step, metrics)
         self.window_steps += 1
@@ -404,6 +509,8 @@ class _StepLog:
         if len(self.stage_table) > 1:
             values["stage"] = self.stage.index
         values.update(self.images_seen(step))
+        values[pipeline.RECORDS_SKIPPED] = self.records_skipped(skipped_here)
+        self.check_bad_fraction(step, values[pipeline.RECORDS_SKIPPED], values["images_seen"])
         if self.peak:
             values["mfu"] = self.flops_per_step / step_time / (self.peak * self.n_devices)
         self.writer.write(step, values)
