@@ -354,6 +354,14 @@ class TrainCheckpointer:
         Raises DamagedCheckpoint when the step's arrays differ from the fingerprints saved
         with them (a flipped bit, a truncated file read back as zeros).
         """
+        read = self._read(step, abstract_state, gram_teacher_from_teacher)
+        state = self._assemble(read, abstract_state)
+        if data_iterator is not None:
+            self.restore_data(step, data_iterator)
+        return state
+
+    def _read(self, step: int, abstract_state, gram_teacher_from_teacher: bool) -> dict:
+        """The step's items as Orbax restores them (this process's reads only, no collective)."""
         args = dict(
             student=ocp.args.StandardRestore(abstract_state.student),
             teacher=ocp.args.StandardRestore(abstract_state.teacher),
@@ -370,23 +378,21 @@ class TrainCheckpointer:
             )
         if stored_gram:
             args["gram_teacher"] = ocp.args.StandardRestore(abstract_state.gram_teacher)
-        checked = (self.directory / str(step) / INTEGRITY_ITEM).exists()
-        if checked:
+        if (self.directory / str(step) / INTEGRITY_ITEM).exists():
             args[INTEGRITY_ITEM] = ocp.args.JsonRestore()
-        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-        if stored_gram:
-            gram_teacher = restored["gram_teacher"]
-        elif wants_gram:
-            gram_teacher = _copy_backbone(restored["teacher"], abstract_state.gram_teacher)
-        else:
-            gram_teacher = None
+        return dict(self.manager.restore(step, args=ocp.args.Composite(**args)))
+
+    def _assemble(self, restored: dict, abstract_state):
+        """The TrainState from `_read`'s items, checked against the saved fingerprints (a
+        computation over all processes: each gets the same verdict)."""
+        stored_gram = GRAM_ITEM in restored
         state = abstract_state.replace(
             student=restored["student"],
             teacher=restored["teacher"],
-            gram_teacher=gram_teacher if stored_gram or not wants_gram else None,
+            gram_teacher=restored[GRAM_ITEM] if stored_gram else None,
             **restored["train"],
         )
-        if checked:
+        if INTEGRITY_ITEM in restored:
             saved = dict(restored[INTEGRITY_ITEM])
             if not stored_gram:
                 saved.pop(GRAM_ITEM, None)
@@ -397,9 +403,10 @@ class TrainCheckpointer:
                     + ", ".join(bad[:5])
                     + (" ..." if len(bad) > 5 else "")
                 )
-        state = state.replace(gram_teacher=gram_teacher)
-        if data_iterator is not None:
-            self.restore_data(step, data_iterator)
+        if abstract_state.gram_teacher is not None and not stored_gram:
+            state = state.replace(
+                gram_teacher=_copy_backbone(state.teacher, abstract_state.gram_teacher)
+            )
         return state
 
     def restore_data(self, step: int, data_iterator) -> None:
@@ -432,17 +439,20 @@ class TrainCheckpointer:
         skipped = []
         for step in steps:
             from_teacher = bool(gram_teacher_from_teacher and gram_teacher_from_teacher(step))
-            try:
-                state, reason = (
-                    self.restore(step, abstract_state, gram_teacher_from_teacher=from_teacher),
-                    "",
-                )
+            state, reason = None, ""
+            try:  # reads: a process may fail alone, so all agree before going on together
+                read = self._read(step, abstract_state, from_teacher)
             except RestoreError:
                 raise
             except Exception as err:  # noqa: BLE001 - any read failure marks the step damaged
-                state, reason = None, one_line(err)
+                reason = one_line(err)
             if all_processes_ok(not reason):
-                return step, state
+                try:  # the fingerprint check: the same verdict on every process
+                    state = self._assemble(read, abstract_state)
+                except DamagedCheckpoint as err:
+                    reason = one_line(err)
+                if not reason:
+                    return step, state
             reason = reason or "another process failed to read its part"
             where = self.set_aside(step)
             say(f"checkpoint step {step} skipped: {reason}; moved to {where}")

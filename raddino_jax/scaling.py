@@ -379,14 +379,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir = epath.Path(args.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         if args.sources:
-            base.data.dir, base.data.name = "", ""
+            base.data.dir, base.data.name, base.data.builtin = "", "", False
             base.data.sources = parse_sources(args.sources)
-        elif not base.data.dir and not base.data.sources:  # the built-in samples, built once
+        elif base.data.builtin:  # the built-in samples, built once, shared by the runs
             from raddino_jax.data import sources
 
             base.data.dir, base.data.name = sources.builtin_dataset(
                 workdir, base.data.builtin_phantoms, base.data.builtin_size
             )
+            base.data.builtin = False
         records = []
         for name, fraction, config in run_configs(base, fractions, args.steps, args.mixtures):
             records.append(

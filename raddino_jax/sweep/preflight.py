@@ -30,6 +30,9 @@ from raddino_jax.sweep import measure
 from raddino_jax.sweep.estimate import device_capacity, memory_fields
 
 GiB = 2**30
+# The candidates' compiles only need the memory analysis: on CPU, LLVM's optimisation level 0
+# leaves XLA's buffer assignment (and so the peak) unchanged and compiles ~1/3 faster.
+CANDIDATE_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 0}}
 REMAT_ORDER = ("none", "dots", "full")  # less memory to the right
 
 
@@ -177,7 +180,13 @@ def _candidate_lines(point: measure.Point, step: StepMemory, capacity: int) -> l
     lines = ["  nearest layouts (compiled; peak per device incl. prefetched batches):"]
     for description, cand_layout, batch, remat in nearest_layouts(point.config, layout):
         row = measure.run_point(
-            point.config, cand_layout, batch, remat, devices=devices, mode="compile"
+            point.config,
+            cand_layout,
+            batch,
+            remat,
+            devices=devices,
+            mode="compile",
+            compiler_options=CANDIDATE_COMPILER_OPTIONS.get(devices[0].platform),
         )
         if row.peak_bytes_per_device is None:
             lines.append(f"    {description}: {row.reason or row.status}")
