@@ -601,15 +601,32 @@ def test_memory_preflight_refuses_before_reading_data(dataset, tmp_path):
         "--config.data.builtin=true",
         "--config.device_memory_gib=0.001",
         "--config.model.depth=1",
+        "--config.model.remat=full",  # one device, strongest remat: one candidate to compile
         devices=1,
         check=False,
     )
     assert result.returncode == 4, result.stderr[-3000:]
     assert "needs" in result.stderr and "config.device_memory_gib" in result.stderr
-    for candidate in ("--config.model.remat=dots", "--config.batch_size=8", "all of the above"):
-        assert candidate in result.stderr, result.stderr
+    assert "--config.batch_size=8 (8 images per device): " in result.stderr, result.stderr
     assert "MiB (fits)" in result.stderr or "MiB (over)" in result.stderr
     assert not (tmp_path / "builtin").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_nearest_layouts_of_the_memory_preflight():
+    """The candidates the preflight compiles when a step is over: nearest first, bounded."""
+    from raddino_jax.sweep import preflight
+
+    cfg = tiny_run_config("/d", "x", batch_size=32, **{"model.remat": "none"})
+    assert preflight.nearest_layouts(cfg, (4, 1, 1)) == [
+        ("--config.model.remat=dots", (4, 1, 1), 32, "dots"),
+        ("--config.batch_size=16 (4 images per device)", (4, 1, 1), 16, "none"),
+        ("--config.mesh.data=1 --config.mesh.fsdp=4", (1, 4, 1), 32, "none"),
+        ("all of the above", (1, 4, 1), 16, "full"),
+    ]
+    cfg.model.remat = "full"
+    assert [c[0] for c in preflight.nearest_layouts(cfg, (1, 1, 1))] == [
+        "--config.batch_size=16 (16 images per device)"
+    ]
 
 
 def test_empty_data_dir_is_an_error_naming_the_keys(tmp_path):

@@ -147,6 +147,8 @@ def check_run_memory(
     for r in results:
         if r.peak_bytes is None:
             say(f"memory: {r.label}: no XLA memory analysis on {device.platform}; not checked")
+    if not capacity:
+        say(f"memory: device capacity {source}; not checked")
     if not _all_over(bool(over)):
         if capacity and results[0].peak_bytes is not None:
             worst = max(r.peak_bytes for r in results if r.peak_bytes is not None)
