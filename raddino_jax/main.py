@@ -77,12 +77,15 @@ def main(argv: list[str]) -> None:
     from raddino_jax.checkpoint import RestoreError
     from raddino_jax.config import ConfigError
     from raddino_jax.data.pipeline import BadDataError
+    from raddino_jax.sweep import preflight
     from raddino_jax.sweep.preflight import MemoryPreflightError
     from raddino_jax.train import loop
 
     logging.set_verbosity(logging.WARNING)  # orbax/grain INFO chatter; the loop prints its own
     try:
-        last = loop.train(_CONFIG.value, _WORKDIR.value)
+        last = loop.train(
+            _CONFIG.value, _WORKDIR.value, check_memory=preflight.check_training_memory
+        )
     except (ConfigError, RestoreError) as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)

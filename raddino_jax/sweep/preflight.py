@@ -1,9 +1,10 @@
 """Memory preflight of a training run: the compiled step's peak per device against the device.
 
-`train.loop.train` calls `check_run_memory` before any data is built or read, with the jitted
-step of every resolution stage it will run. Each is compiled for the run's own devices with the
-sweep's AOT path (`measure.compile_step`: the loop's later call reuses the executable, so this
-costs no second compile), and its peak per device is XLA's memory analysis
+`train.loop.train` calls `check_training_memory` (passed in by the driver, `raddino_jax.main`)
+before any data is built or read, with the jitted step of every resolution stage it will run.
+Each is compiled for the run's own devices with the sweep's AOT path (`measure.compile_step`:
+the loop's later call reuses the executable, so this costs no second compile), and its peak
+per device is XLA's memory analysis
 (`estimate.memory_fields`: arguments, the state included, + outputs + temporaries - donated
 aliases) plus the global batches the prefetcher keeps on the devices
 (`config.data.device_prefetch`). The capacity is `estimate.device_capacity`: the device's
@@ -124,6 +125,23 @@ def _all_over(over: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.max(multihost_utils.process_allgather(np.int32(over))))
+
+
+def check_training_memory(
+    steps: Sequence[tuple[str, measure.Point]],
+    config: ml_collections.ConfigDict,
+    say: Callable[[str], None] = print,
+) -> list[StepMemory]:
+    """`check_run_memory` with the run config's keys: `device_memory_gib`,
+    `allow_over_memory`, `data.device_prefetch`. The steps are `loop.StageStep`s (or sweep
+    points): anything with the config, mesh, abstract_state, step_fn and mask_spec of one."""
+    return check_run_memory(
+        steps,
+        capacity_override_gib=config.device_memory_gib,
+        allow_over=config.allow_over_memory,
+        device_prefetch=config.data.device_prefetch,
+        say=say,
+    )
 
 
 def check_run_memory(

@@ -23,8 +23,10 @@ Where the host waits for the devices, each step:
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -38,7 +40,6 @@ from raddino_jax.data import pipeline, prefetch, sources
 from raddino_jax.models import ModelSpec, abstract_params, init_params
 from raddino_jax.parallel import sharding
 from raddino_jax.parallel.mesh import make_mesh
-from raddino_jax.sweep import measure, preflight
 from raddino_jax.train import stages as stages_lib
 from raddino_jax.train import state as train_state
 from raddino_jax.train.metrics import MetricsWriter
@@ -165,8 +166,27 @@ def _write_run_files(workdir: epath.Path, config, spec: ModelSpec) -> None:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Run (or resume) training to `config.total_steps`; returns the last logged metrics."""
+@dataclasses.dataclass(frozen=True)
+class StageStep:
+    """One stage's jitted step and what compiling it takes (the fields of a sweep point that
+    `sweep.measure.compile_step` reads): handed to the memory check."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    abstract_state: Any
+    step_fn: Any
+    mask_spec: Any
+
+
+def train(
+    config: ml_collections.ConfigDict, workdir: str, *, check_memory: Callable | None = None
+) -> dict[str, float]:
+    """Run (or resume) training to `config.total_steps`; returns the last logged metrics.
+
+    `check_memory([(label, StageStep), ...], config, say)` runs before any data is built or
+    read; the driver passes `sweep.preflight.check_training_memory` (which compiles each step
+    and raises when it does not fit), tests that call `train` directly leave it out.
+    """
     workdir = epath.Path(workdir)
     devices = jax.devices()
     config_lib.validate(config, n_devices=len(devices), process_count=jax.process_count())
@@ -211,30 +231,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     # Memory preflight, before any data is built or read: every stage's step compiled for these
     # devices (the loop's first call of each reuses the executable) against their capacity.
     step_fns = {stage.index: stage_step_fn(stage) for stage in stage_table}
-    preflight.check_run_memory(
-        [
-            (
-                f"stage {stage.index} ({_stage_shape(stage)})",
-                measure.Point(
-                    stage.config,
-                    mesh,
-                    spec,
-                    optimizer,
-                    abstract,
-                    shardings,
-                    step_fns[stage.index],
-                    config_lib.mask_spec(stage.config, len(devices), spec.backbone.patch_size),
-                    rules,
-                    gram,
-                ),
-            )
-            for stage in stage_table
-        ],
-        capacity_override_gib=config.device_memory_gib,
-        allow_over=config.allow_over_memory,
-        device_prefetch=config.data.device_prefetch,
-        say=say,
-    )
+    if check_memory is not None:
+        check_memory(
+            [
+                (
+                    f"stage {stage.index} ({_stage_shape(stage, mesh)})",
+                    StageStep(
+                        stage.config,
+                        mesh,
+                        abstract,
+                        step_fns[stage.index],
+                        config_lib.mask_spec(stage.config, len(devices), spec.backbone.patch_size),
+                    ),
+                )
+                for stage in stage_table
+            ],
+            config,
+            say,
+        )
 
     # Data: one dataset per resolution stage (train/stages.py), each continuing the stream
     data = sources.open_training_data(config, workdir)
@@ -388,12 +402,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     return log.last
 
 
-def _stage_shape(stage: stages_lib.Stage) -> str:
-    """ "56/28px, batch 16, remat none, mesh {...}": what the memory preflight names."""
+def _stage_shape(stage: stages_lib.Stage, mesh) -> str:
+    """ "vit_small 56/28px, batch 16, remat none, mesh data 8 x fsdp 1 x tensor 1": what the
+    memory preflight names."""
     c = stage.config
+    layout = " x ".join(f"{axis} {size}" for axis, size in mesh.shape.items())
     return (
         f"{c.model.arch} {stage.global_size}/{stage.local_size}px, batch {stage.batch_size}, "
-        f"remat {c.model.remat}, mesh {dict(c.mesh)}"
+        f"remat {c.model.remat}, mesh {layout}"
     )
 
 
