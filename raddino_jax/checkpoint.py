@@ -428,12 +428,14 @@ class TrainCheckpointer:
         """(step, state) of the newest step that restores intact, or (None, None) if none.
 
         Newest first: a step whose files fail to read, or whose arrays differ from their saved
-        fingerprints, is set aside (`set_aside`) with its reason printed and the next older
-        step is tried; every process takes the same decision. A `RestoreError` (the checkpoint
-        does not fit this run's config) is raised at once: an older step would not fit either.
+        fingerprints, is skipped and the next older step is tried; every process takes the
+        same decision. Once an older step restores, the skipped newer ones are set aside
+        (`set_aside`) with their reasons printed. When none restores, nothing is moved (a
+        changed model config fails every step alike: that is not damage) and RestoreError lists
+        the reasons: starting over silently would throw the run away. A `RestoreError` from a
+        step (it does not fit this run's config) is raised at once.
         `gram_teacher_from_teacher(step)` says whether a step without a Gram teacher may start
-        one from its teacher (see `restore`). Raises RestoreError when steps exist and none
-        restores: starting over silently would throw the run away.
+        one from its teacher (see `restore`).
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
         skipped = []
@@ -452,16 +454,17 @@ class TrainCheckpointer:
                 except DamagedCheckpoint as err:
                     reason = one_line(err)
                 if not reason:
+                    for bad_step, bad_reason in skipped:
+                        where = self.set_aside(bad_step)
+                        say(f"checkpoint step {bad_step} skipped: {bad_reason}; moved to {where}")
                     return step, state
-            reason = reason or "another process failed to read its part"
-            where = self.set_aside(step)
-            say(f"checkpoint step {step} skipped: {reason}; moved to {where}")
-            skipped.append(f"step {step}: {reason}")
+            skipped.append((step, reason or "another process failed to read its part"))
         if skipped:
             raise RestoreError(
-                f"no checkpoint in {self.directory} restores ({'; '.join(skipped)}); the damaged "
-                f"steps are in {self.damaged_directory}. Move one back to resume from it anyway, "
-                "or use another --workdir to start over"
+                f"no checkpoint in {self.directory} restores ("
+                + "; ".join(f"step {s}: {r}" for s, r in skipped)
+                + "). If the model config changed since they were written, restore it; if "
+                "their files are damaged, use another --workdir to start over"
             )
         return None, None
 

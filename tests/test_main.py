@@ -584,7 +584,8 @@ def test_killed_mid_save_with_workers_then_damaged_checkpoint_and_bad_records(
 
 @pytest.mark.slow
 def test_bad_records_over_the_allowed_fraction_stop_the_run(damaged_dataset, tmp_path):
-    cfg = tiny_run_config(*damaged_dataset, total_steps=2, **{"data.max_bad_fraction": 0.01})
+    overrides = {"data.max_bad_fraction": 0.01, "model.depth": 1}  # one block: a faster compile
+    cfg = tiny_run_config(*damaged_dataset, total_steps=2, **overrides)
     with pytest.raises(pipeline_lib.BadDataError, match=r"data\.max_bad_fraction"):
         loop.train(cfg, str(tmp_path))
 
