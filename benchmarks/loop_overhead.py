@@ -52,6 +52,7 @@ def bench_config(args: argparse.Namespace, data_dir: str, name: str):
     final checkpoint, and the requested batch / prefetch / transfer overrides."""
     config = harness.named_config(args.config, args.set)
     config.data.dir, config.data.name = data_dir, name
+    config.data.builtin = False  # the samples prebuilt above, read as a dataset
     config.total_steps = args.skip + args.steps
     config.log_every = 1
     config.checkpoint_every = 10**9  # the last step still saves (outside the timed steps)

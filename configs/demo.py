@@ -61,6 +61,7 @@ def get_config():
     c.model.head_bottleneck_dim = 64
 
     # 600 phantoms split 45/10/45 by patient (data.sources): ~260 held-out test images.
+    c.data.builtin = True
     c.data.builtin_phantoms = 600
     c.data.builtin_size = 160
     c.data.global_size = 112

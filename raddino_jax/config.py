@@ -121,6 +121,12 @@ def base_config() -> ml_collections.ConfigDict:
     # Several processes agree on a SIGTERM/SIGINT (an all-gather) every N steps and on
     # checkpoint steps: a signal is honoured within N steps. One process checks every step.
     c.preemption_check_every = 10
+    # Memory preflight (raddino_jax/sweep/preflight.py): the compiled step's peak per device is
+    # checked against the device before any data is read; over it the run stops, naming the
+    # nearest layouts that fit, unless allow_over_memory. device_memory_gib: the capacity per
+    # device by hand (0: bytes_limit; on CPU the available RAM shared by the local devices).
+    c.allow_over_memory = False
+    c.device_memory_gib = 0.0
     # Later resolution stages: ((start step, global size, local size, batch size), ...); the
     # first stage is data.global_size/local_size and batch_size from step 0 (train/stages.py).
     c.stages = ()
@@ -140,18 +146,24 @@ def base_config() -> ml_collections.ConfigDict:
     c.init.which = "teacher"  # model of a dinov2 training checkpoint
 
     c.data = ml_collections.ConfigDict(sections["data"])
-    c.data.dir = ""  # tfds data_dir (local or gs://); "" = built-in samples
+    c.data.dir = ""  # tfds data_dir (local or gs://), with data.name
     c.data.name = ""
     c.data.split = "train"
     # A weighted mixture instead of data.dir/data.name: ((tfds name, data_dir, weight), ...),
     # weights all numbers or all "proportional" (to the sources' sizes); data/pipeline.Mixture.
     c.data.sources = ()
     c.data.fraction = 1.0  # share of patients kept (nested subsets; raddino_jax.scaling)
+    # Train on the built-in samples (phantoms + pydicom-data radiographs, built once into
+    # WORKDIR/builtin) instead of data.dir or data.sources; never implied by an empty data.dir.
+    c.data.builtin = False
     c.data.builtin_phantoms = 96
     c.data.builtin_size = 256  # shorter side of the built-in samples' records
     c.data.mask_group_size = 0  # images per iBOT mask draw; 0: the per-device batch
     c.data.mask_ratio_min_max = (0.1, 0.5)
     c.data.mask_sample_probability = 0.5
+    # Undecodable records are skipped and counted (records_skipped in metrics.jsonl); more than
+    # this fraction of the images read so far stops the run.
+    c.data.max_bad_fraction = 0.01
     c.data.num_workers = 0
     c.data.read_threads = 0
     c.data.prefetch = 2
@@ -264,8 +276,13 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"config.{key}: {message}")
 
 
-def validate(config: ml_collections.ConfigDict, *, n_devices: int, process_count: int) -> None:
-    """Every check that can fail before compilation, each naming the offending key."""
+def validate(
+    config: ml_collections.ConfigDict, *, n_devices: int, process_count: int, data: bool = True
+) -> None:
+    """Every check that can fail before compilation, each naming the offending key.
+
+    `data=False` skips the choice of training data (a sweep compiles the step on a synthetic
+    batch, so it needs none)."""
     from raddino_jax.parallel.mesh import resolve_mesh_shape
 
     _require(config.total_steps > 0, "total_steps", f"must be > 0, got {config.total_steps}")
@@ -362,16 +379,28 @@ def validate(config: ml_collections.ConfigDict, *, n_devices: int, process_count
         f"must be >= 0 (global batches prepared ahead; 0 or 1: none in the background), got "
         f"{d.device_prefetch}",
     )
+    _require(
+        0 <= d.max_bad_fraction <= 1,
+        "data.max_bad_fraction",
+        f"must be in [0, 1], got {d.max_bad_fraction}",
+    )
+    _require(
+        config.device_memory_gib >= 0,
+        "device_memory_gib",
+        f"must be >= 0 (0: from the device), got {config.device_memory_gib}",
+    )
     _validate_sources(d)
-    _validate_stages(config, n_devices=n_devices, process_count=process_count)
+    _validate_stages(config, n_devices=n_devices, process_count=process_count, data=data)
+    if data:
+        _validate_data_choice(d)
     if d.dir or d.name:
         _require(bool(d.dir) and bool(d.name), "data.dir", "set both data.dir and data.name")
         path = epath.Path(d.dir) / d.name
         _require(
             path.exists(),
             "data.dir",
-            f"{path} does not exist; build it with `python -m data_prep.build` or leave "
-            "data.dir/data.name empty to use the built-in samples",
+            f"{path} does not exist; build it with `python -m data_prep.build` (or set "
+            "data.dir/data.name empty and data.builtin=True to use the built-in samples)",
         )
     if config.init.checkpoint:
         _require(
@@ -474,6 +503,26 @@ def eval_datasets(
     return usable
 
 
+def _validate_data_choice(d: ml_collections.ConfigDict) -> None:
+    """Exactly one of data.dir/data.name, data.sources and data.builtin names the training data:
+    an empty data.dir never falls back to the built-in samples silently."""
+    if d.builtin:
+        _require(
+            not d.dir and not d.name and not d.sources,
+            "data.builtin",
+            "trains on the built-in samples: leave data.dir, data.name and data.sources empty, "
+            "or set data.builtin=False to train on them",
+        )
+        return
+    _require(
+        bool(d.dir or d.name or d.sources),
+        "data.dir",
+        "no training data: set data.dir and data.name to a dataset built with `python -m "
+        "data_prep.build` (or data.sources to a mixture), or data.builtin=True to train on "
+        "the built-in samples (a demo, not a radiograph corpus)",
+    )
+
+
 def _validate_sources(d: ml_collections.ConfigDict) -> None:
     """data.sources entries and data.fraction (the datasets must exist)."""
     _require(0 < d.fraction <= 1, "data.fraction", f"must be in (0, 1], got {d.fraction}")
@@ -515,7 +564,9 @@ def _validate_sources(d: ml_collections.ConfigDict) -> None:
     )
 
 
-def _validate_stages(config: ml_collections.ConfigDict, *, n_devices: int, process_count: int):
+def _validate_stages(
+    config: ml_collections.ConfigDict, *, n_devices: int, process_count: int, data: bool = True
+):
     """Each later stage is checked like a run of its own sizes; errors name the entry."""
     if not config.stages:
         return
@@ -527,7 +578,7 @@ def _validate_stages(config: ml_collections.ConfigDict, *, n_devices: int, proce
         raise ConfigError(str(err)) from err
     for stage in table[1:]:
         try:
-            validate(stage.config, n_devices=n_devices, process_count=process_count)
+            validate(stage.config, n_devices=n_devices, process_count=process_count, data=data)
         except ConfigError as err:
             raise ConfigError(
                 f"config.stages[{stage.index - 1}] "

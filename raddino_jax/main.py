@@ -35,6 +35,8 @@ _CLUSTER_ENV = (
 
 EXIT_NONFINITE = 2
 EXIT_CONFIG = 3
+EXIT_MEMORY = 4  # the memory preflight: the step does not fit the devices
+EXIT_DATA = 5  # more than config.data.max_bad_fraction of the records do not decode
 
 
 def _in_cluster() -> bool:
@@ -74,14 +76,25 @@ def main(argv: list[str]) -> None:
 
     from raddino_jax.checkpoint import RestoreError
     from raddino_jax.config import ConfigError
+    from raddino_jax.data.pipeline import BadDataError
+    from raddino_jax.sweep import preflight
+    from raddino_jax.sweep.preflight import MemoryPreflightError
     from raddino_jax.train import loop
 
     logging.set_verbosity(logging.WARNING)  # orbax/grain INFO chatter; the loop prints its own
     try:
-        last = loop.train(_CONFIG.value, _WORKDIR.value)
+        last = loop.train(
+            _CONFIG.value, _WORKDIR.value, check_memory=preflight.check_training_memory
+        )
     except (ConfigError, RestoreError) as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
+    except MemoryPreflightError as err:
+        print(f"does not fit: {err}", file=sys.stderr)
+        sys.exit(EXIT_MEMORY)
+    except BadDataError as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        sys.exit(EXIT_DATA)
     except loop.NonFiniteError as err:
         print(f"stopped: {err}", file=sys.stderr)
         sys.exit(EXIT_NONFINITE)

@@ -475,14 +475,15 @@ def plan(args: argparse.Namespace, overrides: Sequence[str]) -> Plan:
     workdir = epath.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if args.sources:
-        base.data.dir, base.data.name = "", ""
+        base.data.dir, base.data.name, base.data.builtin = "", "", False
         base.data.sources = parse_sources(args.sources)
-    elif not base.data.dir and not base.data.sources:  # the built-in samples, built once
+    elif base.data.builtin:  # the built-in samples (data.builtin), built once, shared by the runs
         from raddino_jax.data import sources
 
         base.data.dir, base.data.name = sources.builtin_dataset(
             workdir, base.data.builtin_phantoms, base.data.builtin_size
         )
+        base.data.builtin = False
     runs = run_configs(base, fractions, args.steps, args.mixtures)
     check_runs(runs, args.eval_data, labels)
     _, changes = config_lib.scale_to_steps(base, args.steps)

@@ -1,5 +1,5 @@
 """Fault injection for the driver tests: a NaN loss at a chosen step, SIGKILL (or, in process, an
-exception) after a checkpoint.
+exception) after a checkpoint or during one, and damaged records in a real dataset build.
 
 Production code carries no test hooks. Each fault is a replacement for one function the
 driver looks up at call time; in-process tests install it with pytest's `monkeypatch`:
@@ -66,6 +66,44 @@ def save_then_kill(kill_step: int):
     return save
 
 
+def kill_during_save(kill_step: int):
+    """A replacement for `checkpoint.TrainCheckpointer.save`: starts the real (asynchronous)
+    save of step `kill_step` and SIGKILLs this process at once, while Orbax is still writing
+    it (a node lost mid-save: the step's temporary directory is left behind)."""
+    real_save = checkpoint.TrainCheckpointer.save
+
+    def save(self, state, data_iterator, **kwargs):
+        saved = real_save(self, state, data_iterator, **kwargs)
+        if saved and int(state.step) == kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return saved
+
+    return save
+
+
+def corrupt_records(split_file: str, indices) -> None:
+    """Rewrites an ArrayRecord file of a tfds build with the PNG bytes of
+    the `image` feature of the records at `indices` overwritten in place (the record keeps its
+    length, so it still parses), signature included, so that nothing decodes it."""
+    from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+    reader = ArrayRecordReader(split_file)
+    options, records = reader.writer_options_string(), reader.read_all()
+    reader.close()
+    for index in indices:
+        record = bytearray(records[index])
+        # the PNG right after the "image" key of the tf.Example map (a "mask" PNG may precede it)
+        start = record.find(b"\x89PNG\r\n\x1a\n", record.find(b"\n\x05image"))
+        end = record.find(b"IEND", start) + 8
+        assert start >= 0 and end > start, f"record {index} holds no PNG"
+        record[start:end] = bytes((7 * k + 3) % 256 for k in range(end - start))
+        records[index] = bytes(record)
+    writer = ArrayRecordWriter(split_file, options)
+    for record in records:
+        writer.write(record)
+    writer.close()
+
+
 class Crash(RuntimeError):
     """The in-process stand-in for a lost node (`save_then_crash`)."""
 
@@ -86,12 +124,18 @@ def save_then_crash(crash_step: int):
     return save
 
 
-def install(nan_loss_at_step: int | None, kill_after_checkpoint: int | None) -> None:
+def install(
+    nan_loss_at_step: int | None,
+    kill_after_checkpoint: int | None,
+    kill_during_checkpoint: int | None = None,
+) -> None:
     """Install the requested faults for the rest of this process."""
     if nan_loss_at_step is not None:
         step_lib.train_step = train_step_with_nan_loss(nan_loss_at_step)
     if kill_after_checkpoint is not None:
         checkpoint.TrainCheckpointer.save = save_then_kill(kill_after_checkpoint)
+    if kill_during_checkpoint is not None:
+        checkpoint.TrainCheckpointer.save = kill_during_save(kill_during_checkpoint)
 
 
 def main() -> None:
@@ -110,8 +154,14 @@ def main() -> None:
         "SIGKILL this process once the checkpoint of this step is saved",
     )
 
+    kill_during_checkpoint = flags.DEFINE_integer(
+        "kill_during_checkpoint",
+        None,
+        "SIGKILL this process while the checkpoint of this step is being written",
+    )
+
     def run(argv: list[str]) -> None:
-        install(nan_loss_at_step.value, kill_after_checkpoint.value)
+        install(nan_loss_at_step.value, kill_after_checkpoint.value, kill_during_checkpoint.value)
         driver.main(argv)
 
     app.run(run)

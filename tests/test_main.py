@@ -16,6 +16,7 @@ from etils import epath
 
 from raddino_jax import checkpoint
 from raddino_jax import config as config_lib
+from raddino_jax.data import pipeline as pipeline_lib
 from raddino_jax.train import loop
 from raddino_jax.train import step as step_lib
 from raddino_jax.train.metrics import read_metrics
@@ -217,11 +218,15 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_train_checkpoint_and_all_save_on_sigterm_to_one(dataset, tmp_path):
-    """Two processes train and checkpoint together (every 2 steps, one data file each); a
-    SIGTERM to process 1 alone makes both save the same step and exit, within
-    preemption_check_every (3) steps."""
+def test_sigterm_to_one_of_two_processes_saves_both_and_resumes_on_other_counts(dataset, tmp_path):
+    """1 process (steps 1-2) -> 2 processes, SIGTERM to process 1 alone: both save the same
+    step S and exit, within preemption_check_every (3) steps -> 1 process (to S + 2):
+    preempted capacity coming back larger, then smaller. The model state restores onto the new
+    mesh; the data stream continues at the position the step implies (no image repeated or
+    skipped)."""
     workdir = tmp_path / "two"
+    first = _run(dataset, workdir, "--config.total_steps=2", "--config.checkpoint_every=2")
+    assert "resumed" not in first.stdout
     port = _free_port()
     procs = [
         subprocess.Popen(
@@ -247,10 +252,10 @@ def test_two_processes_train_checkpoint_and_all_save_on_sigterm_to_one(dataset, 
     while (
         time.time() < deadline
         and all(p.poll() is None for p in procs)
-        and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3)
+        and len(metrics.read_text().splitlines()) < 4  # 2 from the first run, 2 from these
     ):
         time.sleep(0.2)
-    signalled_after = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+    signalled_after = len(metrics.read_text().splitlines())
     procs[1].send_signal(signal.SIGTERM)
     outputs = [p.communicate(timeout=400) for p in procs]
     saved = []
@@ -258,15 +263,24 @@ def test_two_processes_train_checkpoint_and_all_save_on_sigterm_to_one(dataset, 
         assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
         saved.append(int(err.split("saved checkpoint at step ")[1].split()[0]))
     assert "8 cpu device(s), 2 process(es)" in outputs[0][0]
+    assert "checkpoint 2 written by 1 process(es), this run has 2" in outputs[0][0]
+    assert "continues at global position 32" in outputs[0][0]
     step = saved[0]
     assert saved == [step, step] and signalled_after - 1 <= step <= signalled_after + 3 + 1
     data = workdir / "checkpoints" / str(step) / "data"
     files = sorted(p.name for p in data.iterdir() if p.suffix == ".json")
     assert files == ["process_0-of-2.json", "process_1-of-2.json"], files
-    assert sorted(_by_step(workdir)) == list(range(1, step + 1))
-    # the model restores with one process; the data iterator refuses with a clear reason
-    result = _run(dataset, workdir, f"--config.total_steps={step + 2}", check=False)
-    assert result.returncode == 3 and "2" in result.stderr and "processes" in result.stderr
+    # back to one process: resumes too
+    end = step + 2
+    last = _run(dataset, workdir, f"--config.total_steps={end}", "--config.checkpoint_every=2")
+    assert f"checkpoint {step} written by 2 process(es), this run has 1" in last.stdout
+    assert f"continues at global position {16 * step}" in last.stdout
+    records = _by_step(workdir)
+    assert sorted(records) == list(range(1, end + 1))
+    assert [records[s]["images_seen"] for s in range(1, end + 1)] == [
+        16 * s for s in range(1, end + 1)
+    ]
+    assert all(np.isfinite(records[s]["loss"]) for s in records)
 
 
 def test_per_process_shards_are_disjoint(dataset):
@@ -485,3 +499,181 @@ def test_gram_anchoring_trains_and_resumes_exactly_after_sigkill(dataset, tmp_pa
         strict=True,
     ):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ----------------------------------------------------------------------------------------------
+# Faults a long run meets (issue 22): each injected through the driver
+# ----------------------------------------------------------------------------------------------
+
+BAD_RECORDS = (1, 5)  # record indices of the train split whose PNG bytes are destroyed
+
+
+@pytest.fixture(scope="module")
+def damaged_dataset(dataset, tmp_path_factory):
+    """The tiny build with two train records whose image bytes no longer decode."""
+    data_dir, name = dataset
+    root = tmp_path_factory.mktemp("damaged") / "tfds"
+    shutil.copytree(data_dir, root)
+    (split_file,) = (root / name).glob("*/*-train.array_record-*")
+    faults.corrupt_records(str(split_file), BAD_RECORDS)
+    return str(root), name
+
+
+def _tagged_processes(tag: str) -> list[int]:
+    """Pids of live processes whose environment holds `tag` (the trainer's children)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read()
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if tag.encode() in environ and state != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def _shm_segments() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if name.startswith("psm_")}
+
+
+def _wait_for(condition, seconds: float = 15.0) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return condition()
+
+
+def _flip_bytes(step_dir) -> None:
+    """Flips one bit in the middle of the largest array file of the step's teacher."""
+    files = [p for p in (step_dir / "teacher").rglob("*") if p.is_file() and "/d/" in str(p)]
+    target = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    target.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+def test_killed_mid_save_with_workers_then_damaged_checkpoint_and_bad_records(
+    damaged_dataset, tmp_path
+):
+    """One run over a build with two undecodable records, with a Grain worker process, SIGKILLed
+    while Orbax writes the checkpoint of step 4; then a bit flipped in step 3. The worker exits
+    with the trainer and its shared memory goes; the restart skips the half-written step 4 and
+    the damaged step 3 (set aside, with the reason), resumes from step 2 and retrains steps 3-4
+    exactly as the first run did: losses and the `records_skipped` count identical."""
+    workdir, tag = tmp_path / "run", f"raddino-fault-{os.getpid()}-{time.time_ns()}"
+    argv = (
+        "--config.total_steps=4",
+        "--config.checkpoint_every=1",
+        "--config.keep_checkpoints=2",
+        "--config.data.max_bad_fraction=0.5",
+        "--config.data.num_workers=1",  # the same in both runs: the iterator state holds it
+    )
+    env = {**_env(damaged_dataset), "RADDINO_FAULT_TAG": tag}
+    shm_before = _shm_segments()
+    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        first = subprocess.Popen(
+            _command(
+                workdir,
+                *argv,
+                "--config.device_memory_gib=0.000001",  # the preflight's refusal, overridden
+                "--config.allow_over_memory=true",
+                "--kill_during_checkpoint=4",
+                entry="tests.faults",
+            ),
+            env=env,
+            cwd=REPO,
+            stdout=out,
+            stderr=err,
+        )
+        assert first.wait(timeout=600) == -signal.SIGKILL, (tmp_path / "err.txt").read_text()
+    assert "allow_over_memory: running anyway" in (tmp_path / "out.txt").read_text()
+    # nothing of the trainer keeps running, and its shared-memory batches are gone
+    assert _wait_for(lambda: not _tagged_processes(tag)), _tagged_processes(tag)
+    assert _wait_for(lambda: not (_shm_segments() - shm_before)), _shm_segments() - shm_before
+    killed = _by_step(workdir)
+    assert sorted(killed) == [1, 2, 3, 4]
+    assert killed[4]["records_skipped"] >= len(BAD_RECORDS)  # 64 positions > one epoch
+
+    _flip_bytes(workdir / "checkpoints" / "3")
+    second = _run(damaged_dataset, workdir, *argv)
+    assert "checkpoint step 3 skipped: DamagedCheckpoint" in second.stdout, second.stdout
+    assert "resumed from" in second.stdout and "at step 2" in second.stdout
+    assert (workdir / "damaged_checkpoints" / "3").is_dir()  # set aside, not deleted
+    resumed = _by_step(workdir)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for key in (*LOSS_KEYS, "records_skipped", "images_seen"):
+            assert resumed[step][key] == killed[step][key], (step, key)
+
+
+@pytest.mark.slow
+def test_bad_records_over_the_allowed_fraction_stop_the_run(damaged_dataset, tmp_path):
+    overrides = {"data.max_bad_fraction": 0.01, "model.depth": 1}  # one block: a faster compile
+    cfg = tiny_run_config(*damaged_dataset, total_steps=2, **overrides)
+    with pytest.raises(pipeline_lib.BadDataError, match=r"data\.max_bad_fraction"):
+        loop.train(cfg, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_memory_preflight_refuses_before_reading_data(dataset, tmp_path):
+    """A capacity below the step's compiled peak: exit 4 after the compile, naming the peak,
+    the capacity and the nearest layouts with their compiled peaks; no data was built."""
+    result = _run(
+        dataset,
+        tmp_path,
+        "--config.data.dir=",
+        "--config.data.name=",
+        "--config.data.builtin=true",
+        "--config.device_memory_gib=0.001",
+        "--config.model.depth=1",
+        "--config.model.remat=full",  # one device, strongest remat: one candidate to compile
+        devices=1,
+        check=False,
+    )
+    assert result.returncode == 4, result.stderr[-3000:]
+    assert "needs" in result.stderr and "config.device_memory_gib" in result.stderr
+    assert "--config.batch_size=8 (8 images per device): " in result.stderr, result.stderr
+    assert "MiB (fits)" in result.stderr or "MiB (over)" in result.stderr
+    assert not (tmp_path / "builtin").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_nearest_layouts_of_the_memory_preflight():
+    """The candidates the preflight compiles when a step is over: nearest first, bounded."""
+    from raddino_jax.sweep import preflight
+
+    cfg = tiny_run_config("/d", "x", batch_size=32, **{"model.remat": "none"})
+    assert preflight.nearest_layouts(cfg, (4, 1, 1)) == [
+        ("--config.model.remat=dots", (4, 1, 1), 32, "dots"),
+        ("--config.batch_size=16 (4 images per device)", (4, 1, 1), 16, "none"),
+        ("--config.mesh.data=1 --config.mesh.fsdp=4", (1, 4, 1), 32, "none"),
+        ("all of the above", (1, 4, 1), 16, "full"),
+    ]
+    cfg.model.remat = "full"
+    assert [c[0] for c in preflight.nearest_layouts(cfg, (1, 1, 1))] == [
+        "--config.batch_size=16 (16 images per device)"
+    ]
+
+
+def test_empty_data_dir_is_an_error_naming_the_keys(tmp_path):
+    """The command of a new user who gave no dataset: an error naming data.dir and
+    data.builtin, before anything is built or compiled."""
+    result = subprocess.run(
+        [sys.executable, "-m", "raddino_jax.main", "--config=configs/vitb14.py"]
+        + [f"--workdir={tmp_path}"],
+        env=_env(("", "")),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "config.data.dir" in result.stderr and "data.builtin=True" in result.stderr
+    assert not (tmp_path / "builtin").exists()

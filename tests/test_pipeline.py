@@ -18,7 +18,7 @@ from absl import flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from raddino_jax.data import augment, pipeline, prefetch
+from raddino_jax.data import augment, layout, pipeline, prefetch
 from raddino_jax.data.augment import MultiCropConfig
 from raddino_jax.data.layout import IMAGE_AXIS
 from raddino_jax.data.png import decode_image, decode_png_fast
@@ -628,3 +628,72 @@ def test_start_position_continues_the_stream():
     for key in ("global_crops", "local_crops"):
         np.testing.assert_array_equal(stage[key], base[2][key])
     assert not np.array_equal(stage["masks"], base[0]["masks"])
+
+
+class _Logged(list):
+    """A list source that records which indices were read."""
+
+    def __init__(self, records):
+        super().__init__(records)
+        self.read: list[int] = []
+
+    def __getitem__(self, index):
+        self.read.append(index)
+        return super().__getitem__(index)
+
+
+def test_undecodable_and_wrong_shape_records_are_skipped_and_counted_deterministically():
+    """A garbage record and a colour (3-channel) PNG in the stream: each position that holds
+    one takes the next record that decodes and counts 1; the same on a second iterator and after
+    set_state (a resume)."""
+    source = _png_source(8)
+    colour = np.zeros((40, 34, 3), np.uint8)
+    source[2] = {"image": cv2.imencode(".png", colour)[1].tobytes(), "id": 2}
+    source[5] = {"image": b"\x89PNG not an image", "id": 5}
+    assert pipeline.checked_image(source[2]) is None and pipeline.checked_image(source[5]) is None
+    one_epoch = 2  # 2 batches of 4 = the 8 records once
+    runs = []
+    for _ in range(2):
+        batches = _take(iter(_dataset(source, count_skipped=True)), 2 * one_epoch)
+        runs.append(batches)
+    _assert_batches_equal(*runs)
+    counts = [int(b[layout.RECORDS_SKIPPED]) for b in runs[0]]
+    assert sum(counts[:one_epoch]) == 2 and sum(counts[one_epoch:]) == 2  # each epoch: both
+    iterator = iter(_dataset(source, count_skipped=True))
+    _take(iterator, 1)
+    state = iterator.get_state()
+    resumed = iter(_dataset(source, count_skipped=True))
+    resumed.set_state(state)
+    _assert_batches_equal(_take(resumed, 3), runs[0][1:])
+    assert layout.RECORDS_SKIPPED not in next(iter(_dataset(source)))  # only when asked
+    broken = [{"image": b"broken", "id": i} for i in range(8)]
+    with pytest.raises(pipeline.BadDataError, match="no record decodes"):
+        next(iter(_dataset(broken)))
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_stream_continues_from_the_step_on_another_process_count(before, after):
+    """The elastic resume's arithmetic: k steps on `before` processes read exactly the global
+    positions [0, k * B); a dataset started at position k * B on `after` processes reads the
+    next ones, the same records an uninterrupted single-process stream reads there."""
+    batch, steps = 8, 2  # global batch and steps before the change
+    straight = _Logged(_png_source(10))
+    _take(iter(_dataset(straight, per_process_batch=batch)), 2 * steps)
+
+    def read(count: int, steps_: int, start: int) -> list[int]:
+        source = _Logged(_png_source(10))
+        for index in range(count):
+            dataset = _dataset(
+                source,
+                per_process_batch=batch // count,
+                process_index=index,
+                process_count=count,
+                start_position=start,
+            )
+            _take(iter(dataset), steps_)
+        return source.read
+
+    first = read(before, steps, 0)
+    assert sorted(first) == sorted(straight.read[: steps * batch])
+    then = read(after, steps, steps * batch)
+    assert sorted(then) == sorted(straight.read[steps * batch :])

@@ -94,6 +94,8 @@ def check_rows(rows: dict) -> None:
         assert row.argument_bytes >= row.state_bytes_per_device
         assert row.peak_bytes_per_device >= row.argument_bytes
         assert row.compile_time_s > 0
+        # fit against the RAM a CPU device may use (MemAvailable shared by the local devices)
+        assert row.fits and 0 < row.hbm_fraction < 1, (row.hbm_bytes_per_device, row.fits)
     # Parameters are replicated without fsdp/tensor and split over them otherwise.
     assert rows["8x1x1"].state_bytes_per_device == rows["8x1x1"].state_bytes_total
     assert rows["1x1x1"].state_bytes_total == rows["8x1x1"].state_bytes_total

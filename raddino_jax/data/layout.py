@@ -14,3 +14,6 @@ IMAGE_AXIS: dict[str, int] = {
 # The arrays of one batch (layout in data/pipeline.py's docstring), in the order the train step
 # takes them; the loop, the sweep and the benchmarks build their batch shardings from this.
 BATCH_KEYS: tuple[str, ...] = tuple(IMAGE_AXIS)
+# Host-side count in a loop's host batch (`pipeline.make_dataset(count_skipped=True)`): records
+# of the batch's positions that did not decode; `prefetch.DevicePrefetcher` takes it out.
+RECORDS_SKIPPED = "records_skipped"

@@ -9,7 +9,11 @@ function of (seed, position) and the iterator state is a single index:
    sub-seed, interleaves them with ``grain.MapDataset.mix`` in proportion to the weights, and
    window-shuffles the result (``MIX_WINDOW`` positions) so that Grain's periodic interleaving
    pattern does not line up with the per-process stride of step 3.
-2. ``random_map`` decode (PNG bytes or an already decoded array) + multi-crop. Its rng is keyed
+2. Decode (``DecodedStream``): a record whose image does not decode to a [H, W(, 1)] uint8 /
+   uint16 array is skipped: its position takes the next record that decodes, and the batch
+   counts it (``records_skipped``). A pure function of the position, so the skip is the same
+   on every run, resume and process count.
+   Then ``random_map`` multi-crop. Its rng is keyed
    by the *global* position in the shuffled stream, so an image's crops do not depend on how
    many processes share the work (Grain's maps are lazy: only this process's positions are
    ever computed).
@@ -20,7 +24,8 @@ function of (seed, position) and the iterator state is a single index:
    (``config.data.transfer_dtype``).
 5. Batch-level ``random_map`` adding iBOT masks, drawn per group of ``mask_group_size``
    consecutive images (the reference draws per device batch).
-6. ``to_iter_dataset`` and, optionally, ``mp_prefetch`` worker processes.
+6. ``to_iter_dataset`` and, optionally, ``mp_prefetch`` worker processes, which exit when the
+   process that started them dies (``exit_with_parent``).
 
 The host batches become global ``jax.Array``s in ``data/prefetch.py`` (``to_global_batch``, and
 ``DevicePrefetcher``, which keeps the next ones on the devices while a step runs).
@@ -36,6 +41,9 @@ mask_group_size, ``N = (G // patch)**2``, ``U = mask_upper_bound(2b, N)``):
 - ``mask_indices`` int32 [n_groups, U]: flat ``crop * N + patch`` into the group's
   [2, b, N] tokens (crop = k * b + i for global crop k of the group's image i)
 - ``mask_weights`` float32 [n_groups, U]; ``mask_valid`` bool [n_groups, U]
+- ``records_skipped`` int64 scalar, only with ``make_dataset(count_skipped=True)`` (the
+  loop): records of this batch's positions that did not decode; host-side only
+  (``prefetch.DevicePrefetcher`` takes it out and counts it)
 
 Record metadata other than ``image`` is dropped. Keep this module importable without side
 effects: Grain worker processes re-import it and unpickle the transforms below.
@@ -45,14 +53,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+import cv2
 import grain
 import jax
 import numpy as np
 
 from raddino_jax.data import augment
+from raddino_jax.data.layout import RECORDS_SKIPPED
 from raddino_jax.data.png import decode_image
 from raddino_jax.ssl import masking
 
@@ -97,6 +110,101 @@ class DecodeAndMultiCrop(grain.transforms.RandomMap):
     ) -> augment.MultiCropLevels:
         image = decode_image(element["image"])
         return augment.multi_crop_levels(image, rng, self.crop_cfg)
+
+
+# Consecutive undecodable records one position may pass over before the stream is declared
+# broken: past that the data, not a record, is at fault.
+MAX_CONSECUTIVE_BAD = 64
+
+
+class BadDataError(ValueError):
+    """Too many records of the training stream do not decode (``config.data.max_bad_fraction``)."""
+
+
+def checked_image(record: Mapping[str, Any]) -> np.ndarray | None:
+    """The record's image as [H, W] uint8/uint16, or None when it does not decode to one."""
+    try:
+        image = decode_image(record["image"])
+    except (ValueError, TypeError, KeyError, cv2.error):
+        return None
+    return image if image.size else None
+
+
+class DecodedStream(grain.MapDataset):
+    """Position k of a record stream -> {"image": [H, W] array, "records_skipped": 0 or 1}.
+
+    The record at k decoded (``checked_image``); when it does not decode, or decodes to another
+    shape than [H, W(, 1)], it is skipped: position k takes the next record that decodes and
+    counts 1 in ``records_skipped``, so the sum over positions is the number of bad records the
+    stream passed. A pure function of k: the same skip on every run, resume and process count,
+    and the positions (and so the images per step) stay those of the undamaged stream.
+    """
+
+    def __init__(self, parent: grain.MapDataset):
+        super().__init__(parent)
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __str__(self) -> str:
+        return "DecodedStream"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        for offset in range(MAX_CONSECUTIVE_BAD + 1):
+            image = checked_image(self._parent[index + offset])
+            if image is not None:
+                return {"image": image, "records_skipped": int(offset > 0)}
+        raise BadDataError(
+            f"stream positions {index}..{index + MAX_CONSECUTIVE_BAD}: no record decodes to a "
+            "[H, W] uint8/uint16 image; the dataset is damaged or not a raddino_jax build "
+            "(rebuild it with `python -m data_prep.build`)"
+        )
+
+
+class CountedMultiCrop(grain.transforms.RandomMap):
+    """``DecodeAndMultiCrop`` of a ``DecodedStream`` element, with its skip count:
+    (``augment.MultiCropLevels``, records_skipped). The same draws from ``rng`` as
+    ``DecodeAndMultiCrop``, so an image's crops do not depend on the count."""
+
+    def __init__(self, crop_cfg: augment.MultiCropConfig):
+        self.crop = DecodeAndMultiCrop(crop_cfg)
+
+    def random_map(self, element: Mapping[str, Any], rng: np.random.Generator) -> tuple:
+        return self.crop.random_map(element, rng), element["records_skipped"]
+
+
+def batch_counted_crops(
+    samples: Sequence[tuple], cfg: augment.MultiCropConfig, count: bool
+) -> dict[str, np.ndarray]:
+    """``batch_crop_levels`` of ``CountedMultiCrop`` outputs, plus (``count``) the batch's
+    ``records_skipped``."""
+    batch = batch_crop_levels([levels for levels, _ in samples], cfg)
+    if count:
+        batch[RECORDS_SKIPPED] = np.int64(sum(skipped for _, skipped in samples))
+    return batch
+
+
+def exit_with_parent(parent_pid: int, worker_index: int = 0, worker_count: int = 0) -> None:
+    """Grain ``worker_init_fn``: the worker exits once ``parent_pid`` (the trainer) is gone.
+
+    A trainer killed by SIGKILL (a timeout, the OOM killer) runs no clean-up, and Grain's
+    workers would stay alive, holding CPU and their shared-memory batches in /dev/shm. A daemon
+    thread checks every 0.2 s whether the worker was re-parented (the trainer died) and then
+    ends the process at once; its shared memory is unlinked by the multiprocessing resource
+    tracker when the last worker is gone. (A thread rather than ``PR_SET_PDEATHSIG``: that
+    signal fires when the *thread* that started the worker ends, and Grain may start workers
+    from the device-prefetch thread.)
+    """
+    del worker_index, worker_count
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def batch_crop_levels(
@@ -354,6 +462,7 @@ def make_dataset(
     read_threads: int = 0,
     prefetch_buffer: int = 2,
     start_position: int = 0,
+    count_skipped: bool = False,
 ) -> grain.IterDataset:
     """The training input pipeline: an infinite, deterministic, resumable stream of host batches.
 
@@ -374,6 +483,8 @@ def make_dataset(
       start_position: global stream position of this dataset's first image: a resolution
         stage after the first continues the stream where the previous stage stopped
         (``train/stages.py``), its crops keyed by the same global positions.
+      count_skipped: add each batch's ``records_skipped`` (undecodable records passed over,
+        ``DecodedStream``) to the host batch; the loop counts them.
 
     Returns:
       A ``grain.IterDataset`` of host batches (layout in the module docstring). Iterators
@@ -396,8 +507,8 @@ def make_dataset(
     )
     if start_position < 0:
         raise ValueError(f"start_position must be >= 0, got {start_position}")
-    crops = record_stream(source, seed).random_map(
-        DecodeAndMultiCrop(crop_cfg), seed=derive_seed(seed, _CROP_STREAM)
+    crops = DecodedStream(record_stream(source, seed)).random_map(
+        CountedMultiCrop(crop_cfg), seed=derive_seed(seed, _CROP_STREAM)
     )
     # A later stage's masks are drawn from their own stream (its batches count from 0 again).
     mask_words = (process_index, process_count) + ((start_position,) if start_position else ())
@@ -406,7 +517,7 @@ def make_dataset(
         .batch(
             per_process_batch,
             drop_remainder=True,
-            batch_fn=functools.partial(batch_crop_levels, cfg=crop_cfg),
+            batch_fn=functools.partial(batch_counted_crops, cfg=crop_cfg, count=count_skipped),
         )
         .random_map(AddIbotMasks(spec), seed=derive_seed(seed, _MASK_STREAM, *mask_words))
     )
@@ -419,6 +530,7 @@ def make_dataset(
         dataset = dataset.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=num_workers, per_worker_buffer_size=prefetch_buffer
-            )
+            ),
+            worker_init_fn=functools.partial(exit_with_parent, os.getpid()),
         )
     return dataset

@@ -37,6 +37,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from raddino_jax.data.layout import RECORDS_SKIPPED
+
 
 def to_global_batch(
     host_batch: Mapping[str, np.ndarray], shardings: Mapping[str, jax.sharding.Sharding]
@@ -87,6 +89,9 @@ class DevicePrefetcher:
         self._shardings = shardings
         self._depth = depth
         self._state = iterator.get_state()  # at the first batch not yet returned by next()
+        # undecodable records behind the batch `next` returned last (the host batch's
+        # `records_skipped`, taken out before the transfer; 0 when the batch has none)
+        self.last_records_skipped = 0
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -102,19 +107,19 @@ class DevicePrefetcher:
 
     def __next__(self) -> dict[str, jax.Array]:
         if not self.threaded:
-            batch = to_global_batch(next(self._iterator), self._shardings)
+            batch, self.last_records_skipped = self._transfer(next(self._iterator))
             self._state = self._iterator.get_state()
             return batch
         if self._thread is None:
             self.start_prefetch()
-        kind, value, state = self._queue.get()
+        kind, value, state, skipped = self._queue.get()
         if kind == "error":
             self._join()
             raise value
         if kind == "end":
             self._join()
             raise StopIteration
-        self._state = state
+        self._state, self.last_records_skipped = state, skipped
         return value
 
     def start_prefetch(self) -> None:
@@ -134,12 +139,18 @@ class DevicePrefetcher:
         """The thread: read, transfer, queue (with the iterator's state after the batch)."""
         try:
             while not self._stop.is_set():
-                batch = to_global_batch(next(self._iterator), self._shardings)
-                self._offer(("batch", batch, self._iterator.get_state()))
+                batch, skipped = self._transfer(next(self._iterator))
+                self._offer(("batch", batch, self._iterator.get_state(), skipped))
         except StopIteration:
-            self._offer(("end", None, None))
+            self._offer(("end", None, None, 0))
         except BaseException as err:  # re-raised by __next__ in the loop's thread
-            self._offer(("error", err, None))
+            self._offer(("error", err, None, 0))
+
+    def _transfer(self, host_batch: dict) -> tuple[dict[str, jax.Array], int]:
+        """(global batch, its records_skipped): the host-side count stays on the host."""
+        host_batch = dict(host_batch)
+        skipped = int(host_batch.pop(RECORDS_SKIPPED, 0))
+        return to_global_batch(host_batch, self._shardings), skipped
 
     def _offer(self, item: tuple) -> None:
         """Queues ``item``, waiting for room unless the prefetcher is being stopped."""

@@ -144,8 +144,8 @@ def patient_subset(source, fraction: float) -> Subset:
 
 
 def open_training_data(config, workdir: str | epath.Path) -> TrainingData:
-    """`config.data`'s records: the built-in samples, data.dir/data.name, or the weighted
-    mixture of data.sources; each restricted to `data.fraction` of its patients."""
+    """`config.data`'s records: the built-in samples (data.builtin), data.dir/data.name, or
+    the weighted mixture of data.sources; each restricted to `data.fraction` of its patients."""
     from raddino_jax.data import pipeline
 
     d = config.data
@@ -167,7 +167,7 @@ def open_training_data(config, workdir: str | epath.Path) -> TrainingData:
         names = source_names([name for name, _, _ in d.sources])
         mixture = pipeline.Mixture(tuple(opened), weights, names)
         return TrainingData(mixture, d.sources[0][1], d.sources[0][0], names)
-    if d.dir:
+    if not d.builtin:
         return TrainingData(open_one(d.dir, d.name), d.dir, d.name, ())
     data_dir, name = builtin_dataset(workdir, d.builtin_phantoms, d.builtin_size)
     return TrainingData(open_one(data_dir, name), data_dir, name, ())

@@ -140,7 +140,48 @@ def device_peak_and_hbm(point: PointView, peak: float | None) -> tuple[float | N
         peak = flops.peak_flops_per_device(kind, point.spec.backbone.dtype, override=override)
         peak = peak * share if peak and not override else peak
     hbm = flops.hbm_bytes_per_device(kind)
+    if not hbm and devices[0].platform != "tpu":  # e.g. CPU: the RAM it may use
+        hbm, _ = device_capacity(devices[0])
     return peak, int(hbm * share) if hbm else None
+
+
+def _available_ram_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), in bytes; None elsewhere."""
+    try:
+        with open("/proc/meminfo") as meminfo:  # a local file, never a URL
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def device_capacity(device: jax.Device, override_gib: float = 0.0) -> tuple[int | None, str]:
+    """(bytes one device can hold, where that figure comes from); (None, why) if unknown.
+
+    In order: `override_gib` (config.device_memory_gib) when > 0; the runtime's
+    `memory_stats()["bytes_limit"]` (GPU, TPU); on CPU the host's available RAM
+    (/proc/meminfo MemAvailable) divided among this process's CPU devices, which share it;
+    else the device kind's HBM (`flops.hbm_bytes_per_device`, e.g. a deviceless TPU topology).
+    """
+    if override_gib > 0:
+        return int(override_gib * 2**30), "config.device_memory_gib"
+    try:
+        stats = device.memory_stats()
+    except (NotImplementedError, RuntimeError, jax.errors.JaxRuntimeError):
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), f"{device.device_kind} bytes_limit"
+    if device.platform == "cpu":
+        available = _available_ram_bytes()
+        if available:
+            shared = max(1, sum(d.platform == "cpu" for d in jax.local_devices()))
+            return available // shared, f"MemAvailable / {shared} CPU device(s)"
+    hbm = flops.hbm_bytes_per_device(device.device_kind)
+    if hbm:
+        return hbm, f"{device.device_kind} HBM"
+    return None, f"unknown for {device.device_kind}"
 
 
 def fill_estimates(row: SweepRow, point: PointView, cost: dict, peak: float | None) -> None:

@@ -95,7 +95,7 @@ def infeasible_reason(
     if heads % tensor:
         return f"{heads} attention heads not divisible by tensor={tensor}"
     try:
-        config_lib.validate(config, n_devices=n_devices, process_count=1)
+        config_lib.validate(config, n_devices=n_devices, process_count=1, data=False)
     except config_lib.ConfigError as err:
         return f"config: {err}"
     return ""

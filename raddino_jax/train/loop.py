@@ -23,8 +23,11 @@ Where the host waits for the devices, each step:
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -163,14 +166,34 @@ def _write_run_files(workdir: epath.Path, config, spec: ModelSpec) -> None:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
 
+@dataclasses.dataclass(frozen=True)
+class StageStep:
+    """One stage's jitted step and what compiling it takes (the fields of a sweep point that
+    `sweep.measure.compile_step` reads): handed to the memory check."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    abstract_state: Any
+    step_fn: Any
+    mask_spec: Any
+
+
 def train(
-    config: ml_collections.ConfigDict, workdir: str, data: sources.TrainingData | None = None
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    data: sources.TrainingData | None = None,
+    *,
+    check_memory: Callable | None = None,
 ) -> dict[str, float]:
     """Run (or resume) training to `config.total_steps`; returns the last logged metrics.
 
     `data`: the run's training data when the caller has opened it already
     (`sources.open_training_data(config, workdir)`; raddino_jax.scaling counts its images), so
-    a patient subset's scan of the records runs once per run."""
+    a patient subset's scan of the records runs once per run.
+    `check_memory([(label, StageStep), ...], config, say)` runs before any data is built or
+    read; the driver passes `sweep.preflight.check_training_memory` (which compiles each step
+    and raises when it does not fit), tests that call `train` directly leave it out.
+    """
     workdir = epath.Path(workdir)
     devices = jax.devices()
     config_lib.validate(config, n_devices=len(devices), process_count=jax.process_count())
@@ -192,73 +215,11 @@ def train(
         f"{jax.process_count()} process(es)"
     )
 
-    # Data: one dataset per resolution stage (train/stages.py), each continuing the stream
-    data = data or sources.open_training_data(config, workdir)
-    data_dir, name = data.data_dir, data.name
-    if not config.data.dir and not config.data.sources:
-        say(
-            f"no dataset configured (config.data.dir): training on the built-in samples at "
-            f"{data_dir}/{name}"
-        )
-    if data.source_names:
-        shares = data.records.shares
-        say("mixture: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(data.source_names, shares)))
-    stage_table = stages_lib.stage_table(config)
-    # periodic kNN's datasets, checked now (label, splits): a run fails before its state exists
-    eval_data = _eval_datasets(config, data)
-
-    def stage_iterator(stage: stages_lib.Stage):
-        return iter(
-            pipeline.make_dataset(
-                data.records,
-                seed=config.seed,
-                per_process_batch=stage.batch_size // jax.process_count(),
-                crop_cfg=config_lib.crop_config(stage.config),
-                mask_group_size=config_lib.mask_group_size(stage.config, len(devices)),
-                patch_size=spec.backbone.patch_size,
-                mask_ratio_min_max=tuple(config.data.mask_ratio_min_max),
-                mask_sample_probability=config.data.mask_sample_probability,
-                num_workers=config.data.num_workers,
-                read_threads=config.data.read_threads,
-                prefetch_buffer=config.data.prefetch,
-                start_position=stage.start_position,
-            )
-        )
-
-    # State: resume, or start from pretrained / random weights
     rules = config_lib.tensor_rules(config)
     batch_shardings = sharding.batch_shardings(BATCH_KEYS, mesh)
     gram = objective.gram_enabled  # the state carries a Gram teacher (recipe, Gram anchoring)
     abstract, shardings = train_state.abstract_state(spec, optimizer, mesh, rules, gram)
-    checkpointer = checkpoint.TrainCheckpointer(workdir, config.keep_checkpoints)
-    latest = checkpointer.latest_step()
-    # The checkpoint of step S holds the iterator of the stage that ran step S - 1 (at a stage
-    # boundary, the previous stage's); the loop switches to the next stage's when it gets there.
-    stage = stages_lib.stage_at(stage_table, max((latest or 0) - 1, 0))
-    data_iterator = stage_iterator(stage)
-    if latest is not None:
-        state = checkpointer.restore(
-            latest,
-            abstract,
-            data_iterator,
-            # a checkpoint from before Gram was on: fine while the first copy is still ahead
-            gram_teacher_from_teacher=objective.gram_teacher == "ema"
-            and latest <= objective.gram_start_step,
-        )
-        say(f"resumed from {checkpointer.directory} at step {latest}")
-    else:
-        state = train_state.create_state(
-            spec,
-            optimizer,
-            mesh,
-            seed=config.seed,
-            params=initial_params(config, spec),
-            rules=rules,
-            gram=gram,
-        )
-    _write_run_files(workdir, config, spec)
-    writer = MetricsWriter(workdir, enabled=is_main)
-    writer.truncate_after(int(state.step))
+    stage_table = stages_lib.stage_table(config)
 
     def stage_step_fn(stage: stages_lib.Stage):
         """The step jitted for one stage's shapes: one compile per stage."""
@@ -274,6 +235,93 @@ def train(
             schedules=schedules,
         )
 
+    # Memory preflight, before any data is built or read: every stage's step compiled for these
+    # devices (the loop's first call of each reuses the executable) against their capacity.
+    step_fns = {stage.index: stage_step_fn(stage) for stage in stage_table}
+    if check_memory is not None:
+        check_memory(
+            [
+                (
+                    f"stage {stage.index} ({_stage_shape(stage, mesh)})",
+                    StageStep(
+                        stage.config,
+                        mesh,
+                        abstract,
+                        step_fns[stage.index],
+                        config_lib.mask_spec(stage.config, len(devices), spec.backbone.patch_size),
+                    ),
+                )
+                for stage in stage_table
+            ],
+            config,
+            say,
+        )
+
+    # Data: one dataset per resolution stage (train/stages.py), each continuing the stream
+    data = data or sources.open_training_data(config, workdir)
+    data_dir, name = data.data_dir, data.name
+    if config.data.builtin:
+        say(f"data.builtin: training on the built-in samples at {data_dir}/{name}")
+    if data.source_names:
+        shares = data.records.shares
+        say("mixture: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(data.source_names, shares)))
+    # periodic kNN's datasets, checked now (label, splits): a run fails before its state exists
+    eval_data = _eval_datasets(config, data)
+
+    def stage_iterator(stage: stages_lib.Stage, start_position: int | None = None):
+        return iter(
+            pipeline.make_dataset(
+                data.records,
+                seed=config.seed,
+                per_process_batch=stage.batch_size // jax.process_count(),
+                crop_cfg=config_lib.crop_config(stage.config),
+                mask_group_size=config_lib.mask_group_size(stage.config, len(devices)),
+                patch_size=spec.backbone.patch_size,
+                mask_ratio_min_max=tuple(config.data.mask_ratio_min_max),
+                mask_sample_probability=config.data.mask_sample_probability,
+                num_workers=config.data.num_workers,
+                read_threads=config.data.read_threads,
+                prefetch_buffer=config.data.prefetch,
+                start_position=stage.start_position if start_position is None else start_position,
+                count_skipped=True,
+            )
+        )
+
+    # State: resume from the newest intact checkpoint, or start from pretrained / random weights
+    checkpointer = checkpoint.TrainCheckpointer(workdir, config.keep_checkpoints)
+    latest, state = checkpointer.restore_latest_valid(
+        abstract,
+        # a checkpoint from before Gram was on: fine while the first copy is still ahead
+        gram_teacher_from_teacher=lambda step: (
+            objective.gram_teacher == "ema" and step <= objective.gram_start_step
+        ),
+        say=say,
+    )
+    # The checkpoint of step S holds the iterator of the stage that ran step S - 1 (at a stage
+    # boundary, the previous stage's); the loop switches to the next stage's when it gets there.
+    stage = stages_lib.stage_at(stage_table, max((latest or 0) - 1, 0))
+    data_iterator = stage_iterator(stage)
+    skipped_before = 0  # undecodable records passed over by the steps before this run's first
+    if latest is not None:
+        data_iterator = _resume_data(
+            checkpointer, latest, data_iterator, stage_table, stage, stage_iterator
+        )
+        skipped_before = checkpointer.restore_counters(latest).get(layout.RECORDS_SKIPPED, 0)
+        say(f"resumed from {checkpointer.directory} at step {latest}")
+    else:
+        state = train_state.create_state(
+            spec,
+            optimizer,
+            mesh,
+            seed=config.seed,
+            params=initial_params(config, spec),
+            rules=rules,
+            gram=gram,
+        )
+    _write_run_files(workdir, config, spec)
+    writer = MetricsWriter(workdir, enabled=is_main)
+    writer.truncate_after(int(state.step))
+
     peak = flops.peak_flops_per_device(
         devices[0].device_kind,
         spec.backbone.dtype,
@@ -287,6 +335,8 @@ def train(
     base_key = jax.random.key(config.seed)
     progress = _progress(is_main, int(state.step), config.total_steps)
     log = _StepLog(config, writer, progress, peak, len(devices), stage_table, data)
+    log.skipped_before = skipped_before
+    skipped_here = 0  # undecodable records behind this process's batches of this run
     step_fn = None
     saved_step = latest
     # Global batches ahead of the step; checkpoints hold the iterator at the first one unused.
@@ -308,7 +358,7 @@ def train(
                             f"{stage.global_size}/{stage.local_size}px, batch {stage.batch_size}"
                         )
                     log.flush()
-                    step_fn = stage_step_fn(stage)
+                    step_fn = step_fns[stage.index]
                     if eval_data and (evaluator is None or evaluator.size != stage.global_size):
                         evaluator = _Evaluator(config, spec, eval_data, stage.global_size)
                     log.enter(
@@ -321,9 +371,10 @@ def train(
                 if profile and step == profile[0] and is_main:
                     jax.profiler.start_trace(str(workdir / "profile"))
                 batch = next(batches)
+                skipped_here += batches.last_records_skipped
                 state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
                 log.flush()  # the previous step's metrics (finished: see the loop's top)
-                log.pending = (step + 1, metrics)
+                log.pending = (step + 1, metrics, skipped_here)
                 if profile and step + 1 == profile[1] and is_main:
                     jax.block_until_ready(metrics)
                     jax.profiler.stop_trace()
@@ -333,7 +384,7 @@ def train(
                     # finish this step's metrics first: a checkpoint never holds a bad update,
                     # and metrics.jsonl has its line if the process dies right after
                     log.flush()
-                    checkpointer.save(state, batches)
+                    checkpointer.save(state, batches, counters=log.counters(skipped_here))
                     saved_step = step + 1
                     checkpointer.check()
                 if evaluator is not None and (step + 1) % config.eval.every == 0:
@@ -350,7 +401,8 @@ def train(
                 if signum:
                     log.flush()
                     if saved_step != step + 1:
-                        checkpointer.save(state, batches, force=True)
+                        counters = log.counters(skipped_here)
+                        checkpointer.save(state, batches, force=True, counters=counters)
                     checkpointer.wait()
                     raise Preempted(signum, step + 1)
                 step += 1
@@ -367,6 +419,50 @@ def train(
     return log.last
 
 
+def _stage_shape(stage: stages_lib.Stage, mesh) -> str:
+    """ "vit_small 56/28px, batch 16, remat none, mesh data 8 x fsdp 1 x tensor 1": what the
+    memory preflight names."""
+    c = stage.config
+    layout = " x ".join(f"{axis} {size}" for axis, size in mesh.shape.items())
+    return (
+        f"{c.model.arch} {stage.global_size}/{stage.local_size}px, batch {stage.batch_size}, "
+        f"remat {c.model.remat}, mesh {layout}"
+    )
+
+
+def _resume_data(checkpointer, step: int, iterator, stage_table, stage, stage_iterator):
+    """The data iterator at the first image that the steps before `step` have not used.
+
+    A checkpoint written by as many processes as this run has holds each process's Grain
+    iterator: restored exactly (the same batches, crops and masks as an uninterrupted run).
+    Otherwise (another process count: preemptible capacity coming back smaller or larger), or
+    when that item does not restore, the position follows from the step: the steps before it
+    consumed global stream positions [0, `stages.images_before(step)`) exactly, every process
+    taking its stride of them, so the stream continues at that position on any number of
+    processes with no image repeated or skipped. Crops are keyed by the global position and
+    come out the same; the iBOT masks are drawn from the new layout's stream.
+    """
+    count = checkpointer.data_process_count(step)
+    reason = f"written by {count} process(es), this run has {jax.process_count()}"
+    ok = count == jax.process_count()
+    if ok:
+        try:
+            checkpointer.restore_data(step, iterator)
+        except Exception as err:  # noqa: BLE001 - any failure falls back to the step's position
+            ok, reason = False, f"data iterator does not restore ({checkpoint.one_line(err)})"
+    if checkpoint.all_processes_ok(ok):
+        return iterator
+    position = stages_lib.images_before(stage_table, step)
+    say(
+        f"data: checkpoint {step} {reason}: the stream continues at global position "
+        f"{position} (the images of steps 0-{step - 1})"
+    )
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
+    return stage_iterator(stage, start_position=position)
+
+
 class _StepLog:
     """Turns each step's device metrics into log records, one step late.
 
@@ -381,7 +477,9 @@ class _StepLog:
         self.peak, self.n_devices = peak, n_devices
         self.stage_table, self.data = stage_table, data
         self.stage, self.flops_per_step, self.gram_flops_per_step = stage_table[0], 0.0, 0.0
-        self.pending = None  # (step number after the update, device metrics)
+        # (step number after the update, device metrics, this process's records_skipped)
+        self.pending = None
+        self.skipped_before = 0  # records_skipped (global) of the steps before this run
         self.last: dict[str, float] = {}
         self.window_start, self.window_steps = time.perf_counter(), 0
 
@@ -402,10 +500,35 @@ class _StepLog:
             out.update({f"images_seen/{n}": int(c) for n, c in zip(self.data.source_names, counts)})
         return out
 
+    def records_skipped(self, skipped_here: int) -> int:
+        """Undecodable records passed over since step 0, by all processes (with several,
+        a collective: every process calls it on the same steps)."""
+        total = np.int64(skipped_here)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            total = np.sum(multihost_utils.process_allgather(total))
+        return self.skipped_before + int(total)
+
+    def counters(self, skipped_here: int) -> dict[str, int]:
+        """What a checkpoint keeps besides the state (restored by `restore_counters`)."""
+        return {layout.RECORDS_SKIPPED: self.records_skipped(skipped_here)}
+
+    def check_bad_fraction(self, step: int, skipped: int, seen: int) -> None:
+        """Stops the run when more than `config.data.max_bad_fraction` of the images read so
+        far were undecodable records (counted, skipped and replaced by `DecodedStream`)."""
+        limit = self.config.data.max_bad_fraction
+        if skipped > limit * seen:
+            raise pipeline.BadDataError(
+                f"step {step}: {skipped} of the {seen} records read so far do not decode "
+                f"({skipped / seen:.2%} > config.data.max_bad_fraction={limit}); check or "
+                "rebuild the dataset (`python -m data_prep.build`), or raise the fraction"
+            )
+
     def flush(self) -> None:
         if self.pending is None:
             return
-        step, metrics = self.pending
+        step, metrics, skipped_here = self.pending
         self.pending = None
         _check_finite(step, metrics)
         self.window_steps += 1
@@ -425,6 +548,8 @@ class _StepLog:
         if len(self.stage_table) > 1:
             values["stage"] = self.stage.index
         values.update(self.images_seen(step))
+        values[layout.RECORDS_SKIPPED] = self.records_skipped(skipped_here)
+        self.check_bad_fraction(step, values[layout.RECORDS_SKIPPED], values["images_seen"])
         if self.peak:
             values["mfu"] = step_flops / step_time / (self.peak * self.n_devices)
         self.writer.write(step, values)
