@@ -39,6 +39,7 @@ import numpy as np
 
 from configs import tiny
 from raddino_jax import sweep
+from raddino_jax.train.build import build
 
 CORRECTNESS_RTOL = 1e-4
 CORRECTNESS_ATOL = 1e-4
@@ -99,7 +100,7 @@ def diagnose_correctness(device) -> None:
 
     config = correctness_config()
     cpu = jax.devices("cpu")[0]
-    spec = sweep.build_point(config, [cpu]).spec
+    spec = build(config, [cpu]).spec
     with jax.default_device(cpu):
         params = jax.device_get(models.init_params(spec, 0))
     images = np.random.default_rng(0).normal(size=(4, 56, 56, 3)).astype(np.float32)
@@ -159,7 +160,7 @@ def vitb_config(global_size: int, batch: int, *, tiny: bool):
 
 def run_steps(config, device: jax.Device, n_steps: int = 2) -> tuple[list[dict], dict]:
     """([metrics of each step], {"student", "teacher"} afterwards) on `device`, as numpy."""
-    point = sweep.build_point(config, [device])
+    point = build(config, [device])
     state, batch = sweep.initial_state(point, seed=0), sweep.device_batch(point, seed=0)
     history = []
     for key in sweep.step_keys(point, n_steps, seed=0):

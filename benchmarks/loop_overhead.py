@@ -96,8 +96,9 @@ def bare_step_times(config, *, steps: int, warmup: int) -> list[float]:
     import jax
 
     from raddino_jax.sweep import measure
+    from raddino_jax.train.build import build
 
-    point = measure.build_point(config, jax.devices())
+    point = build(config, jax.devices())
     compiled, _ = measure.compile_step(point, config.seed)
     return measure.time_steps(point, compiled, steps=steps, warmup=warmup, seed=config.seed)
 

@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from raddino_jax import flops, sweep
 
     config = step_config(args.config, args.batch, args.dtype, args.remat, args.set)
-    point = sweep.build_point(
+    from raddino_jax.train.build import build
+
+    point = build(
         sweep.point_config(config, (1, 1, 1), config.batch_size, args.remat), jax.devices()[:1]
     )
     compiled, compile_s = sweep.compile_step(point)

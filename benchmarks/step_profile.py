@@ -56,8 +56,9 @@ def prepare(config, devices):
     import jax
 
     from raddino_jax import sweep
+    from raddino_jax.train.build import build
 
-    point = sweep.build_point(
+    point = build(
         sweep.point_config(config, (1, 1, 1), config.batch_size, config.model.remat), devices
     )
     compiled, _ = sweep.compile_step(point)

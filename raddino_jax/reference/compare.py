@@ -51,7 +51,9 @@ class OursStep:
         from raddino_jax.sweep import measure
 
         self.config = config
-        self.point = measure.build_point(config, [device])
+        from raddino_jax.train.build import build
+
+        self.point = build(config, [device])
         self.state = measure.initial_state(self.point, config.seed)
         self.host_batch = measure.host_batch(self.point, config.seed)
         self.batch = measure.device_batch(self.point, config.seed)

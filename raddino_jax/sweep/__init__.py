@@ -1,8 +1,8 @@
 """Mesh-layout sweeps of the SSL train step; the CLI is `python -m raddino_jax.sweep`.
 
 row.py: `SweepRow` (one point's results) and its console line.
-measure.py: build one point (mesh, abstract state, jitted step), compile it, time it; `sweep`
-  loops over (layout, batch size, remat).
+measure.py: a point's run (`train.build.build`), compiled and timed; `sweep` loops over
+  (layout, batch size, remat).
 estimate.py: what XLA's memory and cost analysis of the compiled step imply (peak bytes, fit,
   XLA FLOPs, the estimated step time; a scanned step's costs extrapolated over its depth).
 report.py: rank the rows and write sweep.csv / sweep.json / sweep.md / sweep.png.
@@ -15,8 +15,6 @@ reads as one module (the benchmarks and tests use it that way).
 from raddino_jax.sweep.estimate import memory_fields, xla_flops
 from raddino_jax.sweep.measure import (
     MODES,
-    Point,
-    build_point,
     compile_step,
     device_batch,
     failure_reason,
@@ -37,11 +35,9 @@ from raddino_jax.sweep.row import MiB, SweepRow, describe_row, layout_name, mib
 __all__ = [
     "MODES",
     "MiB",
-    "Point",
     "SweepRow",
     "cell",
     "mib",
-    "build_point",
     "compile_step",
     "describe_row",
     "device_batch",

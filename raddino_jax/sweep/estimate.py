@@ -51,7 +51,7 @@ SPLASH_NOT_COSTED = (
 
 
 class PointView(Protocol):
-    """The parts of a built sweep point (`measure.Point`) that the estimates read."""
+    """The parts of a built sweep point (`Run`) that the estimates read."""
 
     config: ml_collections.ConfigDict
     mesh: jax.sharding.Mesh

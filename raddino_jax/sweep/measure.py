@@ -23,8 +23,6 @@ one. Single process only: the host batch is the global batch.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
 import statistics
 import time
@@ -38,10 +36,8 @@ from raddino_jax import config as config_lib
 from raddino_jax import flops
 from raddino_jax.data import pipeline, prefetch
 from raddino_jax.data.layout import BATCH_KEYS
-from raddino_jax.models import ModelSpec, abstract_params, init_params
 from raddino_jax.models.vit import normalize_remat
 from raddino_jax.parallel import sharding
-from raddino_jax.parallel.mesh import make_mesh
 from raddino_jax.sweep.estimate import (
     ESTIMATE_BY_DEPTH,
     SCANNED_COST_SKIPPED,
@@ -56,8 +52,7 @@ from raddino_jax.sweep.estimate import (
 from raddino_jax.sweep.estimate import xla_flops as xla_flops  # re-exported: measure.xla_flops
 from raddino_jax.sweep.row import SweepRow, describe_row, layout_name
 from raddino_jax.train import state as train_state
-from raddino_jax.train.optim import build_optimizer
-from raddino_jax.train.step import compile_train_step
+from raddino_jax.train.build import Run, build
 
 MODES = ("run", "compile", "state")
 
@@ -101,100 +96,6 @@ def infeasible_reason(
     return ""
 
 
-@dataclasses.dataclass
-class Point:
-    """Everything built for one sweep point (no device memory allocated yet)."""
-
-    config: ml_collections.ConfigDict
-    mesh: jax.sharding.Mesh
-    spec: ModelSpec
-    optimizer: object
-    abstract_state: train_state.TrainState
-    shardings: object
-    step_fn: object
-    mask_spec: pipeline.MaskSpec
-    tensor_rules: tuple  # config.sharding.tensor_rules, for states created from this point
-    gram: bool = False  # the state carries a Gram teacher (ssl.gram_weight > 0)
-
-
-@functools.lru_cache(maxsize=8)
-def _param_shapes(spec: ModelSpec) -> dict:
-    """`abstract_params`, cached: tracing a 40-block init takes seconds, layouts share it."""
-    return abstract_params(spec)
-
-
-_STATE_SHAPES: dict = {}
-
-
-def _state_shapes(
-    spec: ModelSpec, optimizer_config, optimizer, gram: bool = False
-) -> train_state.TrainState:
-    """Unsharded ShapeDtypeStruct train state (traced as `train_state.abstract_state` does).
-
-    Cached per (spec, optimizer config): the optimizer state's shapes follow the parameter tree
-    and the config, not the schedules' values (which change with the batch size), so the first
-    optimizer seen stands for all.
-    """
-    key = (spec, optimizer_config, gram)
-    if key not in _STATE_SHAPES:
-        _STATE_SHAPES[key] = jax.eval_shape(
-            lambda: train_state.new_state(init_params(spec, 0), optimizer, spec, gram)
-        )
-    return _STATE_SHAPES[key]
-
-
-def abstract_state(
-    spec: ModelSpec,
-    optimizer,
-    optimizer_config,
-    mesh: jax.sharding.Mesh,
-    rules: tuple,
-    gram: bool = False,
-):
-    """(ShapeDtypeStruct state carrying its shardings, shardings): `train_state.abstract_state`
-    with the layout-independent tracing cached across the sweep's layouts."""
-    shapes = _state_shapes(spec, optimizer_config, optimizer, gram)
-    shardings = train_state.state_shardings(shapes, mesh, rules)
-    with_shardings = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
-    )
-    return with_shardings, shardings
-
-
-def build_point(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> Point:
-    """Mesh, spec, optimizer, abstract state and the jitted step for `config` on `devices`."""
-    n_devices = len(devices)
-    mesh = make_mesh(dict(config.mesh), devices)
-    spec = config_lib.model_spec(config)
-    schedules = config_lib.schedules(config)
-    optimizer_config = config_lib.optimizer_config(config)
-    optimizer = build_optimizer(
-        _param_shapes(spec),
-        optimizer_config,
-        lr_schedule=schedules.lr,
-        last_layer_lr_schedule=schedules.last_layer_lr,
-        wd_schedule=schedules.weight_decay,
-    )
-    rules = config_lib.tensor_rules(config)
-    objective = config_lib.objective_config(config, n_devices)
-    gram = objective.gram_enabled
-    abstract, shardings = abstract_state(spec, optimizer, optimizer_config, mesh, rules, gram)
-    step_fn = compile_train_step(
-        mesh,
-        shardings,
-        BATCH_KEYS,
-        spec=spec,
-        objective=objective,
-        optimizer=optimizer,
-        schedules=schedules,
-    )
-    # single process: the host batch is the global batch
-    mask_spec = config_lib.mask_spec(config, n_devices, spec.backbone.patch_size)
-    return Point(
-        config, mesh, spec, optimizer, abstract, shardings, step_fn, mask_spec, rules, gram
-    )
-
-
 def state_bytes(abstract_state) -> tuple[int, int]:
     """(total bytes, bytes on one device) of a state whose leaves carry NamedShardings.
 
@@ -209,7 +110,7 @@ def state_bytes(abstract_state) -> tuple[int, int]:
     return total, per_device
 
 
-def step_flops(point: Point) -> float:
+def step_flops(point: Run) -> float:
     """Analytic FLOPs of one step: `config.step_flops`, the same count the loop logs."""
     return config_lib.step_flops(point.config, point.spec, point.mesh.devices.size)
 
@@ -219,7 +120,7 @@ def step_flops(point: Point) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def _crop_dtype(point: Point) -> np.dtype:
+def _crop_dtype(point: Run) -> np.dtype:
     """The crops' dtype in the loop's batches: `config.data.transfer_dtype`."""
     return np.dtype(point.config.data.transfer_dtype)
 
@@ -232,7 +133,7 @@ def _random_crops(rng: np.random.Generator, shape: tuple, dtype: np.dtype) -> np
     return rng.standard_normal(shape, dtype=np.float32)
 
 
-def host_batch(point: Point, seed: int) -> dict[str, np.ndarray]:
+def host_batch(point: Run, seed: int) -> dict[str, np.ndarray]:
     """A synthetic host batch in the pipeline's layout (pipeline module docstring).
 
     global_crops [2, B, G, G, 1] and local_crops [n_local, B, L, L, 1] in
@@ -250,7 +151,7 @@ def host_batch(point: Point, seed: int) -> dict[str, np.ndarray]:
     return pipeline.AddIbotMasks(point.mask_spec).random_map(crops, rng)
 
 
-def batch_shapes(point: Point) -> dict[str, jax.ShapeDtypeStruct]:
+def batch_shapes(point: Run) -> dict[str, jax.ShapeDtypeStruct]:
     """The batch as sharded ShapeDtypeStructs, for compiling without building a batch."""
     c, spec = point.config, point.mask_spec
     b, g, loc = c.batch_size, c.data.global_size, c.data.local_size
@@ -270,14 +171,14 @@ def batch_shapes(point: Point) -> dict[str, jax.ShapeDtypeStruct]:
     }
 
 
-def step_keys(point: Point, n: int, seed: int) -> list[jax.Array]:
+def step_keys(point: Run, n: int, seed: int) -> list[jax.Array]:
     """n replicated step keys (stochastic depth), made before timing starts."""
     base = jax.random.key(seed)
     replicated = sharding.replicated(point.mesh)
     return [jax.device_put(jax.random.fold_in(base, i), replicated) for i in range(n)]
 
 
-def compile_step(point: Point, seed: int = 0, compiler_options: dict | None = None):
+def compile_step(point: Run, seed: int = 0, compiler_options: dict | None = None):
     """(compiled executable, seconds spent lowering + compiling) on abstract inputs.
 
     `compiler_options` go to `Lowered.compile`, e.g. {"xla_backend_optimization_level": 0}
@@ -301,33 +202,26 @@ def depth_extrapolated_cost(
     def compiled_at_depth(depth: int):
         c = config.copy_and_resolve_references()
         c.model.depth, c.model.scan_blocks = depth, False
-        compiled, _ = compile_step(build_point(c, devices), c.seed, compiler_options)
+        compiled, _ = compile_step(build(c, devices), c.seed, compiler_options)
         return compiled
 
     depth = config_lib.model_spec(config).backbone.depth
     return extrapolate_by_depth(depth, compiled_at_depth)
 
 
-def initial_state(point: Point, seed: int) -> train_state.TrainState:
+def initial_state(point: Run, seed: int) -> train_state.TrainState:
     """A fresh train state for `point`, created in its shardings (Gram teacher included)."""
-    return train_state.create_state(
-        point.spec,
-        point.optimizer,
-        point.mesh,
-        seed=seed,
-        rules=point.tensor_rules,
-        gram=point.gram,
-    )
+    return point.create_state(seed)
 
 
-def device_batch(point: Point, seed: int) -> dict[str, jax.Array]:
+def device_batch(point: Run, seed: int) -> dict[str, jax.Array]:
     """`host_batch(point, seed)` as global arrays in the step's batch shardings."""
     return prefetch.to_global_batch(
         host_batch(point, seed), sharding.batch_shardings(BATCH_KEYS, point.mesh)
     )
 
 
-def time_steps(point: Point, compiled, *, steps: int, warmup: int, seed: int) -> list[float]:
+def time_steps(point: Run, compiled, *, steps: int, warmup: int, seed: int) -> list[float]:
     """Seconds of each of `steps` timed steps after `warmup` untimed ones (state donated)."""
     state = initial_state(point, seed)
     batch = device_batch(point, seed)
@@ -381,7 +275,7 @@ def run_point(
     n_devices = math.prod(layout)
     row.n_devices = n_devices
     try:
-        point = build_point(c, devices[:n_devices])
+        point = build(c, devices[:n_devices])
         row.state_bytes_total, row.state_bytes_per_device = state_bytes(point.abstract_state)
         row.analytic_flops_per_step = step_flops(point)
         if mode == "state":
@@ -416,7 +310,7 @@ def run_point(
     return row
 
 
-def _fill_throughput(row: SweepRow, point: Point, step_time: float, peak: float | None) -> None:
+def _fill_throughput(row: SweepRow, point: Run, step_time: float, peak: float | None) -> None:
     peak, _ = device_peak_and_hbm(point, peak)
     row.step_time_s = step_time
     row.images_per_s = row.batch_size / step_time

@@ -29,6 +29,7 @@ import numpy as np
 
 from raddino_jax.sweep import measure
 from raddino_jax.sweep.estimate import device_capacity, memory_fields
+from raddino_jax.train.build import Run
 
 GiB = 2**30
 # The candidates' compiles only need the memory analysis: on CPU, LLVM's optimisation level 0
@@ -61,7 +62,7 @@ def _gib(n: int | None) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
 
 
-def batch_bytes_per_device(point: measure.Point) -> int:
+def batch_bytes_per_device(point: Run) -> int:
     """Bytes of one global batch on one device (its shard of every batch array)."""
     total = 0
     for leaf in measure.batch_shapes(point).values():
@@ -70,12 +71,12 @@ def batch_bytes_per_device(point: measure.Point) -> int:
     return total
 
 
-def layout_of(point: measure.Point) -> tuple[int, int, int]:
+def layout_of(point: Run) -> tuple[int, int, int]:
     """The point's resolved (data, fsdp, tensor) mesh sizes."""
     return tuple(int(point.mesh.shape[axis]) for axis in ("data", "fsdp", "tensor"))
 
 
-def step_memory(point: measure.Point, label: str, device_prefetch: int) -> StepMemory:
+def step_memory(point: Run, label: str, device_prefetch: int) -> StepMemory:
     """Compile the point's step (the jitted function the loop then calls) and read its peak."""
     compiled, _ = measure.compile_step(point, point.config.seed)
     peak = memory_fields(compiled)["peak_bytes_per_device"]
@@ -128,13 +129,13 @@ def _all_over(over: bool) -> bool:
 
 
 def check_training_memory(
-    steps: Sequence[tuple[str, measure.Point]],
+    steps: Sequence[tuple[str, Run]],
     config: ml_collections.ConfigDict,
     say: Callable[[str], None] = print,
 ) -> list[StepMemory]:
     """`check_run_memory` with the run config's keys: `device_memory_gib`,
-    `allow_over_memory`, `data.device_prefetch`. The steps are `loop.StageStep`s (or sweep
-    points): anything with the config, mesh, abstract_state, step_fn and mask_spec of one."""
+    `allow_over_memory`, `data.device_prefetch`. The steps are the runs (`train.build.Run`) of
+    the training loop's stages, or of sweep points."""
     return check_run_memory(
         steps,
         capacity_override_gib=config.device_memory_gib,
@@ -145,7 +146,7 @@ def check_training_memory(
 
 
 def check_run_memory(
-    points: Sequence[tuple[str, measure.Point]],
+    points: Sequence[tuple[str, Run]],
     *,
     capacity_override_gib: float = 0.0,
     allow_over: bool = False,
@@ -192,7 +193,7 @@ def check_run_memory(
     )
 
 
-def _candidate_lines(point: measure.Point, step: StepMemory, capacity: int) -> list[str]:
+def _candidate_lines(point: Run, step: StepMemory, capacity: int) -> list[str]:
     """The nearest layouts compiled, one line each, with their peaks and fit."""
     layout = layout_of(point)
     images = point.config.batch_size // (layout[0] * layout[1])

@@ -23,11 +23,9 @@ Where the host waits for the devices, each step:
 
 from __future__ import annotations
 
-import dataclasses
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import ml_collections
@@ -39,12 +37,9 @@ from raddino_jax import config as config_lib
 from raddino_jax.data import layout, pipeline, prefetch, sources
 from raddino_jax.models import ModelSpec, abstract_params, init_params
 from raddino_jax.parallel import sharding
-from raddino_jax.parallel.mesh import make_mesh
 from raddino_jax.train import stages as stages_lib
-from raddino_jax.train import state as train_state
+from raddino_jax.train.build import build
 from raddino_jax.train.metrics import MetricsWriter
-from raddino_jax.train.optim import build_optimizer
-from raddino_jax.train.step import compile_train_step
 
 BATCH_KEYS = layout.BATCH_KEYS  # defined with the batch layout, in data/layout.py
 
@@ -166,18 +161,6 @@ def _write_run_files(workdir: epath.Path, config, spec: ModelSpec) -> None:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
 
-@dataclasses.dataclass(frozen=True)
-class StageStep:
-    """One stage's jitted step and what compiling it takes (the fields of a sweep point that
-    `sweep.measure.compile_step` reads): handed to the memory check."""
-
-    config: ml_collections.ConfigDict
-    mesh: jax.sharding.Mesh
-    abstract_state: Any
-    step_fn: Any
-    mask_spec: Any
-
-
 def train(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -190,67 +173,35 @@ def train(
     `data`: the run's training data when the caller has opened it already
     (`sources.open_training_data(config, workdir)`; raddino_jax.scaling counts its images), so
     a patient subset's scan of the records runs once per run.
-    `check_memory([(label, StageStep), ...], config, say)` runs before any data is built or
-    read; the driver passes `sweep.preflight.check_training_memory` (which compiles each step
-    and raises when it does not fit), tests that call `train` directly leave it out.
+    `check_memory([(label, the stage's `build.Run`), ...], config, say)` runs before any data
+    is built or read; the driver passes `sweep.preflight.check_training_memory` (which
+    compiles each step and raises when it does not fit), tests that call `train` directly
+    leave it out.
     """
     workdir = epath.Path(workdir)
     devices = jax.devices()
     config_lib.validate(config, n_devices=len(devices), process_count=jax.process_count())
-    mesh = make_mesh(dict(config.mesh), devices)
-    spec = config_lib.model_spec(config)
-    objective = config_lib.objective_config(config, len(devices))
-    schedules = config_lib.schedules(config)
-    optimizer = build_optimizer(
-        abstract_params(spec),
-        config_lib.optimizer_config(config),
-        lr_schedule=schedules.lr,
-        last_layer_lr_schedule=schedules.last_layer_lr,
-        wd_schedule=schedules.weight_decay,
-    )
+    run = build(config, devices)
+    mesh, spec, objective = run.mesh, run.spec, run.objective
     is_main = jax.process_index() == 0
     say(f"run: {config_lib.describe(config)}")
     say(
         f"mesh {dict(mesh.shape)} over {len(devices)} {devices[0].device_kind} device(s), "
         f"{jax.process_count()} process(es)"
     )
-
-    rules = config_lib.tensor_rules(config)
     batch_shardings = sharding.batch_shardings(BATCH_KEYS, mesh)
-    gram = objective.gram_enabled  # the state carries a Gram teacher (recipe, Gram anchoring)
-    abstract, shardings = train_state.abstract_state(spec, optimizer, mesh, rules, gram)
     stage_table = stages_lib.stage_table(config)
-
-    def stage_step_fn(stage: stages_lib.Stage):
-        """The step jitted for one stage's shapes: one compile per stage."""
-        return compile_train_step(
-            mesh,
-            shardings,
-            BATCH_KEYS,
-            spec=spec,
-            objective=objective
-            if len(stage_table) == 1
-            else config_lib.objective_config(stage.config, len(devices)),
-            optimizer=optimizer,
-            schedules=schedules,
-        )
-
+    # one jitted step per resolution stage (one compile each)
+    stage_runs = {
+        stage.index: run if len(stage_table) == 1 else run.for_stage(stage.config)
+        for stage in stage_table
+    }
     # Memory preflight, before any data is built or read: every stage's step compiled for these
     # devices (the loop's first call of each reuses the executable) against their capacity.
-    step_fns = {stage.index: stage_step_fn(stage) for stage in stage_table}
     if check_memory is not None:
         check_memory(
             [
-                (
-                    f"stage {stage.index} ({_stage_shape(stage, mesh)})",
-                    StageStep(
-                        stage.config,
-                        mesh,
-                        abstract,
-                        step_fns[stage.index],
-                        config_lib.mask_spec(stage.config, len(devices), spec.backbone.patch_size),
-                    ),
-                )
+                (f"stage {stage.index} ({_stage_shape(stage, mesh)})", stage_runs[stage.index])
                 for stage in stage_table
             ],
             config,
@@ -290,7 +241,7 @@ def train(
     # State: resume from the newest intact checkpoint, or start from pretrained / random weights
     checkpointer = checkpoint.TrainCheckpointer(workdir, config.keep_checkpoints)
     latest, state = checkpointer.restore_latest_valid(
-        abstract,
+        run.abstract_state,
         # a checkpoint from before Gram was on: fine while the first copy is still ahead
         gram_teacher_from_teacher=lambda step: (
             objective.gram_teacher == "ema" and step <= objective.gram_start_step
@@ -309,15 +260,7 @@ def train(
         skipped_before = checkpointer.restore_counters(latest).get(layout.RECORDS_SKIPPED, 0)
         say(f"resumed from {checkpointer.directory} at step {latest}")
     else:
-        state = train_state.create_state(
-            spec,
-            optimizer,
-            mesh,
-            seed=config.seed,
-            params=initial_params(config, spec),
-            rules=rules,
-            gram=gram,
-        )
+        state = run.create_state(config.seed, params=initial_params(config, spec))
     _write_run_files(workdir, config, spec)
     writer = MetricsWriter(workdir, enabled=is_main)
     writer.truncate_after(int(state.step))
@@ -358,7 +301,7 @@ def train(
                             f"{stage.global_size}/{stage.local_size}px, batch {stage.batch_size}"
                         )
                     log.flush()
-                    step_fn = step_fns[stage.index]
+                    step_fn = stage_runs[stage.index].step_fn
                     if eval_data and (evaluator is None or evaluator.size != stage.global_size):
                         evaluator = _Evaluator(config, spec, eval_data, stage.global_size)
                     log.enter(
