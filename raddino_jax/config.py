@@ -29,10 +29,9 @@ from etils import epath
 from raddino_jax.data.augment import MultiCropConfig
 from raddino_jax.models import ModelSpec
 from raddino_jax.models.heads import HeadConfig
-from raddino_jax.models.vit import ARCHS, ViTConfig, vit_config
+from raddino_jax.models.vit import ARCHS, ViTConfig
 from raddino_jax.parallel.sharding import TENSOR_RULES
 from raddino_jax.ssl.objective import ObjectiveConfig
-from raddino_jax.ssl.schedules import Schedules, build_schedules
 from raddino_jax.train.optim import OptimizerConfig
 
 
@@ -81,7 +80,9 @@ def _section(cls: type, prefix: str, section: str) -> dict[str, Any]:
     return values
 
 
-def _build(cls: type, section: ml_collections.ConfigDict, name: str, prefix: str = "", **derived):
+def from_section(
+    cls: type, section: ml_collections.ConfigDict, name: str, prefix: str = "", **derived
+):
     """`cls(**fields read from section)`, derived values given; its validation errors become
     ConfigError naming `config.<name>.<key>`."""
     kwargs = {}
@@ -284,6 +285,7 @@ def validate(
     `data=False` skips the choice of training data (a sweep compiles the step on a synthetic
     batch, so it needs none)."""
     from raddino_jax.parallel.mesh import resolve_mesh_shape
+    from raddino_jax.train.build import crop_config, model_spec, objective_config, optimizer_config
 
     _require(config.total_steps > 0, "total_steps", f"must be > 0, got {config.total_steps}")
     _require(config.log_every > 0, "log_every", f"must be > 0, got {config.log_every}")
@@ -600,11 +602,6 @@ def mask_group_size(config: ml_collections.ConfigDict, n_devices: int) -> int:
     return config.data.mask_group_size or per_device_batch(config, n_devices)
 
 
-# ----------------------------------------------------------------------------------------------
-# Builders
-# ----------------------------------------------------------------------------------------------
-
-
 @functools.lru_cache(maxsize=8)
 def _unmatched_rules(spec: ModelSpec, optimizer: OptimizerConfig) -> tuple:
     """The optimizer's rule regexes that match no parameter of `spec` (remembered per pair:
@@ -630,126 +627,6 @@ def _check_rules_match(spec: ModelSpec, optimizer: OptimizerConfig) -> None:
         f"rule regexes {unused} match no parameter path (e.g. 'backbone/blocks/0/attn/qkv/"
         "kernel'); fix the regex or remove the rule",
     )
-
-
-def model_spec(config: ml_collections.ConfigDict) -> ModelSpec:
-    """Backbone + heads from `config.model` (arch presets fill width/depth/heads left at 0)."""
-    m = config.model
-    if m.arch not in ARCHS:
-        raise ConfigError(f"config.model.arch: unknown {m.arch!r}; expected one of {sorted(ARCHS)}")
-    preset = vit_config(m.arch)
-    derived = {
-        k: m[k] or getattr(preset, k) for k in ("embed_dim", "depth", "num_heads", "ffn_layer")
-    }
-    derived["img_size"] = m.img_size or config.data.global_size
-    backbone = _build(ViTConfig, m, "model", **derived)
-    head = _build(HeadConfig, m, "model", "head_", in_dim=backbone.embed_dim, dtype=backbone.dtype)
-    ibot = None
-    if m.separate_ibot_head:
-        ibot = head.replace(
-            out_dim=m.ibot_out_dim or m.head_out_dim, bottleneck_dim=m.ibot_bottleneck_dim
-        )
-    return ModelSpec(backbone=backbone, dino_head=head, ibot_head=ibot)
-
-
-def objective_config(config: ml_collections.ConfigDict, n_devices: int) -> ObjectiveConfig:
-    """`config.ssl`, with koleo_group_size 0 resolved to the per-device batch (as the reference)
-    and the pixel statistics the step normalises integer crops with from `config.data`."""
-    group = config.ssl.koleo_group_size or per_device_batch(config, n_devices)
-    return _build(
-        ObjectiveConfig,
-        config.ssl,
-        "ssl",
-        koleo_group_size=group,
-        pixel_mean=config.data.mean,
-        pixel_std=config.data.std,
-    )
-
-
-def schedule_args(config: ml_collections.ConfigDict) -> dict[str, float | int]:
-    """The arguments of `build_schedules` for `config` (the torch reference reads them too)."""
-    o, t = config.optim, config.teacher
-    return dict(
-        base_lr=o.base_lr,
-        global_batch=config.batch_size,
-        total_steps=config.total_steps,
-        warmup_steps=o.warmup_steps,
-        min_lr=o.min_lr,
-        freeze_last_layer_steps=o.freeze_last_layer_steps,
-        weight_decay=o.weight_decay,
-        weight_decay_end=o.weight_decay_end,
-        momentum_teacher=t.momentum,
-        warmup_teacher_temp=t.warmup_temperature,
-        teacher_temp=t.temperature,
-        warmup_teacher_temp_steps=t.warmup_temperature_steps,
-    )
-
-
-def schedules(config: ml_collections.ConfigDict) -> Schedules:
-    return build_schedules(**schedule_args(config))
-
-
-def optimizer_config(config: ml_collections.ConfigDict) -> OptimizerConfig:
-    """`config.optim`'s optimiser fields; the block count comes from the model."""
-    depth = model_spec(config).backbone.depth
-    return _build(OptimizerConfig, config.optim, "optim", n_blocks=depth)
-
-
-def crop_config(config: ml_collections.ConfigDict) -> MultiCropConfig:
-    return _build(MultiCropConfig, config.data, "data")
-
-
-def tensor_rules(config: ml_collections.ConfigDict) -> tuple:
-    """`config.sharding.tensor_rules` as the tuple table `parallel.sharding` takes."""
-    return tuple((pattern, tuple(placement)) for pattern, placement in config.sharding.tensor_rules)
-
-
-def mask_spec(
-    config: ml_collections.ConfigDict,
-    n_devices: int,
-    patch_size: int,
-    per_process_batch: int | None = None,
-):
-    """Static iBOT mask shapes of one host batch (default: one process holds the whole batch)."""
-    from raddino_jax.data.pipeline import MaskSpec
-
-    grid = config.data.global_size // patch_size
-    return MaskSpec(
-        per_process_batch or config.batch_size,
-        mask_group_size(config, n_devices),
-        (grid, grid),
-        tuple(config.data.mask_ratio_min_max),
-        config.data.mask_sample_probability,
-    )
-
-
-def step_flops(
-    config: ml_collections.ConfigDict,
-    spec: ModelSpec,
-    n_devices: int,
-    *,
-    gram_active: bool | None = None,
-) -> float:
-    """Analytic FLOPs of one global train step (`flops.ssl_step_flops`): what the loop's MFU and
-    the sweep both use. The iBOT buffer is the static one, padding included. With Gram
-    anchoring on, a step from `ssl.gram_start_step` on also runs the Gram teacher
-    (`gram_active`, default: whether Gram anchoring is on at all; the loop passes whether the
-    logged step is past the start, as the step skips the Gram forward before it)."""
-    from raddino_jax import flops
-
-    masks = mask_spec(config, n_devices, spec.backbone.patch_size)
-    n_groups = config.batch_size // masks.mask_group_size
-    return flops.ssl_step_flops(
-        spec,
-        global_size=config.data.global_size,
-        local_size=config.data.local_size,
-        n_local=config.data.n_local,
-        batch=config.batch_size,
-        n_masked_tokens=masks.upper_bound * n_groups,
-        separate_ibot_head=spec.ibot_head is not None,
-        remat=spec.backbone.remat == "full",
-        gram=config.ssl.gram_weight > 0 and gram_active is not False,
-    )["total"]
 
 
 def describe(config: ml_collections.ConfigDict) -> str:

@@ -80,6 +80,8 @@ def main(argv: list[str]) -> None:
     from raddino_jax.sweep import preflight
     from raddino_jax.sweep.preflight import MemoryPreflightError
     from raddino_jax.train import loop
+    from raddino_jax.train.metrics import NonFiniteError
+    from raddino_jax.train.preemption import Preempted
 
     logging.set_verbosity(logging.WARNING)  # orbax/grain INFO chatter; the loop prints its own
     try:
@@ -95,10 +97,10 @@ def main(argv: list[str]) -> None:
     except BadDataError as err:
         print(f"stopped: {err}", file=sys.stderr)
         sys.exit(EXIT_DATA)
-    except loop.NonFiniteError as err:
+    except NonFiniteError as err:
         print(f"stopped: {err}", file=sys.stderr)
         sys.exit(EXIT_NONFINITE)
-    except loop.Preempted as err:
+    except Preempted as err:
         print(f"preempted: {err}", file=sys.stderr)
         sys.exit(128 + err.signum)
     if jax.process_index() == 0:

@@ -15,6 +15,7 @@ from raddino_jax.models.heads import HeadConfig
 from raddino_jax.models.vit import ViTConfig
 from raddino_jax.parallel import sharding
 from raddino_jax.ssl.objective import ObjectiveConfig
+from raddino_jax.train import build as build_lib
 from raddino_jax.train import optim
 from raddino_jax.train.optim import OptimizerConfig
 from tests.tiny import set_dotted
@@ -57,11 +58,11 @@ def test_formerly_unreachable_knobs_reach_the_built_objects():
             "optim.wd_mult_rules": ((r"bias$", 0.0),),
         },
     )
-    crops = config_lib.crop_config(c)
+    crops = build_lib.crop_config(c)
     assert crops.blur_p == (0.1, 0.2, 0.3) and crops.jitter_p == 0.5 and crops.solarize_p == 0.0
-    assert config_lib.optimizer_config(c).eps == 1e-6
-    assert config_lib.optimizer_config(c).wd_mult_rules == ((r"bias$", 0.0),)
-    spec = config_lib.model_spec(c)
+    assert build_lib.optimizer_config(c).eps == 1e-6
+    assert build_lib.optimizer_config(c).wd_mult_rules == ((r"bias$", 0.0),)
+    spec = build_lib.model_spec(c)
     assert spec.backbone.ffn_layer == "swiglu" and spec.backbone.layer_norm_eps == 1e-5
     assert spec.dino_head.in_dim == spec.backbone.embed_dim  # derived, not a knob
 
@@ -70,7 +71,7 @@ def test_pixel_statistics_reach_the_objective_from_the_data_section():
     """The step normalises integer crops with data.mean / data.std (derived, not ssl keys)."""
     c = config_lib.base_config()
     set_dotted(c, {"data.mean": 0.25, "data.std": 0.5})
-    objective = config_lib.objective_config(c, n_devices=1)
+    objective = build_lib.objective_config(c, n_devices=1)
     assert (objective.pixel_mean, objective.pixel_std) == (0.25, 0.5)
     assert "pixel_mean" not in c.ssl and "pixel_std" not in c.ssl
 
@@ -78,18 +79,18 @@ def test_pixel_statistics_reach_the_objective_from_the_data_section():
 def test_arch_presets_fill_fields_left_at_their_sentinel():
     c = config_lib.base_config()
     c.model.arch = "vit_giant2"
-    backbone = config_lib.model_spec(c).backbone
+    backbone = build_lib.model_spec(c).backbone
     assert (backbone.embed_dim, backbone.depth, backbone.ffn_layer) == (1536, 40, "swiglu")
     c.model.ffn_layer, c.model.depth = "mlp", 2
-    backbone = config_lib.model_spec(c).backbone
+    backbone = build_lib.model_spec(c).backbone
     assert (backbone.ffn_layer, backbone.depth, backbone.img_size) == ("mlp", 2, 224)
 
 
 def test_rule_tables_are_config_data():
     c = config_lib.base_config()
-    assert config_lib.tensor_rules(c) == sharding.TENSOR_RULES
+    assert build_lib.tensor_rules(c) == sharding.TENSOR_RULES
     c.sharding.tensor_rules = ((r"attn/qkv/kernel$", ("tensor", None)),)
-    rules = config_lib.tensor_rules(c)
+    rules = build_lib.tensor_rules(c)
     mesh = sharding.jax.sharding.AbstractMesh((1, 1, 2), ("data", "fsdp", "tensor"))
     spec = sharding.param_spec("backbone/blocks/0/attn/qkv/kernel", (64, 192), mesh, rules)
     assert spec == sharding.PartitionSpec("tensor", None)
@@ -99,8 +100,8 @@ def test_rule_tables_are_config_data():
     c.optim.lr_mult_rules = ((r"^dino_head/", 0.5),)
     from raddino_jax.models import abstract_params
 
-    params = abstract_params(config_lib.model_spec(c))
-    lr_mult, _, _ = optim.param_multipliers(params, config_lib.optimizer_config(c))
+    params = abstract_params(build_lib.model_spec(c))
+    lr_mult, _, _ = optim.param_multipliers(params, build_lib.optimizer_config(c))
     assert lr_mult["dino_head"]["mlp"][0]["kernel"] == pytest.approx(0.5)
 
 
@@ -142,8 +143,8 @@ def test_command_line_reaches_new_keys(tmp_path):
             CONFIG = config_flags.DEFINE_config_file("config")
             def main(_):
                 c = CONFIG.value
-                print(config_lib.crop_config(c).blur_p, config_lib.optimizer_config(c).eps,
-                      config_lib.model_spec(c).backbone.ffn_layer)
+                print(build_lib.crop_config(c).blur_p, build_lib.optimizer_config(c).eps,
+                      build_lib.model_spec(c).backbone.ffn_layer)
             app.run(main)
             """
         )

@@ -17,6 +17,7 @@ from raddino_jax import config as config_lib
 from raddino_jax import scaling
 from raddino_jax.data import sources
 from raddino_jax.ssl.schedules import lr_peak
+from raddino_jax.train import build as build_lib
 from raddino_jax.train import loop
 from raddino_jax.train import stages as stages_lib
 from raddino_jax.train import state as state_lib
@@ -150,9 +151,9 @@ def test_readme_experiment_commands_parse_and_validate_as_written(data, tmp_path
         (0, 90_000, 224, 2560),
         (90_000, 100_000, 518, 2560),
     ]
-    assert config_lib.model_spec(table[1].config).backbone.img_size == 518  # DINOv2's weights
+    assert build_lib.model_spec(table[1].config).backbone.img_size == 518  # DINOv2's weights
 
-    objective = config_lib.objective_config(gram, 8)
+    objective = build_lib.objective_config(gram, 8)
     assert objective.gram_enabled and objective.gram_start_step < gram.total_steps
 
 
@@ -201,7 +202,7 @@ def test_scale_to_steps_scales_every_step_schedule(monkeypatch):
     )
     steps = 1000
     (_, _, config), *_ = scaling.run_configs(base, [1.0], steps, mixtures=False)
-    schedules = config_lib.schedules(config)
+    schedules = build_lib.schedules(config)
     assert float(schedules.last_layer_lr(steps - 1)) > 0  # the last layer trains
     peak = lr_peak(config.optim.base_lr, config.batch_size)
     assert float(schedules.lr(config.optim.warmup_steps - 1)) == pytest.approx(peak)

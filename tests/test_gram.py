@@ -14,6 +14,7 @@ from raddino_jax.parallel import sharding
 from raddino_jax.parallel.mesh import make_mesh
 from raddino_jax.ssl import gram
 from raddino_jax.ssl.objective import ObjectiveConfig, _image_major, ssl_loss, to_input_channels
+from raddino_jax.train import build as build_lib
 from raddino_jax.train import state as train_state
 from raddino_jax.train.step import compile_train_step, refresh_gram_teacher
 from tests.tiny import set_dotted, tiny_dataset, tiny_optimizer, tiny_spec
@@ -101,7 +102,7 @@ def test_gram_config_errors_name_the_key(overrides, key):
     assert c.ssl.gram_weight == 0.0  # off by default
     set_dotted(c, overrides)
     with pytest.raises(config_lib.ConfigError, match=key.replace(".", r"\.")):
-        config_lib.objective_config(c, n_devices=1)
+        build_lib.objective_config(c, n_devices=1)
 
 
 @pytest.fixture(scope="module")

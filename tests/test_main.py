@@ -17,9 +17,11 @@ from etils import epath
 from raddino_jax import checkpoint
 from raddino_jax import config as config_lib
 from raddino_jax.data import pipeline as pipeline_lib
+from raddino_jax.train import build as build_lib
 from raddino_jax.train import loop
 from raddino_jax.train import step as step_lib
-from raddino_jax.train.metrics import read_metrics
+from raddino_jax.train.metrics import NonFiniteError, read_metrics
+from raddino_jax.train.preemption import preemption_check_due
 from tests import faults
 from tests.tiny import build_tiny_dataset, tiny_run_config
 
@@ -143,7 +145,7 @@ def test_preemption_check_decision(processes):
     due = [
         s
         for s in range(1, 31)
-        if loop.preemption_check_due(s, every, processes, checkpoint_step=s in checkpoints)
+        if preemption_check_due(s, every, processes, checkpoint_step=s in checkpoints)
     ]
     if processes == 1:
         assert due == list(range(1, 31))
@@ -298,7 +300,7 @@ def test_injected_nan_stops_and_keeps_last_good_checkpoint(dataset, tmp_path, mo
     """Also runs the periodic kNN evaluation (config.eval) and checks it is logged."""
     monkeypatch.setattr(step_lib, "train_step", faults.train_step_with_nan_loss(4))
     cfg = tiny_run_config(*dataset, **{"eval.every": 3, "eval.label": "nodule"})
-    with pytest.raises(loop.NonFiniteError, match=r"non-finite loss at step 5"):
+    with pytest.raises(NonFiniteError, match=r"non-finite loss at step 5"):
         loop.train(cfg, str(tmp_path))
     manager = checkpoint.TrainCheckpointer(tmp_path, 3)
     assert manager.latest_step() == 3
@@ -373,9 +375,9 @@ def test_two_stages_over_a_mixture_compile_once_each_and_resume_after_sigkill(
     assert len(compiled) == 2 and [fn._cache_size() for fn in compiled] == [1, 1]
 
     records = _by_step(straight)
-    spec = config_lib.model_spec(cfg)
+    spec = build_lib.model_spec(cfg)
     table = stages_lib.stage_table(cfg)
-    expected_flops = [config_lib.step_flops(s.config, spec, 8) / 1e12 for s in table]
+    expected_flops = [build_lib.step_flops(s.config, spec, 8) / 1e12 for s in table]
     assert expected_flops[1] > 2 * expected_flops[0]  # more tokens, twice the batch
     mixture = sources.open_training_data(cfg, straight).records
     for step, record in records.items():
@@ -483,8 +485,8 @@ def test_gram_anchoring_trains_and_resumes_exactly_after_sigkill(dataset, tmp_pa
         *dataset,
         **{"ssl.gram_weight": 1.0, "ssl.gram_start_step": 2, "ssl.gram_update_every": 2},
     )
-    spec = config_lib.model_spec(cfg)
-    off, on = (config_lib.step_flops(cfg, spec, 8, gram_active=g) / 1e12 for g in (False, True))
+    spec = build_lib.model_spec(cfg)
+    off, on = (build_lib.step_flops(cfg, spec, 8, gram_active=g) / 1e12 for g in (False, True))
     assert on > off
     assert [a[step]["step_tflops"] for step in range(1, 7)] == pytest.approx(
         [off, off, on, on, on, on], rel=1e-12

@@ -29,6 +29,7 @@ from raddino_jax.reference import compare  # noqa: E402
 from raddino_jax.reference import config as reference_config  # noqa: E402
 from raddino_jax.reference import step as reference_step  # noqa: E402
 from raddino_jax.reference.model import SSLModel  # noqa: E402
+from raddino_jax.train import build as build_lib  # noqa: E402
 
 LOSS_RTOL = 1e-5
 PARAM_RTOL = 1e-3
@@ -118,13 +119,12 @@ def test_state_after_two_steps_agrees(two_steps):
 
 def test_reference_param_rules_match_ours():
     """The reference's per-parameter lr / wd multipliers and last-layer flags equal ours."""
-    from raddino_jax import config as config_lib
     from raddino_jax.models import abstract_params
     from raddino_jax.train.optim import param_multipliers
 
     config = tiny_config()
-    shapes = abstract_params(config_lib.model_spec(config))
-    lr_mult, wd_mult, last = param_multipliers(shapes, config_lib.optimizer_config(config))
+    shapes = abstract_params(build_lib.model_spec(config))
+    lr_mult, wd_mult, last = param_multipliers(shapes, build_lib.optimizer_config(config))
     cfg = reference_config.from_config(config)
 
     def as_torch_names(tree):

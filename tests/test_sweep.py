@@ -19,6 +19,7 @@ from raddino_jax import flops, sweep
 from raddino_jax.models import abstract_params
 from raddino_jax.parallel.mesh import make_mesh
 from raddino_jax.ssl.masking import mask_upper_bound
+from raddino_jax.train import build as build_lib
 from raddino_jax.train import state as train_state
 from raddino_jax.train.build import build
 from tests.tiny import set_dotted
@@ -129,7 +130,7 @@ def check_files(rows: dict, out) -> None:
 def check_flops(rows: dict) -> None:
     """The sweep's FLOPs are flops.ssl_step_flops; XLA's count agrees on one device."""
     c = tiny_config()
-    spec = config_lib.model_spec(c)
+    spec = build_lib.model_spec(c)
     n_groups = c.batch_size // c.data.mask_group_size
     upper = mask_upper_bound(2 * c.data.mask_group_size, (c.data.global_size // 14) ** 2)
     expected = flops.ssl_step_flops(
@@ -169,7 +170,7 @@ def test_vitg_state_bytes_fall_with_fsdp(vitg_rows):
     assert len(totals) == 1
     total = totals.pop()
     # Independent count: student + teacher + Adam mu + nu, float32, plus the two centres.
-    spec = config_lib.model_spec(vitg14.get_config())
+    spec = build_lib.model_spec(vitg14.get_config())
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(spec)))
     assert 1.1e9 < n_params < 1.5e9
     centres = 4 * (spec.dino_head.out_dim + spec.ibot_head.out_dim)
@@ -306,7 +307,6 @@ def test_synthetic_host_batch_has_the_pipeline_layout(transfer):
     the sweep would measure a different program than the loop runs."""
     import cv2
 
-    from raddino_jax import config as config_lib
     from raddino_jax.data import pipeline
 
     c = set_dotted(tiny_config(), {"data.transfer_dtype": transfer, "batch_size": 8})
@@ -322,7 +322,7 @@ def test_synthetic_host_batch_has_the_pipeline_layout(transfer):
                 records,
                 seed=0,
                 per_process_batch=8,
-                crop_cfg=config_lib.crop_config(point.config),
+                crop_cfg=build_lib.crop_config(point.config),
                 mask_group_size=config_lib.mask_group_size(point.config, 1),
                 patch_size=point.spec.backbone.patch_size,
                 mask_ratio_min_max=tuple(point.config.data.mask_ratio_min_max),

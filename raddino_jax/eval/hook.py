@@ -11,11 +11,12 @@ to padded batches) and the kNN. Examples whose label is unknown are dropped at c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from etils import epath
 
+from raddino_jax import config as config_lib
 from raddino_jax.checkpoint import Preprocessing
 from raddino_jax.eval.features import (
     encode_labels,
@@ -96,3 +97,51 @@ class KnnEvaluator:
             metrics[f"knn/top1_k{k}"] = result[f"k{k}"]["accuracy"]
             metrics[f"knn/balanced_acc_k{k}"] = result[f"k{k}"]["balanced_accuracy"]
         return metrics
+
+
+def periodic_eval_datasets(
+    config, data, say: Callable[[str], None] = print
+) -> list[tuple[str, str, str]]:
+    """Periodic kNN's datasets (`config.eval_datasets`) for the run's training data
+    (`sources.TrainingData`), said on the console; [] when off."""
+    if not config.eval.every:
+        return []
+    training = config_lib.training_datasets(config, builtin=(data.data_dir, data.name))
+    chosen = config_lib.eval_datasets(config, training)
+    skipped = [t[0] for t in training if t not in chosen] if not config.eval.data else []
+    say(
+        f"eval: kNN on {config.eval.label!r} every {config.eval.every} steps on "
+        + ", ".join(f"{data_dir}/{name}" for _, data_dir, name in chosen)
+        + (f" (not {', '.join(skipped)}: no such label or split)" if skipped else "")
+    )
+    return chosen
+
+
+class PeriodicKnn:
+    """Periodic kNN (`eval/hook.py`) on each chosen dataset at one global crop size; metric
+    keys get a `/<source>` suffix when there are several datasets."""
+
+    def __init__(self, config, spec: ModelSpec, datasets: list[tuple[str, str, str]], size: int):
+        self.size = size
+        pre = Preprocessing(image_size=size, mean=config.data.mean, std=config.data.std)
+        self.evaluators = {
+            report_name: KnnEvaluator(
+                data_dir,
+                name,
+                config.eval.label,
+                pre,
+                spec,
+                train_split=config.eval.train_split,
+                eval_split=config.eval.eval_split,
+                max_examples=config.eval.max_examples or None,
+            )
+            for report_name, data_dir, name in datasets
+        }
+
+    def __call__(self, params) -> dict[str, float]:
+        several = len(self.evaluators) > 1
+        return {
+            f"{key}/{report_name}" if several else key: value
+            for report_name, evaluator in self.evaluators.items()
+            for key, value in evaluator(params).items()
+        }

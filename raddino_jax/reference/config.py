@@ -101,13 +101,13 @@ def from_config(config, attention: str = "sdpa", adamw: str = "foreach") -> Refe
     optimiser (`config.optimizer_config`), the backbone and, with a "head_" prefix, the head
     (`config.model_spec`). The reference computes its schedules, rules and losses itself.
     """
-    from raddino_jax import config as config_lib
+    from raddino_jax.train import build as build_lib
     from raddino_jax.train.optim import OptimizerConfig
 
-    spec = config_lib.model_spec(config)
+    spec = build_lib.model_spec(config)
     vit, head = spec.backbone, spec.dino_head
-    objective = config_lib.objective_config(config, 1)
-    optim = config_lib.optimizer_config(config)
+    objective = build_lib.objective_config(config, 1)
+    optim = build_lib.optimizer_config(config)
     defaults = OptimizerConfig()
     unsupported = {
         "separate iBOT head": spec.ibot_head is not None,
@@ -131,7 +131,7 @@ def from_config(config, attention: str = "sdpa", adamw: str = "foreach") -> Refe
         **{f"head_{k}": v for k, v in dataclasses.asdict(head).items()},
         **dataclasses.asdict(objective),
         **dataclasses.asdict(optim),
-        **config_lib.schedule_args(config),
+        **build_lib.schedule_args(config),
     }
     fields = {f.name for f in dataclasses.fields(ReferenceConfig)} - {"attention", "adamw"}
     missing = sorted(fields - set(values))

@@ -51,6 +51,7 @@ from raddino_jax.sweep.estimate import (
 )
 from raddino_jax.sweep.estimate import xla_flops as xla_flops  # re-exported: measure.xla_flops
 from raddino_jax.sweep.row import SweepRow, describe_row, layout_name
+from raddino_jax.train import build as build_lib
 from raddino_jax.train import state as train_state
 from raddino_jax.train.build import Run, build
 
@@ -86,7 +87,7 @@ def infeasible_reason(
         return f"mesh {layout_name(layout)} needs {n_devices} devices, {n_available} available"
     if config.batch_size % (data * fsdp):
         return f"batch {config.batch_size} not divisible by the {data * fsdp} batch shards"
-    heads = config_lib.model_spec(config).backbone.num_heads
+    heads = build_lib.model_spec(config).backbone.num_heads
     if heads % tensor:
         return f"{heads} attention heads not divisible by tensor={tensor}"
     try:
@@ -112,7 +113,7 @@ def state_bytes(abstract_state) -> tuple[int, int]:
 
 def step_flops(point: Run) -> float:
     """Analytic FLOPs of one step: `config.step_flops`, the same count the loop logs."""
-    return config_lib.step_flops(point.config, point.spec, point.mesh.devices.size)
+    return build_lib.step_flops(point.config, point.spec, point.mesh.devices.size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,7 +206,7 @@ def depth_extrapolated_cost(
         compiled, _ = compile_step(build(c, devices), c.seed, compiler_options)
         return compiled
 
-    depth = config_lib.model_spec(config).backbone.depth
+    depth = build_lib.model_spec(config).backbone.depth
     return extrapolate_by_depth(depth, compiled_at_depth)
 
 

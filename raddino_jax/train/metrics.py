@@ -23,15 +23,26 @@ uninterrupted run with no step logged twice. The loop calls it once, before the 
 A last line torn by a crash mid-write is dropped there too.
 
 `read_metrics(workdir)` reads either layout (both, single file first, if a run has both).
+
+`StepLog` turns the loop's per-step device metrics into those records (one step late, with
+step time, images/s, analytic TFLOP/s and MFU, images seen per source, records skipped) and is
+the NaN guard (`check_finite`: `NonFiniteError`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Mapping
 
+import jax
+import numpy as np
 from etils import epath
+
+from raddino_jax import flops
+from raddino_jax.data import layout, pipeline
+from raddino_jax.train import stages as stages_lib
 
 METRICS_FILE = "metrics.jsonl"
 PARTS_DIR = "metrics"  # object stores: WORKDIR/metrics/part-NNNNNN.jsonl
@@ -190,3 +201,130 @@ def read_metrics(workdir: str | epath.Path) -> list[dict]:
     path = workdir / METRICS_FILE
     files = ([path] if path.exists() else []) + _part_paths(workdir)
     return [record for file in files for _, record in _parse_lines(file.read_text())[0]]
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient norm became NaN/inf; the last good checkpoint is kept."""
+
+
+
+
+class StepLog:
+    """Turns each step's device metrics into log records, one step late.
+
+    `flush()` reads the pending step's metrics to the host (every step, for the NaN guard) and
+    writes a record every `config.log_every` steps and at the last. The loop calls it after
+    dispatching the next step. Step time and images/s are wall-clock averages over the steps
+    since the previous log line.
+    """
+
+    def __init__(self, config, writer, progress, peak, n_devices, stage_table, data):
+        self.config, self.writer, self.progress = config, writer, progress
+        self.peak, self.n_devices = peak, n_devices
+        self.stage_table, self.data = stage_table, data
+        self.stage, self.flops_per_step, self.gram_flops_per_step = stage_table[0], 0.0, 0.0
+        # (step number after the update, device metrics, this process's records_skipped)
+        self.pending = None
+        self.skipped_before = 0  # records_skipped (global) of the steps before this run
+        self.last: dict[str, float] = {}
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def enter(self, stage, flops_per_step: float, gram_flops_per_step: float) -> None:
+        """A new stage: its batch size and analytic FLOPs (of a step before and from
+        `ssl.gram_start_step`: the Gram teacher's forward runs only from there); the timing
+        window restarts."""
+        self.stage, self.flops_per_step = stage, flops_per_step
+        self.gram_flops_per_step = gram_flops_per_step
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def images_seen(self, step: int) -> dict[str, float]:
+        """Global images consumed by steps [0, step), in total and per mixture source."""
+        seen = stages_lib.images_before(self.stage_table, step)
+        out = {"images_seen": seen}
+        if self.data.source_names:
+            counts = pipeline.source_counts(self.data.records, self.config.seed, seen)
+            out.update({f"images_seen/{n}": int(c) for n, c in zip(self.data.source_names, counts)})
+        return out
+
+    def records_skipped(self, skipped_here: int) -> int:
+        """Undecodable records passed over since step 0, by all processes (with several,
+        a collective: every process calls it on the same steps)."""
+        total = np.int64(skipped_here)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            total = np.sum(multihost_utils.process_allgather(total))
+        return self.skipped_before + int(total)
+
+    def counters(self, skipped_here: int) -> dict[str, int]:
+        """What a checkpoint keeps besides the state (restored by `restore_counters`)."""
+        return {layout.RECORDS_SKIPPED: self.records_skipped(skipped_here)}
+
+    def check_bad_fraction(self, step: int, skipped: int, seen: int) -> None:
+        """Stops the run when more than `config.data.max_bad_fraction` of the images read so
+        far were undecodable records (counted, skipped and replaced by `DecodedStream`)."""
+        limit = self.config.data.max_bad_fraction
+        if skipped > limit * seen:
+            raise pipeline.BadDataError(
+                f"step {step}: {skipped} of the {seen} records read so far do not decode "
+                f"({skipped / seen:.2%} > config.data.max_bad_fraction={limit}); check or "
+                "rebuild the dataset (`python -m data_prep.build`), or raise the fraction"
+            )
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        step, metrics, skipped_here = self.pending
+        self.pending = None
+        check_finite(step, metrics)
+        self.window_steps += 1
+        if self.progress is not None:
+            self.progress.update(1)
+        if step % self.config.log_every and step != self.config.total_steps:
+            return
+        values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+        step_time = (time.perf_counter() - self.window_start) / self.window_steps
+        values["step_time_s"] = step_time
+        values["images_per_s"] = self.stage.batch_size / step_time
+        # analytic, this stage's shapes; record `step` ran state.step = step - 1
+        gram_on = step - 1 >= self.config.ssl.gram_start_step
+        step_flops = self.gram_flops_per_step if gram_on else self.flops_per_step
+        values["step_tflops"] = step_flops / 1e12
+        values["model_tflops_per_s"] = step_flops / step_time / 1e12
+        if len(self.stage_table) > 1:
+            values["stage"] = self.stage.index
+        values.update(self.images_seen(step))
+        values[layout.RECORDS_SKIPPED] = self.records_skipped(skipped_here)
+        self.check_bad_fraction(step, values[layout.RECORDS_SKIPPED], values["images_seen"])
+        if self.peak:
+            values["mfu"] = flops.mfu(step_flops, step_time, self.n_devices, self.peak)
+        self.writer.write(step, values)
+        if self.progress is not None:
+            self.progress.set_postfix(
+                loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.1f}"
+            )
+        self.last = values
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+
+def check_finite(step: int, metrics) -> None:
+    values = jax.device_get(metrics)
+    if values["finite"]:
+        return
+    names = [k for k in values if k == "loss" or k.startswith("grad_norm/")]
+    bad = [k for k in names if not np.isfinite(values[k])]
+    raise NonFiniteError(
+        f"non-finite {', '.join(bad)} at step {step} "
+        f"({', '.join(f'{k}={values[k]}' for k in bad)}); the update was not applied and the "
+        "last good checkpoint is kept. Lower optim.base_lr, raise optim.warmup_steps or use "
+        "model.dtype=float32 to investigate."
+    )
+
+
+def progress_bar(enabled: bool, initial: int, total: int):
+    """The tqdm bar of the loop (process 0), or None."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
