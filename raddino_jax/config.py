@@ -51,6 +51,8 @@ DERIVED_FIELDS: dict[str, str] = {
     "model.head_in_dim": "the backbone width",
     "model.head_dtype": "model.dtype",
     "optim.n_blocks": "the backbone depth",
+    "optim.join_warmup_steps": "optim.warmup_steps (the backbone's lr ramp after the heads-only "
+    "phase, optim.freeze_backbone_steps)",
     "ssl.pixel_mean": "data.mean (the train step normalises integer crops with it)",
     "ssl.pixel_std": "data.std",
 }
@@ -464,7 +466,13 @@ def schedules(config: ml_collections.ConfigDict) -> Schedules:
 def optimizer_config(config: ml_collections.ConfigDict) -> OptimizerConfig:
     """`config.optim`'s optimiser fields; the block count comes from the model."""
     depth = model_spec(config).backbone.depth
-    return _build(OptimizerConfig, config.optim, "optim", n_blocks=depth)
+    return _build(
+        OptimizerConfig,
+        config.optim,
+        "optim",
+        n_blocks=depth,
+        join_warmup_steps=config.optim.warmup_steps,
+    )
 
 
 def crop_config(config: ml_collections.ConfigDict) -> MultiCropConfig:

@@ -278,6 +278,58 @@ def test_last_layer_frozen_then_moving():
         assert np.all(first_moment != 0.0)
 
 
+def test_backbone_frozen_then_joins_under_its_own_warmup():
+    """optim.freeze_backbone_steps: the backbone is bit-identical (no update, no decay, Adam
+    moments untouched) for the phase while the heads train; then it joins with a fresh Adam
+    (first step mhat / sqrt(vhat) = sign(g)) at lr * 1/W of the join warm-up."""
+    params = make_params(seed=3, ibot_head=True)
+    freeze, ramp, lr, wd = 2, 2, 1e-2, 0.04
+    cfg = optim.OptimizerConfig(
+        freeze_backbone_steps=freeze, join_warmup_steps=ramp, layerwise_decay=1.0
+    )
+    tx, _ = build(params, cfg, lr=lr, wd=wd)
+    step = jitted_step(tx)
+    state, current = init_state(tx, params), params
+    initial = flat(params)
+    for t in range(freeze + 2):
+        previous = flat(current)
+        grads = random_grads(params, seed=30 + t)
+        current, state, _ = step(current, state, grads)
+        for path, new in flat(current).items():
+            moved = not np.array_equal(np.asarray(new), np.asarray(previous[path]))
+            if path.startswith("backbone/"):
+                assert moved == (t >= freeze), (t, path)
+            else:
+                assert moved, (t, path)  # every head leaf trains from the first update
+        if t < freeze:
+            for path, new in flat(current).items():
+                if path.startswith("backbone/"):
+                    np.testing.assert_array_equal(np.asarray(new), np.asarray(initial[path]))
+        if t == freeze:  # the backbone's first update: fresh Adam, join factor 1 / ramp
+            _, wd_mult, _ = optim.param_multipliers(params, cfg)
+            wd_mults = flat(wd_mult)
+            signs = flat(jax.tree.map(np.sign, grads))
+            for path, new in flat(current).items():
+                if not path.startswith("backbone/"):
+                    continue
+                theta = np.asarray(previous[path], np.float64)
+                lr_m = 0.2 if "patch_embed" in path else 1.0
+                expected = theta - lr * lr_m / ramp * (signs[path] + wd * wd_mults[path] * theta)
+                np.testing.assert_allclose(np.asarray(new), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_freeze_backbone_off_keeps_the_plain_chain():
+    """freeze_backbone_steps = 0 (the default) builds the recipe's chain: same state layout
+    (checkpoints stay loadable) and the same updates."""
+    params = make_params(seed=4)
+    plain, _ = build(params)
+    assert optim.OptimizerConfig().freeze_backbone_steps == 0
+    state = init_state(plain, params)
+    assert isinstance(state[1], optax.ScaleByAdamState)
+    with pytest.raises(ValueError, match="freeze_backbone_steps"):
+        optim.OptimizerConfig(freeze_backbone_steps=-1)
+
+
 # --------------------------------------------------------------------------- clipping
 
 
