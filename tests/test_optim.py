@@ -504,3 +504,46 @@ def test_resume_from_host_copy_is_exact():
         resumed, state, _ = step(resumed, state, g)
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_heads_only_phase_in_the_training_loop(tmp_path):
+    """optim.freeze_backbone_steps through the real loop on an FSDP mesh: during the phase
+    (checkpoints 1 and 3) the student's backbone does not change by a bit and stays the initial
+    one (the loop's jitted init may differ from an eager one by an ulp), the teacher's follows
+    it (EMA of equal trees), the heads train; after the phase (step 6) the backbone moves."""
+    from raddino_jax import checkpoint
+    from raddino_jax.config import model_spec
+    from raddino_jax.models import init_params
+    from raddino_jax.train import loop
+    from tests.tiny import build_tiny_dataset, tiny_run_config
+
+    dataset = build_tiny_dataset(tmp_path / "data")
+    overrides = {"optim.freeze_backbone_steps": 3, "model.drop_path_rate": 0.0}
+    config = tiny_run_config(*dataset, mesh={"data": 2, "fsdp": 4, "tensor": 1}, **overrides)
+    config.checkpoint_every, config.keep_checkpoints = 1, 6
+    loop.train(config, str(tmp_path / "run"))
+    params = {
+        (which, step): checkpoint.load_run_params(tmp_path / "run", which, step=step)[1]
+        for which in ("student", "teacher")
+        for step in (1, 3, 6)
+    }
+    initial = init_params(model_spec(config), config.seed)
+
+    def leaves(which, step, part):
+        return [np.asarray(x) for x in jax.tree.leaves(params[which, step][part])]
+
+    for a, b, c, t in zip(
+        leaves("student", 1, "backbone"),
+        leaves("student", 3, "backbone"),
+        jax.tree.leaves(initial["backbone"]),
+        leaves("teacher", 3, "backbone"),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(b, np.asarray(c), rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(t, b, rtol=1e-6, atol=1e-12)
+    for a, b in zip(leaves("student", 1, "dino_head"), leaves("student", 3, "dino_head")):
+        assert not np.array_equal(a, b)
+    for a, b in zip(leaves("student", 3, "backbone"), leaves("student", 6, "backbone")):
+        assert not np.array_equal(a, b)
