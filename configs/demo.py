@@ -17,12 +17,13 @@ AUROC is already 0.99 at 64 px with ~1,000 probe labels. The teacher entropy end
 log K. So the issue-23 bar (every finding above random init on both measures, entropy <= 80%
 of log K) is met for nodules only.
 
-What to expect on 2 CPU cores: 4,000 phantoms generated and built into WORKDIR/builtin (47 s
-on the shared VM at light load), one compile, then 150 steps of 32 (22 img/s at batch 64 on
-the shared VM at load ~5; the bare step of the same token count ran ~70 img/s on a quiet
-machine); held-out samples (2,400 phantoms, ~60 s at light load) and the evaluation follow.
-The whole `make demo` was not timed on a quiet machine; the loss, teacher entropy and
-student-teacher KL are in WORKDIR/metrics.jsonl.
+What to expect on 2 CPU cores (the shared VM, never quiet in this session): 4,000 phantoms
+generated and built into WORKDIR/builtin (47 s at light load), one compile, then 150 steps of
+32 (4,800 images: 31-34 img/s at load ~8, 5 img/s at load 15-18); held-out samples (2,400
+phantoms, ~60 s at light load), export and the evaluation with its curve follow. Estimated
+from these parts, `make demo` takes ~6-7 minutes on 2 quiet cores: over the issue's 5 minutes
+(not timed end to end; fewer training phantoms or no --curve would be the first cuts). The
+loss, teacher entropy and student-teacher KL are in WORKDIR/metrics.jsonl.
 
 Why each choice (issue 23; lever table in RESULTS.md):
 - model.patch_size 8 at data.global_size 64 / local_size 32 (64 + 16 patch tokens): the same
