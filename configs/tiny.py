@@ -21,6 +21,7 @@ def shrink(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     m = config.model
     m.arch = "vit_small"
     m.embed_dim, m.depth, m.num_heads = 32, 2, 2
+    m.patch_size = 14  # the crop sizes below are multiples of it (configs/demo.py uses 8)
     m.img_size = 0  # the global crop size
     m.head_out_dim, m.head_hidden_dim, m.head_bottleneck_dim = 64, 32, 16
     config.data.global_size, config.data.local_size = GLOBAL_SIZE, LOCAL_SIZE

@@ -51,6 +51,8 @@ DERIVED_FIELDS: dict[str, str] = {
     "model.head_in_dim": "the backbone width",
     "model.head_dtype": "model.dtype",
     "optim.n_blocks": "the backbone depth",
+    "optim.join_warmup_steps": "optim.warmup_steps (the backbone's lr ramp after the heads-only "
+    "phase, optim.freeze_backbone_steps)",
     "ssl.pixel_mean": "data.mean (the train step normalises integer crops with it)",
     "ssl.pixel_std": "data.std",
 }
@@ -216,6 +218,7 @@ def base_config() -> ml_collections.ConfigDict:
 STEP_SCHEDULE_KEYS: tuple[str, ...] = (
     "optim.warmup_steps",
     "optim.freeze_last_layer_steps",
+    "optim.freeze_backbone_steps",
     "teacher.warmup_temperature_steps",
     "ssl.gram_start_step",
     "ssl.gram_update_every",

@@ -403,6 +403,33 @@ def test_bootstrap_intervals_match_a_numpy_reference():
     np.testing.assert_allclose(bootstrap.auroc_samples(labels3, probs3, idx3), want3)
 
 
+def test_balanced_accuracy_intervals_match_scikit_learn():
+    """kNN balanced accuracy (the demo's bar, issue 23) is bootstrapped per resample exactly as
+    sklearn's balanced_accuracy_score, paired across models by attach_intervals."""
+    rng = np.random.default_rng(5)
+    n = 50
+    labels = rng.choice(3, n, p=[0.6, 0.3, 0.1])  # imbalanced: some resamples miss class 2
+    pred_a = np.where(rng.uniform(size=n) < 0.7, labels, rng.integers(0, 3, n))
+    pred_b = rng.integers(0, 3, n)
+    indices = bootstrap.resample_indices(n, 200, seed=0, key="k")
+    want = [balanced_accuracy_score(labels[i], pred_a[i]) for i in indices]
+    got = bootstrap.balanced_accuracy_samples(labels, pred_a, indices)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    path = "knn/y/k20/balanced_accuracy"
+    per_example = {
+        "a": {path: ("balanced_accuracy", labels, pred_a)},
+        "b": {path: ("balanced_accuracy", labels, pred_b)},
+    }
+    out = evaluate.attach_intervals(per_example, [("a", "b")], n_resamples=200, seed=1)
+    idx = bootstrap.resample_indices(n, 200, seed=1, key=path)
+    diff = [
+        balanced_accuracy_score(labels[i], pred_a[i])
+        - balanced_accuracy_score(labels[i], pred_b[i])
+        for i in idx
+    ]
+    assert out["differences"]["a_minus_b"][path] == pytest.approx(_reference_interval(diff))
+
+
 def test_attach_intervals_pairs_models_on_the_same_resamples():
     rng = np.random.default_rng(4)
     n = 60

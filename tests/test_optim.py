@@ -277,6 +277,58 @@ def test_last_layer_frozen_then_moving():
         assert np.all(first_moment != 0.0)
 
 
+def test_backbone_frozen_then_joins_under_its_own_warmup():
+    """optim.freeze_backbone_steps: the backbone is bit-identical (no update, no decay, Adam
+    moments untouched) for the phase while the heads train; then it joins with a fresh Adam
+    (first step mhat / sqrt(vhat) = sign(g)) at lr * 1/W of the join warm-up."""
+    params = make_params(seed=3, ibot_head=True)
+    freeze, ramp, lr, wd = 2, 2, 1e-2, 0.04
+    cfg = optim.OptimizerConfig(
+        freeze_backbone_steps=freeze, join_warmup_steps=ramp, layerwise_decay=1.0
+    )
+    tx, _ = build(params, cfg, lr=lr, wd=wd)
+    step = jitted_step(tx)
+    state, current = init_state(tx, params), params
+    initial = flat(params)
+    for t in range(freeze + 2):
+        previous = flat(current)
+        grads = random_grads(params, seed=30 + t)
+        current, state, _ = step(current, state, grads)
+        for path, new in flat(current).items():
+            moved = not np.array_equal(np.asarray(new), np.asarray(previous[path]))
+            if path.startswith("backbone/"):
+                assert moved == (t >= freeze), (t, path)
+            else:
+                assert moved, (t, path)  # every head leaf trains from the first update
+        if t < freeze:
+            for path, new in flat(current).items():
+                if path.startswith("backbone/"):
+                    np.testing.assert_array_equal(np.asarray(new), np.asarray(initial[path]))
+        if t == freeze:  # the backbone's first update: fresh Adam, join factor 1 / ramp
+            _, wd_mult, _ = optim.param_multipliers(params, cfg)
+            wd_mults = flat(wd_mult)
+            signs = flat(jax.tree.map(np.sign, grads))
+            for path, new in flat(current).items():
+                if not path.startswith("backbone/"):
+                    continue
+                theta = np.asarray(previous[path], np.float64)
+                lr_m = 0.2 if "patch_embed" in path else 1.0
+                expected = theta - lr * lr_m / ramp * (signs[path] + wd * wd_mults[path] * theta)
+                np.testing.assert_allclose(np.asarray(new), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_freeze_backbone_off_keeps_the_plain_chain():
+    """freeze_backbone_steps = 0 (the default) builds the recipe's chain: same state layout
+    (checkpoints stay loadable) and the same updates."""
+    params = make_params(seed=4)
+    plain, _ = build(params)
+    assert optim.OptimizerConfig().freeze_backbone_steps == 0
+    state = init_state(plain, params)
+    assert isinstance(state[1], optax.ScaleByAdamState)
+    with pytest.raises(ValueError, match="freeze_backbone_steps"):
+        optim.OptimizerConfig(freeze_backbone_steps=-1)
+
+
 # --------------------------------------------------------------------------- clipping
 
 
@@ -444,3 +496,46 @@ def test_resume_from_host_copy_is_exact():
         resumed, state, _ = step(resumed, state, g)
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_heads_only_phase_in_the_training_loop(tmp_path):
+    """optim.freeze_backbone_steps through the real loop on an FSDP mesh: during the phase
+    (checkpoints 1 and 3) the student's backbone does not change by a bit and stays the initial
+    one (the loop's jitted init may differ from an eager one by an ulp), the teacher's follows
+    it (EMA of equal trees), the heads train; after the phase (step 6) the backbone moves."""
+    from raddino_jax import checkpoint
+    from raddino_jax.config import model_spec
+    from raddino_jax.models import init_params
+    from raddino_jax.train import loop
+    from tests.tiny import build_tiny_dataset, tiny_run_config
+
+    dataset = build_tiny_dataset(tmp_path / "data")
+    overrides = {"optim.freeze_backbone_steps": 3, "model.drop_path_rate": 0.0}
+    config = tiny_run_config(*dataset, mesh={"data": 2, "fsdp": 4, "tensor": 1}, **overrides)
+    config.checkpoint_every, config.keep_checkpoints = 1, 6
+    loop.train(config, str(tmp_path / "run"))
+    params = {
+        (which, step): checkpoint.load_run_params(tmp_path / "run", which, step=step)[1]
+        for which in ("student", "teacher")
+        for step in (1, 3, 6)
+    }
+    initial = init_params(model_spec(config), config.seed)
+
+    def leaves(which, step, part):
+        return [np.asarray(x) for x in jax.tree.leaves(params[which, step][part])]
+
+    for a, b, c, t in zip(
+        leaves("student", 1, "backbone"),
+        leaves("student", 3, "backbone"),
+        jax.tree.leaves(initial["backbone"]),
+        leaves("teacher", 3, "backbone"),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(b, np.asarray(c), rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(t, b, rtol=1e-6, atol=1e-12)
+    for a, b in zip(leaves("student", 1, "dino_head"), leaves("student", 3, "dino_head")):
+        assert not np.array_equal(a, b)
+    for a, b in zip(leaves("student", 3, "backbone"), leaves("student", 6, "backbone")):
+        assert not np.array_equal(a, b)

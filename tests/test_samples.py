@@ -1,5 +1,6 @@
 """Tests for the built-in sample data: phantom generator, DICOM writer and the CLI output."""
 
+import collections
 import csv
 import io
 import json
@@ -387,3 +388,17 @@ def test_same_seed_same_bytes_different_seed_different(tmp_path):
     assert len(phantom_files) == 13
     assert all(a[k] != c.get(k) for k in phantom_files)
     assert a["labels.csv"] != c["labels.csv"]
+
+
+def test_cli_split_fractions(tmp_path):
+    """--split-fractions sets the phantom patients' split (the demo's held-out set: 45% test);
+    a malformed value is refused."""
+    samples.main(
+        ["--output", str(tmp_path), "--n-phantoms", "40", "--size", "64"]
+        + ["--seed", "3", "--split-fractions", "0.2,0.05,0.75"]
+    )
+    rows = list(csv.DictReader((tmp_path / "labels.csv").open()))
+    splits = collections.Counter(r["split"] for r in rows if r["kind"] == "phantom")
+    assert splits["test"] > 2 * splits["train"] > 2 * splits["val"] > 0
+    with pytest.raises(SystemExit):
+        samples.main(["--output", str(tmp_path / "x"), "--split-fractions", "0.5,0.5"])

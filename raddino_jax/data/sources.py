@@ -34,7 +34,11 @@ def builtin_dataset(workdir: str | epath.Path, n_phantoms: int, size: int) -> tu
         if not (samples / "labels.csv").exists():
             logging.info("generating the built-in samples in %s", samples)
             generate_samples(
-                samples, n_phantoms=n_phantoms, seed=0, split_fractions=BUILTIN_SPLIT_FRACTIONS
+                samples,
+                n_phantoms=n_phantoms,
+                size=max(size, 64),
+                seed=0,
+                split_fractions=BUILTIN_SPLIT_FRACTIONS,
             )
         build_dataset(
             BuildOptions(

@@ -45,6 +45,24 @@ def accuracy_samples(correct: np.ndarray, indices: np.ndarray) -> np.ndarray:
     return np.asarray(correct, np.float64)[indices].mean(axis=1)
 
 
+def balanced_accuracy_samples(
+    labels: np.ndarray, predicted: np.ndarray, indices: np.ndarray
+) -> np.ndarray:
+    """Balanced accuracy (mean per-class recall over the classes present) of each resample:
+    labels, predicted [N] int -> [R]. Equal to sklearn's balanced_accuracy_score per row."""
+    labels = np.asarray(labels)[indices]
+    correct = (np.asarray(predicted)[indices] == labels).astype(np.float64)
+    recalls, present = [], []
+    for c in np.unique(labels):
+        members = labels == c
+        count = members.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            recalls.append(np.where(count > 0, (correct * members).sum(axis=1) / count, 0.0))
+        present.append(count > 0)
+    recalls, present = np.stack(recalls, axis=1), np.stack(present, axis=1)
+    return recalls.sum(axis=1) / present.sum(axis=1)
+
+
 def _binary_auroc_rows(positive: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """AUROC of each row: positive [R, N] bool, scores [R, N] -> [R] (NaN: one class only)."""
     ranks = stats.rankdata(scores, axis=1)  # mid-ranks for ties

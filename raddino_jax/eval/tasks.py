@@ -77,8 +77,14 @@ def knn_task(features, roles, labels, ks, temperature, per_example=None) -> dict
         result = knn_metrics(scores, codes["test"][test], int(train.sum()))
         if per_example is not None:
             for k, class_scores in scores.items():
-                correct = class_scores.argmax(axis=1) == codes["test"][test]
+                predicted = class_scores.argmax(axis=1)
+                correct = predicted == codes["test"][test]
                 per_example[f"knn/{label}/k{k}/accuracy"] = ("accuracy", correct)
+                per_example[f"knn/{label}/k{k}/balanced_accuracy"] = (
+                    "balanced_accuracy",
+                    codes["test"][test],
+                    predicted,
+                )
         result["n_train"] = int(train.sum())
         result["n_test"] = int(test.sum())
         if train.sum() < max(ks):
@@ -268,6 +274,10 @@ def attach_intervals(
             indices = bootstrap.resample_indices(n, n_resamples, seed, key=path)
             if outcome[0] == "accuracy":
                 samples[model][path] = bootstrap.accuracy_samples(outcome[1], indices)
+            elif outcome[0] == "balanced_accuracy":
+                samples[model][path] = bootstrap.balanced_accuracy_samples(
+                    outcome[1], outcome[2], indices
+                )
             else:
                 samples[model][path] = bootstrap.auroc_samples(outcome[1], outcome[2], indices)
     intervals = {

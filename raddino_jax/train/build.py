@@ -228,7 +228,13 @@ def schedules(config: ml_collections.ConfigDict) -> Schedules:
 def optimizer_config(config: ml_collections.ConfigDict) -> OptimizerConfig:
     """`config.optim`'s optimiser fields; the block count comes from the model."""
     depth = model_spec(config).backbone.depth
-    return config_lib.from_section(OptimizerConfig, config.optim, "optim", n_blocks=depth)
+    return config_lib.from_section(
+        OptimizerConfig,
+        config.optim,
+        "optim",
+        n_blocks=depth,
+        join_warmup_steps=config.optim.warmup_steps,
+    )
 
 
 def crop_config(config: ml_collections.ConfigDict) -> MultiCropConfig:

@@ -81,6 +81,12 @@ class OptimizerConfig:
         If the regex has a named group "block", layer_id = int(block) + value, else value.
       last_layer_regex: parameters matching it use the last-layer lr schedule.
       submodules: top-level keys clipped separately; a key absent from the tree is skipped.
+      freeze_backbone_steps: heads-only phase for continued pretraining (issue 23): for the
+        first N updates the "backbone" subtree gets no update, no weight decay and no Adam
+        moment update (its Adam state starts counting when it joins, so the bias correction
+        is that of a fresh optimiser); the heads train as usual. 0: off.
+      join_warmup_steps: after the phase, the backbone's lr ramps linearly from lr/W to lr
+        over W updates (W = optim.warmup_steps, set by config.optimizer_config); 0: no ramp.
     """
 
     b1: float = 0.9
@@ -95,6 +101,8 @@ class OptimizerConfig:
     layer_id_rules: tuple[tuple[str, int], ...] = DEFAULT_LAYER_ID_RULES
     last_layer_regex: str = DEFAULT_LAST_LAYER_REGEX
     submodules: tuple[str, ...] = ("backbone", "dino_head", "ibot_head")
+    freeze_backbone_steps: int = 0
+    join_warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         """Fail on bad values and bad regexes now, not inside a traced function."""
@@ -104,6 +112,11 @@ class OptimizerConfig:
             raise ValueError("eps, clip_norm and layerwise_decay must be positive")
         if self.n_blocks is not None and self.n_blocks < 0:
             raise ValueError(f"n_blocks must be >= 0, got {self.n_blocks}")
+        if self.freeze_backbone_steps < 0 or self.join_warmup_steps < 0:
+            raise ValueError(
+                "freeze_backbone_steps and join_warmup_steps must be >= 0, got "
+                f"{self.freeze_backbone_steps}, {self.join_warmup_steps}"
+            )
         if not self.submodules or isinstance(self.submodules, str):
             raise ValueError(f"submodules must be a non-empty tuple, got {self.submodules!r}")
         for name in ("lr_mult_rules", "wd_mult_rules", "layer_id_rules"):
@@ -265,13 +278,19 @@ def scale_by_schedules_with_decay(
     lr_schedule: optax.Schedule,
     last_layer_lr_schedule: optax.Schedule,
     wd_schedule: optax.Schedule,
+    frozen: PyTree | None = None,
+    join_factor: optax.Schedule | None = None,
 ) -> optax.GradientTransformation:
     """upd = -lr_g(t) * (u + wd_g(t) * theta) per leaf, with t the count in the state.
 
-    lr_g = lr(t) * lr_mult (last_layer_lr(t) for last-layer leaves), wd_g = wd(t) * wd_mult.
+    lr_g = lr(t) * lr_mult (last_layer_lr(t) for last-layer leaves), wd_g = wd(t) * wd_mult;
+    for leaves marked in `frozen` (static bools) lr_g is further multiplied by join_factor(t),
+    exactly 0 during a heads-only phase, so those leaves stay bit-identical.
     The multiplier trees are static Python values, so the choice of schedule and the skipping
     of the decay term for exempt leaves happen at trace time.
     """
+    if frozen is None:
+        frozen = jax.tree.map(lambda _: False, lr_mult)
 
     def init_fn(params):
         del params
@@ -282,16 +301,61 @@ def scale_by_schedules_with_decay(
             raise ValueError("scale_by_schedules_with_decay needs params for weight decay")
         step = state.count
         lr, last_lr, wd = lr_schedule(step), last_layer_lr_schedule(step), wd_schedule(step)
+        join = None if join_factor is None else join_factor(step)
 
-        def leaf_update(u, theta, lr_m, wd_m, is_last):
+        def leaf_update(u, theta, lr_m, wd_m, is_last, is_frozen):
             group_lr = (last_lr if is_last else lr) * lr_m
+            if is_frozen and join is not None:
+                group_lr = group_lr * join
             direction = u if wd_m == 0.0 else u + jnp.asarray(wd * wd_m, u.dtype) * theta
             return -jnp.asarray(group_lr, u.dtype) * direction
 
-        new_updates = jax.tree.map(leaf_update, updates, params, lr_mult, wd_mult, last_layer)
+        new_updates = jax.tree.map(
+            leaf_update, updates, params, lr_mult, wd_mult, last_layer, frozen
+        )
         return new_updates, ScheduledDecayState(count=optax.safe_increment(step))
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+class HoldState(NamedTuple):
+    """`hold_until`'s state: updates seen so far and the held transformation's own state."""
+
+    count: jax.Array  # int32 scalar
+    inner_state: Any
+
+
+def hold_until(inner: optax.GradientTransformation, steps: int) -> optax.GradientTransformation:
+    """`inner`, switched off for the first `steps` updates: zero updates and its state unchanged
+    (Adam moments and count do not move), then `inner` as if it started at update `steps`."""
+
+    def init_fn(params):
+        return HoldState(count=jnp.zeros((), jnp.int32), inner_state=inner.init(params))
+
+    def update_fn(updates, state, params=None):
+        new_updates, new_inner = inner.update(updates, state.inner_state, params)
+        active = state.count >= steps
+        held = jax.tree.map(
+            lambda new, zero: jnp.where(active, new, jnp.zeros_like(zero)), new_updates, updates
+        )
+        inner_state = jax.tree.map(
+            lambda new, old: jnp.where(active, new, old), new_inner, state.inner_state
+        )
+        return held, HoldState(count=optax.safe_increment(state.count), inner_state=inner_state)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def backbone_join_factor(freeze_steps: int, warmup_steps: int) -> optax.Schedule:
+    """The backbone's lr factor: 0 for updates < freeze_steps, then (t - freeze_steps + 1) / W
+    up to 1 over W = warmup_steps updates (the backbone joins under a warm-up of its own)."""
+    ramp = max(warmup_steps, 1)
+
+    def factor(step):
+        joined = jnp.asarray(step, jnp.float32) - freeze_steps + 1.0
+        return jnp.clip(joined / ramp, 0.0, 1.0)
+
+    return factor
 
 
 def build_optimizer(
@@ -317,15 +381,34 @@ def build_optimizer(
     if unknown:
         raise ValueError(f"top-level keys {unknown} are not in cfg.submodules={cfg.submodules}")
     lr_mult, wd_mult, last_layer = param_multipliers(params, cfg)
+    clip = clip_by_submodule_norm(cfg.clip_norm, cfg.submodules)
+    adam = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+    schedules = dict(
+        lr_schedule=lr_schedule,
+        last_layer_lr_schedule=last_layer_lr_schedule,
+        wd_schedule=wd_schedule,
+    )
+    if not cfg.freeze_backbone_steps:
+        return optax.chain(
+            clip, adam, scale_by_schedules_with_decay(lr_mult, wd_mult, last_layer, **schedules)
+        )
+    # Heads-only phase: the backbone gets its own Adam, held until it joins, and an lr factor
+    # that is exactly 0 until then (no decay either), so its parameters stay bit-identical.
+    frozen = {
+        name: jax.tree.map(lambda _, f=name == "backbone": f, sub) for name, sub in params.items()
+    }
+    heads = jax.tree.map(lambda f: not f, frozen)
+    adam_backbone = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
     return optax.chain(
-        clip_by_submodule_norm(cfg.clip_norm, cfg.submodules),
-        optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+        clip,
+        optax.masked(adam, heads),
+        optax.masked(hold_until(adam_backbone, cfg.freeze_backbone_steps), frozen),
         scale_by_schedules_with_decay(
             lr_mult,
             wd_mult,
             last_layer,
-            lr_schedule=lr_schedule,
-            last_layer_lr_schedule=last_layer_lr_schedule,
-            wd_schedule=wd_schedule,
+            frozen=frozen,
+            join_factor=backbone_join_factor(cfg.freeze_backbone_steps, cfg.join_warmup_steps),
+            **schedules,
         ),
     )
