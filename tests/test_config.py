@@ -139,7 +139,7 @@ def test_command_line_reaches_new_keys(tmp_path):
             """
             from absl import app
             from ml_collections import config_flags
-            from raddino_jax import config as config_lib
+            from raddino_jax.train import build as build_lib
             CONFIG = config_flags.DEFINE_config_file("config")
             def main(_):
                 c = CONFIG.value
