@@ -17,7 +17,6 @@ Importing this module imports neither jax nor torch. A script imports it as `imp
 from __future__ import annotations
 
 import ast
-import importlib
 import json
 import os
 import platform
@@ -150,17 +149,13 @@ def parse_value(text: str):
 
 
 def named_config(name: str, overrides: Sequence[str] = ()):
-    """`configs/<name>.py`'s `get_config()` with "key.sub=value" overrides applied (unknown keys
-    raise, as `--config.key=value` does)."""
-    config = importlib.import_module(f"configs.{name}").get_config()
-    values = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"override {item!r} is not key=value")
-        values[key] = parse_value(value)
-    config.update_from_flattened_dict(values)
-    return config
+    """`configs/<name>.py`'s `get_config()` with "key.sub=value" overrides, loaded as the
+    drivers' `--config.key.sub=value` does (`config.load_config`: unknown keys raise)."""
+    import configs
+    from raddino_jax.config import load_config
+
+    path = os.path.join(os.path.dirname(configs.__file__), f"{name}.py")
+    return load_config(path, [f"--config.{item}" for item in overrides])
 
 
 # ----------------------------------------------------------------------------------------------

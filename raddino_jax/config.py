@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import math
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
@@ -204,6 +205,26 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.eval_split = "val"
     c.eval.max_examples = 512
     return c
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file (`configs/vitb14.py`, or `path:arg`) with
+    `--config.key=value` overrides, parsed exactly as the drivers' `--config` flag does
+    (ml_collections `config_flags`: literal values, tuples, unknown keys refused, naming them).
+    The scaling CLI and the benchmarks load configs with it; main and the sweep get the same
+    from their absl flag."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    values = flags.FlagValues()
+    argv = ["load_config", f"--config={path}", *overrides]
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=values,
+                                    sys_argv=argv)  # fmt: skip
+    try:
+        values(argv)
+        return values.config
+    except (AttributeError, KeyError, flags.Error) as err:  # an unknown key or a bad value
+        raise ConfigError(f"--config {path} {' '.join(overrides)}: {err}") from err
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,10 +36,8 @@ overrides (`--config.optim.base_lr=1e-3`) apply to every run; a mistyped key is 
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
 import dataclasses
-import importlib.util
 import json
 import math
 import sys
@@ -67,34 +65,6 @@ CSV_FIELDS = (
 # ------------------------------------------------------------------------------------------
 # Config
 # ------------------------------------------------------------------------------------------
-
-
-def load_config(path: str, overrides: Sequence[str]) -> ml_collections.ConfigDict:
-    """`get_config()` of a config file, with `--config.key=value` overrides (values parsed as
-    Python literals, else taken as strings); an unknown key is an error naming it."""
-    spec = importlib.util.spec_from_file_location("scaling_config", path)
-    if spec is None or spec.loader is None:
-        raise ValueError(f"--config: cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for item in overrides:
-        if not item.startswith("--config.") or "=" not in item:
-            raise ValueError(f"unrecognised argument {item!r}; overrides are --config.key=value")
-        key, text = item[len("--config.") :].split("=", 1)
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        node, *path = config, *key.split(".")
-        for part in path[:-1]:
-            if part not in node:
-                raise ValueError(f"--config.{key}: config has no key {part!r}")
-            node = node[part]
-        if path[-1] not in node:
-            raise ValueError(f"--config.{key}: config has no key {path[-1]!r}")
-        node[path[-1]] = value
-    return config
 
 
 def parse_sources(text: str) -> tuple[tuple[str, str, Any], ...]:
@@ -471,7 +441,7 @@ def plan(args: argparse.Namespace, overrides: Sequence[str]) -> Plan:
         raise ValueError(f"--steps must be > 0, got {args.steps}")
     labels = [label.strip() for label in args.label.split(",") if label.strip()]
     tasks = [task.strip() for task in args.task.split(",") if task.strip()]
-    base = load_config(args.config, overrides)
+    base = config_lib.load_config(args.config, overrides)
     workdir = epath.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if args.sources:
