@@ -198,6 +198,7 @@ def test_scale_to_steps_scales_every_step_schedule(monkeypatch):
             "--config.ssl.gram_update_every=10000",
             "--config.data.global_size=224",
             "--config.stages=((90000,518,98,2560),)",
+            "--config.data.builtin=True",  # any data: the schedules are what is checked
         ]
     )
     steps = 1000
