@@ -505,9 +505,9 @@ def test_heads_only_phase_in_the_training_loop(tmp_path):
     one (the loop's jitted init may differ from an eager one by an ulp), the teacher's follows
     it (EMA of equal trees), the heads train; after the phase (step 6) the backbone moves."""
     from raddino_jax import checkpoint
-    from raddino_jax.train.build import model_spec
     from raddino_jax.models import init_params
     from raddino_jax.train import loop
+    from raddino_jax.train.build import model_spec
     from tests.tiny import build_tiny_dataset, tiny_run_config
 
     dataset = build_tiny_dataset(tmp_path / "data")
