@@ -322,7 +322,7 @@ def test_two_distinct_sources_with_workers_stages_and_per_source_knn(data, tmp_p
     if not flags.FLAGS.is_parsed():  # Grain workers read absl flags (main parses them)
         flags.FLAGS.mark_as_parsed()
     batches = []
-    real_compile = loop.compile_train_step
+    real_compile = build_lib.compile_train_step
 
     def recording_compile(*args, **kwargs):
         step_fn = real_compile(*args, **kwargs)
@@ -338,7 +338,7 @@ def test_two_distinct_sources_with_workers_stages_and_per_source_knn(data, tmp_p
 
         return step
 
-    monkeypatch.setattr(loop, "compile_train_step", recording_compile)
+    monkeypatch.setattr(build_lib, "compile_train_step", recording_compile)
     config = tiny_run_config(
         str(data),
         "x",

@@ -362,13 +362,13 @@ def test_two_stages_over_a_mixture_compile_once_each_and_resume_after_sigkill(
 
     stage_overrides = {"stages": ((4, 84, 28, 32),), "checkpoint_every": 2}
     compiled = []
-    real_compile = loop.compile_train_step
+    real_compile = build_lib.compile_train_step
 
     def counting_compile(*args, **kwargs):
         compiled.append(real_compile(*args, **kwargs))
         return compiled[-1]
 
-    monkeypatch.setattr(loop, "compile_train_step", counting_compile)
+    monkeypatch.setattr(build_lib, "compile_train_step", counting_compile)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     cfg = tiny_run_config(*dataset, **_mixture_overrides(dataset), **stage_overrides)
     loop.train(cfg, str(straight))

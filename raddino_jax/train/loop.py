@@ -95,9 +95,9 @@ def train(
     )
     batch_shardings = sharding.batch_shardings(BATCH_KEYS, mesh)
     stage_table = stages_lib.stage_table(config)
-    # one jitted step per resolution stage (one compile each)
+    # one jitted step per resolution stage (one compile each); stage 0 has the config's sizes
     stage_runs = {
-        stage.index: run if len(stage_table) == 1 else run.for_stage(stage.config)
+        stage.index: run if stage.index == 0 else run.for_stage(stage.config)
         for stage in stage_table
     }
     # Memory preflight, before any data is built or read: every stage's step compiled for these
