@@ -72,14 +72,14 @@ if [[ "$DRY_RUN" == 1 ]]; then
   exec "$PY" benchmarks/gpu_check.py --dry-run "${PASS[@]}"
 fi
 STATUS=0
-PEER=(--device gpu --dtype bfloat16 --width 768 --depth 12 --n-local 8 --K 65536
+PEER=(--device gpu --dtype bfloat16 --width 768 --depth 12 --n-local 8 --K 65536 --prototype-chunk 8192
       --torch-modes eager,compile --torch-adamw fused --rounds 3 --steps 5 --threads 4)
 echo "[P] ours vs PyTorch (eager, torch.compile), ViT-B/14 518/98 x 40"
 "$PY" benchmarks/step_vs_reference.py "${PEER[@]}" --sizes 518x98 --batch 40 || STATUS=1
 "$PY" benchmarks/gpu_check.py "${PASS[@]}" || STATUS=1
 echo "[F] profile of the 518/98 x 40 step by kind of work, before / after the chunked head"
 "$PY" benchmarks/step_profile.py --config vitb14 --batch 40 --dtype bfloat16 --steps 3 \
-    --compare ssl.prototype_chunk=8192 || STATUS=1
+    --set ssl.prototype_chunk=0 --compare ssl.prototype_chunk=8192 || STATUS=1
 echo "[P] ours vs PyTorch at 224/98 x 64"
 "$PY" benchmarks/step_vs_reference.py "${PEER[@]}" --sizes 224x98 --batch 64 || STATUS=1
 exit $STATUS

@@ -10,7 +10,7 @@ ratio), XLA's memory analysis of each compiled step and the median step times wi
       --compare ssl.prototype_chunk=128
   # on a GPU (bf16, the RAD-DINO setting; see gpu_check.sh):
   python3 benchmarks/step_profile.py --config vitb14 --batch 40 --dtype bfloat16 \
-      --compare ssl.prototype_chunk=8192
+      --set ssl.prototype_chunk=0 --compare ssl.prototype_chunk=8192
 """
 
 from __future__ import annotations

@@ -63,6 +63,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--K", type=int, default=4096, help="prototypes of the shared head")
     p.add_argument("--head-hidden", type=int, default=2048)
     p.add_argument("--head-bottleneck", type=int, default=256)
+    p.add_argument("--prototype-chunk", type=int, default=0,
+                   help="ours: ssl.prototype_chunk (configs/vitb14.py uses 8192)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--torch-attention", default="sdpa", choices=["sdpa", "matmul"])
     p.add_argument("--torch-adamw", default="foreach", choices=["foreach", "fused"])
@@ -116,6 +118,7 @@ def benchmark_config(args: argparse.Namespace, size: str):
     c.data.global_size, c.data.local_size = parse_size(size)
     c.data.n_local = args.n_local
     c.optim.freeze_last_layer_steps = 0
+    c.ssl.prototype_chunk = args.prototype_chunk
     return comparable(c, args.batch)
 
 

@@ -26,6 +26,7 @@ def shrink(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     m.head_out_dim, m.head_hidden_dim, m.head_bottleneck_dim = 64, 32, 16
     config.data.global_size, config.data.local_size = GLOBAL_SIZE, LOCAL_SIZE
     config.data.n_local = N_LOCAL
+    config.ssl.prototype_chunk = 0  # the tiny head's 64 prototypes: no chunking
     return config
 
 

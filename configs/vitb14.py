@@ -13,8 +13,10 @@ output or the torch file / HF folder directly; heads start fresh unless `init.he
 Expect ~28 img/s per A100 in the reference (recipe s11); measure yours with raddino_jax.sweep.
 
 Memory (benchmarks/RESULTS.md, compiled for the slices without a TPU): as written, 40 images
-per chip fit a v5p chip (remat "dots", 53.1 GiB of 95 on v5p-8 and v5p-64; estimated >= 483
-ms per step) and an H200 (38 GiB; measured 382 ms per step). Smaller chips need more
+per chip fit a v5p chip (remat "dots", head + loss chunked over prototypes: 39.3 GiB of 95 on
+v5p-8, estimated >= 466 ms per step, MFU 0.507; 53.1 GiB / 484 ms with
+--config.ssl.prototype_chunk=0) and an H200 (38 GiB before the chunking; measured 382 ms per
+step, session 4). Smaller chips need more
 recompute and fewer images per chip, e.g. v5e (16 GiB): --config.model.remat=full
 --config.batch_size=<24 x chips> --config.data.mask_group_size=24
 --config.ssl.koleo_group_size=24 (9.7-10.9 GiB per chip); v4 (32 GiB per chip, a device per
@@ -52,6 +54,10 @@ def get_config():
     c.data.mask_group_size = 40  # the reference draws masks per GPU batch of 40
     c.data.num_workers = 8
     c.ssl.koleo_group_size = 40  # KoLeo per GPU batch, as the reference
+    # The heads' prototype layer and the DINO/iBOT losses in 8 chunks of 8,192 prototypes:
+    # the [tokens, 65536] logits are never stored (v5p-8: 53.1 -> 39.3 GiB per chip, estimated
+    # 484 -> 466 ms per step; benchmarks/RESULTS.md). 0 materialises them.
+    c.ssl.prototype_chunk = 8192
 
     c.optim.base_lr = 2e-4
     c.optim.warmup_steps = 10_000
