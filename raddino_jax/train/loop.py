@@ -11,8 +11,9 @@ Where the host waits for the devices, each step:
 - The step count is a Python counter (the device value is read once, at the start), so the
   host prepares batch N+1 and puts it on the devices while step N runs; with
   `data.device_prefetch` >= 2 a thread does that, also while the loop waits below.
-- After dispatching step N the host reads step N-1's metrics (all of them, for the NaN guard);
-  that waits for step N-1, never for step N, so the host runs at most one step ahead.
+- After dispatching step N the host reads step N-1's `finite` flag (the NaN guard; all of its
+  metrics only on log steps); that waits for step N-1, never for step N, so the host runs at
+  most one step ahead.
 - On checkpoint steps (and the last step) it waits for step N's metrics before saving, so a
   checkpoint never holds an update the NaN guard rejected; the save itself is asynchronous.
 - The preemption check is an all-gather across processes when there are several; it runs

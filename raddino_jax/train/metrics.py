@@ -212,8 +212,9 @@ class NonFiniteError(FloatingPointError):
 class StepLog:
     """Turns each step's device metrics into log records, one step late.
 
-    `flush()` reads the pending step's metrics to the host (every step, for the NaN guard) and
-    writes a record every `config.log_every` steps and at the last. The loop calls it after
+    `flush()` reads the pending step's `finite` flag every step (the NaN guard) and all of its
+    metrics only on log steps (every `config.log_every` steps and the last), where it writes a
+    record. The loop calls it after
     dispatching the next step. Step time and images/s are wall-clock averages over the steps
     since the previous log line.
     """
@@ -308,9 +309,11 @@ class StepLog:
 
 
 def check_finite(step: int, metrics) -> None:
-    values = jax.device_get(metrics)
-    if values["finite"]:
+    """The NaN guard: raises `NonFiniteError` when the step's update was refused. Only the
+    one `finite` scalar is read from the devices (every step); the rest on failure."""
+    if bool(jax.device_get(metrics["finite"])):
         return
+    values = jax.device_get(metrics)
     names = [k for k in values if k == "loss" or k.startswith("grad_norm/")]
     bad = [k for k in names if not np.isfinite(values[k])]
     raise NonFiniteError(
