@@ -158,6 +158,24 @@ def named_config(name: str, overrides: Sequence[str] = ()):
     return load_config(path, [f"--config.{item}" for item in overrides])
 
 
+def step_call(point, compiled, seed: int = 0) -> Callable[[], None]:
+    """A zero-argument call of one train step of a built run (`train.build.Run`) on the sweep's
+    synthetic batch: the state threaded through (donated), each call waited for."""
+    import jax
+
+    from raddino_jax import sweep
+
+    holder = {"state": sweep.initial_state(point, seed=0)}
+    batch = sweep.device_batch(point, seed)
+    keys = iter(sweep.step_keys(point, 10_000, seed))
+
+    def run() -> None:
+        holder["state"], metrics = compiled(holder["state"], batch, next(keys))
+        jax.block_until_ready((holder["state"], metrics))
+
+    return run
+
+
 # ----------------------------------------------------------------------------------------------
 # Rounds across worker processes
 # ----------------------------------------------------------------------------------------------

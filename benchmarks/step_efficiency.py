@@ -65,32 +65,14 @@ def matmul_call(size: int):
     return lambda: matmul(a, b).block_until_ready()
 
 
-def step_call(point, compiled, seed: int = 0):
-    """A zero-argument call of one train step (state threaded through, donated; waited)."""
-    import jax
-
-    from raddino_jax import sweep
-
-    holder = {"state": sweep.initial_state(point, seed=0)}
-    batch = sweep.device_batch(point, seed)
-    keys = iter(sweep.step_keys(point, 10_000, seed))
-
-    def run() -> None:
-        holder["state"], metrics = compiled(holder["state"], batch, next(keys))
-        jax.block_until_ready((holder["state"], metrics))
-
-    return run
-
-
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     import jax
 
     from raddino_jax import flops, sweep
-
-    config = step_config(args.config, args.batch, args.dtype, args.remat, args.set)
     from raddino_jax.train.build import build
 
+    config = step_config(args.config, args.batch, args.dtype, args.remat, args.set)
     point = build(
         sweep.point_config(config, (1, 1, 1), config.batch_size, args.remat), jax.devices()[:1]
     )
@@ -107,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         remat=args.remat,
     )
     xla = sweep.xla_flops(compiled)
-    run_step = step_call(point, compiled)
+    run_step = harness.step_call(point, compiled)
     times = harness.interleaved(
         {"matmul": matmul_call(args.matmul_size), "step": run_step}, args.rounds, args.warmup
     )

@@ -53,8 +53,6 @@ def variant_config(args: argparse.Namespace, extra: list[str]):
 
 def prepare(config, devices):
     """(point, compiled step, one-step runner) for a config on a 1x1x1 mesh."""
-    import jax
-
     from raddino_jax import sweep
     from raddino_jax.train.build import build
 
@@ -62,15 +60,7 @@ def prepare(config, devices):
         sweep.point_config(config, (1, 1, 1), config.batch_size, config.model.remat), devices
     )
     compiled, _ = sweep.compile_step(point)
-    holder = {"state": sweep.initial_state(point, seed=0)}
-    batch = sweep.device_batch(point, seed=0)
-    keys = iter(sweep.step_keys(point, 10_000, seed=0))
-
-    def run() -> None:
-        holder["state"], metrics = compiled(holder["state"], batch, next(keys))
-        jax.block_until_ready((holder["state"], metrics))
-
-    return point, compiled, run
+    return point, compiled, harness.step_call(point, compiled)
 
 
 def main(argv: list[str] | None = None) -> dict:
