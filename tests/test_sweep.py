@@ -21,7 +21,6 @@ from raddino_jax.parallel.mesh import make_mesh
 from raddino_jax.ssl.masking import mask_upper_bound
 from raddino_jax.train import build as build_lib
 from raddino_jax.train import state as train_state
-from raddino_jax.train.build import build
 from tests.tiny import set_dotted
 
 LAYOUTS = [(8, 1, 1), (4, 2, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)]
@@ -271,7 +270,7 @@ def test_cli_state_only(tmp_path):
 
 def test_cached_abstract_state_equals_train_state_abstract_state():
     c = sweep.point_config(tiny_config(), (2, 2, 2), 16, False)
-    point = build(c, jax.devices())
+    point = build_lib.build(c, jax.devices())
     want, want_shardings = train_state.abstract_state(point.spec, point.optimizer, point.mesh)
     assert jax.tree.structure(point.abstract_state) == jax.tree.structure(want)
     for got, ref in zip(jax.tree.leaves(point.abstract_state), jax.tree.leaves(want)):
@@ -298,7 +297,7 @@ def test_gram_config_runs_through_the_sweep():
     c = set_dotted(tiny_config(), {"ssl.gram_weight": 1.0, "ssl.gram_start_step": 0})
     row = sweep.run_point(c, SINGLE, 8, "none", devices=jax.devices()[:1], steps=1, warmup=1)
     assert row.status == "ok", row.reason
-    assert build(sweep.point_config(c, SINGLE, 8, "none"), jax.devices()[:1]).gram
+    assert build_lib.build(sweep.point_config(c, SINGLE, 8, "none"), jax.devices()[:1]).gram
 
 
 @pytest.mark.parametrize("transfer", ["uint8", "float32"])
@@ -311,7 +310,7 @@ def test_synthetic_host_batch_has_the_pipeline_layout(transfer):
     from raddino_jax.data import pipeline
 
     c = set_dotted(tiny_config(), {"data.transfer_dtype": transfer, "batch_size": 8})
-    point = build(sweep.point_config(c, SINGLE, 8, "none"), jax.devices()[:1])
+    point = build_lib.build(sweep.point_config(c, SINGLE, 8, "none"), jax.devices()[:1])
     rng = np.random.default_rng(0)
     records = [
         {"image": cv2.imencode(".png", rng.integers(0, 256, (80, 72), np.uint8))[1].tobytes()}

@@ -38,7 +38,6 @@ from raddino_jax.models import ModelSpec
 from raddino_jax.parallel import sharding
 from raddino_jax.train import build as build_lib
 from raddino_jax.train import stages as stages_lib
-from raddino_jax.train.build import build
 from raddino_jax.train.metrics import MetricsWriter, StepLog, progress_bar
 from raddino_jax.train.preemption import Preempted, SignalFlag, preemption_check_due
 from raddino_jax.train.weights import initial_params
@@ -86,7 +85,7 @@ def train(
     workdir = epath.Path(workdir)
     devices = jax.devices()
     config_lib.validate(config, n_devices=len(devices), process_count=jax.process_count())
-    run = build(config, devices)
+    run = build_lib.build(config, devices)
     mesh, spec, objective = run.mesh, run.spec, run.objective
     is_main = jax.process_index() == 0
     say(f"run: {config_lib.describe(config)}")
