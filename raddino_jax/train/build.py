@@ -85,6 +85,7 @@ class Run:
             params=params,
             rules=self.tensor_rules,
             gram=self.gram,
+            shardings=self.shardings,
         )
 
 

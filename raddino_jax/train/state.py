@@ -100,13 +100,17 @@ def create_state(
     params: dict | None = None,
     rules: sharding.Rules = sharding.TENSOR_RULES,
     gram: bool = False,
+    shardings: Any = None,
 ) -> TrainState:
     """A train state created inside jit straight into its shardings (no single-device copy).
 
     `params` (e.g. imported DINOv2 / RAD-DINO weights, possibly with fresh heads merged in)
     replaces the random initialisation. `gram` adds the Gram teacher (`ssl.gram_weight` > 0).
+    `shardings`: the state's shardings when the caller has them (`train.build.Run`); else they
+    are traced here from `rules`.
     """
-    _, shardings = abstract_state(spec, optimizer, mesh, rules, gram)
+    if shardings is None:
+        _, shardings = abstract_state(spec, optimizer, mesh, rules, gram)
     if params is None:
         make = jax.jit(
             lambda: new_state(init_params(spec, seed), optimizer, spec, gram),
