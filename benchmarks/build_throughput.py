@@ -80,7 +80,7 @@ def write_synthetic_dicoms(folder: pathlib.Path, files: int, height: int, width:
 def make_corpus(args: argparse.Namespace, workdir: pathlib.Path) -> tuple[str, int]:
     """(--input for the build, number of input files)."""
     if args.corpus == "samples":
-        from raddino_jax.data.samples.generate import generate_samples
+        from data_prep.samples.generate import generate_samples
 
         folder = workdir / "samples"
         if not (folder / "labels.csv").exists():

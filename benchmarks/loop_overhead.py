@@ -119,13 +119,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise SystemExit("--steps and --skip must be >= 1 (the first step compiles)")
     import jax  # noqa: F401  (its devices go into the header)
 
-    from raddino_jax.data import sources
+    from data_prep.samples.builtin import builtin_dataset
 
     machine = harness.machine_header()  # the load average before this benchmark adds its own
     with tempfile.TemporaryDirectory(prefix="loop_overhead_") as scratch:
         root = args.data_root or os.path.join(scratch, "data")
         probe = harness.named_config(args.config)
-        data_dir, name = sources.builtin_dataset(root, args.phantoms, probe.data.builtin_size)
+        data_dir, name = builtin_dataset(root, args.phantoms, probe.data.builtin_size)
         config = bench_config(args, data_dir, name)
         loop_times = loop_step_times(config, os.path.join(scratch, "run"))[args.skip :]
         bare_times = bare_step_times(config, steps=args.steps, warmup=args.skip)

@@ -67,6 +67,16 @@ def init_distributed() -> None:
     )
 
 
+def _builtin_maker(config):
+    """The built-in samples' maker when the config trains on them (data.builtin): the offline
+    generator lives in data_prep, imported only then."""
+    if not config.data.builtin:
+        return None
+    from data_prep.samples.builtin import builtin_dataset
+
+    return builtin_dataset
+
+
 def main(argv: list[str]) -> None:
     del argv
     if _CONFIG.value is None:
@@ -86,7 +96,10 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax/grain INFO chatter; the loop prints its own
     try:
         last = loop.train(
-            _CONFIG.value, _WORKDIR.value, check_memory=preflight.check_training_memory
+            _CONFIG.value,
+            _WORKDIR.value,
+            check_memory=preflight.check_training_memory,
+            make_builtin=_builtin_maker(_CONFIG.value),
         )
     except (ConfigError, RestoreError) as err:
         print(f"config error: {err}", file=sys.stderr)

@@ -448,9 +448,9 @@ def plan(args: argparse.Namespace, overrides: Sequence[str]) -> Plan:
         base.data.dir, base.data.name, base.data.builtin = "", "", False
         base.data.sources = parse_sources(args.sources)
     elif base.data.builtin:  # the built-in samples (data.builtin), built once, shared by the runs
-        from raddino_jax.data import sources
+        from data_prep.samples.builtin import builtin_dataset
 
-        base.data.dir, base.data.name = sources.builtin_dataset(
+        base.data.dir, base.data.name = builtin_dataset(
             workdir, base.data.builtin_phantoms, base.data.builtin_size
         )
         base.data.builtin = False

@@ -461,7 +461,7 @@ def _reference_decode(data: bytes) -> np.ndarray:
 
 def _windowed_test_files() -> dict[str, bytes]:
     """Real files with a window or VOI LUT, one per VOI function, and the windowed phantoms."""
-    from raddino_jax.data.samples import phantom_dicom, phantoms
+    from data_prep.samples import phantom_dicom, phantoms
 
     def with_function(function):
         def edit(ds):

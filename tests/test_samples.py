@@ -13,8 +13,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from scipy import ndimage
 
 from data_prep import samples
-from raddino_jax.data import sources
-from raddino_jax.data.samples import generate, phantom_dicom, phantoms
+from data_prep.samples import builtin, generate, phantom_dicom, phantoms
 
 N_PHANTOMS = 24  # two passes over the 12 DICOM variants
 SIZE = 72
@@ -349,7 +348,7 @@ def test_split_fractions_and_plan_balance():
     split = generate.split_patients(np.random.default_rng(0), ids)
     counts = {name: list(split.values()).count(name) for name in ("train", "val", "test")}
     assert counts == {"train": 140, "val": 30, "test": 30}
-    demo = generate.split_patients(np.random.default_rng(0), ids, sources.BUILTIN_SPLIT_FRACTIONS)
+    demo = generate.split_patients(np.random.default_rng(0), ids, builtin.BUILTIN_SPLIT_FRACTIONS)
     counts = {name: list(demo.values()).count(name) for name in ("train", "val", "test")}
     assert counts == {"train": 90, "val": 20, "test": 90}
     for bad in ({"train": 0.5, "test": 0.5}, {"train": 0.5, "val": 0.1, "test": 0.3}):
@@ -402,3 +401,25 @@ def test_cli_split_fractions(tmp_path):
     assert splits["test"] > 2 * splits["train"] > 2 * splits["val"] > 0
     with pytest.raises(SystemExit):
         samples.main(["--output", str(tmp_path / "x"), "--split-fractions", "0.5,0.5"])
+
+
+def test_builtin_data_needs_the_command_line_maker(tmp_path):
+    """The runtime package never generates samples itself: data.builtin without the maker that
+    the command lines pass (data_prep.samples.builtin) is refused, naming the key; with a maker,
+    its dataset is what is opened."""
+    from raddino_jax.config import base_config
+    from raddino_jax.data import sources
+
+    config = base_config()
+    config.data.builtin = True
+    with pytest.raises(ValueError, match="data.builtin"):
+        sources.open_training_data(config, tmp_path)
+    calls = []
+
+    def maker(workdir, n_phantoms, size):
+        calls.append((workdir, n_phantoms, size))
+        raise FileNotFoundError("stop here")
+
+    with pytest.raises(FileNotFoundError, match="stop here"):
+        sources.open_training_data(config, tmp_path, maker)
+    assert calls == [(tmp_path, config.data.builtin_phantoms, config.data.builtin_size)]

@@ -1,60 +1,19 @@
 """Where training records come from: a built tfds dataset, a mixture of them, or the built-in
-samples; optionally a nested, patient-level subset of them (`config.data.fraction`)."""
+samples (made by `data_prep.samples.builtin`, handed in by the command line); optionally a
+nested, patient-level subset of them (`config.data.fraction`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
-import jax
 import numpy as np
-from absl import logging
 from etils import epath
 
-BUILTIN_NAME = "samples"
-# The built-in samples serve the demo: pretraining reads train, and the held-out evaluation
-# needs a test split large enough for bootstrap intervals (>= 200 images from 500 phantoms),
-# hence a larger test share than the generator's 70/15/15 default.
-BUILTIN_SPLIT_FRACTIONS = {"train": 0.45, "val": 0.10, "test": 0.45}
-
-
-def builtin_dataset(workdir: str | epath.Path, n_phantoms: int, size: int) -> tuple[str, str]:
-    """Materialise the built-in samples as a tfds dataset under WORKDIR (once; re-runs reuse it).
-
-    Phantom patients are split by `BUILTIN_SPLIT_FRACTIONS`. Process 0 generates and builds,
-    the others wait at a barrier. Returns (data_dir, name).
-    """
-    from raddino_jax.data.builder import BuildOptions, build_dataset
-    from raddino_jax.data.samples.generate import generate_samples
-
-    root = epath.Path(workdir) / "builtin"
-    samples, data_dir = root / "samples", root / "tfds"
-    if jax.process_index() == 0:
-        if not (samples / "labels.csv").exists():
-            logging.info("generating the built-in samples in %s", samples)
-            generate_samples(
-                samples,
-                n_phantoms=n_phantoms,
-                size=max(size, 64),
-                seed=0,
-                split_fractions=BUILTIN_SPLIT_FRACTIONS,
-            )
-        build_dataset(
-            BuildOptions(
-                input=str(samples / "labels.csv"),
-                output=str(data_dir),
-                name=BUILTIN_NAME,
-                size=size,
-                workers=1,
-            )
-        )
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("raddino_jax builtin samples ready")
-    return str(data_dir), BUILTIN_NAME
-
+# (workdir, n_phantoms, size) -> (data_dir, name): `data_prep.samples.builtin.builtin_dataset`
+MakeBuiltin = Callable[[epath.Path, int, int], tuple[str, str]]
 
 def open_training_split(data_dir: str, name: str, split: str):
     """Random-access records (PNG bytes undecoded) of one split."""
@@ -147,9 +106,12 @@ def patient_subset(source, fraction: float) -> Subset:
     return Subset(source, np.asarray(keep, np.int64))
 
 
-def open_training_data(config, workdir: str | epath.Path) -> TrainingData:
-    """`config.data`'s records: the built-in samples (data.builtin), data.dir/data.name, or
-    the weighted mixture of data.sources; each restricted to `data.fraction` of its patients."""
+def open_training_data(
+    config, workdir: str | epath.Path, make_builtin: MakeBuiltin | None = None
+) -> TrainingData:
+    """`config.data`'s records: the built-in samples (data.builtin, made by `make_builtin`),
+    data.dir/data.name, or the weighted mixture of data.sources; each restricted to
+    `data.fraction` of its patients."""
     from raddino_jax.data import pipeline
 
     d = config.data
@@ -173,7 +135,13 @@ def open_training_data(config, workdir: str | epath.Path) -> TrainingData:
         return TrainingData(mixture, d.sources[0][1], d.sources[0][0], names)
     if not d.builtin:
         return TrainingData(open_one(d.dir, d.name), d.dir, d.name, ())
-    data_dir, name = builtin_dataset(workdir, d.builtin_phantoms, d.builtin_size)
+    if make_builtin is None:
+        raise ValueError(
+            "config.data.builtin=True: the built-in samples are made by the command lines "
+            "(python -m raddino_jax.main / raddino_jax.scaling); elsewhere build them with "
+            "data_prep.samples + data_prep.build and set data.dir/data.name"
+        )
+    data_dir, name = make_builtin(epath.Path(workdir), d.builtin_phantoms, d.builtin_size)
     return TrainingData(open_one(data_dir, name), data_dir, name, ())
 
 

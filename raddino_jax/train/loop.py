@@ -71,6 +71,7 @@ def train(
     data: sources.TrainingData | None = None,
     *,
     check_memory: Callable | None = None,
+    make_builtin: sources.MakeBuiltin | None = None,
 ) -> dict[str, float]:
     """Run (or resume) training to `config.total_steps`; returns the last logged metrics.
 
@@ -80,7 +81,8 @@ def train(
     `check_memory([(label, the stage's `build.Run`), ...], config, say)` runs before any data
     is built or read; the driver passes `sweep.preflight.check_training_memory` (which
     compiles each step and raises when it does not fit), tests that call `train` directly
-    leave it out.
+    leave it out. `make_builtin` makes the built-in samples (data.builtin): the driver passes
+    `data_prep.samples.builtin.builtin_dataset`.
     """
     workdir = epath.Path(workdir)
     devices = jax.devices()
@@ -113,7 +115,7 @@ def train(
         )
 
     # Data: one dataset per resolution stage (train/stages.py), each continuing the stream
-    data = data or sources.open_training_data(config, workdir)
+    data = data or sources.open_training_data(config, workdir, make_builtin)
     data_dir, name = data.data_dir, data.name
     if config.data.builtin:
         say(f"data.builtin: training on the built-in samples at {data_dir}/{name}")

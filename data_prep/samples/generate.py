@@ -31,7 +31,7 @@ import pydicom
 from etils import epath
 from PIL import Image
 
-from raddino_jax.data.samples import phantom_dicom, phantoms
+from data_prep.samples import phantom_dicom, phantoms
 
 CSV_COLUMNS = (
     "path",

@@ -12,8 +12,10 @@ Writes, with no network access and byte-identical for a given seed:
                                    age, kind; paths relative to DIR
     DIR/samples.json               counts, seed, transfer syntaxes used and skipped
 
-labels.csv is the input contract of data_prep.build. The generator itself lives in
-raddino_jax.data.samples (training makes the same samples when config.data.dir is empty).
+labels.csv is the input contract of data_prep.build. The package: `phantoms` (the chest
+phantom and its findings), `phantom_dicom` (their DICOM files), `generate` (the sample set) and
+`builtin` (the samples `config.data.builtin=True` trains on). It lives outside the runtime
+package: only the command lines that honour data.builtin import it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from raddino_jax.data.samples.generate import generate_samples
+from data_prep.samples.generate import generate_samples
+
+__all__ = ["generate_samples", "main"]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -47,7 +51,3 @@ def main(argv: Sequence[str] | None = None) -> None:
         fractions = dict(zip(("train", "val", "test"), values, strict=True))
     summary = generate_samples(args.output, args.n_phantoms, args.size, args.seed, fractions)
     print(json.dumps(summary, indent=2, sort_keys=True))
-
-
-if __name__ == "__main__":
-    main()

@@ -26,7 +26,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from raddino_jax.data.samples.phantoms import PhantomParams
+from data_prep.samples.phantoms import PhantomParams
 
 CR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
 DX_IMAGE_STORAGE_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")

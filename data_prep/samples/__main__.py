@@ -1,0 +1,5 @@
+"""`python -m data_prep.samples`: see the package docstring."""
+
+from data_prep.samples import main
+
+main()
