@@ -1,4 +1,4 @@
-"""Config schema, validation (before anything compiles) and the builders that read it.
+"""Config schema and its validation (before anything compiles).
 
 Every experiment is a `configs/<name>.py` whose `get_config()` starts from `base_config()` and
 changes values. The ConfigDict is locked, so a mistyped key (in a config file or a
@@ -7,8 +7,8 @@ changes values. The ConfigDict is locked, so a mistyped key (in a config file or
 One schema, one place per default: the frozen dataclasses the code consumes (`ViTConfig`,
 `HeadConfig`, `ObjectiveConfig`, `OptimizerConfig`, `MultiCropConfig`) *are* the schema of
 their config sections. `base_config()` generates those sections from the dataclass fields and
-defaults (`_section`), and the builders construct the dataclasses back from the sections
-(`_build`), so a new dataclass field is a new config key with no other edit. Each dataclass
+defaults (`_section`), and `train/build.py` constructs the dataclasses back from the sections
+(`from_section`), so a new dataclass field is a new config key with no other edit. Each dataclass
 validates its own fields in `__post_init__`; `validate()` turns those errors into `ConfigError`
 naming the key and adds only the checks that span sections (mesh, batch, sizes, paths). Keys
 that exist only at the run level (steps, schedules, teacher, data source, eval) are declared
@@ -228,75 +228,11 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 
 
 # ----------------------------------------------------------------------------------------------
-# Run length
-# ----------------------------------------------------------------------------------------------
-
-# Every step-denominated setting that belongs to the recipe, and so scales with the run length
-# (`scale_to_steps`). Adding a key here is all a new schedule length needs. The start steps of
-# `stages` scale too. Not listed, on purpose: the cadences of running the run (log_every,
-# checkpoint_every, eval.every, preemption_check_every, profile_steps) are about the machine,
-# not the recipe, and a run always saves at its last step.
-STEP_SCHEDULE_KEYS: tuple[str, ...] = (
-    "optim.warmup_steps",
-    "optim.freeze_last_layer_steps",
-    "optim.freeze_backbone_steps",
-    "teacher.warmup_temperature_steps",
-    "ssl.gram_start_step",
-    "ssl.gram_update_every",
-)
-
-
-def scale_to_steps(
-    config: ml_collections.ConfigDict, total_steps: int
-) -> tuple[ml_collections.ConfigDict, dict[str, tuple[Any, Any]]]:
-    """A copy of `config` that runs `total_steps` steps, with every step-denominated schedule
-    (`STEP_SCHEDULE_KEYS` and the stage start steps) scaled by total_steps / config.total_steps,
-    so a shortened run keeps the recipe's proportions (10k of 100k warm-up steps -> 1,250 of
-    12,500) instead of spending most of it warming up with a frozen last layer.
-
-    Values are rounded to whole steps; a non-zero value stays at least 1 and 0 stays 0 (off).
-    Returns (config, {key: (old, new)} for every value that changed), for the caller to print.
-    `raddino_jax.scaling` uses it for every run; call it to shorten any config.
-    """
-    if total_steps <= 0:
-        raise ConfigError(f"config.total_steps: must be > 0, got {total_steps}")
-    ratio = total_steps / config.total_steps
-
-    def scaled(value: int) -> int:
-        return max(1, round(value * ratio)) if value else 0
-
-    out = ml_collections.ConfigDict(config.to_dict())
-    changes: dict[str, tuple[Any, Any]] = {}
-    if total_steps != config.total_steps:
-        changes["total_steps"] = (config.total_steps, total_steps)
-    out.total_steps = total_steps
-    for key in STEP_SCHEDULE_KEYS:
-        section, name = key.split(".")
-        old = config[section][name]
-        out[section][name] = scaled(old)
-        if out[section][name] != old:
-            changes[key] = (old, out[section][name])
-    if config.stages:
-        stages = tuple((scaled(start), *sizes) for start, *sizes in config.stages)
-        if stages != tuple(tuple(entry) for entry in config.stages):
-            changes["stages"] = (tuple(tuple(entry) for entry in config.stages), stages)
-        out.stages = stages
-    if config.is_locked:
-        out.lock()
-    return out, changes
-
-
-def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
-    """The changes of `scale_to_steps` as "key old -> new, ...", for the console."""
-    return ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changes.items()) or "none"
-
-
-# ----------------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------------
 
 
-def _require(condition: bool, key: str, message: str) -> None:
+def require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"config.{key}: {message}")
 
@@ -309,24 +245,30 @@ def validate(
     `data=False` skips the choice of training data (a sweep compiles the step on a synthetic
     batch, so it needs none)."""
     from raddino_jax.parallel.mesh import resolve_mesh_shape
-    from raddino_jax.train.build import crop_config, model_spec, objective_config, optimizer_config
+    from raddino_jax.train.build import (
+        crop_config,
+        mask_group_size,
+        model_spec,
+        objective_config,
+        optimizer_config,
+    )
 
-    _require(config.total_steps > 0, "total_steps", f"must be > 0, got {config.total_steps}")
-    _require(config.log_every > 0, "log_every", f"must be > 0, got {config.log_every}")
-    _require(config.checkpoint_every > 0, "checkpoint_every", "must be > 0")
-    _require(config.keep_checkpoints > 0, "keep_checkpoints", "must be > 0")
-    _require(
+    require(config.total_steps > 0, "total_steps", f"must be > 0, got {config.total_steps}")
+    require(config.log_every > 0, "log_every", f"must be > 0, got {config.log_every}")
+    require(config.checkpoint_every > 0, "checkpoint_every", "must be > 0")
+    require(config.keep_checkpoints > 0, "keep_checkpoints", "must be > 0")
+    require(
         config.preemption_check_every > 0,
         "preemption_check_every",
         f"must be > 0 (steps between multi-process signal checks), got "
         f"{config.preemption_check_every}",
     )
-    _require(0 <= config.seed < 2**31, "seed", "must be in [0, 2**31)")
+    require(0 <= config.seed < 2**31, "seed", "must be in [0, 2**31)")
     m, d, o = config.model, config.data, config.optim
-    _require(m.arch in ARCHS, "model.arch", f"unknown {m.arch!r}; expected one of {sorted(ARCHS)}")
+    require(m.arch in ARCHS, "model.arch", f"unknown {m.arch!r}; expected one of {sorted(ARCHS)}")
     for key in ("global_size", "local_size"):
         size = d[key]
-        _require(
+        require(
             size > 0 and size % m.patch_size == 0,
             f"data.{key}",
             f"{size} is not a positive multiple of model.patch_size={m.patch_size}",
@@ -335,15 +277,15 @@ def validate(
     spec = model_spec(config)
     optimizer = optimizer_config(config)
     crop_config(config)
-    _require(o.base_lr > 0, "optim.base_lr", f"must be > 0, got {o.base_lr}")
-    _require(
+    require(o.base_lr > 0, "optim.base_lr", f"must be > 0, got {o.base_lr}")
+    require(
         0 <= o.warmup_steps <= config.total_steps,
         "optim.warmup_steps",
         f"must be in [0, total_steps={config.total_steps}]; to shorten a config, "
-        "config.scale_to_steps scales every schedule length with the run",
+        "train.stages.scale_to_steps scales every schedule length with the run",
     )
-    _require(0.0 < config.teacher.momentum <= 1.0, "teacher.momentum", "must be in (0, 1]")
-    _require(
+    require(0.0 < config.teacher.momentum <= 1.0, "teacher.momentum", "must be in (0, 1]")
+    require(
         config.teacher.temperature > 0 and config.teacher.warmup_temperature > 0,
         "teacher.temperature",
         "temperatures must be > 0",
@@ -353,25 +295,25 @@ def validate(
     except ValueError as err:
         raise ConfigError(str(err)) from err
     shards = mesh_shape[0] * mesh_shape[1]
-    _require(
+    require(
         config.batch_size > 0 and config.batch_size % shards == 0,
         "batch_size",
         f"{config.batch_size} is not divisible by the {shards} batch shards of mesh "
         f"{dict(zip(('data', 'fsdp', 'tensor'), mesh_shape, strict=True))}",
     )
-    _require(
+    require(
         config.batch_size % process_count == 0,
         "batch_size",
         f"{config.batch_size} is not divisible by the {process_count} processes",
     )
     group = mask_group_size(config, n_devices)
     per_process = config.batch_size // process_count
-    _require(
+    require(
         per_process % group == 0,
         "data.mask_group_size",
         f"{group} does not divide the per-process batch {per_process}",
     )
-    _require(
+    require(
         (config.batch_size // group) % shards == 0,
         "data.mask_group_size",
         f"the {config.batch_size // group} mask groups do not split over {shards} batch shards;"
@@ -379,14 +321,14 @@ def validate(
     )
     chunk = config.ssl.prototype_chunk
     for head in (spec.dino_head, spec.ibot_head):
-        _require(
+        require(
             not chunk or head is None or head.out_dim % chunk == 0,
             "ssl.prototype_chunk",
             f"{chunk} does not divide the head's {head and head.out_dim} prototypes "
             "(model.head_out_dim / model.ibot_out_dim); 0 turns chunking off",
         )
     koleo = objective_config(config, n_devices).koleo_group_size
-    _require(
+    require(
         config.batch_size % koleo == 0,
         "ssl.koleo_group_size",
         f"{koleo} does not divide batch_size {config.batch_size}",
@@ -394,57 +336,51 @@ def validate(
     _check_rules_match(spec, optimizer)
     if config.profile_steps:
         parts = config.profile_steps.split(":")
-        _require(
+        require(
             len(parts) == 2 and all(p.isdigit() for p in parts) and int(parts[0]) < int(parts[1]),
             "profile_steps",
             f"{config.profile_steps!r} must look like START:STOP",
         )
-    _require(
+    require(
         d.device_prefetch >= 0,
         "data.device_prefetch",
         f"must be >= 0 (global batches prepared ahead; 0 or 1: none in the background), got "
         f"{d.device_prefetch}",
     )
-    _require(
+    require(
         0 <= d.max_bad_fraction <= 1,
         "data.max_bad_fraction",
         f"must be in [0, 1], got {d.max_bad_fraction}",
     )
-    _require(
+    require(
         config.device_memory_gib >= 0,
         "device_memory_gib",
         f"must be >= 0 (0: from the device), got {config.device_memory_gib}",
     )
-    _validate_sources(d)
+    from raddino_jax.data.sources import validate_data
+
+    validate_data(d, choice=data)
     _validate_stages(config, n_devices=n_devices, process_count=process_count, data=data)
-    if data:
-        _validate_data_choice(d)
-    if d.dir or d.name:
-        _require(bool(d.dir) and bool(d.name), "data.dir", "set both data.dir and data.name")
-        path = epath.Path(d.dir) / d.name
-        _require(
-            path.exists(),
-            "data.dir",
-            f"{path} does not exist; build it with `python -m data_prep.build` (or set "
-            "data.dir/data.name empty and data.builtin=True to use the built-in samples)",
-        )
     if config.init.checkpoint:
-        _require(
+        require(
             epath.Path(config.init.checkpoint).exists(),
             "init.checkpoint",
             f"{config.init.checkpoint} does not exist",
         )
     if config.init.heads:
-        _require(bool(config.init.checkpoint), "init.heads", "needs init.checkpoint too")
-        _require(
+        require(bool(config.init.checkpoint), "init.heads", "needs init.checkpoint too")
+        require(
             epath.Path(config.init.heads).exists(),
             "init.heads",
             f"{config.init.heads} does not exist",
         )
     _validate_gram(config)
     if config.eval.every:
-        _require(bool(config.eval.label), "eval.label", "set the label field for periodic kNN")
+        require(bool(config.eval.label), "eval.label", "set the label field for periodic kNN")
         if d.dir or d.sources or config.eval.data:  # the built-in samples: checked once built
+            from raddino_jax.data.sources import training_datasets
+            from raddino_jax.eval.hook import eval_datasets
+
             eval_datasets(config, training_datasets(config))
 
 
@@ -454,139 +390,13 @@ def _validate_gram(config: ml_collections.ConfigDict) -> None:
     s = config.ssl
     if s.gram_weight <= 0:
         return
-    _require(
+    require(
         s.gram_start_step < config.total_steps,
         "ssl.gram_start_step",
         f"{s.gram_start_step} is not before config.total_steps={config.total_steps}: Gram "
         "anchoring would never turn on (yet its teacher would fill memory and checkpoints). "
         "Start it earlier (DINOv3 anchors the later part of a run), raise total_steps, or set "
         "ssl.gram_weight=0",
-    )
-
-
-def training_datasets(
-    config: ml_collections.ConfigDict, builtin: tuple[str, str] | None = None
-) -> list[tuple[str, str, str]]:
-    """(report name, data_dir, tfds name) of each configured training dataset: the mixture's
-    sources (named as in `images_seen/<name>`), data.dir/data.name, or the built-in samples
-    at `builtin` (data_dir, name) once they exist."""
-    from raddino_jax.data.sources import source_names
-
-    d = config.data
-    if d.sources:
-        names = source_names([name for name, _, _ in d.sources])
-        return [(n, data_dir, name) for n, (name, data_dir, _) in zip(names, d.sources)]
-    if d.dir:
-        return [(d.name, d.dir, d.name)]
-    return [(builtin[1], *builtin)] if builtin else []
-
-
-def eval_datasets(
-    config: ml_collections.ConfigDict, training: list[tuple[str, str, str]]
-) -> list[tuple[str, str, str]]:
-    """The datasets periodic kNN (`eval.every`) evaluates on, as (report name, data_dir, name).
-
-    `eval.data` ("DATA_DIR/NAME") if set, which must have `eval.label` and both eval splits;
-    else each of `training` (`training_datasets`) that has them. Raises ConfigError naming the
-    keys when none does, so a run fails at startup, not at its first evaluation.
-    """
-    from raddino_jax.data.records import dataset_contents
-
-    e = config.eval
-    splits = (e.train_split, e.eval_split)
-
-    def missing(data_dir: str, name: str) -> str:
-        try:
-            fields, have = dataset_contents(data_dir, name)
-        except (OSError, ValueError) as err:
-            return f"cannot be read ({err})"
-        if e.label not in fields:
-            return f"has no field {e.label!r} (fields: {', '.join(sorted(fields))})"
-        absent = [split for split in splits if split not in have]
-        if absent:
-            return f"has no split {', '.join(absent)} (splits: {', '.join(sorted(have))})"
-        return ""
-
-    if e.data:
-        data_dir, _, name = e.data.rstrip("/").rpartition("/")
-        _require(bool(data_dir and name), "eval.data", f"{e.data!r} is not DATA_DIR/NAME")
-        problem = missing(data_dir, name)
-        _require(
-            not problem,
-            "eval.data",
-            f"{e.data} {problem}; set eval.label and eval.train_split/eval_split to what it has",
-        )
-        return [(name, data_dir, name)]
-    usable = [t for t in training if not missing(t[1], t[2])]
-    _require(
-        bool(usable),
-        "eval.label",
-        "periodic kNN (eval.every) needs a dataset with this label and splits "
-        f"{e.train_split}/{e.eval_split}: "
-        + "; ".join(f"{d}/{name} {missing(d, name)}" for _, d, name in training)
-        + ". Set eval.data=DATA_DIR/NAME to a labelled dataset, or eval.label to a field",
-    )
-    return usable
-
-
-def _validate_data_choice(d: ml_collections.ConfigDict) -> None:
-    """Exactly one of data.dir/data.name, data.sources and data.builtin names the training data:
-    an empty data.dir never falls back to the built-in samples silently."""
-    if d.builtin:
-        _require(
-            not d.dir and not d.name and not d.sources,
-            "data.builtin",
-            "trains on the built-in samples: leave data.dir, data.name and data.sources empty, "
-            "or set data.builtin=False to train on them",
-        )
-        return
-    _require(
-        bool(d.dir or d.name or d.sources),
-        "data.dir",
-        "no training data: set data.dir and data.name to a dataset built with `python -m "
-        "data_prep.build` (or data.sources to a mixture), or data.builtin=True to train on "
-        "the built-in samples (a demo, not a radiograph corpus)",
-    )
-
-
-def _validate_sources(d: ml_collections.ConfigDict) -> None:
-    """data.sources entries and data.fraction (the datasets must exist)."""
-    _require(0 < d.fraction <= 1, "data.fraction", f"must be in (0, 1], got {d.fraction}")
-    if not d.sources:
-        return
-    _require(
-        not d.dir and not d.name,
-        "data.sources",
-        "set either data.sources or data.dir/data.name, not both",
-    )
-    for i, entry in enumerate(d.sources):
-        key = f"data.sources[{i}]"
-        _require(
-            isinstance(entry, list | tuple) and len(entry) == 3,
-            key,
-            f"{entry!r} must be (tfds name, data_dir, weight)",
-        )
-        name, data_dir, weight = entry
-        _require(
-            isinstance(name, str) and isinstance(data_dir, str) and bool(name) and bool(data_dir),
-            key,
-            f"{entry!r}: name and data_dir must be non-empty strings",
-        )
-        _require(
-            weight == "proportional"
-            or (isinstance(weight, int | float) and not isinstance(weight, bool) and weight > 0),
-            key,
-            f"weight {weight!r} must be a number > 0 or 'proportional'",
-        )
-        path = epath.Path(data_dir) / name
-        _require(
-            path.exists(), key, f"{path} does not exist; build it with `python -m data_prep.build`"
-        )
-    kinds = {entry[2] == "proportional" for entry in d.sources}
-    _require(
-        len(kinds) == 1,
-        "data.sources",
-        "weights must all be numbers or all be 'proportional'",
     )
 
 
@@ -613,19 +423,6 @@ def _validate_stages(
             ) from err
 
 
-def per_device_batch(config: ml_collections.ConfigDict, n_devices: int) -> int:
-    """Images per batch shard (data x fsdp) of the configured mesh."""
-    from raddino_jax.parallel.mesh import resolve_mesh_shape
-
-    shape = resolve_mesh_shape(dict(config.mesh), n_devices)
-    return max(config.batch_size // (shape[0] * shape[1]), 1)
-
-
-def mask_group_size(config: ml_collections.ConfigDict, n_devices: int) -> int:
-    """Images per iBOT mask draw: `data.mask_group_size`, or the per-device batch."""
-    return config.data.mask_group_size or per_device_batch(config, n_devices)
-
-
 @functools.lru_cache(maxsize=8)
 def _unmatched_rules(spec: ModelSpec, optimizer: OptimizerConfig) -> tuple:
     """The optimizer's rule regexes that match no parameter of `spec` (remembered per pair:
@@ -645,7 +442,7 @@ def _check_rules_match(spec: ModelSpec, optimizer: OptimizerConfig) -> None:
         unused = list(_unmatched_rules.__wrapped__(spec, optimizer))
     else:
         unused = list(_unmatched_rules(spec, optimizer))
-    _require(
+    require(
         not unused,
         "optim",
         f"rule regexes {unused} match no parameter path (e.g. 'backbone/blocks/0/attn/qkv/"

@@ -23,7 +23,7 @@ are `DIR/runs/all` and `DIR/runs/without_<name>`.
 
 Run length: every run's step-denominated schedules (warm-ups, the last layer's freeze, the
 teacher temperature warm-up, Gram start/refresh, stage starts) are scaled from the config's
-total_steps to --steps by `config.scale_to_steps`, and the sweep prints each scaled value
+total_steps to --steps by `train.stages.scale_to_steps`, and the sweep prints each scaled value
 before the first run; `images_seen` counts each stage's batch.
 
 Every run's config and the evaluation labels are checked before the first run trains.
@@ -93,10 +93,10 @@ def run_configs(
 ) -> list[tuple[str, float, ml_collections.ConfigDict]]:
     """(run name, fraction, config) of every run of the sweep."""
 
-    from raddino_jax.config import scale_to_steps
+    from raddino_jax.train.stages import scale_to_steps
 
     def with_data(fraction: float, sources=None) -> ml_collections.ConfigDict:
-        # every step-denominated schedule follows the run length (config.scale_to_steps)
+        # every step-denominated schedule follows the run length (train.stages.scale_to_steps)
         config, _ = scale_to_steps(base, steps)
         config.unlock()
         config.data.fraction = fraction
@@ -426,13 +426,14 @@ class Plan:
     runs: list[tuple[str, float, ml_collections.ConfigDict]]
     labels: list[str]
     tasks: list[str]
-    schedule_changes: dict[str, tuple[Any, Any]]  # config.scale_to_steps's, for the console
+    schedule_changes: dict[str, tuple[Any, Any]]  # train.stages.scale_to_steps's, for the console
 
 
 def plan(args: argparse.Namespace, overrides: Sequence[str]) -> Plan:
     """The runs of the sweep from its parsed command line; raises ConfigError / ValueError
     (naming the flag, run or key) for anything wrong, before any run trains."""
     from raddino_jax import config as config_lib
+    from raddino_jax.train import stages as stages_lib
 
     fractions = sorted({float(f) for f in args.fractions.split(",") if f.strip()})
     if not fractions or not all(0 < f <= 1 for f in fractions):
@@ -456,22 +457,22 @@ def plan(args: argparse.Namespace, overrides: Sequence[str]) -> Plan:
         base.data.builtin = False
     runs = run_configs(base, fractions, args.steps, args.mixtures)
     check_runs(runs, args.eval_data, labels)
-    _, changes = config_lib.scale_to_steps(base, args.steps)
+    _, changes = stages_lib.scale_to_steps(base, args.steps)
     return Plan(runs, labels, tasks, changes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = parse_args(argv)
-    from raddino_jax import config as config_lib
     from raddino_jax.config import ConfigError
+    from raddino_jax.train import stages as stages_lib
 
     workdir = epath.Path(args.workdir)
     try:
         sweep = plan(args, overrides)
         print(
             f"scaling: {len(sweep.runs)} run(s) of {args.steps} steps; step schedules scaled "
-            "with the run length (config.scale_to_steps): "
-            + config_lib.describe_changes(sweep.schedule_changes),
+            "with the run length (train.stages.scale_to_steps): "
+            + stages_lib.describe_changes(sweep.schedule_changes),
             flush=True,
         )
         records = []

@@ -16,6 +16,7 @@ from ml_collections import config_flags
 from raddino_jax import config as config_lib
 from raddino_jax import scaling
 from raddino_jax.data import sources
+from raddino_jax.eval import hook
 from raddino_jax.ssl.schedules import lr_peak
 from raddino_jax.train import build as build_lib
 from raddino_jax.train import loop
@@ -209,7 +210,7 @@ def test_scale_to_steps_scales_every_step_schedule(monkeypatch):
     assert float(schedules.lr(config.optim.warmup_steps - 1)) == pytest.approx(peak)
     assert float(schedules.teacher_temperature(steps // 10)) == pytest.approx(0.07)
     ratio = steps / base.total_steps
-    for key in config_lib.STEP_SCHEDULE_KEYS:
+    for key in stages_lib.STEP_SCHEDULE_KEYS:
         section, name = key.split(".")
         old = base[section][name]
         assert config[section][name] == (max(1, round(old * ratio)) if old else 0), key
@@ -217,13 +218,13 @@ def test_scale_to_steps_scales_every_step_schedule(monkeypatch):
     assert (config.ssl.gram_start_step, config.ssl.gram_update_every) == (500, 100)
     config_lib.validate(config, n_devices=8, process_count=1)
 
-    shortened, changes = config_lib.scale_to_steps(base, steps)
-    assert config_lib.describe_changes(changes).startswith("total_steps 100000 -> 1000")
+    shortened, changes = stages_lib.scale_to_steps(base, steps)
+    assert stages_lib.describe_changes(changes).startswith("total_steps 100000 -> 1000")
     assert changes["optim.freeze_last_layer_steps"] == (1250, 12)
     assert shortened.ssl.gram_start_step == 500
-    unchanged, none = config_lib.scale_to_steps(base, base.total_steps)
+    unchanged, none = stages_lib.scale_to_steps(base, base.total_steps)
     assert none == {} and unchanged.to_dict() == base.to_dict()
-    off = config_lib.scale_to_steps(config_lib.base_config(), 10)[0]
+    off = stages_lib.scale_to_steps(config_lib.base_config(), 10)[0]
     assert off.ssl.gram_start_step == 0  # 0 (off / from the start) stays 0
 
 
@@ -306,7 +307,7 @@ def test_periodic_knn_without_the_label_fails_at_startup(data, tmp_path, monkeyp
         with pytest.raises(config_lib.ConfigError, match=key.replace(".", r"\.")):
             loop.train(config, str(tmp_path))
     assert not (tmp_path / "checkpoints").exists()
-    chosen = config_lib.eval_datasets(
+    chosen = hook.eval_datasets(
         tiny_run_config(str(data), "x", **mixture, **{"eval.label": "Effusion"}),
         [("mimic", str(data), "mimic"), ("nih", str(data), "nih")],
     )

@@ -14,7 +14,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import demo, vitg14
-from raddino_jax import config as config_lib
 from raddino_jax import flops, sweep
 from raddino_jax.models import abstract_params
 from raddino_jax.parallel.mesh import make_mesh
@@ -323,7 +322,7 @@ def test_synthetic_host_batch_has_the_pipeline_layout(transfer):
                 seed=0,
                 per_process_batch=8,
                 crop_cfg=build_lib.crop_config(point.config),
-                mask_group_size=config_lib.mask_group_size(point.config, 1),
+                mask_group_size=build_lib.mask_group_size(point.config, 1),
                 patch_size=point.spec.backbone.patch_size,
                 mask_ratio_min_max=tuple(point.config.data.mask_ratio_min_max),
                 mask_sample_probability=point.config.data.mask_sample_probability,

@@ -9,8 +9,11 @@ import hashlib
 from collections.abc import Callable
 from typing import Any
 
+import ml_collections
 import numpy as np
 from etils import epath
+
+from raddino_jax import config as config_lib
 
 # (workdir, n_phantoms, size) -> (data_dir, name): `data_prep.samples.builtin.builtin_dataset`
 MakeBuiltin = Callable[[epath.Path, int, int], tuple[str, str]]
@@ -152,3 +155,98 @@ def source_names(names) -> tuple[str, ...]:
         seen[name] = seen.get(name, 0) + 1
         out.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
     return tuple(out)
+
+
+def training_datasets(
+    config: ml_collections.ConfigDict, builtin: tuple[str, str] | None = None
+) -> list[tuple[str, str, str]]:
+    """(report name, data_dir, tfds name) of each configured training dataset: the mixture's
+    sources (named as in `images_seen/<name>`), data.dir/data.name, or the built-in samples
+    at `builtin` (data_dir, name) once they exist."""
+    d = config.data
+    if d.sources:
+        names = source_names([name for name, _, _ in d.sources])
+        return [(n, data_dir, name) for n, (name, data_dir, _) in zip(names, d.sources)]
+    if d.dir:
+        return [(d.name, d.dir, d.name)]
+    return [(builtin[1], *builtin)] if builtin else []
+
+
+def validate_data(d: ml_collections.ConfigDict, choice: bool = True) -> None:
+    """config.data's sources, fraction and dataset paths (they must exist); with `choice`,
+    also that exactly one of them names the training data (a sweep needs none)."""
+    _validate_sources(d)
+    if choice:
+        _validate_data_choice(d)
+    if d.dir or d.name:
+        config_lib.require(
+            bool(d.dir) and bool(d.name), "data.dir", "set both data.dir and data.name"
+        )
+        path = epath.Path(d.dir) / d.name
+        config_lib.require(
+            path.exists(),
+            "data.dir",
+            f"{path} does not exist; build it with `python -m data_prep.build` (or set "
+            "data.dir/data.name empty and data.builtin=True to use the built-in samples)",
+        )
+
+
+def _validate_data_choice(d: ml_collections.ConfigDict) -> None:
+    """Exactly one of data.dir/data.name, data.sources and data.builtin names the training data:
+    an empty data.dir never falls back to the built-in samples silently."""
+    if d.builtin:
+        config_lib.require(
+            not d.dir and not d.name and not d.sources,
+            "data.builtin",
+            "trains on the built-in samples: leave data.dir, data.name and data.sources empty, "
+            "or set data.builtin=False to train on them",
+        )
+        return
+    config_lib.require(
+        bool(d.dir or d.name or d.sources),
+        "data.dir",
+        "no training data: set data.dir and data.name to a dataset built with `python -m "
+        "data_prep.build` (or data.sources to a mixture), or data.builtin=True to train on "
+        "the built-in samples (a demo, not a radiograph corpus)",
+    )
+
+
+def _validate_sources(d: ml_collections.ConfigDict) -> None:
+    """data.sources entries and data.fraction (the datasets must exist)."""
+    config_lib.require(0 < d.fraction <= 1, "data.fraction", f"must be in (0, 1], got {d.fraction}")
+    if not d.sources:
+        return
+    config_lib.require(
+        not d.dir and not d.name,
+        "data.sources",
+        "set either data.sources or data.dir/data.name, not both",
+    )
+    for i, entry in enumerate(d.sources):
+        key = f"data.sources[{i}]"
+        config_lib.require(
+            isinstance(entry, list | tuple) and len(entry) == 3,
+            key,
+            f"{entry!r} must be (tfds name, data_dir, weight)",
+        )
+        name, data_dir, weight = entry
+        config_lib.require(
+            isinstance(name, str) and isinstance(data_dir, str) and bool(name) and bool(data_dir),
+            key,
+            f"{entry!r}: name and data_dir must be non-empty strings",
+        )
+        config_lib.require(
+            weight == "proportional"
+            or (isinstance(weight, int | float) and not isinstance(weight, bool) and weight > 0),
+            key,
+            f"weight {weight!r} must be a number > 0 or 'proportional'",
+        )
+        path = epath.Path(data_dir) / name
+        config_lib.require(
+            path.exists(), key, f"{path} does not exist; build it with `python -m data_prep.build`"
+        )
+    kinds = {entry[2] == "proportional" for entry in d.sources}
+    config_lib.require(
+        len(kinds) == 1,
+        "data.sources",
+        "weights must all be numbers or all be 'proportional'",
+    )

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import ml_collections
 import numpy as np
 from etils import epath
 
 from raddino_jax import config as config_lib
 from raddino_jax.checkpoint import Preprocessing
+from raddino_jax.data.sources import training_datasets
 from raddino_jax.eval.features import (
     encode_labels,
     extract_features,
@@ -106,8 +108,8 @@ def periodic_eval_datasets(
     (`sources.TrainingData`), said on the console; [] when off."""
     if not config.eval.every:
         return []
-    training = config_lib.training_datasets(config, builtin=(data.data_dir, data.name))
-    chosen = config_lib.eval_datasets(config, training)
+    training = training_datasets(config, builtin=(data.data_dir, data.name))
+    chosen = eval_datasets(config, training)
     skipped = [t[0] for t in training if t not in chosen] if not config.eval.data else []
     say(
         f"eval: kNN on {config.eval.label!r} every {config.eval.every} steps on "
@@ -145,3 +147,51 @@ class PeriodicKnn:
             for report_name, evaluator in self.evaluators.items()
             for key, value in evaluator(params).items()
         }
+
+
+def eval_datasets(
+    config: ml_collections.ConfigDict, training: list[tuple[str, str, str]]
+) -> list[tuple[str, str, str]]:
+    """The datasets periodic kNN (`eval.every`) evaluates on, as (report name, data_dir, name).
+
+    `eval.data` ("DATA_DIR/NAME") if set, which must have `eval.label` and both eval splits;
+    else each of `training` (`training_datasets`) that has them. Raises ConfigError naming the
+    keys when none does, so a run fails at startup, not at its first evaluation.
+    """
+    from raddino_jax.data.records import dataset_contents
+
+    e = config.eval
+    splits = (e.train_split, e.eval_split)
+
+    def missing(data_dir: str, name: str) -> str:
+        try:
+            fields, have = dataset_contents(data_dir, name)
+        except (OSError, ValueError) as err:
+            return f"cannot be read ({err})"
+        if e.label not in fields:
+            return f"has no field {e.label!r} (fields: {', '.join(sorted(fields))})"
+        absent = [split for split in splits if split not in have]
+        if absent:
+            return f"has no split {', '.join(absent)} (splits: {', '.join(sorted(have))})"
+        return ""
+
+    if e.data:
+        data_dir, _, name = e.data.rstrip("/").rpartition("/")
+        config_lib.require(bool(data_dir and name), "eval.data", f"{e.data!r} is not DATA_DIR/NAME")
+        problem = missing(data_dir, name)
+        config_lib.require(
+            not problem,
+            "eval.data",
+            f"{e.data} {problem}; set eval.label and eval.train_split/eval_split to what it has",
+        )
+        return [(name, data_dir, name)]
+    usable = [t for t in training if not missing(t[1], t[2])]
+    config_lib.require(
+        bool(usable),
+        "eval.label",
+        "periodic kNN (eval.every) needs a dataset with this label and splits "
+        f"{e.train_split}/{e.eval_split}: "
+        + "; ".join(f"{d}/{name} {missing(d, name)}" for _, d, name in training)
+        + ". Set eval.data=DATA_DIR/NAME to a labelled dataset, or eval.label to a field",
+    )
+    return usable

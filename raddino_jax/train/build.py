@@ -192,7 +192,7 @@ def model_spec(config: ml_collections.ConfigDict) -> ModelSpec:
 def objective_config(config: ml_collections.ConfigDict, n_devices: int) -> ObjectiveConfig:
     """`config.ssl`, with koleo_group_size 0 resolved to the per-device batch (as the reference)
     and the pixel statistics the step normalises integer crops with from `config.data`."""
-    group = config.ssl.koleo_group_size or config_lib.per_device_batch(config, n_devices)
+    group = config.ssl.koleo_group_size or per_device_batch(config, n_devices)
     return config_lib.from_section(
         ObjectiveConfig,
         config.ssl,
@@ -259,7 +259,7 @@ def mask_spec(
     grid = config.data.global_size // patch_size
     return MaskSpec(
         per_process_batch or config.batch_size,
-        config_lib.mask_group_size(config, n_devices),
+        mask_group_size(config, n_devices),
         (grid, grid),
         tuple(config.data.mask_ratio_min_max),
         config.data.mask_sample_probability,
@@ -293,3 +293,16 @@ def step_flops(
         remat=spec.backbone.remat == "full",
         gram=config.ssl.gram_weight > 0 and gram_active is not False,
     )["total"]
+
+
+def per_device_batch(config: ml_collections.ConfigDict, n_devices: int) -> int:
+    """Images per batch shard (data x fsdp) of the configured mesh."""
+    from raddino_jax.parallel.mesh import resolve_mesh_shape
+
+    shape = resolve_mesh_shape(dict(config.mesh), n_devices)
+    return max(config.batch_size // (shape[0] * shape[1]), 1)
+
+
+def mask_group_size(config: ml_collections.ConfigDict, n_devices: int) -> int:
+    """Images per iBOT mask draw: `data.mask_group_size`, or the per-device batch."""
+    return config.data.mask_group_size or per_device_batch(config, n_devices)

@@ -132,7 +132,7 @@ def train(
                 seed=config.seed,
                 per_process_batch=stage.batch_size // jax.process_count(),
                 crop_cfg=build_lib.crop_config(stage.config),
-                mask_group_size=config_lib.mask_group_size(stage.config, len(devices)),
+                mask_group_size=build_lib.mask_group_size(stage.config, len(devices)),
                 patch_size=spec.backbone.patch_size,
                 mask_ratio_min_max=tuple(config.data.mask_ratio_min_max),
                 mask_sample_probability=config.data.mask_sample_probability,

@@ -22,6 +22,7 @@ position, and with it its shuffle order and crop randomness, does not depend on 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import ml_collections
 
@@ -114,3 +115,64 @@ def images_before(stages: tuple[Stage, ...], step: int) -> int:
     """Global images consumed by steps [0, step): the stream position of step `step`."""
     stage = stage_at(stages, step)
     return stage.start_position + (step - stage.start_step) * stage.batch_size
+
+
+
+# Every step-denominated setting that belongs to the recipe, and so scales with the run length
+# (`scale_to_steps`). Adding a key here is all a new schedule length needs. The start steps of
+# `stages` scale too. Not listed, on purpose: the cadences of running the run (log_every,
+# checkpoint_every, eval.every, preemption_check_every, profile_steps) are about the machine,
+# not the recipe, and a run always saves at its last step.
+STEP_SCHEDULE_KEYS: tuple[str, ...] = (
+    "optim.warmup_steps",
+    "optim.freeze_last_layer_steps",
+    "optim.freeze_backbone_steps",
+    "teacher.warmup_temperature_steps",
+    "ssl.gram_start_step",
+    "ssl.gram_update_every",
+)
+
+
+def scale_to_steps(
+    config: ml_collections.ConfigDict, total_steps: int
+) -> tuple[ml_collections.ConfigDict, dict[str, tuple[Any, Any]]]:
+    """A copy of `config` that runs `total_steps` steps, with every step-denominated schedule
+    (`STEP_SCHEDULE_KEYS` and the stage start steps) scaled by total_steps / config.total_steps,
+    so a shortened run keeps the recipe's proportions (10k of 100k warm-up steps -> 1,250 of
+    12,500) instead of spending most of it warming up with a frozen last layer.
+
+    Values are rounded to whole steps; a non-zero value stays at least 1 and 0 stays 0 (off).
+    Returns (config, {key: (old, new)} for every value that changed), for the caller to print.
+    `raddino_jax.scaling` uses it for every run; call it to shorten any config.
+    """
+    if total_steps <= 0:
+        raise ValueError(f"total_steps: must be > 0, got {total_steps}")
+    ratio = total_steps / config.total_steps
+
+    def scaled(value: int) -> int:
+        return max(1, round(value * ratio)) if value else 0
+
+    out = ml_collections.ConfigDict(config.to_dict())
+    changes: dict[str, tuple[Any, Any]] = {}
+    if total_steps != config.total_steps:
+        changes["total_steps"] = (config.total_steps, total_steps)
+    out.total_steps = total_steps
+    for key in STEP_SCHEDULE_KEYS:
+        section, name = key.split(".")
+        old = config[section][name]
+        out[section][name] = scaled(old)
+        if out[section][name] != old:
+            changes[key] = (old, out[section][name])
+    if config.stages:
+        stages = tuple((scaled(start), *sizes) for start, *sizes in config.stages)
+        if stages != tuple(tuple(entry) for entry in config.stages):
+            changes["stages"] = (tuple(tuple(entry) for entry in config.stages), stages)
+        out.stages = stages
+    if config.is_locked:
+        out.lock()
+    return out, changes
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    """The changes of `scale_to_steps` as "key old -> new, ...", for the console."""
+    return ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changes.items()) or "none"
