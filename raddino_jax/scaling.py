@@ -62,11 +62,6 @@ CSV_FIELDS = (
 )
 
 
-# ------------------------------------------------------------------------------------------
-# Config
-# ------------------------------------------------------------------------------------------
-
-
 def parse_sources(text: str) -> tuple[tuple[str, str, Any], ...]:
     """ "DIR/NAME[:WEIGHT],..." -> config.data.sources entries (weights all given or none)."""
     entries = []
@@ -79,10 +74,6 @@ def parse_sources(text: str) -> tuple[tuple[str, str, Any], ...]:
     if not entries:
         raise ValueError("--sources: no source given")
     return tuple(entries)
-
-
-def _source_name(entry) -> str:
-    return entry[0]
 
 
 def run_configs(
@@ -111,7 +102,7 @@ def run_configs(
     if len(sources) < 2:
         raise ValueError("--mixtures needs at least two sources (--sources or data.sources)")
     fraction = max(fractions)
-    names = [_source_name(s) for s in sources]
+    names = [name for name, _, _ in sources]
     if len(set(names)) != len(names):
         raise ValueError(f"--mixtures needs distinct source names, got {names}")
     runs = [("all", fraction, with_data(fraction, sources))]
@@ -154,11 +145,6 @@ def check_runs(
             f"--label: {eval_data} has no field {', '.join(map(repr, absent))}; fields: "
             + ", ".join(sorted(fields))
         )
-
-
-# ------------------------------------------------------------------------------------------
-# One run
-# ------------------------------------------------------------------------------------------
 
 
 def training_images(data) -> int:
@@ -272,11 +258,6 @@ def _scores(report: dict[str, Any], model: str) -> dict[str, dict[str, Any]]:
     }
 
 
-# ------------------------------------------------------------------------------------------
-# Outputs
-# ------------------------------------------------------------------------------------------
-
-
 def headline_paths(labels: Sequence[str], scores: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(label, metric name, score path) of the numbers the table and plot show: kNN accuracy
     at k=20 and the probe AUROC per label, then the metadata probes."""
@@ -299,33 +280,28 @@ def headline_paths(labels: Sequence[str], scores: dict[str, Any]) -> list[tuple[
 
 
 def rows(records: Sequence[dict[str, Any]], labels: Sequence[str]) -> list[dict[str, Any]]:
+    """The table's rows: one random-init reference (the same architecture and seed for every
+    run), then each run's headline scores."""
+    models = [("random_init", None, records[0]["random_init"])] if records else []
+    models += [(record["run"], record, record["scores"]) for record in records]
     out = []
-    for record in records:
-        for model, scores in (("random_init", record["random_init"]), (None, record["scores"])):
-            for label, metric, path in headline_paths(labels, scores):
-                ci = scores[path]["ci95"] or [math.nan, math.nan]
-                out.append(
-                    {
-                        "run": model or record["run"],
-                        "fraction": 0.0 if model else record["fraction"],
-                        "images": 0 if model else record["images"],
-                        "images_seen": 0 if model else record["images_seen"],
-                        "label": label,
-                        "metric": metric,
-                        "value": scores[path]["value"],
-                        "ci_low": ci[0],
-                        "ci_high": ci[1],
-                    }
-                )
-    # one random-init reference (the same architecture and seed for every run)
-    seen, unique = set(), []
-    for row in out:
-        key = (row["run"], row["label"], row["metric"])
-        if row["run"] == "random_init" and key in seen:
-            continue
-        seen.add(key)
-        unique.append(row)
-    return unique
+    for run, record, scores in models:
+        for label, metric, path in headline_paths(labels, scores):
+            ci = scores[path]["ci95"] or [math.nan, math.nan]
+            out.append(
+                {
+                    "run": run,
+                    "fraction": record["fraction"] if record else 0.0,
+                    "images": record["images"] if record else 0,
+                    "images_seen": record["images_seen"] if record else 0,
+                    "label": label,
+                    "metric": metric,
+                    "value": scores[path]["value"],
+                    "ci_low": ci[0],
+                    "ci_high": ci[1],
+                }
+            )
+    return out
 
 
 def write_outputs(out: epath.Path, table: list[dict[str, Any]], meta: dict[str, Any]) -> None:
@@ -392,11 +368,6 @@ def plot(path: epath.Path, table: list[dict[str, Any]]) -> None:
     fig.tight_layout()
     fig.savefig(str(path), dpi=110)
     plt.close(fig)
-
-
-# ------------------------------------------------------------------------------------------
-# CLI
-# ------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:

@@ -104,7 +104,7 @@ class KnnEvaluator:
 def periodic_eval_datasets(
     config, data, say: Callable[[str], None] = print
 ) -> list[tuple[str, str, str]]:
-    """Periodic kNN's datasets (`config.eval_datasets`) for the run's training data
+    """Periodic kNN's datasets (`eval_datasets`) for the run's training data
     (`sources.TrainingData`), said on the console; [] when off."""
     if not config.eval.every:
         return []

@@ -186,75 +186,79 @@ def train(
     log = StepLog(config, writer, progress, peak, len(devices), stage_table, data)
     log.skipped_before = skipped_before
     skipped_here = 0  # undecodable records behind this process's batches of this run
-    step_fn = None
     saved_step = latest
     # Global batches ahead of the step; checkpoints hold the iterator at the first one unused.
+    # The restored iterator is `stage`'s; a later stage opens its own where the stream is.
     batches = prefetch.DevicePrefetcher(data_iterator, batch_shardings, config.data.device_prefetch)
     try:
         with SignalFlag() as signals:
             step = int(state.step)  # the one device read of the step count: then a host counter
-            while step < config.total_steps:
-                if step_fn is None or step >= stage.end_step:  # the first step of a stage
-                    if step >= stage.end_step:
-                        batches.close()
-                        stage = stages_lib.stage_at(stage_table, step)
-                        batches = prefetch.DevicePrefetcher(
-                            stage_iterator(stage), batch_shardings, config.data.device_prefetch
-                        )
-                    if len(stage_table) > 1:
-                        say(
-                            f"stage {stage.index}: steps {stage.start_step}-{stage.end_step}, "
-                            f"{stage.global_size}/{stage.local_size}px, batch {stage.batch_size}"
-                        )
-                    log.flush()
-                    step_fn = stage_runs[stage.index].step_fn
-                    if eval_data and (evaluator is None or evaluator.size != stage.global_size):
-                        evaluator = PeriodicKnn(config, spec, eval_data, stage.global_size)
-                    log.enter(
-                        stage,
-                        *(
-                            build_lib.step_flops(stage.config, spec, len(devices), gram_active=g)
-                            for g in (False, True)
-                        ),
+            for stage_now in stage_table:
+                if step >= stage_now.end_step:
+                    continue
+                if stage_now is not stage:
+                    batches.close()
+                    stage = stage_now
+                    batches = prefetch.DevicePrefetcher(
+                        stage_iterator(stage), batch_shardings, config.data.device_prefetch
                     )
-                if profile and step == profile[0] and is_main:
-                    jax.profiler.start_trace(str(workdir / "profile"))
-                batch = next(batches)
-                skipped_here += batches.last_records_skipped
-                state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
-                log.flush()  # the previous step's metrics (finished: see the loop's top)
-                log.pending = (step + 1, metrics, skipped_here)
-                if profile and step + 1 == profile[1] and is_main:
-                    jax.block_until_ready(metrics)
-                    jax.profiler.stop_trace()
-                done = step + 1  # steps finished once this one has run
-                checkpoint_step = done % config.checkpoint_every == 0 or done == config.total_steps
-                if checkpoint_step:
-                    # finish this step's metrics first: a checkpoint never holds a bad update,
-                    # and metrics.jsonl has its line if the process dies right after
-                    log.flush()
-                    checkpointer.save(state, batches, counters=log.counters(skipped_here))
-                    saved_step = step + 1
-                    checkpointer.check()
-                if evaluator is not None and (step + 1) % config.eval.every == 0:
-                    results = evaluator(state.teacher)
-                    writer.write(step + 1, {**results, "eval_image_size": evaluator.size})
+                if len(stage_table) > 1:
                     say(
-                        f"step {step + 1} eval "
-                        + ", ".join(f"{k}={v:.3f}" for k, v in results.items())
+                        f"stage {stage.index}: steps {stage.start_step}-{stage.end_step}, "
+                        f"{stage.global_size}/{stage.local_size}px, batch {stage.batch_size}"
                     )
-                due = preemption_check_due(
-                    done, config.preemption_check_every, jax.process_count(), checkpoint_step
+                log.flush()
+                step_fn = stage_runs[stage.index].step_fn
+                if eval_data and (evaluator is None or evaluator.size != stage.global_size):
+                    evaluator = PeriodicKnn(config, spec, eval_data, stage.global_size)
+                log.enter(
+                    stage,
+                    *(
+                        build_lib.step_flops(stage.config, spec, len(devices), gram_active=g)
+                        for g in (False, True)
+                    ),
                 )
-                signum = signals.raised() if due else None
-                if signum:
-                    log.flush()
-                    if saved_step != step + 1:
-                        counters = log.counters(skipped_here)
-                        checkpointer.save(state, batches, force=True, counters=counters)
-                    checkpointer.wait()
-                    raise Preempted(signum, step + 1)
-                step += 1
+                while step < stage.end_step:
+                    if profile and step == profile[0] and is_main:
+                        jax.profiler.start_trace(str(workdir / "profile"))
+                    batch = next(batches)
+                    skipped_here += batches.last_records_skipped
+                    state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
+                    log.flush()  # the previous step's metrics (finished: see the loop's top)
+                    log.pending = (step + 1, metrics, skipped_here)
+                    if profile and step + 1 == profile[1] and is_main:
+                        jax.block_until_ready(metrics)
+                        jax.profiler.stop_trace()
+                    step += 1  # from here on, `step` steps have finished
+                    checkpoint_step = (
+                        step % config.checkpoint_every == 0 or step == config.total_steps
+                    )
+                    if checkpoint_step:
+                        # finish this step's metrics first: a checkpoint never holds a bad
+                        # update, and metrics.jsonl has its line if the process dies right after
+                        log.flush()
+                        checkpointer.save(state, batches, counters=log.counters(skipped_here))
+                        saved_step = step
+                        checkpointer.check()
+                    if evaluator is not None and step % config.eval.every == 0:
+                        results = evaluator(state.teacher)
+                        writer.write(step, {**results, "eval_image_size": evaluator.size})
+                        scores = ", ".join(f"{k}={v:.3f}" for k, v in results.items())
+                        say(f"step {step} eval {scores}")
+                    due = preemption_check_due(
+                        step,
+                        config.preemption_check_every,
+                        jax.process_count(),
+                        checkpoint_step,
+                    )
+                    signum = signals.raised() if due else None
+                    if signum:
+                        log.flush()
+                        if saved_step != step:
+                            counters = log.counters(skipped_here)
+                            checkpointer.save(state, batches, force=True, counters=counters)
+                        checkpointer.wait()
+                        raise Preempted(signum, step)
             log.flush()
         checkpointer.wait()
         checkpointer.check()
@@ -310,5 +314,3 @@ def _resume_data(checkpointer, step: int, iterator, stage_table, stage, stage_it
     if close is not None:
         close()
     return stage_iterator(stage, start_position=position)
-
-
