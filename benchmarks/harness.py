@@ -7,7 +7,9 @@
 - `Worker` / `serve` / `timed_round`: the same rounds across worker processes (one
   implementation per process, so its sys time, page faults and peak RSS are its own);
 - `machine_header`: command, CPU, cores, load, versions; `markdown_table`: rows for RESULTS.md;
-- `named_config`: `configs/<name>.py` with "key=value" overrides, as `--config.key=value`.
+- `config_args` / `one_device_config`: `--config NAME --batch N --dtype D --set key=value`, the
+  named config (`named_config`, as the drivers' `--config.key=value`) sized for one device;
+  `one_device_step`: its real train step compiled, and a call of it.
 
 Importing this module imports neither jax nor torch. A script imports it as `import harness`
 (Python puts the script's folder first on sys.path) and runs from the repository root:
@@ -16,6 +18,7 @@ Importing this module imports neither jax nor torch. A script imports it as `imp
 
 from __future__ import annotations
 
+import argparse
 import ast
 import json
 import os
@@ -140,14 +143,6 @@ def machine_header(argv: Sequence[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def parse_value(text: str):
-    """A Python literal ("8", "(0, 0.9)", "True"), else the string itself."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 def named_config(name: str, overrides: Sequence[str] = ()):
     """`configs/<name>.py`'s `get_config()` with "key.sub=value" overrides, loaded as the
     drivers' `--config.key.sub=value` does (`config.load_config`: unknown keys raise)."""
@@ -158,22 +153,61 @@ def named_config(name: str, overrides: Sequence[str] = ()):
     return load_config(path, [f"--config.{item}" for item in overrides])
 
 
-def step_call(point, compiled, seed: int = 0) -> Callable[[], None]:
-    """A zero-argument call of one train step of a built run (`train.build.Run`) on the sweep's
-    synthetic batch: the state threaded through (donated), each call waited for."""
+def override(config, overrides: Sequence[str]):
+    """A copy of a built config with "key.sub=value" settings (values as Python literals)."""
+    config = config.copy_and_resolve_references()
+    for key, _, text in (item.partition("=") for item in overrides):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        config.update_from_flattened_dict({key: value})
+    return config
+
+
+def config_args(parser: argparse.ArgumentParser, config: str, batch: int) -> None:
+    """--config, --batch, --dtype and --set (repeatable), for `one_device_config`."""
+    parser.add_argument("--config", default=config, help="configs/<name>.py")
+    parser.add_argument("--batch", type=int, default=batch, help="global batch (0: the config's)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. --set model.depth=2 (repeatable)")  # fmt: skip
+
+
+def one_device_config(args: argparse.Namespace, extra: Sequence[str] = ()):
+    """The named config (`config_args`) with its --set and `extra` overrides, sized for one
+    device: batch, dtype, mask and KoLeo groups within the batch, no periodic evaluation."""
+    config = named_config(args.config, [*args.set, *extra])
+    config.batch_size = args.batch or config.batch_size
+    config.model.dtype = args.dtype
+    batch = config.batch_size
+    config.data.mask_group_size = min(config.data.mask_group_size or batch, batch)
+    config.ssl.koleo_group_size = min(config.ssl.koleo_group_size or batch, batch)
+    config.eval.every = 0
+    return config
+
+
+def one_device_step(config, seed: int = 0):
+    """(run, compiled step, compile seconds, call) of `config`'s real train step on one device
+    (a 1x1x1 mesh); the call runs one step on the sweep's synthetic batch, the state threaded
+    through (donated), and waits for it."""
     import jax
 
     from raddino_jax import sweep
+    from raddino_jax.train.build import build
 
-    holder = {"state": sweep.initial_state(point, seed=0)}
-    batch = sweep.device_batch(point, seed)
-    keys = iter(sweep.step_keys(point, 10_000, seed))
+    c = sweep.point_config(config, (1, 1, 1), config.batch_size, config.model.remat)
+    run = build(c, jax.devices()[:1])
+    compiled, compile_s = sweep.compile_step(run)
+    holder = {"state": sweep.initial_state(run, seed=0)}
+    batch = sweep.device_batch(run, seed)
+    keys = iter(sweep.step_keys(run, 10_000, seed))
 
-    def run() -> None:
+    def call() -> None:
         holder["state"], metrics = compiled(holder["state"], batch, next(keys))
         jax.block_until_ready((holder["state"], metrics))
 
-    return run
+    return run, compiled, compile_s, call
 
 
 # ----------------------------------------------------------------------------------------------
