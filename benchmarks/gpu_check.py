@@ -39,6 +39,7 @@ import numpy as np
 
 from configs import tiny
 from raddino_jax import sweep
+from raddino_jax.reference.compare import OursStep
 from raddino_jax.train.build import build
 
 CORRECTNESS_RTOL = 1e-4
@@ -110,13 +111,9 @@ def vitb_config(global_size: int, batch: int, *, dry_run: bool):
 
 def run_steps(config, device: jax.Device, n_steps: int = 2) -> tuple[list[dict], dict]:
     """([metrics of each step], {"student", "teacher"} afterwards) on `device`, as numpy."""
-    point = build(config, [device])
-    state, batch = sweep.initial_state(point, seed=0), sweep.device_batch(point, seed=0)
-    history = []
-    for key in sweep.step_keys(point, n_steps, seed=0):
-        state, metrics = point.step_fn(state, batch, key)
-        history.append(jax.device_get(metrics))
-    return history, jax.device_get({"student": state.student, "teacher": state.teacher})
+    ours = OursStep(config, device)
+    history = [ours() for _ in range(n_steps)]
+    return history, jax.device_get({"student": ours.state.student, "teacher": ours.state.teacher})
 
 
 def check_correctness(device: jax.Device) -> float:

@@ -9,7 +9,7 @@
 - `machine_header`: command, CPU, cores, load, versions; `markdown_table`: rows for RESULTS.md;
 - `config_args` / `one_device_config`: `--config NAME --batch N --dtype D --set key=value`, the
   named config (`named_config`, as the drivers' `--config.key=value`) sized for one device;
-  `one_device_step`: its real train step compiled, and a call of it.
+  `one_device_step`: its real train step compiled, as a call.
 
 Importing this module imports neither jax nor torch. A script imports it as `import harness`
 (Python puts the script's folder first on sys.path) and runs from the repository root:
@@ -187,27 +187,18 @@ def one_device_config(args: argparse.Namespace, extra: Sequence[str] = ()):
     return config
 
 
-def one_device_step(config, seed: int = 0):
-    """(run, compiled step, compile seconds, call) of `config`'s real train step on one device
-    (a 1x1x1 mesh); the call runs one step on the sweep's synthetic batch, the state threaded
-    through (donated), and waits for it."""
+def one_device_step(config):
+    """(`reference.compare.OursStep`, compile seconds): `config`'s real train step compiled on
+    one device (a 1x1x1 mesh); a call runs one step on the sweep's synthetic batch, the state
+    threaded through (donated), and waits for it. `.point` is the built run."""
     import jax
 
     from raddino_jax import sweep
-    from raddino_jax.train.build import build
+    from raddino_jax.reference.compare import OursStep
 
     c = sweep.point_config(config, (1, 1, 1), config.batch_size, config.model.remat)
-    run = build(c, jax.devices()[:1])
-    compiled, compile_s = sweep.compile_step(run)
-    holder = {"state": sweep.initial_state(run, seed=0)}
-    batch = sweep.device_batch(run, seed)
-    keys = iter(sweep.step_keys(run, 10_000, seed))
-
-    def call() -> None:
-        holder["state"], metrics = compiled(holder["state"], batch, next(keys))
-        jax.block_until_ready((holder["state"], metrics))
-
-    return run, compiled, compile_s, call
+    step = OursStep(c, jax.devices()[0])
+    return step, step.compile()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from raddino_jax import flops, sweep
 
     config = harness.one_device_config(args, [f"model.remat={'full' if args.remat else 'none'}"])
-    run, compiled, compile_s, step = harness.one_device_step(config)
+    step, compile_s = harness.one_device_step(config)
+    run = step.point
     step_flops = sweep.step_flops(run)
     parts = flops.ssl_step_flops(
         run.spec,
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         separate_ibot_head=run.spec.ibot_head is not None,
         remat=args.remat,
     )
-    xla = sweep.xla_flops(compiled)
+    xla = sweep.xla_flops(step.step_fn)
     times = harness.interleaved(
         {"matmul": matmul_call(args.matmul_size), "step": step}, args.rounds, args.warmup
     )

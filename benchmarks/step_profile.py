@@ -35,15 +35,13 @@ def main(argv: list[str] | None = None) -> dict:
         "before": harness.one_device_config(args),
         "after": harness.one_device_config(args, args.compare),
     }
-    steps = {name: harness.one_device_step(config) for name, config in variants.items()}
-    times = harness.interleaved(
-        {name: call for name, (_, _, _, call) in steps.items()}, args.steps, warmup=1
-    )
+    steps = {name: harness.one_device_step(config)[0] for name, config in variants.items()}
+    times = harness.interleaved(steps, args.steps, warmup=1)
     root = args.trace_dir or tempfile.mkdtemp(prefix="step_profile_")
     tables = {}
-    for name, (_, compiled, _, call) in steps.items():
-        events = profile.trace_steps(call, args.steps, f"{root}/{name}")
-        text = compiled.as_text()
+    for name, step in steps.items():
+        events = profile.trace_steps(step, args.steps, f"{root}/{name}")
+        text = step.step_fn.as_text()
         tables[name] = profile.summarise(
             events, profile.parse_hlo_ops(text), args.steps, module=profile.module_name(text)
         )
@@ -57,8 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(profile.markdown_table(tables))
     median = {name: statistics.median(t) for name, t in times.items()}
-    for name, (_, compiled, _, _) in steps.items():
-        memory = memory_fields(compiled)
+    for name, step in steps.items():
+        memory = memory_fields(step.step_fn)
         temp, peak = memory["temp_bytes"], memory["peak_bytes_per_device"]
         print(
             f"{name}: median step {median[name] * 1e3:.1f} ms over {args.steps}; "
