@@ -65,12 +65,9 @@ def write_synthetic_dicoms(folder: pathlib.Path, files: int, height: int, width:
         ds.file_meta = meta
         ds.SOPClassUID = meta.MediaStorageSOPClassUID
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.PatientID = f"P{index:05d}"
-        ds.PatientSex = "F" if index % 2 else "M"
-        ds.Modality = "DX"
-        ds.ViewPosition = "PA"
-        ds.Rows, ds.Columns = height, width
-        ds.SamplesPerPixel = 1
+        ds.PatientID, ds.PatientSex = f"P{index:05d}", "F" if index % 2 else "M"
+        ds.Modality, ds.ViewPosition = "DX", "PA"
+        ds.Rows, ds.Columns, ds.SamplesPerPixel = height, width, 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
         ds.PixelRepresentation = 0

@@ -54,11 +54,7 @@ def radiograph_png(shorter_side: int = 518) -> tuple[bytes, tuple[int, int]]:
     return cv2.imencode(".png", img)[1].tobytes(), img.shape
 
 
-# ---------------------------------------------------------------------------------------------
-# The plain-PIL reference (torchvision-free, same recipe)
-# ---------------------------------------------------------------------------------------------
-
-
+# The plain-PIL reference (torchvision-free, same recipe).
 def _pil_crop(
     img: Image.Image,
     rng: np.random.Generator,

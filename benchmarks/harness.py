@@ -76,12 +76,8 @@ def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     """a / b per round (same round, same machine load): median, min and max, and the ratio of
     the minima (the least disturbed samples)."""
     ratios = [x / y for x, y in zip(a, b, strict=True)]
-    return {
-        "median": statistics.median(ratios),
-        "min": min(ratios),
-        "max": max(ratios),
-        "of_mins": min(a) / min(b),
-    }
+    median, low, high = statistics.median(ratios), min(ratios), max(ratios)
+    return {"median": median, "min": low, "max": high, "of_mins": min(a) / min(b)}
 
 
 def format_paired(a: Sequence[float], b: Sequence[float]) -> str:
@@ -201,11 +197,7 @@ def one_device_step(config):
     return step, step.compile()
 
 
-# ----------------------------------------------------------------------------------------------
-# Rounds across worker processes
-# ----------------------------------------------------------------------------------------------
-
-
+# Rounds across worker processes (`Worker` in the parent, `serve` in each worker).
 def send(message: dict) -> None:
     """One protocol line on stdout (the parent passes any other output on to stderr)."""
     sys.stdout.write(MESSAGE_PREFIX + json.dumps(message) + "\n")

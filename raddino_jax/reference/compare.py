@@ -124,23 +124,18 @@ def compare_states(
     for model in ("student", "teacher"):
         diff_sq = ref_sq = worst = params = 0.0
         for name, start in initial.items():
-            key = f"{model}.{name}"
             (mine, mine_k), (ref, ref_k) = (
-                split_key_bias(name, ours[key]),
-                split_key_bias(name, theirs[key]),
+                split_key_bias(name, state[f"{model}.{name}"]) for state in (ours, theirs)
             )
-            before, _ = split_key_bias(name, start)
             if mine_k.size:
                 key_bias = max(key_bias, float(np.max(np.abs(mine_k - ref_k))))
-            mine_update = mine.astype(np.float64) - before
-            ref_update = ref.astype(np.float64) - before
-            d = float(np.sum((mine_update - ref_update) ** 2))
-            r = float(np.sum(ref_update**2))
+            mine, ref = mine.astype(np.float64), ref.astype(np.float64)
+            # u_ours - u_torch = ours - torch: both updates start from the same weights.
+            d = float(np.sum((mine - ref) ** 2))
+            r = float(np.sum((ref - split_key_bias(name, start)[0]) ** 2))
             diff_sq, ref_sq = diff_sq + d, ref_sq + r
             worst = max(worst, _relative(d, r))
-            params = max(
-                params, float(np.max(np.abs(mine - ref)) / max(np.max(np.abs(ref)), 1e-30))
-            )
+            params = max(params, float(np.max(np.abs(mine - ref)) / max(np.abs(ref).max(), 1e-30)))
         report[f"{model} update rel (global)"] = _relative(diff_sq, ref_sq)
         report[f"{model} update rel (worst tensor)"] = worst
         report[f"{model} params rel"] = params
