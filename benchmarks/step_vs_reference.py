@@ -91,7 +91,8 @@ def benchmark_config(args: argparse.Namespace, size: str):
     c = base_config()
     c.total_steps = 1000
     c.model.arch = "vit_small"
-    c.model.embed_dim, c.model.depth, c.model.num_heads = args.width, args.depth, args.width // 64
+    c.model.embed_dim, c.model.depth = args.width, args.depth
+    c.model.num_heads = max(1, args.width // 64)
     c.model.head_out_dim, c.model.head_hidden_dim, c.model.head_bottleneck_dim = args.K, 2048, 256
     c.data.global_size, c.data.local_size = crop_sizes(size)
     c.data.n_local = args.n_local
