@@ -86,11 +86,9 @@ def jax_step(spec, attention_impl: str):
 
 def torch_step(model):
     """Eager forward + backward of sum(last_hidden_state**2); returns (loss, hidden)."""
-    params = [p for p in model.parameters() if p.requires_grad]
 
     def step(pixel_values):
-        for p in params:
-            p.grad = None
+        model.zero_grad(set_to_none=True)
         hidden = model(pixel_values=pixel_values).last_hidden_state
         loss = hidden.square().sum()
         loss.backward()
