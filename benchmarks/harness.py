@@ -232,12 +232,11 @@ def serve(step: Callable[[], object]) -> None:
 class Worker:
     """A worker subprocess (one implementation) that `serve`s timed rounds."""
 
-    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None):
+    def __init__(self, name: str, argv: Sequence[str]):
         self.name = name
         self.process = subprocess.Popen(
-            list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
-            env=dict(os.environ if env is None else env),
-        )  # fmt: skip
+            list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
 
     def receive(self) -> dict:
         """The next protocol message; other stdout lines go on to stderr."""
