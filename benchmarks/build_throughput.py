@@ -36,6 +36,8 @@ import harness
 import numpy as np
 
 RAD_DINO_IMAGES = 882_775
+DATAFLOW_WORKERS = (10, 50, 100)  # worker VMs for the wall-time arithmetic
+VCPUS_PER_WORKER = 4  # n2-standard-4
 
 
 def write_synthetic_dicoms(folder: pathlib.Path, files: int, height: int, width: int) -> None:
@@ -63,12 +65,9 @@ def write_synthetic_dicoms(folder: pathlib.Path, files: int, height: int, width:
         ds.file_meta = meta
         ds.SOPClassUID = meta.MediaStorageSOPClassUID
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.PatientID = f"P{index:05d}"
-        ds.PatientSex = "F" if index % 2 else "M"
-        ds.Modality = "DX"
-        ds.ViewPosition = "PA"
-        ds.Rows, ds.Columns = height, width
-        ds.SamplesPerPixel = 1
+        ds.PatientID, ds.PatientSex = f"P{index:05d}", "F" if index % 2 else "M"
+        ds.Modality, ds.ViewPosition = "DX", "PA"
+        ds.Rows, ds.Columns, ds.SamplesPerPixel = height, width, 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
         ds.PixelRepresentation = 0
@@ -93,18 +92,12 @@ def make_corpus(args: argparse.Namespace, workdir: pathlib.Path) -> tuple[str, i
 
 
 def time_build(input_path: str, output: pathlib.Path, args, runner: str) -> tuple[float, dict]:
+    """(wall seconds, report) of the whole build with `runner`."""
     from raddino_jax.data.builder import BuildOptions, build_dataset
 
-    if output.exists():
-        shutil.rmtree(output)
-    options = BuildOptions(
-        input=input_path,
-        output=str(output),
-        name="bench",
-        size=args.size,
-        workers=args.workers,
-        runner=runner,
-    )
+    shutil.rmtree(output, ignore_errors=True)
+    options = BuildOptions(input=input_path, output=str(output), name="bench", size=args.size,
+                           workers=args.workers, runner=runner)  # fmt: skip
     start = time.perf_counter()
     report = build_dataset(options)
     return time.perf_counter() - start, report
@@ -140,19 +133,13 @@ def main() -> None:
     parser.add_argument("--in-process-files", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=1, help="alternating order; median")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "build_bench"))
-    parser.add_argument(
-        "--dataflow-workers", type=int, nargs="+", default=[10, 50, 100],
-        help="Dataflow worker VMs for the 882,775-image arithmetic",
-    )  # fmt: skip
-    parser.add_argument("--vcpus-per-worker", type=int, default=4, help="e.g. n2-standard-4")
     args = parser.parse_args()
 
     workdir = pathlib.Path(args.workdir)
     start = time.perf_counter()
     input_path, files = make_corpus(args, workdir)
-    print(
-        f"corpus {args.corpus}: {files} files in {input_path} ({time.perf_counter() - start:.0f} s)"
-    )
+    print(f"corpus {args.corpus}: {files} files in {input_path} "
+          f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
     print(harness.machine_header())
 
     times: dict[str, list[float]] = {"multiprocess": [], "beam": []}
@@ -165,15 +152,14 @@ def main() -> None:
             counts[runner] = report["counts"]
             print(f"round {round_index}: {runner} {seconds:.1f} s, counts {report['counts']}")
     assert counts["beam"] == counts["multiprocess"], counts
-    results = {runner: (statistics.median(t), counts[runner]) for runner, t in times.items()}
-    per_file = time_in_process(input_path, args, min(args.in_process_files, files))
+    first = min(args.in_process_files, files)
+    per_file = time_in_process(input_path, args, first)
     print(f"load average after: {os.getloadavg()}")
 
-    rates = {runner: c["found"] / seconds for runner, (seconds, c) in results.items()}
-    rows = [[runner, f"{seconds:.1f} ({', '.join(f'{t:.1f}' for t in times[runner])})",
+    rates = {runner: counts[runner]["found"] / statistics.median(t) for runner, t in times.items()}
+    rows = [[runner, f"{statistics.median(t):.1f} ({', '.join(f'{x:.1f}' for x in t)})",
              f"{rates[runner]:.2f}", f"{rates[runner] / args.workers:.2f}"]
-            for runner, (seconds, _) in results.items()]  # fmt: skip
-    first = min(args.in_process_files, files)
+            for runner, t in times.items()]  # fmt: skip
     rows.append([f"convert_item in this process (first {first} files)", f"{per_file:.3f} s/file",
                  f"{1 / per_file:.2f}", f"{1 / per_file:.2f}"])  # fmt: skip
     header = [f"runner ({args.workers} processes)", f"wall s: median (all {args.rounds})",
@@ -186,15 +172,14 @@ def main() -> None:
     print(
         f"\n{RAD_DINO_IMAGES:,} images at the Beam rate of {per_process:.2f} images/s per "
         f"process (ceiling {1 / per_file:.2f}), one SDK process per vCPU, "
-        f"{args.vcpus_per_worker} vCPUs per worker:"
+        f"{VCPUS_PER_WORKER} vCPUs per worker (n2-standard-4):"
     )
-    for workers in args.dataflow_workers:
-        processes = workers * args.vcpus_per_worker
+    for workers in DATAFLOW_WORKERS:
+        processes = workers * VCPUS_PER_WORKER
         hours = RAD_DINO_IMAGES / (per_process * processes) / 3600
         ceiling = RAD_DINO_IMAGES * per_file / processes / 3600
-        print(
-            f"  {workers} workers ({processes} processes): {hours:.1f} h (ceiling {ceiling:.1f} h)"
-        )
+        print(f"  {workers} workers ({processes} processes): {hours:.1f} h "
+              f"(ceiling {ceiling:.1f} h)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -22,11 +22,8 @@ Run: .venv/bin/python benchmarks/data_throughput.py [--samples 100] [--rounds 5]
 from __future__ import annotations
 
 import argparse
-import functools
 import io
 import statistics
-import time
-from collections.abc import Callable
 
 import cv2
 import harness
@@ -57,11 +54,7 @@ def radiograph_png(shorter_side: int = 518) -> tuple[bytes, tuple[int, int]]:
     return cv2.imencode(".png", img)[1].tobytes(), img.shape
 
 
-# ---------------------------------------------------------------------------------------------
-# The plain-PIL reference (torchvision-free, same recipe)
-# ---------------------------------------------------------------------------------------------
-
-
+# The plain-PIL reference (torchvision-free, same recipe).
 def _pil_crop(
     img: Image.Image,
     rng: np.random.Generator,
@@ -108,93 +101,45 @@ def pil_sample(png: bytes, rng: np.random.Generator, cfg: augment.MultiCropConfi
     }
 
 
-def ours_sample(png: bytes, rng: np.random.Generator, cfg: augment.MultiCropConfig) -> dict:
-    """Our per-sample path: cv2 decode + ``multi_crop`` (what the Grain transform runs)."""
-    return augment.multi_crop(decode_image(png), rng, cfg)
-
-
-# ---------------------------------------------------------------------------------------------
-# Timing
-# ---------------------------------------------------------------------------------------------
-
-
-def samples_per_second(fn: Callable[[], object], n: int) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return n / (time.perf_counter() - start)
-
-
-def pipeline_samples_per_second(png: bytes, cfg: augment.MultiCropConfig, batches: int) -> float:
-    source = [{"image": png}] * 64
-    ds = pipeline.make_dataset(
-        source,
-        seed=0,
-        per_process_batch=32,
-        crop_cfg=cfg,
-        mask_group_size=32,
-        process_index=0,
-        process_count=1,
+def resize_row(image: np.ndarray, name: str, size: int, scale, rounds: int) -> list:
+    """RMSE (8-bit levels) vs PIL's antialiased bicubic of the fast resize
+    (`augment.resize_crop`) and of the previous path for shrinks >= 1.25x (cv2's generic
+    INTER_AREA), on 300 recipe-s5 boxes, and ms per box of both (min of the rounds)."""
+    rng = np.random.default_rng(0)
+    boxes = [augment.sample_resized_crop_box(rng, *image.shape, scale, (3 / 4, 4 / 3))
+             for _ in range(300)]  # fmt: skip
+    boxes = [(t, l, h, w) for t, l, h, w in boxes if min(h, w) / size >= 1.25]
+    resizers = {
+        "ours": lambda t, l, h, w: augment.resize_crop(image, (t, l, h, w), size, 1.25),
+        "area": lambda t, l, h, w: cv2.resize(
+            image[t : t + h, l : l + w], (size, size), interpolation=cv2.INTER_AREA
+        ),
+    }
+    out = {k: [fn(*b).astype(np.float64) for b in boxes] for k, fn in resizers.items()}
+    pil = Image.fromarray(image)
+    out["pil"] = [np.asarray(pil.resize((size, size), Image.BICUBIC, box=(l, t, l + w, t + h)))
+                  for t, l, h, w in boxes]  # fmt: skip
+    times = harness.interleaved(
+        {k: lambda fn=fn: [fn(*b) for b in boxes] for k, fn in resizers.items()}, rounds
     )
-    it = iter(ds)
-    next(it)  # warm-up
-    return 32 * samples_per_second(lambda: next(it), batches)
 
+    def rmse(a: str, b: str) -> str:
+        errors = [np.sqrt(np.mean((x - y) ** 2)) for x, y in zip(out[a], out[b], strict=True)]
+        return f"{np.mean(errors):.3f}"
 
-def _area_resize(image: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
-    """The previous resize path for shrinks >= 1.25x: cv2's generic INTER_AREA."""
-    t, l, h, w = box
-    return cv2.resize(image[t : t + h, l : l + w], (size, size), interpolation=cv2.INTER_AREA)
-
-
-def _mean_rmse(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    return float(np.mean([np.sqrt(np.mean((x - y) ** 2)) for x, y in zip(a, b, strict=True)]))
-
-
-def _ms_per_box(fn: Callable[..., object], image, boxes, size: int, rounds: int) -> float:
-    """Best-of-rounds milliseconds per box of ``fn(image, box, size)``."""
-    best = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for box in boxes:
-            fn(image, box, size)
-        best.append((time.perf_counter() - start) / len(boxes) * 1e3)
-    return min(best)
-
-
-def _fast_resize(image: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
-    return augment.resize_crop(image, box, size, 1.25)
+    ms = [f"{min(times[k]) / len(boxes) * 1e3:.3f}" for k in ("ours", "area")]
+    return [name, len(boxes), rmse("ours", "pil"), rmse("area", "pil"), rmse("ours", "area"), *ms]
 
 
 def resize_accuracy(png: bytes, rounds: int = 3) -> None:
-    """RMSE (8-bit levels) vs PIL of the fast resize and of cv2's generic INTER_AREA."""
+    """`resize_row` for the global and local crops, and the time of the PNG decoders."""
     image = decode_image(png)
-    pil = Image.fromarray(image)
-    print(
-        "\n| crop | boxes shrunk >= 1.25x | RMSE vs PIL: ours | generic INTER_AREA "
-        "| ours vs INTER_AREA | ms ours | ms INTER_AREA |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, size, scale in (("global 224", 224, (0.32, 1.0)), ("local 98", 98, (0.05, 0.32))):
-        rng = np.random.default_rng(0)
-        boxes = [
-            augment.sample_resized_crop_box(rng, *image.shape, scale, (3 / 4, 4 / 3))
-            for _ in range(300)
-        ]
-        boxes = [b for b in boxes if min(b[2], b[3]) / size >= 1.25]
-        ours = [_fast_resize(image, b, size).astype(np.float64) for b in boxes]
-        area = [_area_resize(image, b, size).astype(np.float64) for b in boxes]
-        refs = [
-            np.asarray(pil.resize((size, size), Image.BICUBIC, box=(l, t, l + w, t + h)))
-            for t, l, h, w in boxes
-        ]
-        t_ours = _ms_per_box(_fast_resize, image, boxes, size, rounds)
-        t_area = _ms_per_box(_area_resize, image, boxes, size, rounds)
-        print(
-            f"| {name} | {len(boxes)} | {_mean_rmse(ours, refs):.3f} "
-            f"| {_mean_rmse(area, refs):.3f} | {_mean_rmse(ours, area):.3f} "
-            f"| {t_ours:.3f} | {t_area:.3f} |"
-        )
+    rows = [resize_row(image, "global 224", 224, (0.32, 1.0), rounds),
+            resize_row(image, "local 98", 98, (0.05, 0.32), rounds)]  # fmt: skip
+    print()
+    print(harness.markdown_table(["crop", "boxes shrunk >= 1.25x", "RMSE vs PIL: ours",
+                                  "generic INTER_AREA", "ours vs INTER_AREA", "ms ours",
+                                  "ms INTER_AREA"], rows))  # fmt: skip
 
     encoded = np.frombuffer(png, np.uint8)
     decoders = {
@@ -212,6 +157,28 @@ def resize_accuracy(png: bytes, rounds: int = 3) -> None:
     print(harness.markdown_table(["PNG decode", "ms, min of 5", "median"], rows))
 
 
+def throughput_row(png: bytes, global_size: int, args: argparse.Namespace) -> list:
+    """Samples/s per core of ours and PIL and of the whole Grain pipeline, rounds interleaved."""
+    cfg = augment.MultiCropConfig(global_size=global_size, local_size=98, n_local=8)
+    rng_ours, rng_pil = np.random.default_rng(0), np.random.default_rng(0)
+    grain = iter(pipeline.make_dataset(
+        [{"image": png}] * 64, seed=0, per_process_batch=32, crop_cfg=cfg, mask_group_size=32,
+        process_index=0, process_count=1,
+    ))  # fmt: skip
+    next(grain)  # warm-up
+    n, batches = args.samples, args.pipeline_batches
+    times = harness.interleaved({
+        # ours: what the Grain transform runs (cv2 decode + `multi_crop`)
+        "ours": lambda: [augment.multi_crop(decode_image(png), rng_ours, cfg) for _ in range(n)],
+        "pil": lambda: [pil_sample(png, rng_pil, cfg) for _ in range(n)],
+        "grain": lambda: [next(grain) for _ in range(batches)],
+    }, args.rounds)  # fmt: skip
+    ours, pil = ([n / t for t in times[k]] for k in ("ours", "pil"))
+    grain_rates = [32 * batches / t for t in times["grain"]]
+    return [f"{global_size}/98 x2+8", harness.spread(ours, ".1f"), harness.spread(pil, ".1f"),
+            harness.format_paired(ours, pil), harness.spread(grain_rates, ".1f")]  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=100, help="samples per timed round")
@@ -225,26 +192,11 @@ def main() -> None:
     print(harness.machine_header())
     print(f"input: {DICOM_NAME} -> {shape[0]}x{shape[1]} uint8 PNG, {len(png)} bytes")
     print(f"one process, one thread; {args.rounds} alternating rounds of {args.samples} samples")
-    rows = []
-    for global_size in (224, 518):
-        cfg = augment.MultiCropConfig(global_size=global_size, local_size=98, n_local=8)
-        rng_ours, rng_pil = np.random.default_rng(0), np.random.default_rng(0)
-        ours, pil, grain_rates = [], [], []
-        for _ in range(args.rounds):
-            run_ours = functools.partial(ours_sample, png, rng_ours, cfg)
-            run_pil = functools.partial(pil_sample, png, rng_pil, cfg)
-            ours.append(samples_per_second(run_ours, args.samples))
-            pil.append(samples_per_second(run_pil, args.samples))
-            grain_rates.append(pipeline_samples_per_second(png, cfg, args.pipeline_batches))
-        rows.append((global_size, ours, pil, grain_rates))
-
+    rows = [throughput_row(png, global_size, args) for global_size in (224, 518)]
     print()
     header = ["crops", "ours (samples/s/core)", "PIL (samples/s/core)", "ours/PIL per round",
               "grain pipeline, B=32 (samples/s)"]  # fmt: skip
-    table = [[f"{g}/98 x2+8", harness.spread(ours, ".1f"), harness.spread(pil, ".1f"),
-              harness.format_paired(ours, pil), harness.spread(grain, ".1f")]
-             for g, ours, pil, grain in rows]  # fmt: skip
-    print(harness.markdown_table(header, table))
+    print(harness.markdown_table(header, rows))
     if args.accuracy:
         resize_accuracy(png)
 

@@ -7,7 +7,9 @@
 - `Worker` / `serve` / `timed_round`: the same rounds across worker processes (one
   implementation per process, so its sys time, page faults and peak RSS are its own);
 - `machine_header`: command, CPU, cores, load, versions; `markdown_table`: rows for RESULTS.md;
-- `named_config`: `configs/<name>.py` with "key=value" overrides, as `--config.key=value`.
+- `config_args` / `one_device_config`: `--config NAME --batch N --dtype D --set key=value`, the
+  named config (`named_config`, as the drivers' `--config.key=value`) sized for one device;
+  `one_device_step`: its real train step compiled, as a call.
 
 Importing this module imports neither jax nor torch. A script imports it as `import harness`
 (Python puts the script's folder first on sys.path) and runs from the repository root:
@@ -16,6 +18,7 @@ Importing this module imports neither jax nor torch. A script imports it as `imp
 
 from __future__ import annotations
 
+import argparse
 import ast
 import json
 import os
@@ -73,12 +76,8 @@ def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     """a / b per round (same round, same machine load): median, min and max, and the ratio of
     the minima (the least disturbed samples)."""
     ratios = [x / y for x, y in zip(a, b, strict=True)]
-    return {
-        "median": statistics.median(ratios),
-        "min": min(ratios),
-        "max": max(ratios),
-        "of_mins": min(a) / min(b),
-    }
+    median, low, high = statistics.median(ratios), min(ratios), max(ratios)
+    return {"median": median, "min": low, "max": high, "of_mins": min(a) / min(b)}
 
 
 def format_paired(a: Sequence[float], b: Sequence[float]) -> str:
@@ -140,14 +139,6 @@ def machine_header(argv: Sequence[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def parse_value(text: str):
-    """A Python literal ("8", "(0, 0.9)", "True"), else the string itself."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 def named_config(name: str, overrides: Sequence[str] = ()):
     """`configs/<name>.py`'s `get_config()` with "key.sub=value" overrides, loaded as the
     drivers' `--config.key.sub=value` does (`config.load_config`: unknown keys raise)."""
@@ -158,29 +149,55 @@ def named_config(name: str, overrides: Sequence[str] = ()):
     return load_config(path, [f"--config.{item}" for item in overrides])
 
 
-def step_call(point, compiled, seed: int = 0) -> Callable[[], None]:
-    """A zero-argument call of one train step of a built run (`train.build.Run`) on the sweep's
-    synthetic batch: the state threaded through (donated), each call waited for."""
+def override(config, overrides: Sequence[str]):
+    """A copy of a built config with "key.sub=value" settings (values as Python literals)."""
+    config = config.copy_and_resolve_references()
+    for key, _, text in (item.partition("=") for item in overrides):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        config.update_from_flattened_dict({key: value})
+    return config
+
+
+def config_args(parser: argparse.ArgumentParser, config: str, batch: int) -> None:
+    """--config, --batch, --dtype and --set (repeatable), for `one_device_config`."""
+    parser.add_argument("--config", default=config, help="configs/<name>.py")
+    parser.add_argument("--batch", type=int, default=batch, help="global batch (0: the config's)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. --set model.depth=2 (repeatable)")  # fmt: skip
+
+
+def one_device_config(args: argparse.Namespace, extra: Sequence[str] = ()):
+    """The named config (`config_args`) with its --set and `extra` overrides, sized for one
+    device: batch, dtype, mask and KoLeo groups within the batch, no periodic evaluation."""
+    config = named_config(args.config, [*args.set, *extra])
+    config.batch_size = args.batch or config.batch_size
+    config.model.dtype = args.dtype
+    batch = config.batch_size
+    config.data.mask_group_size = min(config.data.mask_group_size or batch, batch)
+    config.ssl.koleo_group_size = min(config.ssl.koleo_group_size or batch, batch)
+    config.eval.every = 0
+    return config
+
+
+def one_device_step(config):
+    """(`reference.compare.OursStep`, compile seconds): `config`'s real train step compiled on
+    one device (a 1x1x1 mesh); a call runs one step on the sweep's synthetic batch, the state
+    threaded through (donated), and waits for it. `.point` is the built run."""
     import jax
 
     from raddino_jax import sweep
+    from raddino_jax.reference.compare import OursStep
 
-    holder = {"state": sweep.initial_state(point, seed=0)}
-    batch = sweep.device_batch(point, seed)
-    keys = iter(sweep.step_keys(point, 10_000, seed))
-
-    def run() -> None:
-        holder["state"], metrics = compiled(holder["state"], batch, next(keys))
-        jax.block_until_ready((holder["state"], metrics))
-
-    return run
+    c = sweep.point_config(config, (1, 1, 1), config.batch_size, config.model.remat)
+    step = OursStep(c, jax.devices()[0])
+    return step, step.compile()
 
 
-# ----------------------------------------------------------------------------------------------
-# Rounds across worker processes
-# ----------------------------------------------------------------------------------------------
-
-
+# Rounds across worker processes (`Worker` in the parent, `serve` in each worker).
 def send(message: dict) -> None:
     """One protocol line on stdout (the parent passes any other output on to stderr)."""
     sys.stdout.write(MESSAGE_PREFIX + json.dumps(message) + "\n")
@@ -215,12 +232,11 @@ def serve(step: Callable[[], object]) -> None:
 class Worker:
     """A worker subprocess (one implementation) that `serve`s timed rounds."""
 
-    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None):
+    def __init__(self, name: str, argv: Sequence[str]):
         self.name = name
         self.process = subprocess.Popen(
-            list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
-            env=dict(os.environ if env is None else env),
-        )  # fmt: skip
+            list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
 
     def receive(self) -> dict:
         """The next protocol message; other stdout lines go on to stderr."""

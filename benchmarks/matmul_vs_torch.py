@@ -7,6 +7,7 @@ crops), it times the forward product X W, the input gradient G W^T and the weigh
 X^T G in float32, on both frameworks with the same n cores (affinity set before import, as in
 `harness.pin_threads`), and prints GFLOP/s per shape plus the matmul seconds per train step
 each framework's rates imply (student forward + both gradients, teacher forward, x depth).
+The two frameworks' repetitions alternate (`harness.interleaved`); the minimum is reported.
 
 Run: PYTHONPATH=. .venv/bin/python benchmarks/matmul_vs_torch.py [--global-size 224]
      [--local-size 98] [--batch 16] [--n-local 8] [--width 384] [--depth 12] [--reps 5]
@@ -16,24 +17,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import harness
 
 PATCH = 14
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--global-size", type=int, default=224)
-    p.add_argument("--local-size", type=int, default=98)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--n-local", type=int, default=8)
-    p.add_argument("--width", type=int, default=384)
-    p.add_argument("--depth", type=int, default=12)
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions (minimum reported)")
-    p.add_argument("--threads", type=int, default=os.cpu_count())
-    return p.parse_args(argv)
 
 
 def tokens(size: int) -> int:
@@ -58,22 +45,29 @@ def products(args: argparse.Namespace) -> list[tuple[str, int, int, int, int]]:
     return out
 
 
-def time_min(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def best_seconds(a, b, reps: int, matmul, torch) -> dict[str, float]:
+    """Least seconds of a @ b (float32 NumPy arrays) in jax (`matmul`) and in torch."""
+    import jax.numpy as jnp
+
+    ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+    calls = {"jax": lambda: matmul(ja, jb).block_until_ready(), "torch": lambda: ta @ tb}
+    return {name: min(t) for name, t in harness.interleaved(calls, reps, warmup=1).items()}
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--global-size", type=int, default=224)
+    p.add_argument("--local-size", type=int, default=98)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--n-local", type=int, default=8)
+    p.add_argument("--width", type=int, default=384)
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions (minimum reported)")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    args = p.parse_args(argv)
     harness.pin_threads(args.threads)
     torch = harness.torch_threads(args.threads)
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -83,15 +77,14 @@ def main(argv: list[str] | None = None) -> None:
     for label, m, k, n, calls in products(args):
         a = rng.standard_normal((m, k), dtype=np.float32)
         b = rng.standard_normal((k, n), dtype=np.float32)
-        ja, jb = jnp.asarray(a), jnp.asarray(b)
-        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-        t_jax = time_min(lambda ja=ja, jb=jb: matmul(ja, jb).block_until_ready(), args.reps)
-        t_torch = time_min(lambda ta=ta, tb=tb: ta @ tb, args.reps)
+        best = best_seconds(a, b, args.reps, matmul, torch)
         flop = 2 * m * k * n
-        totals["jax"] += calls * t_jax
-        totals["torch"] += calls * t_torch
-        rows.append([label, f"{m} x {k} x {n}", calls, f"{flop / t_jax / 1e9:.0f}",
-                     f"{flop / t_torch / 1e9:.0f}", f"{t_jax / t_torch:.2f}"])  # fmt: skip
+        for name in totals:
+            totals[name] += calls * best[name]
+        rates = [f"{flop / best[name] / 1e9:.0f}" for name in ("jax", "torch")]
+        rows.append(
+            [label, f"{m} x {k} x {n}", calls, *rates, f"{best['jax'] / best['torch']:.2f}"]
+        )
     header = ["product", "M x K x N", "calls/step", "jax GFLOP/s", "torch GFLOP/s",
               "jax/torch time"]  # fmt: skip
     print(harness.markdown_table(header, rows))

@@ -7,14 +7,13 @@ with rounds interleaved (matmul, step, matmul, ...) so both see the same machine
 Prints both and their ratio (goal on CPU: >= 0.5), the analytic split (student backbone,
 teacher backbone, heads) and XLA's own flop count of the compiled step over the analytic one.
 
-The step is the real one (`train.step.compile_train_step` via `raddino_jax.sweep`) on a
-synthetic batch (random crops, masks from the real iBOT sampler) on a 1x1x1 mesh: one XLA CPU
-device, so the step's ops and the reference matmul use the same thread pool.
+The step is the real one (`harness.one_device_step`) on a synthetic batch (random crops, masks
+from the real iBOT sampler) on a 1x1x1 mesh: one XLA CPU device, so the step's ops and the
+reference matmul use the same thread pool. A profile of the step: benchmarks/step_profile.py.
 
 Run (float32: CPUs have no fast bfloat16 matmuls in XLA):
   PYTHONPATH=. .venv/bin/python benchmarks/step_efficiency.py --config vits14 --batch 8
   PYTHONPATH=. .venv/bin/python benchmarks/step_efficiency.py --config demo
-  ... --profile /tmp/trace   (jax.profiler trace of 2 steps; open with TensorBoard/Perfetto)
 """
 
 from __future__ import annotations
@@ -23,34 +22,6 @@ import argparse
 import statistics
 
 import harness
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="vits14", help="configs/<name>.py (demo, vits14, ...)")
-    p.add_argument("--batch", type=int, default=8, help="global batch (0: the config's)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--remat", action="store_true")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--matmul-size", type=int, default=2048)
-    p.add_argument("--profile", default="", help="write a jax.profiler trace of 2 steps here")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. --set model.depth=2 (repeatable)")  # fmt: skip
-    return p.parse_args(argv)
-
-
-def step_config(name: str, batch: int, dtype: str, remat: bool, overrides=()):
-    """The named config, sized for one device: batch, dtype, remat; masks/KoLeo per batch."""
-    config = harness.named_config(name, overrides)
-    if batch:
-        config.batch_size = batch
-    config.model.dtype = dtype
-    config.model.remat = "full" if remat else "none"
-    config.data.mask_group_size = min(config.data.mask_group_size or batch, config.batch_size)
-    config.ssl.koleo_group_size = min(config.ssl.koleo_group_size or batch, config.batch_size)
-    config.eval.every = 0
-    return config
 
 
 def matmul_call(size: int):
@@ -66,77 +37,61 @@ def matmul_call(size: int):
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    args = parse_args(argv)
-    import jax
-
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    harness.config_args(p, config="vits14", batch=8)
+    p.add_argument("--remat", action="store_true", help="model.remat full (default none)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--matmul-size", type=int, default=2048)
+    args = p.parse_args(argv)
     from raddino_jax import flops, sweep
-    from raddino_jax.train.build import build
 
-    config = step_config(args.config, args.batch, args.dtype, args.remat, args.set)
-    point = build(
-        sweep.point_config(config, (1, 1, 1), config.batch_size, args.remat), jax.devices()[:1]
-    )
-    compiled, compile_s = sweep.compile_step(point)
-    step_flops = sweep.step_flops(point)
+    config = harness.one_device_config(args, [f"model.remat={'full' if args.remat else 'none'}"])
+    step, compile_s = harness.one_device_step(config)
+    run = step.point
+    step_flops = sweep.step_flops(run)
     parts = flops.ssl_step_flops(
-        point.spec,
+        run.spec,
         global_size=config.data.global_size,
         local_size=config.data.local_size,
         n_local=config.data.n_local,
         batch=config.batch_size,
-        n_masked_tokens=point.mask_spec.upper_bound * point.mask_spec.n_groups,
-        separate_ibot_head=point.spec.ibot_head is not None,
+        n_masked_tokens=run.mask_spec.upper_bound * run.mask_spec.n_groups,
+        separate_ibot_head=run.spec.ibot_head is not None,
         remat=args.remat,
     )
-    xla = sweep.xla_flops(compiled)
-    run_step = harness.step_call(point, compiled)
+    xla = sweep.xla_flops(step.step_fn)
     times = harness.interleaved(
-        {"matmul": matmul_call(args.matmul_size), "step": run_step}, args.rounds, args.warmup
+        {"matmul": matmul_call(args.matmul_size), "step": step}, args.rounds, args.warmup
     )
-    matmul_times, step_times = times["matmul"], times["step"]
-    if args.profile:
-        jax.profiler.start_trace(args.profile)
-        run_step(), run_step()
-        jax.profiler.stop_trace()
+    gflops = {}  # (median, best) GFLOP/s of each
+    for name, flop in (("matmul", 2.0 * args.matmul_size**3), ("step", step_flops)):
+        gflops[name] = [flop / t / 1e9 for t in (statistics.median(times[name]), min(times[name]))]
+    ratio = [s / m for s, m in zip(gflops["step"], gflops["matmul"], strict=True)]
 
-    matmul_flop = 2.0 * args.matmul_size**3
-    result = {
-        "matmul_gflops_median": matmul_flop / statistics.median(matmul_times) / 1e9,
-        "matmul_gflops_best": matmul_flop / min(matmul_times) / 1e9,
-        "step_gflops_median": step_flops / statistics.median(step_times) / 1e9,
-        "step_gflops_best": step_flops / min(step_times) / 1e9,
-        "step_time_median_s": statistics.median(step_times),
-        "compile_s": compile_s,
-    }
-    result["ratio_median"] = result["step_gflops_median"] / result["matmul_gflops_median"]
-    result["ratio_best"] = result["step_gflops_best"] / result["matmul_gflops_best"]
     print(harness.machine_header())
     print(
         f"step: {args.config} batch {config.batch_size}, {config.data.global_size}/"
         f"{config.data.local_size} px x(2+{config.data.n_local}), {args.dtype}"
         f"{', remat' if args.remat else ''}; compile {compile_s:.1f} s"
     )
+    split = ("student_backbone", "teacher_backbone", "heads", "total")
     print(
         "analytic GFLOP per step: "
-        + ", ".join(
-            f"{k} {parts[k] / 1e9:.1f}"
-            for k in ("student_backbone", "teacher_backbone", "heads", "total")
-        )
+        + ", ".join(f"{k} {parts[k] / 1e9:.1f}" for k in split)
         + (f"; XLA cost_analysis / analytic {xla / step_flops:.3f}" if xla else "")
     )
     print(
-        f"matmul {args.matmul_size}^3 f32: median {result['matmul_gflops_median']:.1f} GFLOP/s "
-        f"(best {result['matmul_gflops_best']:.1f}) over {args.rounds} rounds"
+        f"matmul {args.matmul_size}^3 f32: median {gflops['matmul'][0]:.1f} GFLOP/s "
+        f"(best {gflops['matmul'][1]:.1f}) over {args.rounds} rounds"
     )
+    step_s = statistics.median(times["step"])
     print(
-        f"SSL step: median {result['step_time_median_s'] * 1e3:.0f} ms = "
-        f"{result['step_gflops_median']:.1f} GFLOP/s (best {result['step_gflops_best']:.1f})"
+        f"SSL step: median {step_s * 1e3:.0f} ms = {gflops['step'][0]:.1f} GFLOP/s "
+        f"(best {gflops['step'][1]:.1f})"
     )
-    print(
-        f"ratio step / matmul: median {result['ratio_median']:.3f}, "
-        f"best-vs-best {result['ratio_best']:.3f}  (goal >= 0.5)"
-    )
-    return result
+    print(f"ratio step / matmul: median {ratio[0]:.3f}, best-vs-best {ratio[1]:.3f}  (goal >= 0.5)")
+    return {"step_time_median_s": step_s, "ratio_median": ratio[0], "ratio_best": ratio[1]}
 
 
 if __name__ == "__main__":

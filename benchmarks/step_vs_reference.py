@@ -1,13 +1,13 @@
-"""The whole train step on CPU: ours (jax.jit) vs the same step in PyTorch (eager), in one run.
+"""The whole train step: ours (jax.jit) vs the same step in PyTorch (`raddino_jax.reference`).
 
-Ours is the real compiled step on one CPU device (`raddino_jax.reference.compare.OursStep`),
-theirs `raddino_jax.reference.step.ReferenceStep`; same weights, same batch (the sweep's
-synthetic host batch). Per crop size (2 x G + n_local x L) each side runs in its own worker
-process (`harness.Worker`: its sys time, page faults and peak RSS are its own; both are alive
-together). The jax worker writes the weights, batch and `ReferenceConfig`, both run step 0 and
-save their states, and the parent compares them (`compare.compare_states`) before anything is
-timed; then, after `--warmup` steps each, rounds alternate ours / torch. Measure on a quiet
-machine: torch's OpenMP threads wait on each other at every op.
+Ours is the real compiled step on one device (`reference.compare.OursStep`), theirs
+`reference.step.ReferenceStep`; same weights, same batch (the sweep's synthetic host batch).
+Per crop size (2 x G + n_local x L) each side runs in its own worker process (`harness.Worker`:
+its sys time, page faults and peak RSS are its own). The jax worker writes the weights, batch
+and `ReferenceConfig`; both run step 0 and save their states, and the parent checks the step-0
+losses (1e-4 relative in float32, 2e-2 in bfloat16) and compares the states
+(`compare.compare_states`) before anything is timed; then, after `--warmup` steps each, rounds
+alternate ours / torch. Measure on a quiet machine: torch's OpenMP threads wait on each other.
 
 The model: ViT-S/14 shape (`--width 384 --depth 12`, heads = width / 64), float32, a DINO head
 shared with iBOT (2048 hidden, 256 bottleneck, `--K` prototypes), batch 16, as
@@ -16,24 +16,18 @@ shared with iBOT (2048 hidden, 256 bottleneck, `--K` prototypes), batch 16, as
 On a GPU (`--device gpu`; issue 19's peer) the workers run one at a time (each gets the whole
 card), ours in `--dtype bfloat16`, torch as DINOv2's trainer runs there: `torch.autocast`
 bfloat16 over float32 weights, SDPA attention, fused AdamW, eager and/or `torch.compile` on each
-block and the head (`--torch-modes eager,compile`). Each torch mode's step-0 losses must agree
-with ours within `--loss-rtol` (bfloat16: 2e-2) before it is timed. Peak device memory is
-reported per worker.
+block and the head (`--torch-modes eager,compile`). Peak device memory is reported per worker.
 
 Run (defaults: both sizes, batch 16, 2 threads):
   PYTHONPATH=. .venv/bin/python benchmarks/step_vs_reference.py [--sizes 112x56 224x98]
-      [--rounds 5] [--steps 2] [--threads 2] [--xla-flags "..."] [--env MALLOC_ARENA_MAX=2]
+      [--rounds 5] [--steps 2] [--threads 2] [--xla-flags "..."]
   smoke: ... --sizes 56x28 --depth 2 --width 64 --K 256 --steps 2 --rounds 1
-  GPU, RAD-DINO's per-chip setting (ViT-B/14, 40 images, K 65536):
-  python3 benchmarks/step_vs_reference.py --device gpu --dtype bfloat16 --sizes 518x98 \
-      --width 768 --depth 12 --batch 40 --K 65536 --torch-modes eager,compile \
-      --torch-adamw fused --rounds 3 --steps 5
+  GPU: the [P] rows of benchmarks/gpu_check.sh.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -59,42 +53,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--n-local", type=int, default=8)
     p.add_argument("--depth", type=int, default=12)
     p.add_argument("--width", type=int, default=384)
-    p.add_argument("--heads", type=int, default=0, help="0: width / 64")
     p.add_argument("--K", type=int, default=4096, help="prototypes of the shared head")
-    p.add_argument("--head-hidden", type=int, default=2048)
-    p.add_argument("--head-bottleneck", type=int, default=256)
     p.add_argument("--prototype-chunk", type=int, default=0,
                    help="ours: ssl.prototype_chunk (configs/vitb14.py uses 8192)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--torch-attention", default="sdpa", choices=["sdpa", "matmul"])
     p.add_argument("--torch-adamw", default="foreach", choices=["foreach", "fused"])
     p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the jax worker")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment variable for the jax worker (repeatable)")  # fmt: skip
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="ours: model.dtype; torch: autocast dtype (float32: none)")  # fmt: skip
     p.add_argument("--torch-modes", default="eager", help="eager,compile: one torch worker each")
-    p.add_argument("--loss-rtol", type=float, default=0.0,
-                   help="step-0 loss agreement required before timing (0: 1e-4 float32, "
-                        "2e-2 bfloat16)")  # fmt: skip
-    p.add_argument("--json", default="", help="also write the raw results here")
     p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--mode", default="eager", help=argparse.SUPPRESS)
     p.add_argument("--dir", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if any("=" not in item for item in args.env):
-        p.error("--env takes KEY=VALUE")
     for size in args.sizes:
-        parse_size(size)
+        crop_sizes(size)
     args.torch_modes = args.torch_modes.split(",")
     if set(args.torch_modes) - {"eager", "compile"}:
         p.error("--torch-modes takes eager and/or compile")
-    args.loss_rtol = args.loss_rtol or (1e-4 if args.dtype == "float32" else 2e-2)
     return args
 
 
-def parse_size(text: str) -> tuple[int, int]:
+def crop_sizes(text: str) -> tuple[int, int]:
     """A "GxL" size, e.g. "224x98" -> (224, 98)."""
     try:
         global_size, local_size = (int(part) for part in text.lower().split("x"))
@@ -109,22 +89,21 @@ def benchmark_config(args: argparse.Namespace, size: str):
     from raddino_jax.reference.compare import comparable
 
     c = base_config()
-    c.seed, c.total_steps = args.seed, 1000
+    c.total_steps = 1000
     c.model.arch = "vit_small"
     c.model.embed_dim, c.model.depth = args.width, args.depth
-    c.model.num_heads = args.heads or max(1, args.width // 64)
-    c.model.head_out_dim, c.model.head_hidden_dim = args.K, args.head_hidden
-    c.model.head_bottleneck_dim = args.head_bottleneck
-    c.data.global_size, c.data.local_size = parse_size(size)
+    c.model.num_heads = max(1, args.width // 64)
+    c.model.head_out_dim, c.model.head_hidden_dim, c.model.head_bottleneck_dim = args.K, 2048, 256
+    c.data.global_size, c.data.local_size = crop_sizes(size)
     c.data.n_local = args.n_local
     c.optim.freeze_last_layer_steps = 0
     c.ssl.prototype_chunk = args.prototype_chunk
     return comparable(c, args.batch)
 
 
-def peak_bytes(kind: str) -> int:
+def peak_bytes(worker: str) -> int:
     """Peak device memory of this worker so far (0 on CPU)."""
-    if kind == "jax":
+    if worker == "jax":
         import jax
 
         return int((jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0))
@@ -133,39 +112,41 @@ def peak_bytes(kind: str) -> int:
     return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else 0
 
 
-def first_step(step) -> tuple[dict, float]:
+def serve_worker(args, folder: Path, name: str, step, named_state, **info) -> None:
+    """Step 0 (timed; its state saved for the parent's comparison), `--warmup` untimed steps,
+    the ready message, then the rounds the parent asks for."""
     start = time.perf_counter()
-    metrics = step()
-    return metrics, time.perf_counter() - start
+    metrics = step()  # in "compile" mode torch compiles here
+    first_s = time.perf_counter() - start
+    np.savez(folder / f"{name}_state.npz", **dict(named_state()))
+    for _ in range(args.warmup):
+        step()
+    harness.send({"first_step_s": first_s, "metrics": metrics,
+                  "peak_bytes": peak_bytes(args.worker), **info})  # fmt: skip
+    harness.serve(step)
 
 
 def jax_worker(args: argparse.Namespace, folder: Path) -> None:
-    """Writes the shared inputs and our step-0 state, then serves rounds."""
+    """Writes the shared inputs, then serves our step."""
     import jax
 
     from raddino_jax.reference import compare
     from raddino_jax.reference.config import from_config
 
     config = benchmark_config(args, args.sizes[0])
-    reference = from_config(config, args.torch_attention, args.torch_adamw)  # float32 model
-    (folder / CONFIG).write_text(reference.to_json())
+    (folder / CONFIG).write_text(from_config(config, args.torch_adamw).to_json())  # float32
     config.model.dtype = args.dtype
     ours = compare.OursStep(config, jax.devices()[0])
     np.savez(folder / WEIGHTS, **ours.student_weights())
     np.savez(folder / BATCH, **ours.host_batch)
     compile_s = ours.compile()
-    metrics, first_s = first_step(ours)
-    np.savez(folder / "ours_state.npz", **ours.named_state())
-    for _ in range(args.warmup):
-        ours()
     version = f"jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
-    harness.send({"version": version, "compile_s": compile_s, "first_step_s": first_s,
-                  "metrics": metrics, "peak_bytes": peak_bytes("jax")})  # fmt: skip
-    harness.serve(ours)
+    serve_worker(args, folder, "ours", ours, ours.named_state, version=version,
+                 compile_s=compile_s)  # fmt: skip
 
 
 def torch_worker(args: argparse.Namespace, folder: Path) -> None:
-    """Loads the shared inputs, runs the reference's step 0 and saves it, then serves rounds."""
+    """Loads the shared inputs, then serves the reference's step."""
     torch = harness.torch_threads(args.threads)
     from raddino_jax.reference.config import ReferenceConfig
     from raddino_jax.reference.step import ReferenceStep, batch_to_torch
@@ -178,27 +159,14 @@ def torch_worker(args: argparse.Namespace, folder: Path) -> None:
             cfg, dict(weights), device=device, autocast=autocast, compile=args.mode == "compile"
         )
         tensors = batch_to_torch(dict(batch), device)
-    metrics, first_s = first_step(lambda: reference(tensors))  # compiles in "compile" mode
-    np.savez(folder / f"torch {args.mode}_state.npz", **dict(reference.named_state()))
-    for _ in range(args.warmup):
-        reference(tensors)
     version = f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
-    harness.send({"version": version, "compile_s": 0.0, "first_step_s": first_s,
-                  "metrics": metrics, "peak_bytes": peak_bytes("torch")})  # fmt: skip
-    harness.serve(lambda: reference(tensors))
+    serve_worker(args, folder, f"torch {args.mode}", lambda: reference(tensors),
+                 reference.named_state, version=version, compile_s=0.0)  # fmt: skip
 
 
-def check_losses(args: argparse.Namespace, ours: dict, theirs: dict, name: str) -> float:
-    """Largest relative step-0 loss difference; SystemExit above `--loss-rtol` (a peer that
-    computes something else is not timed)."""
-    worst = max(abs(ours[t] - theirs[t]) / max(abs(ours[t]), 1e-12) for t in LOSS_TERMS)
-    if worst > args.loss_rtol:
-        raise SystemExit(
-            f"{name}: step-0 losses differ from ours by {worst:.2e} relative (> --loss-rtol "
-            f"{args.loss_rtol}): " + ", ".join(f"{t} {ours[t]:.5f}/{theirs[t]:.5f}"
-                                             for t in LOSS_TERMS)
-        )
-    return worst
+def load(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as arrays:
+        return dict(arrays)
 
 
 def run_size(args: argparse.Namespace, argv: list[str], size: str) -> dict:
@@ -207,32 +175,30 @@ def run_size(args: argparse.Namespace, argv: list[str], size: str) -> dict:
     from raddino_jax.reference.compare import compare_states
 
     result = {"size": size, "load_before": os.getloadavg()[0], "ready": {}, "rounds": {},
-              "agreement": {}, "loss_rel": {}}  # fmt: skip
+              "agreement": {}}  # fmt: skip
+    loss_rtol = 1e-4 if args.dtype == "float32" else 2e-2
     kinds = [("jax", "ours", "eager")] + [("torch", f"torch {m}", m) for m in args.torch_modes]
     sequential = args.device == "gpu"
     with tempfile.TemporaryDirectory(prefix="step_vs_reference_") as folder:
         workers = {}
 
         def start(kind: str, name: str, mode: str) -> None:
-            env = dict(os.environ)
-            if kind == "jax":
-                env.update(item.split("=", 1) for item in args.env)
             command = [sys.executable, __file__, *argv, "--sizes", size, "--worker", kind,
                        "--mode", mode, "--dir", folder]  # fmt: skip
-            workers[name] = harness.Worker(name, command, env)
+            workers[name] = harness.Worker(name, command)
             result["ready"][name] = workers[name].receive()
-            if kind == "torch":
-                result["loss_rel"][name] = check_losses(
-                    args, result["ready"]["ours"]["metrics"], result["ready"][name]["metrics"], name
-                )
-                with (
-                    np.load(Path(folder) / WEIGHTS) as initial,
-                    np.load(Path(folder) / "ours_state.npz") as ours,
-                    np.load(Path(folder) / f"{name}_state.npz") as theirs,
-                ):
-                    result["agreement"][name] = compare_states(
-                        dict(initial), dict(ours), dict(theirs)
-                    )
+            if kind == "jax":
+                return
+            ours, theirs = (result["ready"][n]["metrics"] for n in ("ours", name))
+            worst = max(abs(ours[t] - theirs[t]) / max(abs(ours[t]), 1e-12) for t in LOSS_TERMS)
+            if worst > loss_rtol:  # a peer that computes something else is not timed
+                raise SystemExit(
+                    f"{name}: step-0 losses differ from ours by {worst:.2e} relative (> "
+                    f"{loss_rtol}): " + ", ".join(f"{t} {ours[t]:.5f}/{theirs[t]:.5f}"
+                                                  for t in LOSS_TERMS)
+                )  # fmt: skip
+            files = (WEIGHTS, "ours_state.npz", f"{name}_state.npz")
+            result["agreement"][name] = compare_states(*(load(Path(folder) / f) for f in files))
 
         def rounds(names: list[str]) -> None:
             for index in range(args.rounds):
@@ -258,14 +224,13 @@ def run_size(args: argparse.Namespace, argv: list[str], size: str) -> dict:
 
 def timing_row(args: argparse.Namespace, result: dict) -> list[str]:
     """crops, per worker median (min) s/step and its resources, ours / each torch mode."""
-    global_size, local_size = parse_size(result["size"])
+    global_size, local_size = crop_sizes(result["size"])
     cells = [f"2x{global_size} + {args.n_local}x{local_size}"]
-    times = {}
+    per_round = {}
     for name, rounds in result["rounds"].items():
         steps = [t for r in rounds for t in r["times"]]
-        times[name] = [statistics.median(r["times"]) for r in rounds]
-        n = len(steps)
-        peak = result["ready"][name].get("peak_bytes", 0)
+        per_round[name] = [statistics.median(r["times"]) for r in rounds]
+        n, peak = len(steps), result["ready"][name]["peak_bytes"]
         cells.append(f"{statistics.median(steps):.3f} ({min(steps):.3f})")
         cells.append(
             f"{peak / 2**30:.1f} GiB" if args.device == "gpu" else
@@ -273,43 +238,36 @@ def timing_row(args: argparse.Namespace, result: dict) -> list[str]:
             f"{sum(r['faults'] for r in rounds) / n / 1e6:.3f}M, "
             f"{rounds[-1]['maxrss_kib'] / 2**20:.2f} GiB"
         )  # fmt: skip
-    for name in times:
-        if name != "ours":
-            cells.append(harness.format_paired(times["ours"], times[name]))
-    cells.append(f"{result['ready']['ours']['compile_s']:.1f}")
-    return cells
+    cells += [harness.format_paired(per_round["ours"], t) for n, t in per_round.items()
+              if n != "ours"]  # fmt: skip
+    return [*cells, f"{result['ready']['ours']['compile_s']:.1f}"]
 
 
-def agreement_row(args: argparse.Namespace, result: dict, name: str) -> list[str]:
+def agreement_row(result: dict, name: str) -> list[str]:
     ours, theirs = (result["ready"][n]["metrics"] for n in ("ours", name))
     a = result["agreement"][name]
     return [
         f"{result['size']} {name}",
         *(f"{ours[t]:.6f} / {theirs[t]:.6f}" for t in LOSS_TERMS),
         f"{max(abs(ours[t] - theirs[t]) for t in LOSS_TERMS):.1e}",
-        *(
-            f"{a[f'{m} update rel (global)']:.1e}, {a[f'{m} update rel (worst tensor)']:.1e}"
-            for m in ("student", "teacher")
-        ),  # fmt: skip
+        *(f"{a[f'{m} update rel (global)']:.1e}, {a[f'{m} update rel (worst tensor)']:.1e}"
+          for m in ("student", "teacher")),
         f"{a['student params rel']:.1e} / {a['teacher params rel']:.1e}",
         f"{a['key bias max abs']:.1e}",
         f"{a['centres max abs']:.1e}",
-    ]
+    ]  # fmt: skip
 
 
 def report(args: argparse.Namespace, results: list[dict]) -> str:
-    ready = results[0]["ready"]
-    names = list(ready)
-    loads = "; ".join(
-        f"{r['size']}: {r['load_before']:.2f} -> {r['load_after']:.2f}" for r in results
-    )
+    names = list(results[0]["ready"])
+    loads = "; ".join(f"{r['size']}: {r['load_before']:.2f} -> {r['load_after']:.2f}"
+                      for r in results)  # fmt: skip
+    versions = "; ".join(results[0]["ready"][n]["version"] for n in names[:2])
     setup = (
-        f"{ready['ours']['version']}; {ready[names[1]]['version']}; {args.device}, "
-        f"{args.threads} threads each; {args.dtype} ViT {args.width} wide x {args.depth} "
-        f"blocks, batch {args.batch}, K={args.K} shared head; torch attention "
-        f"{args.torch_attention}, AdamW {args.torch_adamw}, modes {', '.join(args.torch_modes)}"
-        + (f"; jax env {' '.join(args.env)}" if args.env else "")
-        + f". {args.rounds} rounds x {args.steps} steps"
+        f"{versions}; {args.device}, {args.threads} threads each; {args.dtype} ViT {args.width} "
+        f"wide x {args.depth} blocks, batch {args.batch}, K={args.K} shared head; torch "
+        f"attention sdpa, AdamW {args.torch_adamw}, modes {', '.join(args.torch_modes)}. "
+        f"{args.rounds} rounds x {args.steps} steps"
         + (" (one worker at a time)" if args.device == "gpu" else " (alternating)")
         + f"; load average {loads}."
     )
@@ -325,11 +283,11 @@ def report(args: argparse.Namespace, results: list[dict]) -> str:
         ["crops, peer", *(f"{t} ours / torch" for t in LOSS_TERMS), "losses max abs diff",
          "student update rel (global, worst tensor)", "teacher update rel (global, worst)",
          "student / teacher params rel", "qkv key bias max abs", "centres max abs"],
-        [agreement_row(args, r, n) for r in results for n in names[1:]],
+        [agreement_row(r, n) for r in results for n in names[1:]],
     )  # fmt: skip
-    header_line = harness.machine_header(["benchmarks/step_vs_reference.py", *sys.argv[1:]])
+    machine = harness.machine_header(["benchmarks/step_vs_reference.py", *sys.argv[1:]])
     return "\n\n".join(
-        [header_line, setup, timing, "Step-0 agreement (same weights and batch):", agreement]
+        [machine, setup, timing, "Step-0 agreement (same weights and batch):", agreement]
     )
 
 
@@ -342,10 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads > len(os.sched_getaffinity(0)):
         raise SystemExit(f"--threads {args.threads} > {len(os.sched_getaffinity(0))} cores")
-    results = [run_size(args, argv, size) for size in args.sizes]
-    print(report(args, results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, default=float))
+    print(report(args, [run_size(args, argv, size) for size in args.sizes]))
     return 0
 
 

@@ -2,14 +2,20 @@
 
 `comparable` sets a config to what the reference models (float32, no drop path, one device,
 LayerScale 1, no lr warmup); `OursStep` is our real compiled step on one device with one fixed
-batch (`raddino_jax.sweep.measure`: the loop's builders), and `torch_named` gives its state the
-reference's names; `compare_states` measures how far two states after the same step(s) agree.
-NumPy at import time; JAX is imported where used, so a torch-only process can import this.
+batch (`raddino_jax.sweep.measure`: the loop's builders; the benchmarks time it too), and
+`torch_named` gives its state the reference's names; `compare_states` measures how far two
+states after the same step(s) agree. It imports JAX, not torch.
 """
 
 from __future__ import annotations
 
+import jax
 import numpy as np
+
+from raddino_jax.convert.to_torch import backbone_to_dinov2, head_to_dinov2
+from raddino_jax.parallel import sharding
+from raddino_jax.sweep import measure
+from raddino_jax.train.build import build
 
 
 def comparable(config, batch: int):
@@ -34,58 +40,43 @@ def comparable(config, batch: int):
 
 def torch_named(params: dict) -> dict[str, np.ndarray]:
     """Our student/teacher params -> {"backbone.<dinov2 name>", "dino_head.<name>": array}."""
-    from raddino_jax.convert.to_torch import backbone_to_dinov2, head_to_dinov2
-
     named = {f"backbone.{k}": v for k, v in backbone_to_dinov2(params).items()}
     named.update({f"dino_head.{k}": v for k, v in head_to_dinov2(params["dino_head"]).items()})
     return named
 
 
 class OursStep:
-    """Our compiled train step on one device, its state and one fixed batch."""
+    """Our compiled train step on one device, its state and one fixed batch; calling it runs
+    one step (the state donated and threaded through), waits for it, and returns float
+    metrics."""
 
     def __init__(self, config, device):
-        import jax
-
-        from raddino_jax.parallel import sharding
-        from raddino_jax.sweep import measure
-
         self.config = config
-        from raddino_jax.train.build import build
-
         self.point = build(config, [device])
         self.state = measure.initial_state(self.point, config.seed)
         self.host_batch = measure.host_batch(self.point, config.seed)
         self.batch = measure.device_batch(self.point, config.seed)
-        # Drop path is off, so the key is unused; one placed key keeps the timed call lean.
+        # The reference has no drop path, so the key is unused; one placed key keeps the timed
+        # call lean (a benchmark with drop path on times the same work with any key).
         self.key = jax.device_put(jax.random.key(config.seed), sharding.replicated(self.point.mesh))
         self.step_fn = self.point.step_fn
 
     def compile(self) -> float:
         """Compiles the step ahead of time; returns the seconds it took."""
-        from raddino_jax.sweep import measure
-
         self.step_fn, seconds = measure.compile_step(self.point, self.config.seed)
         return seconds
 
     def student_weights(self) -> dict[str, np.ndarray]:
         """The current student in torch names (call before a step: the state is donated)."""
-        import jax
-
         return torch_named(jax.device_get(self.state.student))
 
     def __call__(self) -> dict[str, float]:
-        """One step (blocks until it is done); float metrics."""
-        import jax
-
         self.state, metrics = self.step_fn(self.state, self.batch, self.key)
         jax.block_until_ready((self.state, metrics))
         return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
     def named_state(self) -> dict[str, np.ndarray]:
         """The same names as `ReferenceStep.named_state`."""
-        import jax
-
         state = jax.device_get(self.state)
         named = {f"student.{k}": v for k, v in torch_named(state.student).items()}
         named.update({f"teacher.{k}": v for k, v in torch_named(state.teacher).items()})
@@ -133,23 +124,18 @@ def compare_states(
     for model in ("student", "teacher"):
         diff_sq = ref_sq = worst = params = 0.0
         for name, start in initial.items():
-            key = f"{model}.{name}"
             (mine, mine_k), (ref, ref_k) = (
-                split_key_bias(name, ours[key]),
-                split_key_bias(name, theirs[key]),
+                split_key_bias(name, state[f"{model}.{name}"]) for state in (ours, theirs)
             )
-            before, _ = split_key_bias(name, start)
             if mine_k.size:
                 key_bias = max(key_bias, float(np.max(np.abs(mine_k - ref_k))))
-            mine_update = mine.astype(np.float64) - before
-            ref_update = ref.astype(np.float64) - before
-            d = float(np.sum((mine_update - ref_update) ** 2))
-            r = float(np.sum(ref_update**2))
+            mine, ref = mine.astype(np.float64), ref.astype(np.float64)
+            # u_ours - u_torch = ours - torch: both updates start from the same weights.
+            d = float(np.sum((mine - ref) ** 2))
+            r = float(np.sum((ref - split_key_bias(name, start)[0]) ** 2))
             diff_sq, ref_sq = diff_sq + d, ref_sq + r
             worst = max(worst, _relative(d, r))
-            params = max(
-                params, float(np.max(np.abs(mine - ref)) / max(np.max(np.abs(ref)), 1e-30))
-            )
+            params = max(params, float(np.max(np.abs(mine - ref)) / max(np.abs(ref).max(), 1e-30)))
         report[f"{model} update rel (global)"] = _relative(diff_sq, ref_sq)
         report[f"{model} update rel (worst tensor)"] = worst
         report[f"{model} params rel"] = params

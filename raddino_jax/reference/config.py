@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 
-ATTENTIONS = ("sdpa", "matmul")
 # torch.optim.AdamW implementations: multi-tensor (foreach) or the fused CPU/GPU kernel.
 ADAMW_IMPLS = ("foreach", "fused")
 
@@ -61,21 +60,14 @@ class ReferenceConfig:
     warmup_teacher_temp: float
     teacher_temp: float
     warmup_teacher_temp_steps: int
-    attention: str = "sdpa"
     adamw: str = "foreach"
     # integer crops (pixel levels) are normalised with these: (x / dtype max - mean) / std
     pixel_mean: float | None = None
     pixel_std: float | None = None
 
     def __post_init__(self) -> None:
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.adamw not in ADAMW_IMPLS:
             raise ValueError(f"adamw must be one of {ADAMW_IMPLS}, got {self.adamw!r}")
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} not divisible by {self.num_heads}")
-        if self.head_nlayers < 1:
-            raise ValueError(f"head_nlayers must be >= 1, got {self.head_nlayers}")
 
     @property
     def grid_size(self) -> int:
@@ -88,18 +80,14 @@ class ReferenceConfig:
     def from_json(cls, text: str) -> ReferenceConfig:
         return cls(**json.loads(text))
 
-    def replace(self, **kwargs) -> ReferenceConfig:
-        return dataclasses.replace(self, **kwargs)
 
-
-def from_config(config, attention: str = "sdpa", adamw: str = "foreach") -> ReferenceConfig:
+def from_config(config, adamw: str = "foreach") -> ReferenceConfig:
     """The `ReferenceConfig` of a raddino_jax config (one device); ValueError for what the
     reference does not model.
 
-    Every number comes from the project's own builders under the same name: the schedules'
-    arguments (`config.schedule_args`), the objective (`config.objective_config`), the
-    optimiser (`config.optimizer_config`), the backbone and, with a "head_" prefix, the head
-    (`config.model_spec`). The reference computes its schedules, rules and losses itself.
+    Every number comes from the run's own builders (`train.build`) under the same name: the
+    schedules' arguments, the objective, the optimiser, the backbone and, with a "head_"
+    prefix, the head. The reference computes its schedules, rules and losses itself.
     """
     from raddino_jax.train import build as build_lib
     from raddino_jax.train.optim import OptimizerConfig
@@ -133,10 +121,8 @@ def from_config(config, attention: str = "sdpa", adamw: str = "foreach") -> Refe
         **dataclasses.asdict(optim),
         **build_lib.schedule_args(config),
     }
-    fields = {f.name for f in dataclasses.fields(ReferenceConfig)} - {"attention", "adamw"}
+    fields = {f.name for f in dataclasses.fields(ReferenceConfig)} - {"adamw"}
     missing = sorted(fields - set(values))
     if missing:
         raise ValueError(f"no value in the config for the reference's {missing}")
-    return ReferenceConfig(
-        **{name: values[name] for name in fields}, attention=attention, adamw=adamw
-    )
+    return ReferenceConfig(**{name: values[name] for name in fields}, adamw=adamw)

@@ -1,8 +1,8 @@
 """The reference's model in PyTorch: a DINOv2 ViT with the hub's state-dict names
 (`blocks.<i>.attn.qkv`, `ls1.gamma`, ..., so `raddino_jax.convert.to_torch` exports load with
 strict names) and a DINO head whose last layer is weight-normalised (weight_g / weight_v, as
-`torch weight_norm`). Attention is `F.scaled_dot_product_attention` (dinov2's current
-Attention) or, with `attention="matmul"`, the explicit q k^T softmax of older dinov2 versions.
+`torch weight_norm`). Attention is `F.scaled_dot_product_attention`, as dinov2's current
+Attention.
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ class LayerScale(nn.Module):
 class Attention(nn.Module):
     """Fused qkv (rows q | k | v, heads contiguous) + output projection, scale hd^-0.5."""
 
-    def __init__(self, dim: int, num_heads: int, attention: str):
+    def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.attention = attention
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
@@ -40,11 +39,7 @@ class Attention(nn.Module):
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, N, hd] each
-        if self.attention == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-            out = scores.softmax(dim=-1) @ v
+        out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
 
@@ -67,7 +62,7 @@ class Block(nn.Module):
         super().__init__()
         dim = cfg.embed_dim
         self.norm1 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
-        self.attn = Attention(dim, cfg.num_heads, cfg.attention)
+        self.attn = Attention(dim, cfg.num_heads)
         self.ls1 = LayerScale(dim)
         self.norm2 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio))

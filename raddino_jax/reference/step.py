@@ -33,14 +33,7 @@ from raddino_jax.reference.model import SSLModel
 
 # F.normalize / F.pairwise_distance eps of dinov2's KoLeoLoss.
 KOLEO_EPS = 1e-8
-# clip_grad_norm_ divides by norm + 1e-6.
-CLIP_EPS = 1e-6
 SUBMODULES = ("backbone", "dino_head")
-
-
-# ----------------------------------------------------------------------------------------------
-# Schedules: dinov2's CosineScheduler arrays
-# ----------------------------------------------------------------------------------------------
 
 
 def cosine_schedule(
@@ -51,9 +44,9 @@ def cosine_schedule(
     start: float = 0.0,
     freeze_steps: int = 0,
 ) -> np.ndarray:
-    """[total_steps] float64 values: zeros for `freeze_steps`, np.linspace(start, peak) with
-    endpoint for `warmup_steps`, then final + (peak - final)(1 + cos(pi i / n)) / 2 for
-    i = 0 .. n - 1. Steps past the array take `final` (`schedule_value`)."""
+    """[total_steps] float64 values (dinov2's CosineScheduler): zeros for `freeze_steps`,
+    np.linspace(start, peak) with endpoint for `warmup_steps`, then
+    final + (peak - final)(1 + cos(pi i / n)) / 2 for i = 0 .. n - 1."""
     cosine_steps = total_steps - warmup_steps - freeze_steps
     if cosine_steps < 0:
         raise ValueError("freeze + warmup steps exceed total steps")
@@ -62,57 +55,36 @@ def cosine_schedule(
     return np.concatenate([np.zeros(freeze_steps), np.linspace(start, peak, warmup_steps), cosine])
 
 
-def schedule_value(values: np.ndarray, final: float, step: int) -> float:
-    """values[step], or `final` once the array has run out."""
-    return float(values[step]) if step < len(values) else float(final)
-
-
-@dataclasses.dataclass(frozen=True)
-class StepScalars:
-    """The scheduled numbers one step uses."""
-
-    lr: float
-    last_layer_lr: float
-    weight_decay: float
-    momentum: float
-    teacher_temperature: float
-
-
 class Schedules:
     """lr (sqrt batch scaling, warmup + cosine), last-layer lr (lr zeroed for the first
     `freeze_last_layer_steps`), weight decay and teacher momentum (cosine, no warmup), teacher
-    temperature (linear warmup, then constant)."""
+    temperature (linear warmup, then constant); steps past an array take its final value."""
 
     def __init__(self, cfg: ReferenceConfig):
-        self.cfg = cfg
         peak = cfg.base_lr * math.sqrt(cfg.global_batch / 1024)
-        self.lr = cosine_schedule(peak, cfg.min_lr, cfg.total_steps, cfg.warmup_steps)
-        self.last_layer_lr = self.lr.copy()
-        self.last_layer_lr[: cfg.freeze_last_layer_steps] = 0.0
-        self.weight_decay = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.total_steps)
-        self.momentum = cosine_schedule(cfg.momentum_teacher, 1.0, cfg.total_steps)
-        self.teacher_temperature = cosine_schedule(
-            cfg.teacher_temp,
-            cfg.teacher_temp,
-            cfg.warmup_teacher_temp_steps,
-            cfg.warmup_teacher_temp_steps,
-            start=cfg.warmup_teacher_temp,
+        lr = cosine_schedule(peak, cfg.min_lr, cfg.total_steps, cfg.warmup_steps)
+        last_layer_lr = lr.copy()
+        last_layer_lr[: cfg.freeze_last_layer_steps] = 0.0
+        wd = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.total_steps)
+        momentum = cosine_schedule(cfg.momentum_teacher, 1.0, cfg.total_steps)
+        n = cfg.warmup_teacher_temp_steps
+        temperature = cosine_schedule(
+            cfg.teacher_temp, cfg.teacher_temp, n, n, start=cfg.warmup_teacher_temp
         )
+        # name (as in the step's metrics) -> (values per step, the value once they run out)
+        self.tables = {
+            "lr": (lr, cfg.min_lr),
+            "last_layer_lr": (last_layer_lr, cfg.min_lr),
+            "wd": (wd, cfg.weight_decay_end),
+            "momentum": (momentum, 1.0),
+            "teacher_temperature": (temperature, cfg.teacher_temp),
+        }
 
-    def at(self, step: int) -> StepScalars:
-        cfg = self.cfg
-        return StepScalars(
-            lr=schedule_value(self.lr, cfg.min_lr, step),
-            last_layer_lr=schedule_value(self.last_layer_lr, cfg.min_lr, step),
-            weight_decay=schedule_value(self.weight_decay, cfg.weight_decay_end, step),
-            momentum=schedule_value(self.momentum, 1.0, step),
-            teacher_temperature=schedule_value(self.teacher_temperature, cfg.teacher_temp, step),
-        )
-
-
-# ----------------------------------------------------------------------------------------------
-# Per-parameter optimiser rules (dinov2 param groups)
-# ----------------------------------------------------------------------------------------------
+    def at(self, step: int) -> dict[str, float]:
+        return {
+            name: float(values[step]) if step < len(values) else float(final)
+            for name, (values, final) in self.tables.items()
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,11 +121,6 @@ def param_groups(model: SSLModel, cfg: ReferenceConfig) -> list[dict]:
         {"params": params, "rule": rule, "lr": 0.0, "weight_decay": 0.0}
         for rule, params in groups.items()
     ]
-
-
-# ----------------------------------------------------------------------------------------------
-# Losses
-# ----------------------------------------------------------------------------------------------
 
 
 def centered_targets(logits: torch.Tensor, center: torch.Tensor, temperature: float):
@@ -234,11 +201,6 @@ def mean_kl(teacher_probs: torch.Tensor, student_logits: torch.Tensor, temperatu
     return (torch.xlogy(teacher_probs, teacher_probs) - cross).sum(-1).mean()
 
 
-# ----------------------------------------------------------------------------------------------
-# The step
-# ----------------------------------------------------------------------------------------------
-
-
 def normalise_levels(crops: torch.Tensor, mean: float | None, std: float | None):
     """Integer pixel levels -> float32 (x / dtype max - mean) / std; float crops as given."""
     if crops.is_floating_point():
@@ -282,17 +244,14 @@ def batch_to_torch(batch: dict[str, np.ndarray], device: str = "cpu") -> dict[st
     }
 
 
-AUTOCAST_DTYPES = {"": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 class ReferenceStep:
     """Student, teacher, AdamW state and centres; calling it runs one train step.
 
     As a speed peer (`benchmarks/step_vs_reference.py --device gpu`) it runs the way DINOv2's
     trainer does on a GPU: float32 parameters and optimizer, the forward passes under
-    `torch.autocast` (`autocast="bfloat16"`), SDPA attention (`cfg.attention`), and with
-    `compile=True` `torch.compile` on each transformer block and on the head (DINOv3 trains
-    so). The default (CPU, no autocast, eager) is the float32 numerics reference.
+    `torch.autocast` (`autocast="bfloat16"`), SDPA attention, and with `compile=True`
+    `torch.compile` on each transformer block and on the head (DINOv3 trains so). The default
+    (CPU, no autocast, eager) is the float32 numerics reference.
     """
 
     def __init__(
@@ -306,11 +265,9 @@ class ReferenceStep:
     ):
         """`weights`: the student's state dict ("backbone.*", "dino_head.*" names); the
         teacher starts as a copy, the centres at zero (as `train.state.new_state`)."""
-        if autocast not in AUTOCAST_DTYPES:
-            raise ValueError(f"autocast must be one of {sorted(AUTOCAST_DTYPES)}, got {autocast!r}")
         self.cfg = cfg
         self.device = torch.device(device)
-        self.autocast = AUTOCAST_DTYPES[autocast]
+        self.autocast = getattr(torch, autocast) if autocast else None  # e.g. torch.bfloat16
         self.schedules = Schedules(cfg)
         self.student = SSLModel(cfg).to(self.device)
         self.teacher = SSLModel(cfg).to(self.device)
@@ -404,50 +361,35 @@ class ReferenceStep:
                 koleo_loss_grouped(crop_cls, cfg.koleo_group_size)
                 for crop_cls in s_global_cls.float().reshape(n_global, size, -1)
             )
-        total = cfg.dino_weight * dino + cfg.ibot_weight * ibot + cfg.koleo_weight * koleo
         with torch.no_grad(), self.float32():
             swapped = teacher_probs.flip(0).reshape(n_global * size, -1)
-            monitors = {
-                "teacher_entropy": entropy(cls_probs),
-                "student_teacher_kl": mean_kl(
-                    swapped, s_cls_logits[:n_global].reshape(n_global * size, -1), tau
-                ),
-                "masked_tokens": valid.sum().float(),
-            }
+            student_global = s_cls_logits[:n_global].reshape(n_global * size, -1)
+            kl = mean_kl(swapped, student_global, tau)
         return {
-            "loss": total,
+            "loss": cfg.dino_weight * dino + cfg.ibot_weight * ibot + cfg.koleo_weight * koleo,
             "dino_loss": dino,
             "ibot_loss": ibot,
             "koleo_loss": koleo,
             "next_dino_center": next_dino,
             "next_ibot_center": next_ibot,
-            **monitors,
+            "teacher_entropy": entropy(cls_probs),
+            "student_teacher_kl": kl,
+            "masked_tokens": valid.sum().float(),
         }
 
-    def clip_gradients(self) -> dict[str, float]:
-        """Clip each submodule's gradient to `clip_norm` by its own norm; the pre-clip norms."""
-        norms = {}
-        for name in SUBMODULES:
-            params = list(getattr(self.student, name).parameters())
-            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_norm, foreach=True)
-            norms[name] = float(norm)
-        return norms
-
-    def update(self, scalars: StepScalars) -> None:
+    def update(self, scalars: dict[str, float]) -> None:
         """AdamW with each group's lr = lr(t) (or last_layer_lr(t)) x lr_mult and weight decay
         wd(t) x wd_mult, then the teacher EMA."""
         for group in self.optimizer.param_groups:
             rule: ParamRule = group["rule"]
-            base = scalars.last_layer_lr if rule.last_layer else scalars.lr
+            base = scalars["last_layer_lr"] if rule.last_layer else scalars["lr"]
             group["lr"] = base * rule.lr_mult
-            group["weight_decay"] = scalars.weight_decay * rule.wd_mult
+            group["weight_decay"] = scalars["wd"] * rule.wd_mult
         self.optimizer.step()
         with torch.no_grad():
-            teacher = list(self.teacher.parameters())
-            torch._foreach_mul_(teacher, scalars.momentum)
-            torch._foreach_add_(
-                teacher, list(self.student.parameters()), alpha=1 - scalars.momentum
-            )
+            teacher, momentum = list(self.teacher.parameters()), scalars["momentum"]
+            torch._foreach_mul_(teacher, momentum)
+            torch._foreach_add_(teacher, list(self.student.parameters()), alpha=1 - momentum)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One train step on a host batch (`batch_to_torch`); returns float metrics. When the
@@ -458,30 +400,25 @@ class ReferenceStep:
         with torch.autocast(
             self.device.type, dtype=self.autocast or torch.float32, enabled=bool(self.autocast)
         ):
-            out = self.losses(batch, scalars.teacher_temperature)
+            out = self.losses(batch, scalars["teacher_temperature"])
         out["loss"].backward()
-        norms = self.clip_gradients()
-        finite = math.isfinite(float(out["loss"].detach())) and all(
-            map(math.isfinite, norms.values())
-        )
+        # Each submodule's gradient clipped to `clip_norm` by its own norm; the pre-clip norms.
+        norms = {
+            f"grad_norm/{name}": float(
+                nn.utils.clip_grad_norm_(
+                    getattr(self.student, name).parameters(), self.cfg.clip_norm, foreach=True
+                )
+            )
+            for name in SUBMODULES
+        }
+        finite = all(map(math.isfinite, [float(out["loss"].detach()), *norms.values()]))
         if finite:
             self.update(scalars)
             self.dino_center = out["next_dino_center"]
             self.ibot_center = out["next_ibot_center"]
             self.step += 1
-        metrics = {
-            key: float(value.detach()) for key, value in out.items() if not key.startswith("next_")
-        }
-        metrics.update(
-            lr=scalars.lr,
-            last_layer_lr=scalars.last_layer_lr,
-            wd=scalars.weight_decay,
-            momentum=scalars.momentum,
-            teacher_temperature=scalars.teacher_temperature,
-            finite=float(finite),
-        )
-        metrics.update({f"grad_norm/{name}": norm for name, norm in norms.items()})
-        return metrics
+        metrics = {k: float(v.detach()) for k, v in out.items() if not k.startswith("next_")}
+        return {**metrics, **scalars, **norms, "finite": float(finite)}
 
     def named_state(self) -> Iterator[tuple[str, np.ndarray]]:
         """("student.<name>" | "teacher.<name>" | "dino_center" | "ibot_center", array) pairs."""
