@@ -54,8 +54,6 @@ DERIVED_FIELDS: dict[str, str] = {
     "optim.n_blocks": "the backbone depth",
     "optim.join_warmup_steps": "optim.warmup_steps (the backbone's lr ramp after the heads-only "
     "phase, optim.freeze_backbone_steps)",
-    "ssl.pixel_mean": "data.mean (the train step normalises integer crops with it)",
-    "ssl.pixel_std": "data.std",
 }
 _SENTINELS = {"embed_dim": 0, "depth": 0, "num_heads": 0, "img_size": 0, "ffn_layer": ""}
 
