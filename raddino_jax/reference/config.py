@@ -99,7 +99,8 @@ def from_config(config, attention: str = "sdpa", adamw: str = "foreach") -> Refe
     Every number comes from the project's own builders under the same name: the schedules'
     arguments (`config.schedule_args`), the objective (`config.objective_config`), the
     optimiser (`config.optimizer_config`), the backbone and, with a "head_" prefix, the head
-    (`config.model_spec`). The reference computes its schedules, rules and losses itself.
+    (`config.model_spec`), the pixel statistics (`config.data.mean / std`). The reference
+    computes its schedules, rules and losses itself.
     """
     from raddino_jax.train import build as build_lib
     from raddino_jax.train.optim import OptimizerConfig
@@ -132,6 +133,8 @@ def from_config(config, attention: str = "sdpa", adamw: str = "foreach") -> Refe
         **dataclasses.asdict(objective),
         **dataclasses.asdict(optim),
         **build_lib.schedule_args(config),
+        "pixel_mean": config.data.mean,
+        "pixel_std": config.data.std,
     }
     fields = {f.name for f in dataclasses.fields(ReferenceConfig)} - {"attention", "adamw"}
     missing = sorted(fields - set(values))
