@@ -138,8 +138,7 @@ def host_batch(point: Run, seed: int) -> dict[str, np.ndarray]:
     """
     rng = np.random.default_rng(seed)
     crops = {
-        key: _random_crops(rng, point.batch[key].shape, point.batch[key].dtype)
-        for key in CROP_KEYS
+        key: _random_crops(rng, point.batch[key].shape, point.batch[key].dtype) for key in CROP_KEYS
     }
     return pipeline.AddIbotMasks(point.mask_spec).random_map(crops, rng)
 
