@@ -8,6 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from raddino_jax.data import prefetch
 from raddino_jax.data.augment import MultiCropConfig
+from raddino_jax.data.layout import BATCH_KEYS
 from raddino_jax.parallel import sharding
 from raddino_jax.parallel.mesh import make_mesh
 from raddino_jax.ssl.objective import ObjectiveConfig, gather_masked_tokens
@@ -51,10 +52,7 @@ EXPECTED_SPECS = {
 }
 
 
-KEYS = ("global_crops", "local_crops", "masks", "mask_indices", "mask_weights", "mask_valid")
-
-
-def _setup(layout, objective=None):
+def _setup(layout, pixel_stats=None):
     spec = tiny_spec()
     optimizer, schedules = tiny_optimizer(spec)
     mesh = make_mesh(layout, jax.devices()[: int(np.prod(layout))])
@@ -63,11 +61,12 @@ def _setup(layout, objective=None):
     step = compile_train_step(
         mesh,
         shardings,
-        KEYS,
+        BATCH_KEYS,
         spec=spec,
-        objective=objective or ObjectiveConfig(koleo_group_size=2),
+        objective=ObjectiveConfig(koleo_group_size=2),
         optimizer=optimizer,
         schedules=schedules,
+        pixel_stats=pixel_stats,
     )
     return spec, mesh, state, step
 
@@ -161,7 +160,7 @@ def _train(momentum: float, steps: int = 100):
     step = compile_train_step(
         mesh,
         shardings,
-        KEYS,
+        BATCH_KEYS,
         spec=spec,
         objective=ObjectiveConfig(koleo_group_size=2),
         optimizer=optimizer,
@@ -222,7 +221,7 @@ def test_ibot_centre_is_mean_of_per_group_means_over_masked_rows(host_batches):
 
     spec, _, state, _ = _setup((1, 1, 1))
     host = host_batches[0]
-    batch = {k: jnp.asarray(host[k]) for k in KEYS}
+    batch = {k: jnp.asarray(host[k]) for k in BATCH_KEYS}
     center = jnp.asarray(np.random.default_rng(0).normal(size=(spec.dino_head.out_dim,)))
     center = center.astype(jnp.float32)
     cfg = ObjectiveConfig(koleo_group_size=2, center_momentum=0.9)
@@ -248,9 +247,9 @@ def test_ibot_centre_is_mean_of_per_group_means_over_masked_rows(host_batches):
     np.testing.assert_allclose(np.asarray(aux["next_ibot_center"]), want, rtol=1e-5, atol=1e-6)
 
 
-def _steps_on(transfer: str, objective: ObjectiveConfig, steps: int = 3):
+def _steps_on(transfer: str, pixel_stats: tuple[float, float], steps: int = 3):
     """`steps` jitted train steps on the tiny pipeline's batches shipped as `transfer`."""
-    spec, mesh, state, step = _setup((2, 4, 1), objective)
+    spec, mesh, state, step = _setup((2, 4, 1), pixel_stats)
     iterator = iter(tiny_dataset(seed=5, transfer_dtype=transfer))
     history = []
     for _ in range(steps):
@@ -267,10 +266,9 @@ def test_integer_crops_normalised_in_the_step_train_like_host_normalised_floats(
     (< 1e-6, tests/test_pipeline.py), so three steps' losses and metrics agree to 1e-5 and the
     parameters to 1e-6."""
     crop = MultiCropConfig()
-    objective = ObjectiveConfig(koleo_group_size=2, pixel_mean=crop.mean, pixel_std=crop.std)
-    reference, params = _steps_on("float32", objective)
+    reference, params = _steps_on("float32", (crop.mean, crop.std))
     for transfer in ("uint8", "uint16"):
-        history, got_params = _steps_on(transfer, objective)
+        history, got_params = _steps_on(transfer, (crop.mean, crop.std))
         for got, want in zip(history, reference, strict=True):
             assert got.keys() == want.keys()
             for key in want:
@@ -282,8 +280,8 @@ def test_integer_crops_normalised_in_the_step_train_like_host_normalised_floats(
 
 
 def test_integer_crops_need_the_pixel_statistics():
-    _, mesh, state, step = _setup((1, 1, 1))  # ObjectiveConfig without pixel_mean / pixel_std
+    _, mesh, state, step = _setup((1, 1, 1))  # compiled without pixel_stats
     host = next(iter(tiny_dataset(transfer_dtype="uint8")))
     batch = prefetch.to_global_batch(host, sharding.batch_shardings(host.keys(), mesh))
-    with pytest.raises(ValueError, match="pixel_mean"):
+    with pytest.raises(ValueError, match="pixel_stats"):
         step(state, batch, jax.random.key(0))
