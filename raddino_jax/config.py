@@ -152,7 +152,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.name = ""
     c.data.split = "train"
     # A weighted mixture instead of data.dir/data.name: ((tfds name, data_dir, weight), ...),
-    # weights all numbers or all "proportional" (to the sources' sizes); data/pipeline.Mixture.
+    # weights all numbers or all "proportional" (to the sources' sizes); data/mixture.Mixture.
     c.data.sources = ()
     c.data.fraction = 1.0  # share of patients kept (nested subsets; raddino_jax.scaling)
     # Train on the built-in samples (phantoms + pydicom-data radiographs, built once into
