@@ -52,7 +52,10 @@ EXPECTED_SPECS = {
 }
 
 
-def _setup(layout, pixel_stats=None):
+PIXEL_STATS = (MultiCropConfig().mean, MultiCropConfig().std)
+
+
+def _setup(layout):
     spec = tiny_spec()
     optimizer, schedules = tiny_optimizer(spec)
     mesh = make_mesh(layout, jax.devices()[: int(np.prod(layout))])
@@ -66,7 +69,7 @@ def _setup(layout, pixel_stats=None):
         objective=ObjectiveConfig(koleo_group_size=2),
         optimizer=optimizer,
         schedules=schedules,
-        pixel_stats=pixel_stats,
+        pixel_stats=PIXEL_STATS,
     )
     return spec, mesh, state, step
 
@@ -165,6 +168,7 @@ def _train(momentum: float, steps: int = 100):
         objective=ObjectiveConfig(koleo_group_size=2),
         optimizer=optimizer,
         schedules=schedules,
+        pixel_stats=PIXEL_STATS,
     )
     iterator = iter(tiny_dataset(seed=1))
     history = []
@@ -247,9 +251,9 @@ def test_ibot_centre_is_mean_of_per_group_means_over_masked_rows(host_batches):
     np.testing.assert_allclose(np.asarray(aux["next_ibot_center"]), want, rtol=1e-5, atol=1e-6)
 
 
-def _steps_on(transfer: str, pixel_stats: tuple[float, float], steps: int = 3):
+def _steps_on(transfer: str, steps: int = 3):
     """`steps` jitted train steps on the tiny pipeline's batches shipped as `transfer`."""
-    spec, mesh, state, step = _setup((2, 4, 1), pixel_stats)
+    spec, mesh, state, step = _setup((2, 4, 1))
     iterator = iter(tiny_dataset(seed=5, transfer_dtype=transfer))
     history = []
     for _ in range(steps):
@@ -265,10 +269,9 @@ def test_integer_crops_normalised_in_the_step_train_like_host_normalised_floats(
     normalised on the host, same pipeline seed: the inputs differ by float32 rounding only
     (< 1e-6, tests/test_pipeline.py), so three steps' losses and metrics agree to 1e-5 and the
     parameters to 1e-6."""
-    crop = MultiCropConfig()
-    reference, params = _steps_on("float32", (crop.mean, crop.std))
+    reference, params = _steps_on("float32")
     for transfer in ("uint8", "uint16"):
-        history, got_params = _steps_on(transfer, (crop.mean, crop.std))
+        history, got_params = _steps_on(transfer)
         for got, want in zip(history, reference, strict=True):
             assert got.keys() == want.keys()
             for key in want:
@@ -277,11 +280,3 @@ def test_integer_crops_normalised_in_the_step_train_like_host_normalised_floats(
                 )
         for a, b in zip(jax.tree.leaves(got_params), jax.tree.leaves(params), strict=True):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-6, err_msg=transfer)
-
-
-def test_integer_crops_need_the_pixel_statistics():
-    _, mesh, state, step = _setup((1, 1, 1))  # compiled without pixel_stats
-    host = next(iter(tiny_dataset(transfer_dtype="uint8")))
-    batch = prefetch.to_global_batch(host, sharding.batch_shardings(host.keys(), mesh))
-    with pytest.raises(ValueError, match="pixel_stats"):
-        step(state, batch, jax.random.key(0))

@@ -65,24 +65,6 @@ _CROP_STREAM = 1
 _MASK_STREAM = 2
 
 
-class DecodeAndMultiCrop(grain.transforms.RandomMap):
-    """Record -> ``augment.MultiCropLevels``: integer crops + their last integer tables.
-
-    The tables are left to the batch function (:func:`batch_crop_levels`), which writes every
-    crop through its table straight into the crop-major batch arrays: the per-image finished
-    crops are never materialised and there is no stacking copy.
-    """
-
-    def __init__(self, crop_cfg: augment.MultiCropConfig):
-        self.crop_cfg = crop_cfg
-
-    def random_map(
-        self, element: Mapping[str, Any], rng: np.random.Generator
-    ) -> augment.MultiCropLevels:
-        image = decode_image(element["image"])
-        return augment.multi_crop_levels(image, rng, self.crop_cfg)
-
-
 # Consecutive undecodable records one position may pass over before the stream is declared
 # broken: past that the data, not a record, is at fault.
 MAX_CONSECUTIVE_BAD = 64
@@ -140,23 +122,27 @@ class DecodedStream(grain.MapDataset):
         )
 
 
-class CountedMultiCrop(grain.transforms.RandomMap):
-    """``DecodeAndMultiCrop`` of a ``DecodedStream`` element, with its host-side counts:
-    (``augment.MultiCropLevels``, records_skipped, source_id). The same draws from ``rng`` as
-    ``DecodeAndMultiCrop``, so an image's crops do not depend on the counts."""
+class MultiCrop(grain.transforms.RandomMap):
+    """``DecodedStream`` element -> (``augment.MultiCropLevels``, records_skipped, source_id):
+    integer crops + their last integer tables, and the element's host-side counts.
+
+    The tables are left to the batch function (:func:`batch_crop_levels`), which writes every
+    crop through its table straight into the crop-major batch arrays: the per-image finished
+    crops are never materialised and there is no stacking copy.
+    """
 
     def __init__(self, crop_cfg: augment.MultiCropConfig):
-        self.crop = DecodeAndMultiCrop(crop_cfg)
+        self.crop_cfg = crop_cfg
 
     def random_map(self, element: Mapping[str, Any], rng: np.random.Generator) -> tuple:
-        levels = self.crop.random_map(element, rng)
+        levels = augment.multi_crop_levels(element["image"], rng, self.crop_cfg)
         return levels, element[RECORDS_SKIPPED], element[SOURCE_FIELD]
 
 
 def batch_counted_crops(
     samples: Sequence[tuple], cfg: augment.MultiCropConfig, host_counts: bool
 ) -> dict[str, np.ndarray]:
-    """``batch_crop_levels`` of ``CountedMultiCrop`` outputs, plus (``host_counts``) the
+    """``batch_crop_levels`` of ``MultiCrop`` outputs, plus (``host_counts``) the
     batch's ``records_skipped`` (int64 scalar) and ``source_ids`` (int32 [Bp])."""
     batch = batch_crop_levels([levels for levels, _, _ in samples], cfg)
     if host_counts:
@@ -334,7 +320,7 @@ def make_dataset(
     if start_position < 0:
         raise ValueError(f"start_position must be >= 0, got {start_position}")
     crops = DecodedStream(record_stream(source, seed)).random_map(
-        CountedMultiCrop(crop_cfg), seed=derive_seed(seed, _CROP_STREAM)
+        MultiCrop(crop_cfg), seed=derive_seed(seed, _CROP_STREAM)
     )
     # A later stage's masks are drawn from their own stream (its batches count from 0 again).
     mask_words = (process_index, process_count) + ((start_position,) if start_position else ())
