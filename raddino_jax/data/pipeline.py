@@ -247,15 +247,6 @@ def shard(dataset: grain.MapDataset, process_index: int, process_count: int) -> 
     return dataset[process_index::process_count]
 
 
-def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-    """Defaults to this JAX process's (index, count)."""
-    if process_index is None:
-        process_index = jax.process_index()
-    if process_count is None:
-        process_count = jax.process_count()
-    return process_index, process_count
-
-
 def make_dataset(
     source: RandomAccessSource | Mixture,
     *,
@@ -308,7 +299,8 @@ def make_dataset(
         )
     if crop_cfg.global_size % patch_size:
         raise ValueError(f"global_size={crop_cfg.global_size} is not a multiple of {patch_size}")
-    process_index, process_count = _process_layout(process_index, process_count)
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
     grid = crop_cfg.global_size // patch_size
     spec = MaskSpec(
         batch_size=per_process_batch,

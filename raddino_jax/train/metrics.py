@@ -208,8 +208,6 @@ class NonFiniteError(FloatingPointError):
     """A loss or gradient norm became NaN/inf; the last good checkpoint is kept."""
 
 
-
-
 class StepLog:
     """Turns each step's device metrics into log records, one step late.
 
