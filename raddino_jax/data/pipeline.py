@@ -29,8 +29,9 @@ of ``Bp`` = per_process_batch images has the layout of ``data/layout.py`` (``bat
 with ``make_dataset(host_counts=True)`` (the loop) its host-side counts: ``records_skipped``
 and ``source_ids``.
 
-Record metadata other than ``image`` is dropped. Keep this module importable without side
-effects: Grain worker processes re-import it and unpickle the transforms below.
+Record metadata other than ``image`` (and a mixture's source id) is dropped. Keep this module
+importable without side effects: Grain worker processes re-import it and unpickle the
+transforms below.
 """
 
 from __future__ import annotations
