@@ -1,18 +1,12 @@
 """The record stream: one source, or several mixed in proportion to their weights.
 
-Every position of the stream is a pure function of (seed, position), so a stream can be
-resumed, sharded over processes or continued at a later stage from any position:
-
-- One source: ``shuffle(seed)`` over the whole source, ``repeat()`` forever. Grain folds the
-  epoch into the shuffle seed, so every epoch is a different, deterministic permutation.
-- A ``Mixture`` (``config.data.sources``): each source is shuffled and repeated with its own
-  sub-seed, its records tagged with the source's index (``SOURCE_FIELD``, so the batch can say
-  where each image came from), interleaved by ``grain.MapDataset.mix`` in proportion to the
-  weights, and window-shuffled (``MIX_WINDOW`` positions) so that Grain's periodic
-  interleaving does not line up with the pipeline's per-process stride.
-
-No dependency on the rest of the pipeline (decoding, crops, masks): ``data/sources.py`` builds
-mixtures with this module alone.
+Position k of the stream is a pure function of (seed, k), so a stream can be resumed, sharded
+over processes or continued at a later stage from any position. One source is shuffled and
+repeated forever (Grain folds the epoch into the shuffle seed: every epoch is a new
+permutation); a ``Mixture`` (``config.data.sources``) does that per source, tags each record
+with its source's index (``SOURCE_FIELD``), interleaves the sources by their weights and
+window-shuffles the result (``mixed_stream``). Nothing here decodes, crops or masks:
+``data/sources.py`` builds mixtures with this module alone.
 """
 
 from __future__ import annotations
