@@ -32,6 +32,7 @@ import pydicom
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from raddino_jax.data import augment, pipeline
+from raddino_jax.data.layout import normalise
 from raddino_jax.data.png import decode_image
 
 DICOM_NAME = "RG1_UNCR.dcm"
@@ -80,7 +81,7 @@ def _pil_crop(
         crop = crop.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*cfg.blur_sigma)))
     if solarize_p > 0 and rng.random() < solarize_p:
         crop = ImageOps.solarize(crop, cfg.solarize_threshold)
-    return (np.asarray(crop, np.float32) / 255 - cfg.mean) / cfg.std
+    return normalise(np.asarray(crop), cfg.mean, cfg.std)
 
 
 def pil_sample(png: bytes, rng: np.random.Generator, cfg: augment.MultiCropConfig) -> dict:

@@ -54,8 +54,6 @@ DERIVED_FIELDS: dict[str, str] = {
     "optim.n_blocks": "the backbone depth",
     "optim.join_warmup_steps": "optim.warmup_steps (the backbone's lr ramp after the heads-only "
     "phase, optim.freeze_backbone_steps)",
-    "ssl.pixel_mean": "data.mean (the train step normalises integer crops with it)",
-    "ssl.pixel_std": "data.std",
 }
 _SENTINELS = {"embed_dim": 0, "depth": 0, "num_heads": 0, "img_size": 0, "ffn_layer": ""}
 
@@ -154,7 +152,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.name = ""
     c.data.split = "train"
     # A weighted mixture instead of data.dir/data.name: ((tfds name, data_dir, weight), ...),
-    # weights all numbers or all "proportional" (to the sources' sizes); data/pipeline.Mixture.
+    # weights all numbers or all "proportional" (to the sources' sizes); data/mixture.Mixture.
     c.data.sources = ()
     c.data.fraction = 1.0  # share of patients kept (nested subsets; raddino_jax.scaling)
     # Train on the built-in samples (phantoms + pydicom-data radiographs, built once into

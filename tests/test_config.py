@@ -67,15 +67,6 @@ def test_formerly_unreachable_knobs_reach_the_built_objects():
     assert spec.dino_head.in_dim == spec.backbone.embed_dim  # derived, not a knob
 
 
-def test_pixel_statistics_reach_the_objective_from_the_data_section():
-    """The step normalises integer crops with data.mean / data.std (derived, not ssl keys)."""
-    c = config_lib.base_config()
-    set_dotted(c, {"data.mean": 0.25, "data.std": 0.5})
-    objective = build_lib.objective_config(c, n_devices=1)
-    assert (objective.pixel_mean, objective.pixel_std) == (0.25, 0.5)
-    assert "pixel_mean" not in c.ssl and "pixel_std" not in c.ssl
-
-
 def test_arch_presets_fill_fields_left_at_their_sentinel():
     c = config_lib.base_config()
     c.model.arch = "vit_giant2"

@@ -319,7 +319,7 @@ def test_segmentation_probe_finds_lesions_in_patch_tokens_not_cls():
 def test_uint8_crop_plus_normalise_equals_inference_preprocessing(shape):
     pre = checkpoint.Preprocessing(image_size=56, mean=0.5307, std=0.2583)
     image = np.random.default_rng(9).integers(0, 256, shape, dtype=np.uint8)
-    got = np.asarray(feats.normalise(feats.crop_uint8(image, 56)[None], pre))[0]
+    got = np.asarray(feats.network_input(feats.crop_uint8(image, 56)[None], pre))[0]
     np.testing.assert_allclose(got, preprocess_uint8(image, pre), atol=1e-5)
     # The mask follows the same geometry: a mask equal to a thresholded image stays aligned.
     mask = (image > 127).astype(np.uint8) * 255

@@ -9,6 +9,7 @@ import pytest
 from raddino_jax import checkpoint
 from raddino_jax import config as config_lib
 from raddino_jax.data import prefetch
+from raddino_jax.data.layout import BATCH_KEYS
 from raddino_jax.models import bind, init_params
 from raddino_jax.parallel import sharding
 from raddino_jax.parallel.mesh import make_mesh
@@ -18,8 +19,6 @@ from raddino_jax.train import build as build_lib
 from raddino_jax.train import state as train_state
 from raddino_jax.train.step import compile_train_step, refresh_gram_teacher
 from tests.tiny import set_dotted, tiny_dataset, tiny_optimizer, tiny_spec
-
-KEYS = ("global_crops", "local_crops", "masks", "mask_indices", "mask_weights", "mask_valid")
 
 
 def gram_loss_reference(student: np.ndarray, teacher: np.ndarray) -> float:
@@ -117,7 +116,7 @@ def test_objective_adds_weighted_gram_of_masked_student_and_gram_teacher(host_ba
     spec = tiny_spec()
     student, teacher = init_params(spec, 0), init_params(spec, 1)
     gram_teacher = {"backbone": init_params(spec, 2)["backbone"]}
-    batch = {k: jnp.asarray(host_batches[0][k]) for k in KEYS}
+    batch = {k: jnp.asarray(host_batches[0][k]) for k in BATCH_KEYS}
     center = jnp.zeros((spec.dino_head.out_dim,), jnp.float32)
     key = jax.random.key(0)
 
@@ -171,11 +170,12 @@ def _run_steps(objective: ObjectiveConfig, host_batches, layout=(2, 4, 1)):
     step = compile_train_step(
         mesh,
         shardings,
-        KEYS,
+        BATCH_KEYS,
         spec=spec,
         objective=objective,
         optimizer=optimizer,
         schedules=schedules,
+        pixel_stats=(0.5, 0.25),  # the tiny batches are float32: the step leaves them as given
     )
     records = []
     initial = jax.device_get(state.student["backbone"])

@@ -286,12 +286,12 @@ def test_sigterm_to_one_of_two_processes_saves_both_and_resumes_on_other_counts(
 
 
 def test_per_process_shards_are_disjoint(dataset):
-    from raddino_jax.data import pipeline, sources
+    from raddino_jax.data import mixture, pipeline, sources
 
     source = sources.open_training_split(*dataset, "train")
     seen = []
     for index in range(2):
-        records = pipeline.shard(pipeline.record_stream(source, 0), index, 2)
+        records = pipeline.shard(mixture.record_stream(source, 0), index, 2)
         seen.append({bytes(records[i]["path"]) for i in range(len(source) // 2)})
     assert not seen[0] & seen[1]
 
@@ -357,7 +357,7 @@ def test_two_stages_over_a_mixture_compile_once_each_and_resume_after_sigkill(
     compile per stage, the analytic FLOPs of each stage in metrics.jsonl, per-source counts,
     and a SIGKILL after the checkpoint of step 4, exactly on the stage boundary (it holds
     stage 1's iterator; the resumed run switches to stage 2's), resumes exactly."""
-    from raddino_jax.data import pipeline, sources
+    from raddino_jax.data import mixture, sources
     from raddino_jax.train import stages as stages_lib
 
     stage_overrides = {"stages": ((4, 84, 28, 32),), "checkpoint_every": 2}
@@ -379,14 +379,16 @@ def test_two_stages_over_a_mixture_compile_once_each_and_resume_after_sigkill(
     table = stages_lib.stage_table(cfg)
     expected_flops = [build_lib.step_flops(s.config, spec, 8) / 1e12 for s in table]
     assert expected_flops[1] > 2 * expected_flops[0]  # more tokens, twice the batch
-    mixture = sources.open_training_data(cfg, straight).records
+    # the true mixture draw: the source of each stream position the steps consumed
+    stream = mixture.record_stream(sources.open_training_data(cfg, straight).records, cfg.seed)
+    drawn = np.array([stream[i][mixture.SOURCE_FIELD] for i in range(16 * 4 + 32 * 2)])
     for step, record in records.items():
         stage = 0 if step <= 4 else 1
         assert record["stage"] == stage
         assert record["step_tflops"] == pytest.approx(expected_flops[stage], rel=1e-12)
         seen = 16 * min(step, 4) + 32 * max(step - 4, 0)
         assert record["images_seen"] == seen
-        counts = pipeline.source_counts(mixture, cfg.seed, seen)
+        counts = np.bincount(drawn[:seen], minlength=2)
         assert [record["images_seen/tiny"], record["images_seen/tiny_2"]] == counts.tolist()
 
     data_dir, name = dataset

@@ -1,7 +1,9 @@
 """metrics.jsonl writer: O(1) work per record in both layouts, exact resume, readers."""
 
 import json
+import types
 
+import numpy as np
 import pytest
 from etils import epath
 
@@ -153,3 +155,42 @@ def test_disabled_writer_touches_nothing(tmp_path):
     _log(writer, range(1, 6))
     writer.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def _step_log(source_names: tuple[str, ...]) -> metrics.StepLog:
+    """A StepLog for its host counts only (nothing is written or timed)."""
+    data = types.SimpleNamespace(source_names=source_names)
+    return metrics.StepLog(None, None, None, None, 1, [None], data)
+
+
+def test_host_counts_survive_a_resume_exactly():
+    """Records skipped and images per source from the batches' host entries: a run stopped at
+    a checkpoint and resumed from its `counters` ends with the counts of the whole stream, and
+    the pending step holds the counts of its own batch, not of later ones."""
+    rng = np.random.default_rng(0)
+    hosts = [
+        {"records_skipped": np.int64(k % 2), "source_ids": rng.integers(0, 3, 8).astype(np.int32)}
+        for k in range(6)
+    ]
+    names = ("a", "b", "c")
+    first = _step_log(names)
+    for step, host in enumerate(hosts[:4], start=1):
+        first.dispatched(step, {}, host)
+    resumed = _step_log(names)
+    resumed.restore_counters(first.counters())
+    for step, host in enumerate(hosts[4:], start=5):
+        resumed.dispatched(step, {}, host)
+        if step == 5:
+            step_five = resumed.pending
+    ids = np.concatenate([h["source_ids"] for h in hosts])
+    expected = np.bincount(ids, minlength=3)
+    assert resumed.counters() == {
+        "records_skipped": 3,
+        **{f"images_seen/{n}": int(c) for n, c in zip(names, expected, strict=True)},
+    }
+    five = resumed.global_counts(step_five[2])  # read after step 6 was dispatched
+    assert [five[f"images_seen/{n}"] for n in names] == np.bincount(ids[:40], minlength=3).tolist()
+    single = _step_log(())
+    single.dispatched(1, {}, {**hosts[1], "source_ids": np.zeros(8, np.int32)})
+    assert single.counters() == {"records_skipped": 1}
+    assert first.counters()["records_skipped"] == 2

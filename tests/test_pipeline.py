@@ -18,7 +18,7 @@ from absl import flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from raddino_jax.data import augment, layout, pipeline, prefetch
+from raddino_jax.data import augment, layout, mixture, pipeline, prefetch
 from raddino_jax.data.augment import MultiCropConfig
 from raddino_jax.data.layout import IMAGE_AXIS
 from raddino_jax.data.png import decode_image, decode_png_fast
@@ -81,9 +81,10 @@ def test_batch_layout(transfer):
         "mask_valid": ((2, upper), np.bool_),
     }
     assert set(batch) == set(expected) == set(IMAGE_AXIS)
+    spec = layout.batch_spec(cfg, layout.MaskSpec(4, 2, (4, 4), (0.1, 0.5), 0.5))
     for key, (shape, dtype) in expected.items():
-        assert batch[key].shape == shape, key
-        assert batch[key].dtype == dtype, key
+        assert batch[key].shape == spec[key].shape == shape, key
+        assert batch[key].dtype == spec[key].dtype == dtype, key
     if transfer == "float32":  # normalised crops of real images: both sides of the mean
         assert batch["global_crops"].min() < 0 < batch["global_crops"].max()
     else:  # pixel levels of real images
@@ -131,7 +132,7 @@ def test_process_shards_are_disjoint_and_cover_each_epoch():
         [
             r["id"]
             for r in itertools.islice(
-                pipeline.shard(pipeline.record_stream(source, 3), p, 2),
+                pipeline.shard(mixture.record_stream(source, 3), p, 2),
                 2 * N_IMAGES // 2,
             )
         ]
@@ -150,7 +151,7 @@ def test_epochs_are_differently_permuted():
     ids = [
         r["id"]
         for r in itertools.islice(
-            pipeline.shard(pipeline.record_stream(_png_source(), 3), 0, 1),
+            pipeline.shard(mixture.record_stream(_png_source(), 3), 0, 1),
             3 * N_IMAGES,
         )
     ]
@@ -238,7 +239,7 @@ def _device_normalised(batch: dict, cfg: MultiCropConfig) -> dict:
     from raddino_jax.train.step import normalise_crops
 
     crops = {k: batch[k] for k in ("global_crops", "local_crops")}
-    return jax.device_get(jax.jit(lambda c: normalise_crops(c, cfg.mean, cfg.std))(crops))
+    return jax.device_get(jax.jit(lambda c: normalise_crops(c, (cfg.mean, cfg.std)))(crops))
 
 
 def test_integer_transfer_normalised_on_device_equals_host_float_crops():
@@ -334,14 +335,21 @@ def _wait_for(condition, timeout: float = 60.0) -> None:
         time.sleep(0.01)
 
 
-def _eight_device_shardings() -> dict:
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    return {
-        key: NamedSharding(mesh, P(*([None] * axis), "data")) for key, axis in IMAGE_AXIS.items()
-    }
-
-
 PREFETCH_DATA = dict(per_process_batch=8, mask_group_size=1)
+
+
+def _eight_device_batch(crop_cfg: MultiCropConfig = CFG) -> dict[str, jax.ShapeDtypeStruct]:
+    """`layout.batch_spec` of a `PREFETCH_DATA` batch, its image axes split over 8 devices."""
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    masks = layout.MaskSpec(8, 1, (4, 4), (0.1, 0.5), 0.5)
+    return {
+        key: jax.ShapeDtypeStruct(
+            leaf.shape,
+            leaf.dtype,
+            sharding=NamedSharding(mesh, P(*[None] * IMAGE_AXIS[key], "data")),
+        )
+        for key, leaf in layout.batch_spec(crop_cfg, masks).items()
+    }
 
 
 def _prefetch_threads() -> list[threading.Thread]:
@@ -358,15 +366,19 @@ def test_device_prefetcher_keeps_order_and_state_of_first_unused_batch(depth):
     for _ in range(5):
         states.append(bare.get_state())
         expected.append(next(bare))
-    shardings = _eight_device_shardings()
+    spec = _eight_device_batch()
     source = _Counting(iter(_dataset(**PREFETCH_DATA)))
-    prefetcher = prefetch.DevicePrefetcher(source, shardings, depth)
+    prefetcher = prefetch.DevicePrefetcher(source, spec, depth)
     assert prefetcher.threaded == (depth >= 2)
     for k in range(3):
         batch = next(prefetcher)
-        assert set(batch) == set(shardings)
+        assert set(batch) == set(spec)
         for key, array in batch.items():
-            assert array.sharding == shardings[key]
+            assert (array.shape, array.dtype, array.sharding) == (
+                spec[key].shape,
+                spec[key].dtype,
+                spec[key].sharding,
+            )
             np.testing.assert_array_equal(np.asarray(array), expected[k][key], err_msg=key)
     _wait_for(lambda: source.count == 3 + (depth if depth >= 2 else 0))  # read ahead
     state = prefetcher.get_state()
@@ -376,7 +388,7 @@ def test_device_prefetcher_keeps_order_and_state_of_first_unused_batch(depth):
     fresh = iter(_dataset(**PREFETCH_DATA))
     fresh.set_state(json.loads(state))
     _assert_batches_equal(_take(fresh, 2), expected[3:5])
-    resumed = prefetch.DevicePrefetcher(iter(_dataset(**PREFETCH_DATA)), shardings, depth)
+    resumed = prefetch.DevicePrefetcher(iter(_dataset(**PREFETCH_DATA)), spec, depth)
     resumed.set_state(state)
     resumed.start_prefetch()
     got = [jax.device_get(next(resumed)) for _ in range(2)]
@@ -392,9 +404,9 @@ def test_orbax_checkpoint_through_the_prefetcher_is_the_bare_iterator_file(tmp_p
     with ocp.CheckpointManager(tmp_path / "bare", item_names=("data",)) as manager:
         manager.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(item=bare)))
     expected = _take(bare, 2)
-    shardings = _eight_device_shardings()
+    spec = _eight_device_batch()
     source = _Counting(iter(_dataset(**PREFETCH_DATA)))
-    prefetcher = prefetch.DevicePrefetcher(source, shardings, 3)
+    prefetcher = prefetch.DevicePrefetcher(source, spec, 3)
     _take(prefetcher, 2)
     _wait_for(lambda: source.count == 5)
     with ocp.CheckpointManager(tmp_path / "ahead", item_names=("data",)) as manager:
@@ -407,7 +419,7 @@ def test_orbax_checkpoint_through_the_prefetcher_is_the_bare_iterator_file(tmp_p
     for directory in ("bare", "ahead"):
         targets = (
             iter(_dataset(**PREFETCH_DATA)),
-            prefetch.DevicePrefetcher(iter(_dataset(**PREFETCH_DATA)), shardings, 2),
+            prefetch.DevicePrefetcher(iter(_dataset(**PREFETCH_DATA)), spec, 2),
         )
         for target in targets:
             with ocp.CheckpointManager(tmp_path / directory, item_names=("data",)) as manager:
@@ -422,14 +434,34 @@ def test_orbax_checkpoint_through_the_prefetcher_is_the_bare_iterator_file(tmp_p
 
 def test_device_prefetcher_reraises_the_iterator_error_in_order():
     source = _Counting(iter(_dataset(**PREFETCH_DATA)), fail_at=2)
-    prefetcher = prefetch.DevicePrefetcher(source, _eight_device_shardings(), 2)
+    prefetcher = prefetch.DevicePrefetcher(source, _eight_device_batch(), 2)
     _take(prefetcher, 2)  # the batches before the error still arrive
     with pytest.raises(RuntimeError, match="broken record"):
         next(prefetcher)
     prefetcher.close()
     assert not _prefetch_threads()
     with pytest.raises(ValueError, match="device_prefetch"):
-        prefetch.DevicePrefetcher(source, _eight_device_shardings(), -1)
+        prefetch.DevicePrefetcher(source, _eight_device_batch(), -1)
+
+
+def test_device_prefetcher_keeps_host_counts_on_the_host_and_checks_the_batch():
+    """A loop's host batch: the host counts come back as `last_host` (never transferred), the
+    arrays as the step's batch; a batch of another transfer dtype than the step was compiled
+    for is an error naming the array."""
+    expected = next(iter(_dataset(**PREFETCH_DATA, host_counts=True)))
+    prefetcher = prefetch.DevicePrefetcher(
+        iter(_dataset(**PREFETCH_DATA, host_counts=True)), _eight_device_batch(), 0
+    )
+    batch = next(prefetcher)
+    assert set(batch) == set(layout.BATCH_KEYS)
+    assert set(prefetcher.last_host) == set(layout.HOST_KEYS)
+    for key in layout.HOST_KEYS:
+        np.testing.assert_array_equal(prefetcher.last_host[key], expected[key])
+    prefetcher.close()
+    uint16 = _eight_device_batch(dataclasses.replace(CFG, transfer_dtype="uint16"))
+    mismatched = prefetch.DevicePrefetcher(iter(_dataset(**PREFETCH_DATA)), uint16, 0)
+    with pytest.raises(ValueError, match="'global_crops' is uint8.*takes uint16"):
+        next(mismatched)
 
 
 # ------------------------------------------------------------------------------------------
@@ -520,104 +552,8 @@ def test_batch_function_equals_stacking_float_crops():
 
 
 # ------------------------------------------------------------------------------------------
-# Mixtures (config.data.sources) and stage offsets
+# Stage offsets, undecodable records, elastic resume
 # ------------------------------------------------------------------------------------------
-
-
-def _id_source(first: int, n: int) -> list[dict]:
-    """Records that only say who they are (the record streams never decode them)."""
-    return [{"id": first + i} for i in range(n)]
-
-
-def _mixture(weights=(0.8, 0.2), sizes=(20, 7)) -> pipeline.Mixture:
-    sources = tuple(_id_source(1000 * i, n) for i, n in enumerate(sizes))
-    return pipeline.Mixture(sources, tuple(weights), tuple(f"s{i}" for i in range(len(sizes))))
-
-
-def _source_ids(records) -> np.ndarray:
-    return np.array([r["id"] // 1000 for r in records])
-
-
-def test_mixture_counts_are_within_binomial_noise_of_the_weights():
-    mixture, n = _mixture(), 2000
-    records = pipeline.shard(pipeline.record_stream(mixture, 3), 0, 1)
-    ids = _source_ids(records[i] for i in range(n))
-    counts = np.bincount(ids, minlength=2)
-    sigma = np.sqrt(n * 0.8 * 0.2)
-    assert abs(counts[1] - 0.2 * n) < 3 * sigma, counts
-    # Every source is read in whole epochs of its own: in the first window the small source's
-    # 7 records appear equally often (to within one epoch).
-    window = [records[i]["id"] for i in range(pipeline.MIX_WINDOW)]
-    small = np.bincount([i - 1000 for i in window if i >= 1000], minlength=7)
-    assert small.min() > 0 and small.max() - small.min() <= 1, small
-    # The window shuffle spreads the sources over processes whose stride matches the
-    # interleaving period (4:1 -> every 5th position): each of 5 processes gets about 20%.
-    for p in range(5):
-        shard_records = pipeline.shard(pipeline.record_stream(mixture, 3), p, 5)
-        share = _source_ids(shard_records[i] for i in range(400)).mean()
-        assert abs(share - 0.2) < 3 * np.sqrt(0.16 / 400), (p, share)
-
-
-@pytest.mark.parametrize("weights", [(0.8, 0.2), (5.0, 3.0, 2.0), (1.0, 1.0)])
-def test_source_counts_equal_the_streamed_sources(weights):
-    mixture = _mixture(weights, sizes=(20, 7, 11)[: len(weights)])
-    stream = pipeline.mixed_stream(mixture, seed=5)
-    ids = _source_ids(stream[i] for i in range(3 * pipeline.MIX_WINDOW + 100))
-    for n in (
-        0,
-        1,
-        17,
-        pipeline.MIX_WINDOW - 1,
-        pipeline.MIX_WINDOW,
-        2 * pipeline.MIX_WINDOW + 5,
-        len(ids),
-    ):
-        expected = np.bincount(ids[:n], minlength=len(weights))
-        np.testing.assert_array_equal(pipeline.source_counts(mixture, 5, n), expected, str(n))
-    # Grain's interleaving without the window shuffle, against the closed form.
-    plain = pipeline.grain.MapDataset.mix(
-        [pipeline.grain.MapDataset.source([i]).repeat() for i in range(len(weights))],
-        weights=mixture.proportions,
-    )
-    plain_ids = np.array([plain[i] for i in range(700)])
-    for n in range(0, 700, 37):
-        np.testing.assert_array_equal(
-            pipeline._interleaved_counts(n, mixture.proportions),
-            np.bincount(plain_ids[:n], minlength=len(weights)),
-        )
-
-
-def test_mixture_weights_and_validation():
-    assert pipeline.mixture_weights([30, 10], ["proportional", "proportional"]) == (30.0, 10.0)
-    assert pipeline.mixture_weights([30, 10], [0.5, 2]) == (0.5, 2.0)
-    with pytest.raises(ValueError, match="proportional"):
-        pipeline.mixture_weights([30, 10], ["proportional", 2.0])
-    assert _mixture((0.8, 0.2)).proportions == (400, 100)
-    np.testing.assert_allclose(_mixture((3.0, 1.0)).shares, [0.75, 0.25])
-    with pytest.raises(ValueError, match="> 0"):
-        _mixture((1.0, 0.0))
-    with pytest.raises(ValueError, match="no records"):
-        pipeline.Mixture(([], [{"id": 0}]), (1.0, 1.0), ("a", "b"))
-
-
-def test_mixture_iterator_resumes_exactly():
-    """Kill and resume in the middle of a mixture: iterator state after 2 batches, restored
-    into a freshly built dataset (as after a restart), gives the next batches exactly."""
-    mixture = pipeline.Mixture(
-        (_png_source(12, seed=0), _png_source(5, seed=1)), (0.8, 0.2), ("a", "b")
-    )
-    it = iter(_dataset(mixture))
-    _take(it, 2)
-    state = it.get_state()
-    expected = _take(it, 3)
-    fresh = iter(_dataset(mixture))
-    fresh.set_state(state)
-    _assert_batches_equal(_take(fresh, 3), expected)
-    # ... and differs from the single-source stream of its first source.
-    first = _take(iter(_dataset(mixture.sources[0])), 1)[0]
-    assert not np.array_equal(
-        first["global_crops"], _take(iter(_dataset(mixture)), 1)[0]["global_crops"]
-    )
 
 
 def test_start_position_continues_the_stream():
@@ -654,15 +590,16 @@ def test_undecodable_and_wrong_shape_records_are_skipped_and_counted_determinist
     one_epoch = 2  # 2 batches of 4 = the 8 records once
     runs = []
     for _ in range(2):
-        batches = _take(iter(_dataset(source, count_skipped=True)), 2 * one_epoch)
+        batches = _take(iter(_dataset(source, host_counts=True)), 2 * one_epoch)
         runs.append(batches)
     _assert_batches_equal(*runs)
     counts = [int(b[layout.RECORDS_SKIPPED]) for b in runs[0]]
+    assert all(not b[layout.SOURCE_IDS].any() for b in runs[0])  # one source: all source 0
     assert sum(counts[:one_epoch]) == 2 and sum(counts[one_epoch:]) == 2  # each epoch: both
-    iterator = iter(_dataset(source, count_skipped=True))
+    iterator = iter(_dataset(source, host_counts=True))
     _take(iterator, 1)
     state = iterator.get_state()
-    resumed = iter(_dataset(source, count_skipped=True))
+    resumed = iter(_dataset(source, host_counts=True))
     resumed.set_state(state)
     _assert_batches_equal(_take(resumed, 3), runs[0][1:])
     assert layout.RECORDS_SKIPPED not in next(iter(_dataset(source)))  # only when asked

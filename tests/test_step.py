@@ -8,6 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from raddino_jax.data import prefetch
 from raddino_jax.data.augment import MultiCropConfig
+from raddino_jax.data.layout import BATCH_KEYS
 from raddino_jax.parallel import sharding
 from raddino_jax.parallel.mesh import make_mesh
 from raddino_jax.ssl.objective import ObjectiveConfig, gather_masked_tokens
@@ -51,10 +52,10 @@ EXPECTED_SPECS = {
 }
 
 
-KEYS = ("global_crops", "local_crops", "masks", "mask_indices", "mask_weights", "mask_valid")
+PIXEL_STATS = (MultiCropConfig().mean, MultiCropConfig().std)
 
 
-def _setup(layout, objective=None):
+def _setup(layout):
     spec = tiny_spec()
     optimizer, schedules = tiny_optimizer(spec)
     mesh = make_mesh(layout, jax.devices()[: int(np.prod(layout))])
@@ -63,11 +64,12 @@ def _setup(layout, objective=None):
     step = compile_train_step(
         mesh,
         shardings,
-        KEYS,
+        BATCH_KEYS,
         spec=spec,
-        objective=objective or ObjectiveConfig(koleo_group_size=2),
+        objective=ObjectiveConfig(koleo_group_size=2),
         optimizer=optimizer,
         schedules=schedules,
+        pixel_stats=PIXEL_STATS,
     )
     return spec, mesh, state, step
 
@@ -161,11 +163,12 @@ def _train(momentum: float, steps: int = 100):
     step = compile_train_step(
         mesh,
         shardings,
-        KEYS,
+        BATCH_KEYS,
         spec=spec,
         objective=ObjectiveConfig(koleo_group_size=2),
         optimizer=optimizer,
         schedules=schedules,
+        pixel_stats=PIXEL_STATS,
     )
     iterator = iter(tiny_dataset(seed=1))
     history = []
@@ -222,7 +225,7 @@ def test_ibot_centre_is_mean_of_per_group_means_over_masked_rows(host_batches):
 
     spec, _, state, _ = _setup((1, 1, 1))
     host = host_batches[0]
-    batch = {k: jnp.asarray(host[k]) for k in KEYS}
+    batch = {k: jnp.asarray(host[k]) for k in BATCH_KEYS}
     center = jnp.asarray(np.random.default_rng(0).normal(size=(spec.dino_head.out_dim,)))
     center = center.astype(jnp.float32)
     cfg = ObjectiveConfig(koleo_group_size=2, center_momentum=0.9)
@@ -248,9 +251,9 @@ def test_ibot_centre_is_mean_of_per_group_means_over_masked_rows(host_batches):
     np.testing.assert_allclose(np.asarray(aux["next_ibot_center"]), want, rtol=1e-5, atol=1e-6)
 
 
-def _steps_on(transfer: str, objective: ObjectiveConfig, steps: int = 3):
+def _steps_on(transfer: str, steps: int = 3):
     """`steps` jitted train steps on the tiny pipeline's batches shipped as `transfer`."""
-    spec, mesh, state, step = _setup((2, 4, 1), objective)
+    spec, mesh, state, step = _setup((2, 4, 1))
     iterator = iter(tiny_dataset(seed=5, transfer_dtype=transfer))
     history = []
     for _ in range(steps):
@@ -266,11 +269,9 @@ def test_integer_crops_normalised_in_the_step_train_like_host_normalised_floats(
     normalised on the host, same pipeline seed: the inputs differ by float32 rounding only
     (< 1e-6, tests/test_pipeline.py), so three steps' losses and metrics agree to 1e-5 and the
     parameters to 1e-6."""
-    crop = MultiCropConfig()
-    objective = ObjectiveConfig(koleo_group_size=2, pixel_mean=crop.mean, pixel_std=crop.std)
-    reference, params = _steps_on("float32", objective)
+    reference, params = _steps_on("float32")
     for transfer in ("uint8", "uint16"):
-        history, got_params = _steps_on(transfer, objective)
+        history, got_params = _steps_on(transfer)
         for got, want in zip(history, reference, strict=True):
             assert got.keys() == want.keys()
             for key in want:
@@ -279,11 +280,3 @@ def test_integer_crops_normalised_in_the_step_train_like_host_normalised_floats(
                 )
         for a, b in zip(jax.tree.leaves(got_params), jax.tree.leaves(params), strict=True):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-6, err_msg=transfer)
-
-
-def test_integer_crops_need_the_pixel_statistics():
-    _, mesh, state, step = _setup((1, 1, 1))  # ObjectiveConfig without pixel_mean / pixel_std
-    host = next(iter(tiny_dataset(transfer_dtype="uint8")))
-    batch = prefetch.to_global_batch(host, sharding.batch_shardings(host.keys(), mesh))
-    with pytest.raises(ValueError, match="pixel_mean"):
-        step(state, batch, jax.random.key(0))

@@ -301,9 +301,10 @@ def test_gram_config_runs_through_the_sweep():
 
 @pytest.mark.parametrize("transfer", ["uint8", "float32"])
 def test_synthetic_host_batch_has_the_pipeline_layout(transfer):
-    """The sweep times and compiles on `host_batch`; it must have exactly the keys, shapes and
-    dtypes of a batch from the real pipeline (`pipeline.make_dataset`) for the same config, or
-    the sweep would measure a different program than the loop runs."""
+    """The sweep times on `host_batch` and compiles for `Run.batch` (`layout.batch_spec`); both
+    must have exactly the keys, shapes and dtypes of a batch from the real pipeline
+    (`pipeline.make_dataset`) for the same config, or the sweep would measure a different
+    program than the loop runs."""
     import cv2
 
     from raddino_jax.data import pipeline
@@ -332,6 +333,7 @@ def test_synthetic_host_batch_has_the_pipeline_layout(transfer):
         )
     )
     synthetic = sweep.host_batch(point, seed=0)
-    assert sorted(synthetic) == sorted(real)
+    assert sorted(synthetic) == sorted(real) == sorted(point.batch)
     for key, value in real.items():
-        assert (synthetic[key].shape, synthetic[key].dtype) == (value.shape, value.dtype), key
+        spec = (point.batch[key].shape, point.batch[key].dtype)  # layout.batch_spec
+        assert (synthetic[key].shape, synthetic[key].dtype) == (value.shape, value.dtype) == spec

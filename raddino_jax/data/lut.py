@@ -6,8 +6,8 @@ contrast (``blend_table``, ``contrast_table``, ``jitter_table``), solarize
 (``solarize_table``), a crop's composed last table (``finishing_table``), and the tables that
 write finished crops in the transfer dtype (``float_table``: level -> normalised float32;
 ``widened_table``: uint8 level -> uint16 level). ``apply_table`` applies any of them
-(``cv2.LUT`` for uint8). The train step's device normalisation equals ``normalise_table``
-(``train.step.normalise_crops``). No randomness here: ``data/augment.py`` draws the factors.
+(``cv2.LUT`` for uint8). ``normalise_table`` tabulates ``layout.normalise``, which the train
+step applies on the device. No randomness here: ``data/augment.py`` draws the factors.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import functools
 
 import cv2
 import numpy as np
+
+from raddino_jax.data.layout import normalise
 
 _DTYPE_MAX = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}
 
@@ -129,9 +131,10 @@ def scaled_solarize_threshold(threshold_255: int, dtype: np.dtype) -> int:
 
 @functools.lru_cache(maxsize=16)
 def normalise_table(dtype: np.dtype, mean: float, std: float) -> np.ndarray:
-    """float32 table of (level / max - mean) / std (cached, read-only)."""
-    levels = np.arange(dtype_max(dtype) + 1, dtype=np.float64)
-    table = ((levels / dtype_max(dtype) - mean) / std).astype(np.float32)
+    """float32 table of ``layout.normalise`` of every level (computed in float64; cached,
+    read-only)."""
+    levels = np.arange(dtype_max(dtype) + 1, dtype=dtype)
+    table = normalise(levels, mean, std, np.float64).astype(np.float32)
     table.flags.writeable = False
     return table
 

@@ -5,7 +5,11 @@ The last stage of the input pipeline (``pipeline.make_dataset`` builds the host 
 - ``to_global_batch`` assembles every process's host batch into global ``jax.Array``s placed
   by the batch shardings (``parallel.sharding.batch_shardings``); the image axis
   (``layout.IMAGE_AXIS``) is the one split over processes and devices.
-- ``DevicePrefetcher`` wraps the host-batch iterator so that, while the current step runs on
+- ``DevicePrefetcher`` takes the step's global batch (``train.build.Run.batch``, from
+  ``layout.batch_spec``): a host batch whose arrays are not this process's share of it is an
+  error naming the array (it would otherwise recompile the step), and the host-side entries
+  (``layout.HOST_KEYS``: records skipped, source ids) stay on the host (``last_host``).
+  It wraps the host-batch iterator so that, while the current step runs on
   the devices, a background thread is already reading the next host batches and transferring
   them: up to ``config.data.device_prefetch`` global batches wait on the devices, in the
   iterator's order, and the loop's ``next`` only takes one from a queue. Depth 0 or 1 runs
@@ -37,7 +41,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from raddino_jax.data.layout import RECORDS_SKIPPED
+from raddino_jax.data.layout import HOST_KEYS, IMAGE_AXIS
 
 
 def to_global_batch(
@@ -59,15 +63,33 @@ def to_global_batch(
     }
 
 
+def check_host_batch(
+    host_batch: Mapping[str, np.ndarray], batch: Mapping[str, jax.ShapeDtypeStruct]
+) -> None:
+    """Raises ValueError naming the first array of ``host_batch`` whose dtype or shape is not
+    this process's share of ``batch`` (the global batch the step was compiled for)."""
+    for key, want in batch.items():
+        got = np.asarray(host_batch[key])
+        shape = list(want.shape)
+        shape[IMAGE_AXIS[key]] //= jax.process_count()
+        if got.dtype != want.dtype or list(got.shape) != shape:
+            raise ValueError(
+                f"host batch {key!r} is {got.dtype}{list(got.shape)}; the step takes "
+                f"{np.dtype(want.dtype)}{shape} per process (data.layout.batch_spec)"
+            )
+
+
 class DevicePrefetcher:
     """Global batches assembled and put on the devices ahead of the step that uses them.
 
-    Iterates ``to_global_batch(host batch, shardings)`` over a host-batch iterator (a Grain
-    iterator of ``pipeline.make_dataset``). With ``depth`` >= 2 (``config.data.device_prefetch``) a
-    background thread keeps up to ``depth`` global batches ready in a queue, so the host's next
-    batches are built and transferred while the current step runs, also while the loop waits
-    on a step's metrics or a checkpoint; the batches come in the iterator's order. With
-    ``depth`` 0 or 1 nothing runs in the background: ``next`` reads and transfers one batch.
+    Iterates ``to_global_batch`` over a host-batch iterator (a Grain iterator of
+    ``pipeline.make_dataset``), placing each array as ``batch`` (the step's global batch,
+    ``ShapeDtypeStruct``s with shardings) says, after ``check_host_batch``. With ``depth`` >= 2
+    (``config.data.device_prefetch``) a background thread keeps up to ``depth`` global batches
+    ready in a queue, so the host's next batches are built and transferred while the current
+    step runs, also while the loop waits on a step's metrics or a checkpoint; the batches come
+    in the iterator's order. With ``depth`` 0 or 1 nothing runs in the background: ``next``
+    reads and transfers one batch.
 
     Checkpointing: ``get_state()`` is the wrapped iterator's state at the first batch that
     ``next`` has not returned yet (prefetched batches are made again after a restore), as the
@@ -80,18 +102,19 @@ class DevicePrefetcher:
     def __init__(
         self,
         iterator: Any,
-        shardings: Mapping[str, jax.sharding.Sharding],
+        batch: Mapping[str, jax.ShapeDtypeStruct],
         depth: int,
     ):
         if depth < 0:
             raise ValueError(f"config.data.device_prefetch must be >= 0, got {depth}")
         self._iterator = iterator
-        self._shardings = shardings
+        self._batch = batch
+        self._shardings = {key: leaf.sharding for key, leaf in batch.items()}
         self._depth = depth
         self._state = iterator.get_state()  # at the first batch not yet returned by next()
-        # undecodable records behind the batch `next` returned last (the host batch's
-        # `records_skipped`, taken out before the transfer; 0 when the batch has none)
-        self.last_records_skipped = 0
+        # the host-side entries (layout.HOST_KEYS) of the batch `next` returned last, taken out
+        # before the transfer ({} when the host batches have none)
+        self.last_host: dict[str, np.ndarray] = {}
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -107,19 +130,19 @@ class DevicePrefetcher:
 
     def __next__(self) -> dict[str, jax.Array]:
         if not self.threaded:
-            batch, self.last_records_skipped = self._transfer(next(self._iterator))
+            batch, self.last_host = self._transfer(next(self._iterator))
             self._state = self._iterator.get_state()
             return batch
         if self._thread is None:
             self.start_prefetch()
-        kind, value, state, skipped = self._queue.get()
+        kind, value, state, host = self._queue.get()
         if kind == "error":
             self._join()
             raise value
         if kind == "end":
             self._join()
             raise StopIteration
-        self._state, self.last_records_skipped = state, skipped
+        self._state, self.last_host = state, host
         return value
 
     def start_prefetch(self) -> None:
@@ -139,18 +162,19 @@ class DevicePrefetcher:
         """The thread: read, transfer, queue (with the iterator's state after the batch)."""
         try:
             while not self._stop.is_set():
-                batch, skipped = self._transfer(next(self._iterator))
-                self._offer(("batch", batch, self._iterator.get_state(), skipped))
+                batch, host = self._transfer(next(self._iterator))
+                self._offer(("batch", batch, self._iterator.get_state(), host))
         except StopIteration:
-            self._offer(("end", None, None, 0))
+            self._offer(("end", None, None, {}))
         except BaseException as err:  # re-raised by __next__ in the loop's thread
-            self._offer(("error", err, None, 0))
+            self._offer(("error", err, None, {}))
 
-    def _transfer(self, host_batch: dict) -> tuple[dict[str, jax.Array], int]:
-        """(global batch, its records_skipped): the host-side count stays on the host."""
-        host_batch = dict(host_batch)
-        skipped = int(host_batch.pop(RECORDS_SKIPPED, 0))
-        return to_global_batch(host_batch, self._shardings), skipped
+    def _transfer(self, host_batch: dict) -> tuple[dict[str, jax.Array], dict[str, np.ndarray]]:
+        """(global batch, the host batch's host-side entries, which stay on the host)."""
+        arrays = dict(host_batch)
+        host = {key: arrays.pop(key) for key in HOST_KEYS if key in arrays}
+        check_host_batch(arrays, self._batch)
+        return to_global_batch(arrays, self._shardings), host
 
     def _offer(self, item: tuple) -> None:
         """Queues ``item``, waiting for room unless the prefetcher is being stopped."""

@@ -12,6 +12,7 @@ from etils import epath
 from PIL import Image
 
 from raddino_jax.checkpoint import Preprocessing
+from raddino_jax.data.layout import normalise
 
 
 def to_uint8(pixels01: np.ndarray) -> np.ndarray:
@@ -37,7 +38,7 @@ def preprocess_uint8(image: np.ndarray, pre: Preprocessing) -> np.ndarray:
     array = np.asarray(pil)
     top, left = (new_h - size) // 2, (new_w - size) // 2
     array = array[top : top + size, left : left + size]
-    out = (array.astype(np.float64) / 255.0 - pre.mean) / pre.std
+    out = normalise(array, pre.mean, pre.std, np.float64)
     if out.ndim == 2:
         out = np.repeat(out[..., None], 3, axis=-1)
     return out.astype(np.float32)

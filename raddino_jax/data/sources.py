@@ -30,7 +30,7 @@ def open_training_split(data_dir: str, name: str, split: str):
 
 @dataclasses.dataclass(frozen=True)
 class TrainingData:
-    """What the loop trains on: `records` is one random-access source or a `pipeline.Mixture`;
+    """What the loop trains on: `records` is one random-access source or a `mixture.Mixture`;
     (data_dir, name) is the first dataset (the built-in samples' location when none is set)."""
 
     records: Any
@@ -115,7 +115,7 @@ def open_training_data(
     """`config.data`'s records: the built-in samples (data.builtin, made by `make_builtin`),
     data.dir/data.name, or the weighted mixture of data.sources; each restricted to
     `data.fraction` of its patients."""
-    from raddino_jax.data import pipeline
+    from raddino_jax.data.mixture import Mixture, mixture_weights
 
     d = config.data
 
@@ -132,9 +132,9 @@ def open_training_data(
 
     if d.sources:
         opened = [open_one(data_dir, name) for name, data_dir, _ in d.sources]
-        weights = pipeline.mixture_weights([len(s) for s in opened], [w for *_, w in d.sources])
+        weights = mixture_weights([len(s) for s in opened], [w for *_, w in d.sources])
         names = source_names([name for name, _, _ in d.sources])
-        mixture = pipeline.Mixture(tuple(opened), weights, names)
+        mixture = Mixture(tuple(opened), weights, names)
         return TrainingData(mixture, d.sources[0][1], d.sources[0][0], names)
     if not d.builtin:
         return TrainingData(open_one(d.dir, d.name), d.dir, d.name, ())

@@ -28,6 +28,7 @@ from etils import epath
 from PIL import Image
 
 from raddino_jax.checkpoint import Preprocessing
+from raddino_jax.data.layout import normalise
 from raddino_jax.models import ModelSpec, bind
 
 SPLIT_ROLES = ("train", "val", "test")
@@ -69,7 +70,7 @@ def crop_uint8(image: np.ndarray, size: int) -> np.ndarray:
     """uint8 [H, W] -> uint8 [S, S]: the geometric half of the inference preprocessing.
 
     PIL bicubic resize of the shorter side to S, then centre crop (recipe s8). Normalising the
-    result with `normalise` equals `data.preprocess.preprocess_uint8` (tested).
+    result with `network_input` equals `data.preprocess.preprocess_uint8` (tested).
     """
     pil = Image.fromarray(to_uint8_image(image))
     pil = pil.resize(_resized_size(*pil.size, size), resample=Image.Resampling.BICUBIC)
@@ -89,9 +90,10 @@ def crop_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return _centre_crop(np.asarray(pil), size) > 0
 
 
-def normalise(crops: jax.Array | np.ndarray, pre: Preprocessing) -> jax.Array:
-    """uint8 [B, S, S] -> float32 [B, S, S, 3]: /255, (x - mean) / std, grey to 3 channels."""
-    pixels = (jnp.asarray(crops, jnp.float32) / 255.0 - pre.mean) / pre.std
+def network_input(crops: jax.Array | np.ndarray, pre: Preprocessing) -> jax.Array:
+    """uint8 [B, S, S] -> float32 [B, S, S, 3]: `layout.normalise` with the checkpoint's
+    statistics, grey replicated to 3 channels."""
+    pixels = normalise(jnp.asarray(crops), pre.mean, pre.std)
     return jnp.repeat(pixels[..., None], 3, axis=-1)
 
 
@@ -297,7 +299,7 @@ def make_uint8_feature_fn(
 
     @jax.jit
     def features(params, crops):
-        out = network(params, normalise(crops, pre))
+        out = network(params, network_input(crops, pre))
         result = {
             "cls": out["cls"],
             "patch_mean": out["patch"].mean(axis=(1, 2)),

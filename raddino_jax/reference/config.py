@@ -87,7 +87,8 @@ def from_config(config, adamw: str = "foreach") -> ReferenceConfig:
 
     Every number comes from the run's own builders (`train.build`) under the same name: the
     schedules' arguments, the objective, the optimiser, the backbone and, with a "head_"
-    prefix, the head. The reference computes its schedules, rules and losses itself.
+    prefix, the head; the pixel statistics from `config.data.mean / std`. The reference
+    computes its schedules, rules and losses itself.
     """
     from raddino_jax.train import build as build_lib
     from raddino_jax.train.optim import OptimizerConfig
@@ -120,6 +121,8 @@ def from_config(config, adamw: str = "foreach") -> ReferenceConfig:
         **dataclasses.asdict(objective),
         **dataclasses.asdict(optim),
         **build_lib.schedule_args(config),
+        "pixel_mean": config.data.mean,
+        "pixel_std": config.data.std,
     }
     fields = {f.name for f in dataclasses.fields(ReferenceConfig)} - {"adamw"}
     missing = sorted(fields - set(values))

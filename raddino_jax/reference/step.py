@@ -202,7 +202,11 @@ def mean_kl(teacher_probs: torch.Tensor, student_logits: torch.Tensor, temperatu
 
 
 def normalise_levels(crops: torch.Tensor, mean: float | None, std: float | None):
-    """Integer pixel levels -> float32 (x / dtype max - mean) / std; float crops as given."""
+    """Integer pixel levels -> float32 (x / dtype max - mean) / std; float crops as given.
+
+    A torch copy of `data.layout.normalise` on purpose: this module is the independent
+    reference that `tests/test_step_reference.py` checks our step against, so it shares no
+    code with the step it checks."""
     if crops.is_floating_point():
         return crops
     if mean is None or std is None:

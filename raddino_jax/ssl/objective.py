@@ -39,10 +39,6 @@ class ObjectiveConfig:
     `prototype_chunk` > 0 applies the heads' prototype layer and the DINO / iBOT losses that
     many prototypes at a time (`ssl/chunked.py`): the [rows, K] logits are never stored. It
     must divide the heads' K; 0 (the default) materialises the logits.
-
-    `pixel_mean` / `pixel_std` normalise integer crops at the start of the train step
-    (`train.step.normalise_crops`; the config derives them from data.mean / data.std); None
-    (the default) accepts only crops already normalised on the host.
     """
 
     student_temperature: float = 0.1
@@ -57,8 +53,6 @@ class ObjectiveConfig:
     gram_start_step: int = 0
     gram_update_every: int = 0  # 0: the Gram teacher is never refreshed after the first copy
     gram_teacher: str = "ema"  # "ema" or "initial"
-    pixel_mean: float | None = None
-    pixel_std: float | None = None
     prototype_chunk: int = 0  # > 0: heads' prototype layer + losses in chunks (ssl/chunked.py)
 
     @property
@@ -86,10 +80,6 @@ class ObjectiveConfig:
             raise ValueError(
                 f"gram_teacher must be one of {gram.GRAM_TEACHERS}, got {self.gram_teacher!r}"
             )
-        if (self.pixel_mean is None) != (self.pixel_std is None):
-            raise ValueError("pixel_mean and pixel_std must be set together (or both None)")
-        if self.pixel_std is not None and self.pixel_std <= 0:
-            raise ValueError(f"pixel_std must be > 0, got {self.pixel_std}")
         if self.gram_teacher == "initial" and self.gram_update_every:
             raise ValueError(
                 "gram_teacher 'initial' is never refreshed: set gram_update_every to 0, or use "

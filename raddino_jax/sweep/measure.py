@@ -11,9 +11,9 @@ devices. What `run_point` fills in (`row.SweepRow`):
   *estimated* images/s and MFU follow): those estimates are `estimate.py`'s, which also
   extrapolates a scanned step's costs over its depth (`depth_extrapolated_cost` here compiles
   the two small steps it needs);
-- in mode "run": warm-up steps, then timed steps on a synthetic batch (random crops in
-  `config.data.transfer_dtype`, as the loop ships them; masks from the real iBOT mask sampler
-  so the static buffer size is right): median
+- in mode "run": warm-up steps, then timed steps on a synthetic batch of the run's
+  `Run.batch` (random crops in `config.data.transfer_dtype`, as the loop ships them; masks
+  from the real iBOT mask sampler so the static buffer size is right): median
   step time, images/s, analytic TFLOP/s (`config.step_flops`) and MFU.
 Mode "compile" stops after compiling (no state allocated, no step run: an AOT memory check for
 a topology); mode "state" compiles nothing (exact state bytes and analytic FLOPs only).
@@ -35,7 +35,7 @@ import numpy as np
 from raddino_jax import config as config_lib
 from raddino_jax import flops
 from raddino_jax.data import pipeline, prefetch
-from raddino_jax.data.layout import BATCH_KEYS
+from raddino_jax.data.layout import CROP_KEYS
 from raddino_jax.models.vit import normalize_remat
 from raddino_jax.parallel import sharding
 from raddino_jax.sweep.estimate import (
@@ -121,11 +121,6 @@ def step_flops(point: Run) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def _crop_dtype(point: Run) -> np.dtype:
-    """The crops' dtype in the loop's batches: `config.data.transfer_dtype`."""
-    return np.dtype(point.config.data.transfer_dtype)
-
-
 def _random_crops(rng: np.random.Generator, shape: tuple, dtype: np.dtype) -> np.ndarray:
     """Random crops: uniform pixel levels of an integer dtype, or standard-normal float32
     (what normalised crops look like)."""
@@ -135,41 +130,17 @@ def _random_crops(rng: np.random.Generator, shape: tuple, dtype: np.dtype) -> np
 
 
 def host_batch(point: Run, seed: int) -> dict[str, np.ndarray]:
-    """A synthetic host batch in the pipeline's layout (pipeline module docstring).
+    """A synthetic global batch of the point's `Run.batch` (`data.layout.batch_spec`).
 
-    global_crops [2, B, G, G, 1] and local_crops [n_local, B, L, L, 1] in
-    `config.data.transfer_dtype` (random levels, or standard-normal float32), so the step
-    compiled for it is the one the loop runs; masks / mask_indices / mask_weights / mask_valid
-    from the pipeline's own AddIbotMasks, i.e. the real sampler and the real static buffer U.
+    Random crops in `config.data.transfer_dtype` (levels, or standard-normal float32), so the
+    step compiled for it is the one the loop runs; the masks from the pipeline's own
+    AddIbotMasks, i.e. the real sampler and the real static buffer U.
     """
-    c, rng = point.config, np.random.default_rng(seed)
-    b, g, loc = c.batch_size, c.data.global_size, c.data.local_size
-    dtype = _crop_dtype(point)
+    rng = np.random.default_rng(seed)
     crops = {
-        "global_crops": _random_crops(rng, (2, b, g, g, 1), dtype),
-        "local_crops": _random_crops(rng, (c.data.n_local, b, loc, loc, 1), dtype),
+        key: _random_crops(rng, point.batch[key].shape, point.batch[key].dtype) for key in CROP_KEYS
     }
     return pipeline.AddIbotMasks(point.mask_spec).random_map(crops, rng)
-
-
-def batch_shapes(point: Run) -> dict[str, jax.ShapeDtypeStruct]:
-    """The batch as sharded ShapeDtypeStructs, for compiling without building a batch."""
-    c, spec = point.config, point.mask_spec
-    b, g, loc = c.batch_size, c.data.global_size, c.data.local_size
-    crops = _crop_dtype(point)
-    shapes = {
-        "global_crops": ((2, b, g, g, 1), crops),
-        "local_crops": ((c.data.n_local, b, loc, loc, 1), crops),
-        "masks": ((2, b, spec.n_tokens), np.bool_),
-        "mask_indices": ((spec.n_groups, spec.upper_bound), np.int32),
-        "mask_weights": ((spec.n_groups, spec.upper_bound), np.float32),
-        "mask_valid": ((spec.n_groups, spec.upper_bound), np.bool_),
-    }
-    shardings = sharding.batch_shardings(BATCH_KEYS, point.mesh)
-    return {
-        k: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[k])
-        for k, (shape, dtype) in shapes.items()
-    }
 
 
 def step_keys(point: Run, n: int, seed: int) -> list[jax.Array]:
@@ -186,7 +157,7 @@ def compile_step(point: Run, seed: int = 0, compiler_options: dict | None = None
     halves CPU compile time when only memory or a smoke run matters (tests).
     """
     start = time.perf_counter()
-    lowered = point.step_fn.lower(point.abstract_state, batch_shapes(point), jax.random.key(seed))
+    lowered = point.step_fn.lower(point.abstract_state, point.batch, jax.random.key(seed))
     compiled = lowered.compile(compiler_options)
     return compiled, time.perf_counter() - start
 
@@ -217,9 +188,8 @@ def initial_state(point: Run, seed: int) -> train_state.TrainState:
 
 def device_batch(point: Run, seed: int) -> dict[str, jax.Array]:
     """`host_batch(point, seed)` as global arrays in the step's batch shardings."""
-    return prefetch.to_global_batch(
-        host_batch(point, seed), sharding.batch_shardings(BATCH_KEYS, point.mesh)
-    )
+    shardings = {key: leaf.sharding for key, leaf in point.batch.items()}
+    return prefetch.to_global_batch(host_batch(point, seed), shardings)
 
 
 def time_steps(point: Run, compiled, *, steps: int, warmup: int, seed: int) -> list[float]:

@@ -65,7 +65,7 @@ def _gib(n: int | None) -> str:
 def batch_bytes_per_device(point: Run) -> int:
     """Bytes of one global batch on one device (its shard of every batch array)."""
     total = 0
-    for leaf in measure.batch_shapes(point).values():
+    for leaf in point.batch.values():
         shard = leaf.sharding.shard_shape(leaf.shape)
         total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
     return total

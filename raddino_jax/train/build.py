@@ -6,11 +6,11 @@ The pieces come from the config's sections (`config.py` is their schema and vali
 use).
 
 `build(config, devices)` makes the mesh, the model spec, the objective, the schedules, the
-optimizer, the abstract train state with its shardings, the jitted step and the iBOT mask spec,
-and allocates nothing. The training loop builds its run with it (and one `Run.for_stage` per
-resolution stage), the mesh sweep builds one per layout, the memory preflight compiles what it
-built, and the benchmarks and tests time and check the same step, so a new piece of the state
-or the step is wired once.
+optimizer, the abstract train state with its shardings, the jitted step, the iBOT mask spec and
+the global batch the step takes (`data.layout.batch_spec`), and allocates nothing. The training
+loop builds its run with it (and one `Run.for_stage` per resolution stage), the mesh sweep
+builds one per layout, the memory preflight compiles what it built, and the benchmarks and
+tests time and check the same step, so a new piece of the state or the step is wired once.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import optax
 
 from raddino_jax import config as config_lib
 from raddino_jax.data.augment import MultiCropConfig
-from raddino_jax.data.layout import BATCH_KEYS
-from raddino_jax.data.pipeline import MaskSpec
+from raddino_jax.data.layout import BATCH_KEYS, MaskSpec, batch_spec
 from raddino_jax.models import ModelSpec, abstract_params, init_params
 from raddino_jax.models.heads import HeadConfig
 from raddino_jax.models.vit import ARCHS, ViTConfig, vit_config
+from raddino_jax.parallel import sharding
 from raddino_jax.parallel.mesh import make_mesh
 from raddino_jax.ssl.objective import ObjectiveConfig
 from raddino_jax.ssl.schedules import Schedules, build_schedules
@@ -52,6 +52,7 @@ class Run:
     shardings: object
     step_fn: object  # jitted train_step: (state, batch, key) -> (state, metrics), state donated
     mask_spec: MaskSpec
+    batch: dict[str, jax.ShapeDtypeStruct]  # the global batch the step takes, with shardings
     tensor_rules: tuple  # config.sharding.tensor_rules, for states created from this run
     gram: bool = False  # the state carries a Gram teacher (ssl.gram_weight > 0)
 
@@ -62,17 +63,17 @@ class Run:
     def for_stage(self, stage_config: ml_collections.ConfigDict) -> Run:
         """This run at a resolution stage's crop sizes and batch (`train/stages.py`): the same
         mesh, optimizer and state; the stage's objective (KoLeo groups follow the per-device
-        batch), jitted step and mask spec."""
+        batch), jitted step, mask spec and batch."""
         objective = objective_config(stage_config, self.n_devices)
+        masks = mask_spec(stage_config, self.n_devices, self.spec.backbone.patch_size)
         return dataclasses.replace(
             self,
             config=stage_config,
             objective=objective,
             step_fn=_compile(self.mesh, self.shardings, self.spec, objective, self.optimizer,
-                             self.schedules),  # fmt: skip
-            mask_spec=mask_spec(
-                stage_config, self.n_devices, self.spec.backbone.patch_size
-            ),
+                             self.schedules, stage_config),  # fmt: skip
+            mask_spec=masks,
+            batch=global_batch(stage_config, masks, self.mesh),
         )
 
     def create_state(self, seed: int, params: dict | None = None) -> train_state.TrainState:
@@ -89,7 +90,7 @@ class Run:
         )
 
 
-def _compile(mesh, shardings, spec, objective, optimizer, schedules):
+def _compile(mesh, shardings, spec, objective, optimizer, schedules, config):
     return compile_train_step(
         mesh,
         shardings,
@@ -98,7 +99,19 @@ def _compile(mesh, shardings, spec, objective, optimizer, schedules):
         objective=objective,
         optimizer=optimizer,
         schedules=schedules,
+        pixel_stats=(config.data.mean, config.data.std),
     )
+
+
+def global_batch(
+    config: ml_collections.ConfigDict, masks: MaskSpec, mesh: jax.sharding.Mesh
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """`layout.batch_spec` of the config's global batch, each array with its batch sharding."""
+    shardings = sharding.batch_shardings(BATCH_KEYS, mesh)
+    return {
+        key: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings[key])
+        for key, s in batch_spec(crop_config(config), masks).items()
+    }
 
 
 @functools.lru_cache(maxsize=8)
@@ -139,6 +152,7 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> R
     rules = tensor_rules(config)
     objective = objective_config(config, n_devices)
     gram = objective.gram_enabled
+    masks = mask_spec(config, n_devices, spec.backbone.patch_size)
     shapes = _state_shapes(spec, optimizer_settings, optimizer, gram)
     shardings = train_state.state_shardings(shapes, mesh, rules)
     abstract = jax.tree.map(
@@ -153,8 +167,9 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> R
         optimizer=optimizer,
         abstract_state=abstract,
         shardings=shardings,
-        step_fn=_compile(mesh, shardings, spec, objective, optimizer, run_schedules),
-        mask_spec=mask_spec(config, n_devices, spec.backbone.patch_size),
+        step_fn=_compile(mesh, shardings, spec, objective, optimizer, run_schedules, config),
+        mask_spec=masks,
+        batch=global_batch(config, masks, mesh),
         tensor_rules=rules,
         gram=gram,
     )
@@ -190,17 +205,10 @@ def model_spec(config: ml_collections.ConfigDict) -> ModelSpec:
 
 
 def objective_config(config: ml_collections.ConfigDict, n_devices: int) -> ObjectiveConfig:
-    """`config.ssl`, with koleo_group_size 0 resolved to the per-device batch (as the reference)
-    and the pixel statistics the step normalises integer crops with from `config.data`."""
+    """`config.ssl`, with koleo_group_size 0 resolved to the per-device batch (as the
+    reference)."""
     group = config.ssl.koleo_group_size or per_device_batch(config, n_devices)
-    return config_lib.from_section(
-        ObjectiveConfig,
-        config.ssl,
-        "ssl",
-        koleo_group_size=group,
-        pixel_mean=config.data.mean,
-        pixel_std=config.data.std,
-    )
+    return config_lib.from_section(ObjectiveConfig, config.ssl, "ssl", koleo_group_size=group)
 
 
 def schedule_args(config: ml_collections.ConfigDict) -> dict[str, float | int]:
@@ -247,18 +255,11 @@ def tensor_rules(config: ml_collections.ConfigDict) -> tuple:
     return tuple((pattern, tuple(placement)) for pattern, placement in config.sharding.tensor_rules)
 
 
-def mask_spec(
-    config: ml_collections.ConfigDict,
-    n_devices: int,
-    patch_size: int,
-    per_process_batch: int | None = None,
-):
-    """Static iBOT mask shapes of one host batch (default: one process holds the whole batch)."""
-    from raddino_jax.data.pipeline import MaskSpec
-
+def mask_spec(config: ml_collections.ConfigDict, n_devices: int, patch_size: int) -> MaskSpec:
+    """Static iBOT mask shapes of the global batch."""
     grid = config.data.global_size // patch_size
     return MaskSpec(
-        per_process_batch or config.batch_size,
+        config.batch_size,
         mask_group_size(config, n_devices),
         (grid, grid),
         tuple(config.data.mask_ratio_min_max),
@@ -281,14 +282,13 @@ def step_flops(
     from raddino_jax import flops
 
     masks = mask_spec(config, n_devices, spec.backbone.patch_size)
-    n_groups = config.batch_size // masks.mask_group_size
     return flops.ssl_step_flops(
         spec,
         global_size=config.data.global_size,
         local_size=config.data.local_size,
         n_local=config.data.n_local,
         batch=config.batch_size,
-        n_masked_tokens=masks.upper_bound * n_groups,
+        n_masked_tokens=masks.upper_bound * masks.n_groups,
         separate_ibot_head=spec.ibot_head is not None,
         remat=spec.backbone.remat == "full",
         gram=config.ssl.gram_weight > 0 and gram_active is not False,

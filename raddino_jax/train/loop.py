@@ -32,17 +32,14 @@ from etils import epath
 
 from raddino_jax import checkpoint, flops
 from raddino_jax import config as config_lib
-from raddino_jax.data import layout, pipeline, prefetch, sources
+from raddino_jax.data import pipeline, prefetch, sources
 from raddino_jax.eval.hook import PeriodicKnn, periodic_eval_datasets
 from raddino_jax.models import ModelSpec
-from raddino_jax.parallel import sharding
 from raddino_jax.train import build as build_lib
 from raddino_jax.train import stages as stages_lib
 from raddino_jax.train.metrics import MetricsWriter, StepLog, progress_bar
 from raddino_jax.train.preemption import Preempted, SignalFlag, preemption_check_due
 from raddino_jax.train.weights import initial_params
-
-BATCH_KEYS = layout.BATCH_KEYS  # defined with the batch layout, in data/layout.py
 
 
 def say(message: str) -> None:
@@ -95,7 +92,6 @@ def train(
         f"mesh {dict(mesh.shape)} over {len(devices)} {devices[0].device_kind} device(s), "
         f"{jax.process_count()} process(es)"
     )
-    batch_shardings = sharding.batch_shardings(BATCH_KEYS, mesh)
     stage_table = stages_lib.stage_table(config)
     # one jitted step per resolution stage (one compile each); stage 0 has the config's sizes
     stage_runs = {
@@ -140,7 +136,7 @@ def train(
                 read_threads=config.data.read_threads,
                 prefetch_buffer=config.data.prefetch,
                 start_position=stage.start_position if start_position is None else start_position,
-                count_skipped=True,
+                host_counts=True,
             )
         )
 
@@ -158,12 +154,12 @@ def train(
     # boundary, the previous stage's); the loop switches to the next stage's when it gets there.
     stage = stages_lib.stage_at(stage_table, max((latest or 0) - 1, 0))
     data_iterator = stage_iterator(stage)
-    skipped_before = 0  # undecodable records passed over by the steps before this run's first
+    counters = {}  # host counts of the steps before this run's first (records skipped, sources)
     if latest is not None:
         data_iterator = _resume_data(
             checkpointer, latest, data_iterator, stage_table, stage, stage_iterator
         )
-        skipped_before = checkpointer.restore_counters(latest).get(layout.RECORDS_SKIPPED, 0)
+        counters = checkpointer.restore_counters(latest)
         say(f"resumed from {checkpointer.directory} at step {latest}")
     else:
         state = run.create_state(config.seed, params=initial_params(config, spec, say))
@@ -184,12 +180,13 @@ def train(
     base_key = jax.random.key(config.seed)
     progress = progress_bar(is_main, int(state.step), config.total_steps)
     log = StepLog(config, writer, progress, peak, len(devices), stage_table, data)
-    log.skipped_before = skipped_before
-    skipped_here = 0  # undecodable records behind this process's batches of this run
+    log.restore_counters(counters)
     saved_step = latest
     # Global batches ahead of the step; checkpoints hold the iterator at the first one unused.
     # The restored iterator is `stage`'s; a later stage opens its own where the stream is.
-    batches = prefetch.DevicePrefetcher(data_iterator, batch_shardings, config.data.device_prefetch)
+    batches = prefetch.DevicePrefetcher(
+        data_iterator, stage_runs[stage.index].batch, config.data.device_prefetch
+    )
     try:
         with SignalFlag() as signals:
             step = int(state.step)  # the one device read of the step count: then a host counter
@@ -200,7 +197,9 @@ def train(
                     batches.close()
                     stage = stage_now
                     batches = prefetch.DevicePrefetcher(
-                        stage_iterator(stage), batch_shardings, config.data.device_prefetch
+                        stage_iterator(stage),
+                        stage_runs[stage.index].batch,
+                        config.data.device_prefetch,
                     )
                 if len(stage_table) > 1:
                     say(
@@ -222,10 +221,9 @@ def train(
                     if profile and step == profile[0] and is_main:
                         jax.profiler.start_trace(str(workdir / "profile"))
                     batch = next(batches)
-                    skipped_here += batches.last_records_skipped
                     state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
                     log.flush()  # the previous step's metrics (finished: see the loop's top)
-                    log.pending = (step + 1, metrics, skipped_here)
+                    log.dispatched(step + 1, metrics, batches.last_host)
                     if profile and step + 1 == profile[1] and is_main:
                         jax.block_until_ready(metrics)
                         jax.profiler.stop_trace()
@@ -237,7 +235,7 @@ def train(
                         # finish this step's metrics first: a checkpoint never holds a bad
                         # update, and metrics.jsonl has its line if the process dies right after
                         log.flush()
-                        checkpointer.save(state, batches, counters=log.counters(skipped_here))
+                        checkpointer.save(state, batches, counters=log.counters())
                         saved_step = step
                         checkpointer.check()
                     if evaluator is not None and step % config.eval.every == 0:
@@ -255,8 +253,7 @@ def train(
                     if signum:
                         log.flush()
                         if saved_step != step:
-                            counters = log.counters(skipped_here)
-                            checkpointer.save(state, batches, force=True, counters=counters)
+                            checkpointer.save(state, batches, force=True, counters=log.counters())
                         checkpointer.wait()
                         raise Preempted(signum, step)
             log.flush()

@@ -41,7 +41,8 @@ import numpy as np
 from etils import epath
 
 from raddino_jax import flops
-from raddino_jax.data import layout, pipeline
+from raddino_jax.data import pipeline
+from raddino_jax.data.layout import RECORDS_SKIPPED, SOURCE_IDS
 from raddino_jax.train import stages as stages_lib
 
 METRICS_FILE = "metrics.jsonl"
@@ -207,16 +208,21 @@ class NonFiniteError(FloatingPointError):
     """A loss or gradient norm became NaN/inf; the last good checkpoint is kept."""
 
 
-
-
 class StepLog:
     """Turns each step's device metrics into log records, one step late.
 
-    `flush()` reads the pending step's `finite` flag every step (the NaN guard) and all of its
-    metrics only on log steps (every `config.log_every` steps and the last), where it writes a
-    record. The loop calls it after
+    The loop hands it each dispatched step (`dispatched`: the device metrics and the host-side
+    entries of the step's batch, `layout.HOST_KEYS`). `flush()` reads the pending step's
+    `finite` flag every step (the NaN guard) and all of its metrics only on log steps (every
+    `config.log_every` steps and the last), where it writes a record. The loop calls it after
     dispatching the next step. Step time and images/s are wall-clock averages over the steps
     since the previous log line.
+
+    Host counts: this process's records skipped and images per mixture source (from the
+    batches' `source_ids`), summed over processes only on log and checkpoint steps (one
+    all-gather of a few integers), plus the global counts of the steps before this run
+    (the checkpoint's `counters`, `restore_counters`). Exact on resume with any process count:
+    each step's images are counted once, by the process that read them.
     """
 
     def __init__(self, config, writer, progress, peak, n_devices, stage_table, data):
@@ -224,11 +230,33 @@ class StepLog:
         self.peak, self.n_devices = peak, n_devices
         self.stage_table, self.data = stage_table, data
         self.stage, self.flops_per_step, self.gram_flops_per_step = stage_table[0], 0.0, 0.0
-        # (step number after the update, device metrics, this process's records_skipped)
+        # (step number after the update, device metrics, this process's host counts then)
         self.pending = None
-        self.skipped_before = 0  # records_skipped (global) of the steps before this run
+        # [records_skipped, images of source 0, 1, ...]: this process's since the run started,
+        # and the global counts of the steps before it (restore_counters)
+        self.counted_here = np.zeros(1 + max(len(data.source_names), 1), np.int64)
+        self.counted_before = np.zeros_like(self.counted_here)
         self.last: dict[str, float] = {}
         self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def _counter_names(self) -> list[str]:
+        """The names of the host counts in a checkpoint's `counters` and the metrics."""
+        return [RECORDS_SKIPPED, *(f"images_seen/{n}" for n in self.data.source_names)]
+
+    def restore_counters(self, counters: dict[str, int]) -> None:
+        """The global host counts of the steps before this run, from a checkpoint's `counters`
+        (a checkpoint written before the per-source counts existed restarts them from 0)."""
+        for i, name in enumerate(self._counter_names()):
+            self.counted_before[i] = counters.get(name, 0)
+
+    def dispatched(self, step: int, metrics, host: dict[str, np.ndarray]) -> None:
+        """Step `step` (numbered after its update) was dispatched with `metrics`, on a batch
+        whose host-side entries are `host`: count them and hold the metrics for `flush`."""
+        self.counted_here[0] += int(host.get(RECORDS_SKIPPED, 0))
+        if SOURCE_IDS in host:
+            ids = np.asarray(host[SOURCE_IDS])
+            self.counted_here[1:] += np.bincount(ids, minlength=len(self.counted_here) - 1)
+        self.pending = (step, metrics, self.counted_here.copy())
 
     def enter(self, stage, flops_per_step: float, gram_flops_per_step: float) -> None:
         """A new stage: its batch size and analytic FLOPs (of a step before and from
@@ -238,28 +266,21 @@ class StepLog:
         self.gram_flops_per_step = gram_flops_per_step
         self.window_start, self.window_steps = time.perf_counter(), 0
 
-    def images_seen(self, step: int) -> dict[str, float]:
-        """Global images consumed by steps [0, step), in total and per mixture source."""
-        seen = stages_lib.images_before(self.stage_table, step)
-        out = {"images_seen": seen}
-        if self.data.source_names:
-            counts = pipeline.source_counts(self.data.records, self.config.seed, seen)
-            out.update({f"images_seen/{n}": int(c) for n, c in zip(self.data.source_names, counts)})
-        return out
-
-    def records_skipped(self, skipped_here: int) -> int:
-        """Undecodable records passed over since step 0, by all processes (with several,
-        a collective: every process calls it on the same steps)."""
-        total = np.int64(skipped_here)
+    def global_counts(self, counted_here: np.ndarray) -> dict[str, int]:
+        """Records skipped and images per mixture source since step 0, by all processes, from
+        this process's `counted_here` (with several, a collective: every process calls it on
+        the same steps)."""
+        total = counted_here
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
-            total = np.sum(multihost_utils.process_allgather(total))
-        return self.skipped_before + int(total)
+            total = np.sum(multihost_utils.process_allgather(counted_here), axis=0)
+        total = self.counted_before + total
+        return {name: int(n) for name, n in zip(self._counter_names(), total)}
 
-    def counters(self, skipped_here: int) -> dict[str, int]:
-        """What a checkpoint keeps besides the state (restored by `restore_counters`)."""
-        return {layout.RECORDS_SKIPPED: self.records_skipped(skipped_here)}
+    def counters(self) -> dict[str, int]:
+        """What a checkpoint keeps besides the state (read back by `restore_counters`)."""
+        return self.global_counts(self.counted_here)
 
     def check_bad_fraction(self, step: int, skipped: int, seen: int) -> None:
         """Stops the run when more than `config.data.max_bad_fraction` of the images read so
@@ -275,7 +296,7 @@ class StepLog:
     def flush(self) -> None:
         if self.pending is None:
             return
-        step, metrics, skipped_here = self.pending
+        step, metrics, counted_here = self.pending
         self.pending = None
         check_finite(step, metrics)
         self.window_steps += 1
@@ -294,9 +315,9 @@ class StepLog:
         values["model_tflops_per_s"] = step_flops / step_time / 1e12
         if len(self.stage_table) > 1:
             values["stage"] = self.stage.index
-        values.update(self.images_seen(step))
-        values[layout.RECORDS_SKIPPED] = self.records_skipped(skipped_here)
-        self.check_bad_fraction(step, values[layout.RECORDS_SKIPPED], values["images_seen"])
+        values["images_seen"] = stages_lib.images_before(self.stage_table, step)
+        values.update(self.global_counts(counted_here))
+        self.check_bad_fraction(step, values[RECORDS_SKIPPED], values["images_seen"])
         if self.peak:
             values["mfu"] = flops.mfu(step_flops, step_time, self.n_devices, self.peak)
         self.writer.write(step, values)

@@ -4,7 +4,8 @@ student forward/backward on 2 masked globals + n locals, teacher forward on the 
 globals, DINO + iBOT + KoLeo, AdamW update with per-parameter rules, teacher EMA, lagged centre
 update (recipe s3, s4). Schedules are evaluated at `state.step`, inside the step.
 The crops arrive as the pipeline ships them (`config.data.transfer_dtype`): integer pixel
-levels are normalised first, on the device (`normalise_crops`); float crops are used as given.
+levels are normalised first, on the device (`normalise_crops`, with config.data.mean / std);
+float crops are used as given.
 With Gram anchoring on (`objective.gram_weight` > 0), the Gram teacher is refreshed from the
 EMA teacher at the start of refresh steps, with `jnp.where` on the step so the step compiles
 once (recipe, "Gram anchoring (DINOv3)").
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from raddino_jax.data.layout import CROP_KEYS, normalise
 from raddino_jax.models import ModelSpec
 from raddino_jax.parallel import sharding
 from raddino_jax.ssl import gram
@@ -55,34 +57,18 @@ def refresh_gram_teacher(state: TrainState, objective: ObjectiveConfig) -> dict 
     )
 
 
-CROP_KEYS = ("global_crops", "local_crops")
-
-
 def normalise_crops(
-    batch: dict[str, jax.Array], mean: float | None, std: float | None
+    batch: dict[str, jax.Array], pixel_stats: tuple[float, float]
 ) -> dict[str, jax.Array]:
-    """The batch with integer crops (uint8 / uint16 pixel levels) normalised to float32.
-
-    `(x / max - mean) / std` with max 255 or 65535 by dtype: the host pipeline's normalisation
-    (`data.lut.normalise_table`), so shipping levels and normalising here gives the
-    host-normalised crops to float32 rounding while moving a quarter (uint8) of the bytes.
-    Float crops pass through unchanged. `mean` / `std` come from `ObjectiveConfig.pixel_mean` /
-    `pixel_std` (config.data.mean / std).
-    """
+    """The batch with integer crops (uint8 / uint16 pixel levels) normalised to float32 by
+    `layout.normalise` with `pixel_stats` = (mean, std): the host pipeline's normalisation, so
+    shipping levels and normalising here gives the host-normalised crops to float32 rounding
+    while moving a quarter (uint8) of the bytes. Float crops pass through unchanged."""
     out = dict(batch)
     for key in CROP_KEYS:
         crops = batch.get(key)
-        if crops is None or not jnp.issubdtype(crops.dtype, jnp.integer):
-            continue
-        if mean is None or std is None:
-            raise ValueError(
-                f"batch[{key!r}] holds {crops.dtype} pixel levels, but the objective has no "
-                "pixel_mean / pixel_std to normalise them: build it with "
-                "config.objective_config (from config.data.mean / std), or ship float32 crops "
-                '(config.data.transfer_dtype="float32")'
-            )
-        scale = float(jnp.iinfo(crops.dtype).max)
-        out[key] = (crops.astype(jnp.float32) / scale - mean) / std
+        if crops is not None and jnp.issubdtype(crops.dtype, jnp.integer):
+            out[key] = normalise(crops, *pixel_stats)
     return out
 
 
@@ -95,10 +81,12 @@ def train_step(
     objective: ObjectiveConfig,
     optimizer: optax.GradientTransformation,
     schedules: Schedules,
+    pixel_stats: tuple[float, float],
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """The pure step. `rng` drives stochastic depth (and nothing else).
 
-    `batch` is the pipeline's layout; integer crops are normalised first (`normalise_crops`).
+    `batch` is the pipeline's layout (`data/layout.py`); integer crops are normalised first
+    with `pixel_stats` = (mean, std) (`normalise_crops`).
 
     Returns the next state and float32 scalar metrics: the losses, the schedule values used,
     teacher entropy, student-teacher KL, masked-token count and one `grad_norm/<submodule>`
@@ -108,7 +96,7 @@ def train_step(
     state (nothing is updated) and `metrics["finite"]` is 0, so the loop can stop with the last
     good state and checkpoint intact.
     """
-    batch = normalise_crops(batch, objective.pixel_mean, objective.pixel_std)
+    batch = normalise_crops(batch, pixel_stats)
     step = state.step
     teacher_temperature = schedules.teacher_temperature(step)
     momentum = schedules.teacher_momentum(step)
@@ -178,6 +166,7 @@ def compile_train_step(
     objective: ObjectiveConfig,
     optimizer: optax.GradientTransformation,
     schedules: Schedules,
+    pixel_stats: tuple[float, float],
 ) -> Callable:
     """`jax.jit` of `train_step` with explicit in/out shardings and the state donated.
 
@@ -200,6 +189,7 @@ def compile_train_step(
         objective=objective,
         optimizer=optimizer,
         schedules=schedules,
+        pixel_stats=pixel_stats,
     )
     replicated = sharding.replicated(mesh)
     return jax.jit(
