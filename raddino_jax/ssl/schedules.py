@@ -24,18 +24,6 @@ import math
 import jax.numpy as jnp
 import optax
 
-__all__ = [
-    "Schedules",
-    "build_schedules",
-    "last_layer_lr_schedule",
-    "lr_peak",
-    "lr_schedule",
-    "teacher_momentum_schedule",
-    "teacher_temperature_schedule",
-    "warmup_cosine",
-    "weight_decay_schedule",
-]
-
 
 def _linspace_schedule(start: float, stop: float, num: int) -> optax.Schedule:
     """``np.linspace(start, stop, num)[step]`` (endpoint included) for ``0 <= step < num``.
