@@ -76,21 +76,15 @@ def backbone_conflicts(state: dict[str, np.ndarray], hf_config: dict) -> list[st
     what = "weights have SwiGLU (weights_in/w12) layers" if swiglu else "weights have fc1/fc2 MLPs"
     check("use_swiglu_ffn", swiglu, what, declared=bool(hf_config.get("use_swiglu_ffn", False)))
     ratio = hf_config.get("mlp_ratio")
-    if ratio is not None:
-        if swiglu:
-            want, got = 2 * swiglu_hidden(dim, ratio), state["blocks.0.mlp.w12.weight"].shape[0]
-            if want != got:
-                conflicts.append(
-                    f"config.json mlp_ratio={ratio!r}: weights_in (w12) has {got} rows, the "
-                    f"ratio gives {want}"
-                )
-        elif "blocks.0.mlp.fc1.weight" in state:
-            got = state["blocks.0.mlp.fc1.weight"].shape[0]
-            if int(dim * ratio) != got:
-                conflicts.append(
-                    f"config.json mlp_ratio={ratio!r}: fc1 has {got} rows, ratio gives "
-                    f"{int(dim * ratio)}"
-                )
+    layer = "blocks.0.mlp.w12.weight" if swiglu else "blocks.0.mlp.fc1.weight"
+    if ratio is not None and layer in state:
+        want = 2 * swiglu_hidden(dim, ratio) if swiglu else int(dim * ratio)
+        got = state[layer].shape[0]
+        if want != got:
+            name = "weights_in (w12)" if swiglu else "fc1"
+            conflicts.append(
+                f"config.json mlp_ratio={ratio!r}: {name} has {got} rows, the ratio gives {want}"
+            )
     if "layerscale_value" in hf_config and depth and "blocks.0.ls1.gamma" not in state:
         conflicts.append(
             f"config.json layerscale_value={hf_config['layerscale_value']!r}: weights have no "

@@ -390,8 +390,7 @@ class DinoVisionTransformer(nnx.Module):
         n_last_blocks: int = 0,
         drop_path_key: jax.Array | None = None,
     ) -> dict[str, Any]:
-        """Forward features like dinov2's `forward_features` (+ `get_intermediate_layers`: see
-        `eval.features`).
+        """Forward features like dinov2's `forward_features` (+ `get_intermediate_layers`).
 
         Args:
           x: images [B, H, W, C].
@@ -427,3 +426,22 @@ class DinoVisionTransformer(nnx.Module):
             "intermediates": tuple(intermediates),
             "masks": masks,
         }
+
+    def get_intermediate_layers(
+        self, x: jax.Array, n: int = 1, *, norm: bool = True, reshape: bool = False
+    ) -> tuple[tuple[jax.Array, jax.Array], ...]:
+        """dinov2's `get_intermediate_layers(return_class_token=True)`: (patch, cls) per block.
+
+        Patch tokens are [B, h*w, D], or [B, h, w, D] with `reshape` (NHWC, not torch's NCHW).
+        """
+        out = self(x, n_last_blocks=n)
+        r = self.cfg.num_register_tokens
+        h, w = x.shape[1] // self.cfg.patch_size, x.shape[2] // self.cfg.patch_size
+        layers = []
+        for layer in out["intermediates"]:
+            layer = self.norm(layer) if norm else layer
+            patch = layer[:, 1 + r :]
+            if reshape:
+                patch = patch.reshape(patch.shape[0], h, w, -1)
+            layers.append((patch, layer[:, 0]))
+        return tuple(layers)

@@ -91,21 +91,17 @@ def warmup_cosine(
         raise ValueError(
             f"freeze ({freeze_steps}) + warmup ({warmup_steps}) exceed total ({total_steps})"
         )
+    # The non-empty pieces in order, each ending at a boundary, then `final` for ever.
     pieces: list[optax.Schedule] = []
     boundaries: list[int] = []
-    step_offset = 0
     for length, piece in (
         (freeze_steps, lambda: optax.constant_schedule(0.0)),
         (warmup_steps, lambda: _linspace_schedule(start, peak, warmup_steps)),
         (cosine_steps, lambda: _cosine_schedule(peak, final, cosine_steps)),
     ):
         if length > 0:
-            if pieces:
-                boundaries.append(step_offset)
             pieces.append(piece())
-            step_offset += length
-    if pieces:
-        boundaries.append(step_offset)
+            boundaries.append((boundaries[-1] if boundaries else 0) + length)
     pieces.append(optax.constant_schedule(final))
     joined = optax.join_schedules(pieces, boundaries)
 

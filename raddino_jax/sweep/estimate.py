@@ -14,10 +14,9 @@ rest. The blocks are identical, so every cost is affine in the depth and two sma
 compiles (depth 1 and 2) give the unrolled step's cost (`extrapolate_by_depth`); the memory
 analysis of the scanned compile itself is right as it is.
 
-Every figure produced here (peak bytes, fits, XLA FLOPs, the estimated step time, images/s and
-MFU) is an estimate from XLA's analyses and cost model, not a measurement; the measured step
-time is `measure.time_steps`. The Pallas splash-attention kernel carries no cost estimate, so
-where the step uses it the estimated time is a lower bound (`SPLASH_NOT_COSTED`).
+The measured step time is `measure.time_steps`. The Pallas splash-attention kernel carries no
+cost estimate, so where the step uses it the estimated time is a lower bound
+(`SPLASH_NOT_COSTED`).
 """
 
 from __future__ import annotations
