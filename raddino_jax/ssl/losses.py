@@ -143,12 +143,8 @@ def sinkhorn_knopp_teacher(
     """
     scaled = _f32(teacher_logits) / _f32(temperature)
     n_rows, n_prototypes = scaled.shape
-    if valid is None:
-        row_valid = jnp.ones((n_rows, 1), dtype=bool)
-        batch_total = jnp.float32(n_rows)
-    else:
-        row_valid = jnp.asarray(valid, dtype=bool)[:, None]
-        batch_total = jnp.sum(row_valid, dtype=jnp.float32)
+    row_valid = jnp.ones((n_rows, 1), bool) if valid is None else jnp.asarray(valid, bool)[:, None]
+    batch_total = jnp.sum(row_valid, dtype=jnp.float32)  # exact: a count below 2**24
     log_k = jnp.where(row_valid, scaled, -jnp.inf)
     # A common shift (absorbed by the first normalisation) keeps the potentials small, so
     # log_k + u + v does not cancel large numbers (z / T reaches 1e3 for large logits).
@@ -266,7 +262,8 @@ def soft_cross_entropy(
 def dino_loss(
     student_logits: jax.Array, teacher_probs: jax.Array, student_temperature: float | jax.Array
 ) -> jax.Array:
-    """DINO [CLS] cross-entropy over all (student crop, other teacher crop) pairs (recipe s3).
+    """DINO [CLS] cross-entropy over all (student crop, other teacher crop) pairs (recipe s3);
+    a float32 scalar.
 
     Pair ``(s, t)`` contributes ``mean_b H(p_t, softmax(z_s / tau))`` for every ``s != t``; the
     result is the mean over those ``S*T - T`` pairs (18 for S=10, T=2). The first ``T`` student
@@ -285,9 +282,6 @@ def dino_loss(
       student_logits: ``[S, B, K]`` student head outputs, globals first then locals.
       teacher_probs: ``[T, B, K]`` teacher targets (each row a distribution), ``T <= S``.
       student_temperature: ``tau`` (0.1 in the reference).
-
-    Returns:
-      float32 scalar loss.
     """
     n_student, batch, _ = student_logits.shape
     n_teacher = teacher_probs.shape[0]
@@ -311,7 +305,7 @@ def ibot_loss(
     n_crops: int | jax.Array,
     student_temperature: float | jax.Array,
 ) -> jax.Array:
-    """iBOT masked-patch loss over a padded token buffer (recipe s3).
+    """iBOT masked-patch loss over a padded token buffer (recipe s3); a float32 scalar.
 
     ``-(1 / n_crops) * sum_m w_m * sum_k p_mk * log softmax(z_m / tau)_k`` with ``w_m = 1/M_i``
     for a masked token of crop ``i`` (so each masked crop contributes its mean cross-entropy)
@@ -326,9 +320,6 @@ def ibot_loss(
       token_weights: ``[M]`` ``1/M_i`` per masked token, 0 for padding.
       n_crops: number of global crops in the batch (``2B``; global under jit).
       student_temperature: ``tau``.
-
-    Returns:
-      float32 scalar loss.
     """
     weights = _f32(token_weights)
     cross_entropy = soft_cross_entropy(

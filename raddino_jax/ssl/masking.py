@@ -199,9 +199,6 @@ def sample_ibot_masks(
       mask_sample_probability: fraction of crops masked (0.5).
       upper_bound: static buffer size ``U``; default :func:`mask_upper_bound`.
 
-    Returns:
-      :class:`IbotMasks` with shapes ``[n_crops, N]`` and ``[U]``.
-
     Raises:
       ValueError: if the masked count exceeds ``upper_bound`` (only possible with a smaller
         ``upper_bound`` than the default).

@@ -78,9 +78,6 @@ def warmup_cosine(
       start: first warmup value (``start_warmup_value``).
       freeze_steps: leading steps at exactly 0.
 
-    Returns:
-      ``step -> float32`` schedule.
-
     Raises:
       ValueError: if ``freeze_steps + warmup_steps > total_steps`` or a length is negative.
     """
