@@ -96,8 +96,7 @@ def load_params(path: str | epath.Path, shardings=None) -> tuple[ModelSpec, dict
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings
         )
-    params = ocp.StandardCheckpointer().restore((path / PARAMS_ITEM).resolve(), target)
-    return spec, params
+    return spec, ocp.StandardCheckpointer().restore((path / PARAMS_ITEM).resolve(), target)
 
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -167,6 +166,14 @@ def _train_item(state) -> dict:
     return {name: getattr(state, name) for name in _TRAIN_FIELDS}
 
 
+def _array_items(state) -> dict:
+    """The state's array items by checkpoint item name; the Gram teacher only when it has one."""
+    items = {"student": state.student, "teacher": state.teacher, "train": _train_item(state)}
+    if state.gram_teacher is not None:
+        items[GRAM_ITEM] = state.gram_teacher
+    return items
+
+
 class RestoreError(ValueError):
     """A training checkpoint cannot be restored into this run (and why)."""
 
@@ -216,31 +223,19 @@ def state_fingerprints(state) -> dict[str, list[int]]:
     same numbers. Orbax/tensorstore read a flipped bit back without an error, hence this check.
     Costs one pass over the state on the devices at each save and restore.
     """
-    items = {
-        "student": state.student,
-        "teacher": state.teacher,
-        "train": _train_item(state),
-    }
-    if state.gram_teacher is not None:
-        items[GRAM_ITEM] = state.gram_teacher
     sharding = jax.tree.leaves(state.student)[0].sharding
     compute = (
         _fingerprints_on(sharding.mesh)
         if isinstance(sharding, jax.sharding.NamedSharding)
         else jax.jit(_fingerprints)
     )
-    values = jax.device_get(compute(items))
+    values = jax.device_get(compute(_array_items(state)))
     return {name: [int(v) for v in leaves] for name, leaves in values.items()}
 
 
 def _mismatched_leaves(expected: dict, got: dict, state) -> list[str]:
     """Names of the leaves whose fingerprint differs from the saved one."""
-    named = {
-        "student": state.student,
-        "teacher": state.teacher,
-        "train": _train_item(state),
-        GRAM_ITEM: state.gram_teacher,
-    }
+    named = _array_items(state)
     bad = []
     for item, saved in expected.items():
         if item not in got:
@@ -297,23 +292,12 @@ class TrainCheckpointer:
     def save(self, state, data_iterator, *, force: bool = False, counters=None) -> bool:
         import grain
 
-        step = int(state.step)
-        args = ocp.args.Composite(
-            student=ocp.args.StandardSave(state.student),
-            teacher=ocp.args.StandardSave(state.teacher),
-            train=ocp.args.StandardSave(_train_item(state)),
-            data=grain.checkpoint.CheckpointSave(item=data_iterator),
-            integrity=ocp.args.JsonSave(state_fingerprints(state)),
-        )
-        if state.gram_teacher is not None:
-            args = ocp.args.Composite(
-                **dict(args.items()), gram_teacher=ocp.args.StandardSave(state.gram_teacher)
-            )
+        args = {name: ocp.args.StandardSave(tree) for name, tree in _array_items(state).items()}
+        args["data"] = grain.checkpoint.CheckpointSave(item=data_iterator)
+        args[INTEGRITY_ITEM] = ocp.args.JsonSave(state_fingerprints(state))
         if counters is not None:
-            args = ocp.args.Composite(
-                **dict(args.items()), counters=ocp.args.JsonSave(dict(counters))
-            )
-        return self.manager.save(step, args=args, force=force)
+            args[COUNTERS_ITEM] = ocp.args.JsonSave(dict(counters))
+        return self.manager.save(int(state.step), args=ocp.args.Composite(**args), force=force)
 
     def restore_counters(self, step: int) -> dict[str, int]:
         """The step's `counters` item ({} when it has none)."""
@@ -347,8 +331,7 @@ class TrainCheckpointer:
         it as a copy of the restored teacher's backbone; otherwise this is a RestoreError. A
         stored Gram teacher is ignored when the run has Gram anchoring off.
 
-        Raises DamagedCheckpoint when the step's arrays differ from the fingerprints saved
-        with them (a flipped bit, a truncated file read back as zeros).
+        Raises DamagedCheckpoint when the step's arrays differ from their saved fingerprints.
         """
         read = self._read(step, abstract_state, gram_teacher_from_teacher)
         state = self._assemble(read, abstract_state)
@@ -400,9 +383,8 @@ class TrainCheckpointer:
                     + (" ..." if len(bad) > 5 else "")
                 )
         if abstract_state.gram_teacher is not None and not stored_gram:
-            state = state.replace(
-                gram_teacher=_copy_backbone(state.teacher, abstract_state.gram_teacher)
-            )
+            gram_teacher = _copy_backbone(state.teacher, abstract_state.gram_teacher)
+            state = state.replace(gram_teacher=gram_teacher)
         return state
 
     def restore_data(self, step: int, data_iterator) -> None:

@@ -104,10 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = extract_features(
-            args.checkpoint,
-            args.input,
-            n_layers=args.layers,
-            batch_size=args.batch_size,
+            args.checkpoint, args.input, n_layers=args.layers, batch_size=args.batch_size,
             which=args.which,
         )
     except (FileNotFoundError, ValueError) as err:

@@ -131,57 +131,45 @@ def ssl_step_flops(
     return out
 
 
-# Dense peak FLOP/s per chip: {dtype: peak}. bf16 are vendor dense (non-sparse) tensor peaks;
-# float32 is the plain (non-TF32) FP32 peak for GPUs and unknown (None) for TPUs, whose float32
-# matmuls are multi-pass bf16. Keys are lower-case jax `Device.device_kind` strings, matched
-# whole; GPU names are matched by model substring below.
-_TPU_PEAKS: dict[str, dict[str, float | None]] = {
-    "tpu v4": {"bfloat16": 275e12, "float32": None},
-    "tpu v5 lite": {"bfloat16": 197e12, "float32": None},  # v5e
-    "tpu v5e": {"bfloat16": 197e12, "float32": None},
-    "tpu v5": {"bfloat16": 459e12, "float32": None},  # v5p reports "TPU v5"
-    "tpu v5p": {"bfloat16": 459e12, "float32": None},
-    "tpu v6 lite": {"bfloat16": 918e12, "float32": None},  # v6e (Trillium)
-    "tpu v6e": {"bfloat16": 918e12, "float32": None},
+# Per chip (one jax device): dense bfloat16 peak FLOP/s (vendor dense tensor peaks) and HBM
+# bytes. TPU keys are lower-case jax `Device.device_kind` strings, matched whole; their float32
+# peak is unknown (float32 matmuls are multi-pass bf16). HBM: Cloud TPU's published per-chip
+# figures (v4 32 GiB, v5e 16 GiB, v5p 95 GB, v6e 32 GiB); GPU: the board's memory.
+_TPU: dict[str, tuple[float, int]] = {
+    "tpu v4": (275e12, 32 * 2**30),
+    "tpu v5 lite": (197e12, 16 * 2**30),  # v5e
+    "tpu v5e": (197e12, 16 * 2**30),
+    "tpu v5": (459e12, 95 * 10**9),  # v5p reports "TPU v5"
+    "tpu v5p": (459e12, 95 * 10**9),
+    "tpu v6 lite": (918e12, 32 * 2**30),  # v6e (Trillium)
+    "tpu v6e": (918e12, 32 * 2**30),
 }
-# (regex on the lower-cased kind, peaks); first match wins, so PCIe precedes the SXM default.
-_GPU_PEAKS: list[tuple[str, dict[str, float | None]]] = [
-    (r"\bh100\b.*pcie", {"bfloat16": 756e12, "float32": 51e12}),
-    (r"\bh100\b", {"bfloat16": 989e12, "float32": 67e12}),  # SXM: "NVIDIA H100 80GB HBM3"
-    (r"\bh200\b", {"bfloat16": 989e12, "float32": 67e12}),
-    (r"\ba100\b", {"bfloat16": 312e12, "float32": 19.5e12}),
+# GPUs: (regex on the lower-cased kind, {dtype: peak}, HBM bytes); float32 is the plain
+# (non-TF32) FP32 peak. First match wins, so PCIe precedes the SXM default.
+_GPU: list[tuple[str, dict[str, float], int]] = [
+    (r"\bh100\b.*pcie", {"bfloat16": 756e12, "float32": 51e12}, 80 * 10**9),
+    (r"\bh100\b", {"bfloat16": 989e12, "float32": 67e12}, 80 * 10**9),  # "NVIDIA H100 80GB HBM3"
+    (r"\bh200\b", {"bfloat16": 989e12, "float32": 67e12}, 141 * 10**9),
+    (r"\ba100\b.*40", {"bfloat16": 312e12, "float32": 19.5e12}, 40 * 10**9),
+    (r"\ba100\b", {"bfloat16": 312e12, "float32": 19.5e12}, 80 * 10**9),
 ]
 
 
-# HBM bytes per chip (one jax device), same keys as the peak tables. TPU: Cloud TPU's published
-# per-chip HBM (v4 32 GiB, v5e 16 GiB, v5p 95 GB, v6e 32 GiB); GPU: the board's memory.
-_TPU_HBM: dict[str, int] = {
-    "tpu v4": 32 * 2**30,
-    "tpu v5 lite": 16 * 2**30,
-    "tpu v5e": 16 * 2**30,
-    "tpu v5": 95 * 10**9,
-    "tpu v5p": 95 * 10**9,
-    "tpu v6 lite": 32 * 2**30,
-    "tpu v6e": 32 * 2**30,
-}
-_GPU_HBM: list[tuple[str, int]] = [
-    (r"\bh100\b.*pcie", 80 * 10**9),
-    (r"\bh100\b", 80 * 10**9),
-    (r"\bh200\b", 141 * 10**9),
-    (r"\ba100\b.*40", 40 * 10**9),
-    (r"\ba100\b", 80 * 10**9),
-]
+def _gpu(kind: str) -> tuple[dict[str, float], int] | None:
+    """(peaks by dtype, HBM bytes) of the first `_GPU` row matching `kind`; None if none does."""
+    for pattern, peaks, hbm in _GPU:
+        if re.search(pattern, kind):
+            return peaks, hbm
+    return None
 
 
 def hbm_bytes_per_device(device_kind: str) -> int | None:
     """HBM bytes of one device of `device_kind` (jax `Device.device_kind`); None if unknown."""
     kind = device_kind.strip().lower()
-    if kind in _TPU_HBM:
-        return _TPU_HBM[kind]
-    for pattern, size in _GPU_HBM:
-        if re.search(pattern, kind):
-            return size
-    return None
+    if kind in _TPU:
+        return _TPU[kind][1]
+    gpu = _gpu(kind)
+    return gpu[1] if gpu else None
 
 
 def _dtype_name(dtype) -> str:
@@ -204,14 +192,10 @@ def peak_flops_per_device(
     if os.environ.get(PEAK_FLOPS_ENV):
         return float(os.environ[PEAK_FLOPS_ENV])
     kind, name = device_kind.strip().lower(), _dtype_name(dtype)
-    if kind in _TPU_PEAKS:
-        return _TPU_PEAKS[kind].get(name)
-    if kind.startswith("tpu"):
-        return None
-    for pattern, peaks in _GPU_PEAKS:
-        if re.search(pattern, kind):
-            return peaks.get(name)
-    return None
+    if kind in _TPU:
+        return _TPU[kind][0] if name == "bfloat16" else None
+    gpu = None if kind.startswith("tpu") else _gpu(kind)
+    return gpu[0].get(name) if gpu else None
 
 
 def mfu(flops_per_step: float, step_time_s: float, n_devices: int, peak: float | None) -> float:

@@ -17,7 +17,6 @@ from etils import epath
 
 from raddino_jax import checkpoint
 from raddino_jax.convert import declared, from_torch, names, to_torch
-from raddino_jax.models import ModelSpec
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,19 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--input", required=True, help="transformers folder, .safetensors or .pth")
     imp.add_argument("--heads", help="DINO head file (e.g. RAD-DINO dino_head.safetensors)")
     imp.add_argument("--out", required=True, help="output directory (local or gs://)")
-    imp.add_argument(
-        "--which",
-        default="teacher",
-        choices=["teacher", "student"],
-        help="which model of a dinov2 training checkpoint to import",
-    )
+    imp.add_argument("--which", default="teacher", choices=["teacher", "student"],
+                     help="which model of a dinov2 training checkpoint to import")
     imp.add_argument("--num-heads", type=int, help="attention heads (default: config.json or D/64)")
     imp.add_argument("--patch-size", type=int, help="expected patch size (checked against weights)")
-    imp.add_argument(
-        "--interpolate-mode",
-        choices=["offset", "size", "size_antialias"],
-        help="positional-embedding resampling (default: what the source used)",
-    )
+    imp.add_argument("--interpolate-mode", choices=["offset", "size", "size_antialias"],
+                     help="positional-embedding resampling (default: what the source used)")
     imp.add_argument("--mean", type=float, default=checkpoint.Preprocessing.mean)
     imp.add_argument("--std", type=float, default=checkpoint.Preprocessing.std)
 
@@ -53,30 +45,16 @@ def _parser() -> argparse.ArgumentParser:
         ("to-dinov2", "-> original dinov2 hub layout file"),
     ):
         exp = sub.add_parser(name, help=help_text)
-        exp.add_argument(
-            "--checkpoint", required=True, help="a from-torch output or a training run directory"
-        )
+        exp.add_argument("--checkpoint", required=True,
+                         help="a from-torch output or a training run directory")
         exp.add_argument("--out", required=True)
-        exp.add_argument(
-            "--which",
-            default="teacher",
-            choices=["teacher", "student"],
-            help="model of a training run to export (default: teacher)",
-        )
-        exp.add_argument(
-            "--verify",
-            action="store_true",
-            help="reload with torch/transformers and compare outputs",
-        )
+        exp.add_argument("--which", default="teacher", choices=["teacher", "student"],
+                         help="model of a training run to export (default: teacher)")
+        exp.add_argument("--verify", action="store_true",
+                         help="reload with torch/transformers and compare outputs")
         if name == "to-dinov2":
             exp.add_argument("--heads", help="also write the DINO head (RAD-DINO dino_head layout)")
     return parser
-
-
-def load_for_export(path: str, which: str) -> tuple[ModelSpec, dict, checkpoint.Preprocessing]:
-    """(spec, params, preprocessing) from a parameter checkpoint or a training run directory."""
-    spec, params = checkpoint.load_any_params(path, which=which)
-    return spec, params, checkpoint.load_preprocessing(path)
 
 
 def cmd_from_torch(args: argparse.Namespace) -> None:
@@ -84,12 +62,8 @@ def cmd_from_torch(args: argparse.Namespace) -> None:
     if (out / checkpoint.PARAMS_ITEM).exists():
         raise FileExistsError(f"{out} already holds a checkpoint; choose another --out")
     spec, params = from_torch.read_torch_weights(
-        args.input,
-        args.heads,
-        which=args.which,
-        num_heads=args.num_heads,
-        interpolate_mode=args.interpolate_mode,
-        patch_size=args.patch_size,
+        args.input, args.heads, which=args.which, num_heads=args.num_heads,
+        interpolate_mode=args.interpolate_mode, patch_size=args.patch_size,
     )
     pre = checkpoint.Preprocessing(image_size=spec.backbone.img_size, mean=args.mean, std=args.std)
     checkpoint.save_params(out, spec, params, pre)
@@ -98,8 +72,8 @@ def cmd_from_torch(args: argparse.Namespace) -> None:
 
 
 def cmd_to_hf(args: argparse.Namespace) -> None:
-    spec, params, pre = load_for_export(args.checkpoint, args.which)
-    out = to_torch.write_hf(args.out, spec, params, pre)
+    spec, params = checkpoint.load_any_params(args.checkpoint, which=args.which)
+    out = to_torch.write_hf(args.out, spec, params, checkpoint.load_preprocessing(args.checkpoint))
     print(f"wrote transformers {to_torch.hf_config(spec)['architectures'][0]} folder {out}")
     if args.verify:
         from raddino_jax.convert import verify
@@ -109,7 +83,7 @@ def cmd_to_hf(args: argparse.Namespace) -> None:
 
 
 def cmd_to_dinov2(args: argparse.Namespace) -> None:
-    spec, params, _ = load_for_export(args.checkpoint, args.which)
+    spec, params = checkpoint.load_any_params(args.checkpoint, which=args.which)
     if args.heads and "dino_head" not in params:
         raise ValueError(f"{args.checkpoint} has no dino_head to write to {args.heads}")
     path = to_torch.write_state_dict(args.out, to_torch.backbone_to_dinov2(params))

@@ -44,7 +44,8 @@ def backbone_conflicts(state: dict[str, np.ndarray], hf_config: dict) -> list[st
     """
     conflicts: list[str] = []
 
-    def check(field: str, declared: Any, actual: Any, what: str) -> None:
+    def check(field: str, actual: Any, what: str, declared: Any = None) -> None:
+        declared = hf_config.get(field) if declared is None else declared
         if declared is not None and declared != actual:
             conflicts.append(f"config.json {field}={declared!r}: {what}")
 
@@ -57,58 +58,33 @@ def backbone_conflicts(state: dict[str, np.ndarray], hf_config: dict) -> list[st
     registers = state["register_tokens"].shape[1] if "register_tokens" in state else 0
     swiglu = "blocks.0.mlp.w12.weight" in state
 
-    check("hidden_size", hf_config.get("hidden_size"), dim, f"cls_token has width {dim}")
-    check(
-        "num_hidden_layers", hf_config.get("num_hidden_layers"), depth, f"{depth} blocks in weights"
-    )
+    check("hidden_size", dim, f"cls_token has width {dim}")
+    check("num_hidden_layers", depth, f"{depth} blocks in weights")
     heads = hf_config.get("num_attention_heads")
     if heads is not None and (heads <= 0 or dim % heads):
         conflicts.append(f"config.json num_attention_heads={heads!r}: does not divide width {dim}")
-    check(
-        "patch_size", hf_config.get("patch_size"), kernel.shape[-1], f"{kernel.shape[-1]}px kernel"
-    )
-    check(
-        "num_channels", hf_config.get("num_channels"), kernel.shape[1], "input channels of kernel"
-    )
+    check("patch_size", kernel.shape[-1], f"{kernel.shape[-1]}px kernel")
+    check("num_channels", kernel.shape[1], "input channels of kernel")
     if "image_size" in hf_config and hf_config.get("patch_size", kernel.shape[-1]):
         patch = hf_config.get("patch_size", kernel.shape[-1])
-        check(
-            "image_size",
-            hf_config["image_size"],
-            grid * patch,
-            f"pos_embed holds a {grid}x{grid} grid ({positions} positions)",
-        )
-    declared_registers = _registers_declared(hf_config)
-    check(
-        "num_register_tokens",
-        declared_registers,
-        registers,
-        "no embeddings.register_tokens tensor"
-        if not registers
-        else f"register_tokens holds {registers}",
-    )
-    check(
-        "use_swiglu_ffn",
-        bool(hf_config.get("use_swiglu_ffn", False)),
-        swiglu,
-        "weights have SwiGLU (weights_in/w12) layers" if swiglu else "weights have fc1/fc2 MLPs",
-    )
+        what = f"pos_embed holds a {grid}x{grid} grid ({positions} positions)"
+        check("image_size", grid * patch, what)
+    what = f"register_tokens holds {registers}"
+    if not registers:
+        what = "no embeddings.register_tokens tensor"
+    check("num_register_tokens", registers, what, declared=_registers_declared(hf_config))
+    what = "weights have SwiGLU (weights_in/w12) layers" if swiglu else "weights have fc1/fc2 MLPs"
+    check("use_swiglu_ffn", swiglu, what, declared=bool(hf_config.get("use_swiglu_ffn", False)))
     ratio = hf_config.get("mlp_ratio")
-    if ratio is not None:
-        if swiglu:
-            want, got = 2 * swiglu_hidden(dim, ratio), state["blocks.0.mlp.w12.weight"].shape[0]
-            if want != got:
-                conflicts.append(
-                    f"config.json mlp_ratio={ratio!r}: weights_in (w12) has {got} rows, the "
-                    f"ratio gives {want}"
-                )
-        elif "blocks.0.mlp.fc1.weight" in state:
-            got = state["blocks.0.mlp.fc1.weight"].shape[0]
-            if int(dim * ratio) != got:
-                conflicts.append(
-                    f"config.json mlp_ratio={ratio!r}: fc1 has {got} rows, ratio gives "
-                    f"{int(dim * ratio)}"
-                )
+    layer = "blocks.0.mlp.w12.weight" if swiglu else "blocks.0.mlp.fc1.weight"
+    if ratio is not None and layer in state:
+        want = 2 * swiglu_hidden(dim, ratio) if swiglu else int(dim * ratio)
+        got = state[layer].shape[0]
+        if want != got:
+            name = "weights_in (w12)" if swiglu else "fc1"
+            conflicts.append(
+                f"config.json mlp_ratio={ratio!r}: {name} has {got} rows, the ratio gives {want}"
+            )
     if "layerscale_value" in hf_config and depth and "blocks.0.ls1.gamma" not in state:
         conflicts.append(
             f"config.json layerscale_value={hf_config['layerscale_value']!r}: weights have no "

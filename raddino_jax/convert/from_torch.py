@@ -39,18 +39,14 @@ def load_tensor_file(path: str | epath.Path) -> dict:
         try:
             return {k: v.astype(np.float32) for k, v in load_np(data).items()}
         except (TypeError, ValueError):  # e.g. bfloat16 tensors numpy cannot hold
-            return _load_safetensors_with_torch(data)
+            from safetensors.torch import load as load_torch
+
+            return {k: v.float().numpy() for k, v in load_torch(data).items()}
     if path.suffix in TORCH_SUFFIXES:
         return _load_torch_pickle(data, path)
     raise ValueError(
         f"{path}: unknown weight file type; expected .safetensors or one of {TORCH_SUFFIXES}"
     )
-
-
-def _load_safetensors_with_torch(data: bytes) -> dict:
-    from safetensors.torch import load as load_torch
-
-    return {k: v.float().numpy() for k, v in load_torch(data).items()}
 
 
 def _load_torch_pickle(data: bytes, path) -> dict:
@@ -84,9 +80,8 @@ def _read_hf_folder(folder: epath.Path) -> tuple[dict, dict]:
         return config, state
     if (folder / "pytorch_model.bin").exists():
         return config, load_tensor_file(folder / "pytorch_model.bin")
-    raise FileNotFoundError(
-        f"{folder}: no model.safetensors / pytorch_model.bin next to config.json"
-    )
+    raise FileNotFoundError(f"{folder}: no model.safetensors / pytorch_model.bin next to "
+                            "config.json")
 
 
 def _unwrap(obj: dict, which: str) -> dict:
@@ -178,10 +173,6 @@ def infer_head_config(state: dict, dtype: str = "float32") -> HeadConfig:
     )
 
 
-def _expected(abstract: dict) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in names.flatten(abstract).items()}
-
-
 def read_torch_weights(
     input_path: str | epath.Path,
     heads_path: str | epath.Path | None = None,
@@ -193,9 +184,8 @@ def read_torch_weights(
     hf_config = None
     if input_path.is_dir():
         if not (input_path / "config.json").exists():
-            raise FileNotFoundError(
-                f"{input_path}: a folder input needs a transformers config.json"
-            )
+            raise FileNotFoundError(f"{input_path}: a folder input needs a transformers "
+                                    "config.json")
         hf_config, raw = _read_hf_folder(input_path)
     else:
         raw = load_tensor_file(input_path)
@@ -205,8 +195,7 @@ def read_torch_weights(
     if "" in groups:  # unprefixed leftovers next to prefixed groups
         backbone = {**backbone, **{f"(unprefixed) {k}": v for k, v in groups.pop("").items()}}
     if any(k.startswith(("embeddings.", "encoder.layer.", "dinov2.")) for k in backbone):
-        if hf_config is None:
-            hf_config = {}
+        hf_config = hf_config or {}
         backbone = names.hf_to_dinov2(backbone)
     backbone = names.unchunk_blocks(backbone)
     declared.check_overrides(hf_config, overrides)
@@ -228,34 +217,14 @@ def read_torch_weights(
         declared.check_head(head_states["dino_head"], heads_path)
 
     vit = infer_vit_config(backbone, hf_config, **overrides)
-    spec = ModelSpec(
-        backbone=vit,
-        dino_head=infer_head_config(head_states["dino_head"])
-        if "dino_head" in head_states
-        else None,
-        ibot_head=infer_head_config(head_states["ibot_head"])
-        if "ibot_head" in head_states
-        else None,
-    )
+    spec = ModelSpec(vit, **{h: infer_head_config(state) for h, state in head_states.items()})
     abstract = abstract_params(spec)
-    params = {
-        "backbone": names.unflatten(
-            names.torch_to_ours(
-                backbone,
-                _expected(abstract["backbone"]),
-                names.BACKBONE_RULES,
-                f"backbone of {input_path}",
-            )
-        )
-    }
-    for head in ("dino_head", "ibot_head"):
-        if head in head_states:
-            params[head] = names.unflatten(
-                names.torch_to_ours(
-                    head_states[head],
-                    _expected(abstract[head]),
-                    names.HEAD_RULES,
-                    f"{head} of {heads_path or input_path}",
-                )
-            )
+    sources = {"backbone": (backbone, names.BACKBONE_RULES, input_path)}
+    for head, head_state in head_states.items():
+        sources[head] = (head_state, names.HEAD_RULES, heads_path or input_path)
+    params = {}
+    for part, (state, rules, source) in sources.items():
+        expected = {k: tuple(v.shape) for k, v in names.flatten(abstract[part]).items()}
+        flat = names.torch_to_ours(state, expected, rules, f"{part} of {source}")
+        params[part] = names.unflatten(flat)
     return spec, params

@@ -26,11 +26,8 @@ class ConversionError(ValueError):
     """A strict conversion failed; the message lists every offending tensor name."""
 
     def __init__(self, what: str, missing=(), unexpected=(), misshaped=(), conflicts=()):
-        self.missing, self.unexpected, self.misshaped, self.conflicts = (
-            list(missing),
-            list(unexpected),
-            list(misshaped),
-            list(conflicts),
+        self.missing, self.unexpected, self.misshaped, self.conflicts = map(
+            list, (missing, unexpected, misshaped, conflicts)
         )
         lines = [f"{what}: nothing was written."]
         for title, items in (
@@ -183,64 +180,24 @@ def torch_to_ours(
     return out
 
 
+def _torch_key(path: str) -> str:
+    """Our flat path -> the dinov2 key it maps from (`ours_to_torch` checks it against the
+    forward rules): kernel/scale are torch's weight, our head `mlp/i` is torch's `mlp.2i`."""
+    key = re.sub(r"/(kernel|scale)$", "/weight", path)
+    key = re.sub(r"^mlp/(\d+)/", lambda m: f"mlp/{2 * int(m[1])}/", key)
+    return key.replace("/", ".")
+
+
 def ours_to_torch(flat: dict[str, Array], rules: list[tuple[str, str, str]]) -> dict[str, Array]:
     """Inverse of `torch_to_ours` for a complete flat parameter dict."""
-    inverse = _inverse_rules(rules)
     out = {}
     for path, value in flat.items():
-        key, transform = _torch_key_for(path, inverse)
-        out[key] = TRANSFORMS[transform][1](np.asarray(value))
+        key = _torch_key(path)
+        rule = _rule_for(key, rules)
+        if rule is None or rule[0] != path:
+            raise KeyError(f"no torch name for parameter {path!r}")
+        out[key] = TRANSFORMS[rule[1]][1](np.asarray(value))
     return out
-
-
-def _inverse_rules(rules: list[tuple[str, str, str]]) -> list[tuple[re.Pattern, Callable, str]]:
-    """Our-path regexes that regenerate the torch key, built from the forward rules."""
-    table = {
-        "cls_token": "cls_token",
-        "pos_embed": "pos_embed",
-        "mask_token": "mask_token",
-        "register_tokens": "register_tokens",
-        "patch_embed/proj/kernel": "patch_embed.proj.weight",
-        "patch_embed/proj/bias": "patch_embed.proj.bias",
-        "norm/scale": "norm.weight",
-        "norm/bias": "norm.bias",
-        "last_layer/weight_g": "last_layer.weight_g",
-        "last_layer/weight_v": "last_layer.weight_v",
-    }
-    inverse: list[tuple[re.Pattern, Callable, str]] = []
-    for path, key in table.items():
-        inverse.append((re.compile(f"^{path}$"), lambda m, key=key: key, ""))
-    block = r"^blocks/(\d+)/"
-    inverse += [
-        (
-            re.compile(block + r"(attn|mlp)/(\w+)/kernel$"),
-            lambda m: f"blocks.{m[1]}.{m[2]}.{m[3]}.weight",
-            "linear",
-        ),
-        (
-            re.compile(block + r"(attn|mlp)/(\w+)/bias$"),
-            lambda m: f"blocks.{m[1]}.{m[2]}.{m[3]}.bias",
-            "identity",
-        ),
-        (re.compile(block + r"(norm1|norm2)/scale$"), lambda m: f"blocks.{m[1]}.{m[2]}.weight", ""),
-        (re.compile(block + r"(norm1|norm2)/bias$"), lambda m: f"blocks.{m[1]}.{m[2]}.bias", ""),
-        (re.compile(block + r"(ls1|ls2)/gamma$"), lambda m: f"blocks.{m[1]}.{m[2]}.gamma", ""),
-        (re.compile(r"^mlp/(\d+)/kernel$"), lambda m: f"mlp.{2 * int(m[1])}.weight", "linear"),
-        (re.compile(r"^mlp/(\d+)/bias$"), lambda m: f"mlp.{2 * int(m[1])}.bias", "identity"),
-    ]
-    return inverse
-
-
-def _torch_key_for(path: str, inverse) -> tuple[str, str]:
-    for pattern, make_key, _ in inverse:
-        match = pattern.match(path)
-        if match:
-            key = make_key(match)
-            for rules in (BACKBONE_RULES, HEAD_RULES):
-                rule = _rule_for(key, rules)
-                if rule is not None and rule[0] == path:
-                    return key, rule[1]
-    raise KeyError(f"no torch name for parameter {path!r}")
 
 
 # --- dinov2 <-> transformers -------------------------------------------------------------------
@@ -345,10 +302,8 @@ def hf_to_dinov2(state: dict[str, Array]) -> dict[str, Array]:
             out[key] = value
     for (layer, kind), parts in qkv.items():
         if set(parts) != {"query", "key", "value"}:
-            for name, value in parts.items():
-                out[f"encoder.layer.{layer}.attention.attention.{name}.{kind}(incomplete qkv)"] = (
-                    value
-                )
+            prefix = f"encoder.layer.{layer}.attention.attention"
+            out.update({f"{prefix}.{name}.{kind}(incomplete qkv)": v for name, v in parts.items()})
             continue
         out[f"blocks.{layer}.attn.qkv.{kind}"] = np.concatenate(
             [parts["query"], parts["key"], parts["value"]], axis=0

@@ -102,9 +102,7 @@ def write_hf(
 
 
 def write_state_dict(
-    path: str | epath.Path,
-    tensors: dict[str, np.ndarray],
-    metadata: dict[str, str] | None = None,
+    path: str | epath.Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
 ) -> epath.Path:
     """.safetensors with NumPy only (with `metadata` in its header); .pth / .pt through torch."""
     path = epath.Path(path)
@@ -119,9 +117,8 @@ def write_state_dict(
         import torch
 
         buffer = io.BytesIO()
-        torch.save(
-            {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, buffer
-        )
+        torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()},
+                   buffer)
         path.write_bytes(buffer.getvalue())
     else:
         raise ValueError(f"{path}: output must end in .safetensors, .pth or .pt")

@@ -63,15 +63,11 @@ def verify_hf_folder(folder: str | epath.Path, spec: ModelSpec, params: dict) ->
         )
     model.eval()
     images = random_images(spec)
-    diff = float(
-        np.abs(
-            torch_last_hidden_state(model, images) - jax_last_hidden_state(spec, params, images)
-        ).max()
-    )
+    torch_out = torch_last_hidden_state(model, images)
+    diff = float(np.abs(torch_out - jax_last_hidden_state(spec, params, images)).max())
     if not diff <= VERIFY_ATOL:
-        raise AssertionError(
-            f"{folder}: torch and JAX outputs differ by {diff:.3g} > {VERIFY_ATOL}"
-        )
+        raise AssertionError(f"{folder}: torch and JAX outputs differ by {diff:.3g} > "
+                             f"{VERIFY_ATOL}")
     return diff
 
 

@@ -84,12 +84,9 @@ def auroc_samples(labels: np.ndarray, probabilities: np.ndarray, indices: np.nda
     probabilities = np.asarray(probabilities, np.float64)[indices]  # [R, N, K]
     if probabilities.shape[-1] == 2:
         return _binary_auroc_rows(labels == 1, probabilities[..., 1])
+    classes = range(probabilities.shape[-1])
     per_class = np.stack(
-        [
-            _binary_auroc_rows(labels == c, probabilities[..., c])
-            for c in range(probabilities.shape[-1])
-        ],
-        axis=1,
+        [_binary_auroc_rows(labels == c, probabilities[..., c]) for c in classes], axis=1
     )
     defined = np.isfinite(per_class)
     with np.errstate(invalid="ignore"):

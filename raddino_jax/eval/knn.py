@@ -60,20 +60,15 @@ def knn_class_scores(
     if n_train == 0:
         raise ValueError("kNN needs at least one training example")
     effective = tuple(sorted({min(k, n_train) for k in ks}))
+    train = jnp.asarray(train_features, jnp.float32)
+    labels = jnp.asarray(train_labels, jnp.int32)
     parts = []
     for start in range(0, len(query_features), QUERY_BATCH):
-        parts.append(
-            np.asarray(
-                _knn_scores(
-                    jnp.asarray(train_features, jnp.float32),
-                    jnp.asarray(train_labels, jnp.int32),
-                    jnp.asarray(query_features[start : start + QUERY_BATCH], jnp.float32),
-                    jnp.float32(temperature),
-                    ks=effective,
-                    n_classes=n_classes,
-                )
-            )
+        queries = jnp.asarray(query_features[start : start + QUERY_BATCH], jnp.float32)
+        scores = _knn_scores(
+            train, labels, queries, jnp.float32(temperature), ks=effective, n_classes=n_classes
         )
+        parts.append(np.asarray(scores))
     scores = np.concatenate(parts, axis=1) if parts else np.zeros((len(effective), 0, n_classes))
     by_effective = dict(zip(effective, scores))
     return {k: by_effective[min(k, n_train)] for k in ks}

@@ -66,13 +66,8 @@ def cls_position_features(cls: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     n, d = cls.shape
     h, w = grid
     position = np.eye(h * w, dtype=np.float32).reshape(h, w, h * w)
-    return np.concatenate(
-        [
-            np.broadcast_to(cls[:, None, None, :], (n, h, w, d)),
-            np.broadcast_to(position[None], (n, h, w, h * w)),
-        ],
-        axis=-1,
-    )
+    cls_part = np.broadcast_to(cls[:, None, None, :], (n, h, w, d))
+    return np.concatenate([cls_part, np.broadcast_to(position[None], (n, h, w, h * w))], axis=-1)
 
 
 def _fit_selected(
@@ -93,12 +88,7 @@ def _fit_selected(
     best, init = None, None
     for c in sorted(c_grid):
         model = fit_logistic(
-            x_train,
-            y_train,
-            2,
-            c,
-            init=init,
-            standardizer=standardizer,
+            x_train, y_train, 2, c, init=init, standardizer=standardizer,
             min_rows=len(x_train) + len(x_val),
         )
         init = (model.weights, model.bias)
@@ -111,13 +101,8 @@ def _fit_selected(
         if best is None or key > best[0]:
             best = (key, c, model)
     _, best_c, model = best
-    return fit_logistic(
-        np.concatenate([x_train, x_val]),
-        np.concatenate([y_train, y_val]),
-        2,
-        best_c,
-        init=(model.weights, model.bias),
-    )
+    x_all, y_all = np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val])
+    return fit_logistic(x_all, y_all, 2, best_c, init=(model.weights, model.bias))
 
 
 def _test_dice(
@@ -151,15 +136,9 @@ def segmentation_probe(
     patch_model = _fit_selected(train[0], presence[0], val[0], presence[1], c_grid)
     result = {"patch_tokens": _test_dice(patch_model, test[0], test[2], patch_size)}
     grid = train[0].shape[1:3]
-    control_model = _fit_selected(
-        cls_position_features(train[1], grid),
-        presence[0],
-        cls_position_features(val[1], grid),
-        presence[1],
-        c_grid,
-    )
-    control = _test_dice(control_model, cls_position_features(test[1], grid), test[2], patch_size)
-    result["cls_position"] = control
+    control = [cls_position_features(part[1], grid) for part in (train, val, test)]
+    control_model = _fit_selected(control[0], presence[0], control[1], presence[1], c_grid)
+    result["cls_position"] = _test_dice(control_model, control[2], test[2], patch_size)
     result["dice_pixel_ceiling"] = dice(upsample_patches(presence[2], patch_size), test[2])
     result["test_lesion_patch_share"] = float(np.mean(presence[2]))
     result["n_test"] = int(len(test[0]))

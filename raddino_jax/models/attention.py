@@ -30,10 +30,10 @@ def resolve_attention_impl(impl: str, platform: str, dtype: str = "bfloat16") ->
     """The attention implementation for a step lowered for `platform` ("tpu", "gpu", "cpu").
 
     A non-empty `impl` (config.model.attention_impl) is kept: it forces one implementation.
-    "" picks PLATFORM_ATTENTION[platform]: splash on TPU, cuDNN on GPU, einsum on CPU. The
-    platform is the mesh devices' (`ModelSpec.for_platform`), never `jax.default_backend()`:
-    a deviceless TPU compile runs on a CPU host. cuDNN's fused attention takes only 16-bit
-    inputs, so a float32 model (`dtype`, the compute dtype) on GPU gets the XLA path instead.
+    "" picks PLATFORM_ATTENTION[platform]. The platform is the mesh devices'
+    (`ModelSpec.for_platform`), never `jax.default_backend()`: a deviceless TPU compile runs on
+    a CPU host. cuDNN's fused attention takes only 16-bit inputs, so a float32 model (`dtype`,
+    the compute dtype) on GPU gets the XLA path instead.
     """
     if impl:
         return impl
@@ -55,11 +55,9 @@ def attention(qkv: jax.Array, impl: str, lean: bool = True) -> jax.Array:
     """
     if not impl:
         impl = resolve_attention_impl("", jax.default_backend(), jnp.dtype(qkv.dtype).name)
-    if impl == "splash":
-        if qkv.shape[1] < SPLASH_MIN_TOKENS:
-            return einsum_attention(qkv, lean)
+    if impl == "splash" and qkv.shape[1] >= SPLASH_MIN_TOKENS:
         return splash_attention(qkv)
-    if impl == "einsum":
+    if impl in ("splash", "einsum"):  # splash: a sequence too short for its 128-token blocks
         return einsum_attention(qkv, lean)
     if impl == "cudnn":
         return padded_dot_product_attention(qkv, impl, CUDNN_TOKEN_MULTIPLE)
@@ -118,14 +116,9 @@ def splash_attention(qkv: jax.Array, *, interpret: bool = False) -> jax.Array:
         batch_axes = ()  # e.g. an evaluation batch that does not split: run it unsplit
     local_heads = heads // (mesh.shape[head_axis] if head_axis else 1)
     block = splash.BlockSizes(
-        block_q=SPLASH_BLOCK,
-        block_kv=SPLASH_BLOCK,
-        block_kv_compute=SPLASH_BLOCK,
-        block_q_dkv=SPLASH_BLOCK,
-        block_kv_dkv=SPLASH_BLOCK,
-        block_kv_dkv_compute=SPLASH_BLOCK,
-        block_q_dq=SPLASH_BLOCK,
-        block_kv_dq=SPLASH_BLOCK,
+        block_q=SPLASH_BLOCK, block_kv=SPLASH_BLOCK, block_kv_compute=SPLASH_BLOCK,
+        block_q_dkv=SPLASH_BLOCK, block_kv_dkv=SPLASH_BLOCK, block_kv_dkv_compute=SPLASH_BLOCK,
+        block_q_dq=SPLASH_BLOCK, block_kv_dq=SPLASH_BLOCK,
     )
     kernel = splash.make_splash_mha(
         splash_mask.MultiHeadMask([splash_mask.FullMask((padded, padded))] * local_heads),

@@ -54,11 +54,8 @@ class WeightNormLinear(nnx.Module):
         """[..., din] -> float32 [..., dout]: operands in the compute dtype, accumulation and
         output in float32 (the logits feed a 0.04-0.1 temperature softmax; docs/conventions.md,
         "Accumulate in float32")."""
-        return jnp.dot(
-            x.astype(self.dtype),
-            self.kernel().astype(self.dtype),
-            preferred_element_type=jnp.float32,
-        )
+        kernel = self.kernel().astype(self.dtype)
+        return jnp.dot(x.astype(self.dtype), kernel, preferred_element_type=jnp.float32)
 
 
 class DINOHead(nnx.Module):

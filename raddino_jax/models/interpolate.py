@@ -30,16 +30,13 @@ _TORCH_CUBIC_A = -0.75
 _TORCH_AA_CUBIC_A = -0.5
 
 
-def _cubic_weights(t: float, a: float) -> tuple[float, float, float, float]:
-    """Weights of the 4 taps at offsets -1, 0, 1, 2 for fractional position t in [0, 1)."""
-
-    def near(x: float) -> float:  # |x| <= 1
-        return ((a + 2) * x - (a + 3)) * x * x + 1
-
-    def far(x: float) -> float:  # 1 < |x| < 2
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-    return far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)
+def _cubic(x: np.ndarray, a: float) -> np.ndarray:
+    """Keys' cubic convolution kernel with parameter `a` at distances `x`, elementwise, float64
+    (both pieces are 0 at |x| = 1 and the far one at |x| = 2)."""
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1  # |x| < 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # 1 <= |x| < 2
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
 
 
 def _plain_bicubic_matrix(in_size: int, out_size: int, ratio: float) -> np.ndarray:
@@ -54,7 +51,8 @@ def _plain_bicubic_matrix(in_size: int, out_size: int, ratio: float) -> np.ndarr
         src = float(np.float32(ratio * (dst + 0.5) - 0.5))
         base = math.floor(src)
         t = src - base
-        for tap, weight in zip(range(base - 1, base + 3), _cubic_weights(t, _TORCH_CUBIC_A)):
+        weights = _cubic(np.array([t + 1.0, t, 1.0 - t, 2.0 - t]), _TORCH_CUBIC_A)  # taps -1..2
+        for tap, weight in zip(range(base - 1, base + 3), weights):
             mat[dst, min(max(tap, 0), in_size - 1)] += weight
     return mat
 
@@ -74,13 +72,7 @@ def _antialias_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
         lo = max(int(center - support + 0.5), 0)
         hi = min(int(center + support + 0.5), in_size)
         taps = np.arange(lo, hi)
-        x = np.abs((taps - center + 0.5) * inv_scale)
-        a = _TORCH_AA_CUBIC_A
-        weights = np.where(
-            x < 1.0,
-            ((a + 2) * x - (a + 3)) * x * x + 1,
-            np.where(x < 2.0, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0),
-        )
+        weights = _cubic((taps - center + 0.5) * inv_scale, _TORCH_AA_CUBIC_A)
         total = weights.sum()
         mat[dst, lo:hi] = weights / total if total != 0 else weights
     return mat

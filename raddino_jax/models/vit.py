@@ -96,21 +96,16 @@ class ViTConfig:
             raise ValueError(
                 f"img_size {self.img_size} not a multiple of patch_size {self.patch_size}"
             )
-        if self.ffn_layer not in ("mlp", "swiglu"):
-            raise ValueError(f"ffn_layer must be 'mlp' or 'swiglu', got {self.ffn_layer!r}")
-        if self.interpolate_mode not in INTERPOLATE_MODES:
-            raise ValueError(f"interpolate_mode must be one of {INTERPOLATE_MODES}")
-        if self.dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(COMPUTE_DTYPES)}, got {self.dtype!r}")
+        for field, allowed in (
+            ("ffn_layer", ("mlp", "swiglu")),
+            ("interpolate_mode", INTERPOLATE_MODES),
+            ("dtype", tuple(COMPUTE_DTYPES)),
+            ("attention_impl", ATTENTION_IMPLS),
+            ("lean_backward", LEAN_BACKWARD),
+        ):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
         object.__setattr__(self, "remat", normalize_remat(self.remat))
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(
-                f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}"
-            )
-        if self.lean_backward not in LEAN_BACKWARD:
-            raise ValueError(
-                f"lean_backward must be one of {LEAN_BACKWARD}, got {self.lean_backward!r}"
-            )
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
 
@@ -170,25 +165,21 @@ def _torch_default_uniform(fan_in: int):
     )
 
 
-def linear(din: int, dout: int, rngs: nnx.Rngs, dtype, *, use_bias: bool = True) -> nnx.Linear:
+def linear(din: int, dout: int, rngs: nnx.Rngs, dtype) -> nnx.Linear:
     """Linear with the dinov2 init: trunc_normal(0.02) kernel, zero bias."""
     return nnx.Linear(
-        din,
-        dout,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=PARAM_DTYPE,
-        kernel_init=_trunc_normal_002,
-        bias_init=nnx.initializers.zeros_init(),
-        rngs=rngs,
+        din, dout, dtype=dtype, param_dtype=PARAM_DTYPE, kernel_init=_trunc_normal_002,
+        bias_init=nnx.initializers.zeros_init(), rngs=rngs,
     )
 
 
-def layer_norm(dim: int, eps: float, dtype, rngs: nnx.Rngs, lean: bool = True) -> LayerNorm:
-    """nnx.LayerNorm's parameters and values, with the lean backward unless `lean` is False
-    (models/layers.py)."""
-    del rngs  # scale 1, bias 0: nothing random
-    return LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=PARAM_DTYPE, lean=lean)
+def _layer_norm(cfg: ViTConfig) -> LayerNorm:
+    """nnx.LayerNorm's parameters and values, with the lean backward unless `cfg.lean_backward`
+    is "off" (models/layers.py)."""
+    return LayerNorm(
+        cfg.embed_dim, epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype,
+        param_dtype=PARAM_DTYPE, lean=cfg.lean,
+    )
 
 
 class PatchEmbed(nnx.Module):
@@ -197,16 +188,11 @@ class PatchEmbed(nnx.Module):
     def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs):
         fan_in = cfg.in_chans * cfg.patch_size**2
         self.patch_size = cfg.patch_size
+        patch = (cfg.patch_size, cfg.patch_size)
         self.proj = nnx.Conv(
-            cfg.in_chans,
-            cfg.embed_dim,
-            (cfg.patch_size, cfg.patch_size),
-            strides=(cfg.patch_size, cfg.patch_size),
-            padding="VALID",
-            dtype=cfg.compute_dtype,
-            param_dtype=PARAM_DTYPE,
-            kernel_init=_torch_default_uniform(fan_in),
-            bias_init=_torch_default_uniform(fan_in),
+            cfg.in_chans, cfg.embed_dim, patch, strides=patch, padding="VALID",
+            dtype=cfg.compute_dtype, param_dtype=PARAM_DTYPE,
+            kernel_init=_torch_default_uniform(fan_in), bias_init=_torch_default_uniform(fan_in),
             rngs=rngs,
         )
 
@@ -283,12 +269,11 @@ class Block(nnx.Module):
     """Pre-norm transformer block: x += DP(LS1(Attn(LN1 x))); x += DP(LS2(FFN(LN2 x)))."""
 
     def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs):
-        dtype = cfg.compute_dtype
         self.drop_path_rate = cfg.drop_path_rate
-        self.norm1 = layer_norm(cfg.embed_dim, cfg.layer_norm_eps, dtype, rngs, cfg.lean)
+        self.norm1 = _layer_norm(cfg)
         self.attn = Attention(cfg, rngs)
         self.ls1 = LayerScale(cfg.embed_dim, cfg.layerscale_init)
-        self.norm2 = layer_norm(cfg.embed_dim, cfg.layer_norm_eps, dtype, rngs, cfg.lean)
+        self.norm2 = _layer_norm(cfg)
         self.mlp = SwiGLU(cfg, rngs) if cfg.ffn_layer == "swiglu" else Mlp(cfg, rngs)
         self.ls2 = LayerScale(cfg.embed_dim, cfg.layerscale_init)
 
@@ -361,7 +346,7 @@ class DinoVisionTransformer(nnx.Module):
                 _normal(1e-6)(rngs.params(), (1, cfg.num_register_tokens, dim))
             )
         self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.depth)])
-        self.norm = layer_norm(dim, cfg.layer_norm_eps, cfg.compute_dtype, rngs, cfg.lean)
+        self.norm = _layer_norm(cfg)
 
     def interpolated_pos_embed(self, grid_hw: tuple[int, int]) -> jax.Array:
         """[1, 1 + h*w, D] positional embedding for a (h, w) patch grid, float32."""

@@ -7,6 +7,7 @@ parameters (ZeRO-3 style, GSPMD inserts the all-gathers), `tensor` splits attent
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -28,9 +29,7 @@ def resolve_mesh_shape(mesh_config: Mapping[str, int], n_devices: int) -> tuple[
         raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(mesh_config)}")
     if any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"config.mesh: sizes must be positive or -1, got {dict(mesh_config)}")
-    known = 1
-    for size in sizes:
-        known *= size if size != -1 else 1
+    known = math.prod(size for size in sizes if size != -1)
     if -1 in sizes:
         if n_devices % known:
             raise ValueError(

@@ -96,19 +96,15 @@ def to_shardings(specs, mesh: Mesh):
     )
 
 
-def batch_specs(keys) -> dict[str, PartitionSpec]:
-    """Every batch array splits its image axis over ("data", "fsdp")."""
-    specs = {}
+def batch_shardings(keys, mesh: Mesh) -> dict[str, NamedSharding]:
+    """Every batch array splits its image axis (`data.layout.IMAGE_AXIS`) over ("data", "fsdp")."""
+    shardings = {}
     for key in keys:
         if key not in IMAGE_AXIS:
             raise KeyError(f"no sharding rule for batch key {key!r}")
-        axis = IMAGE_AXIS[key]
-        specs[key] = PartitionSpec(*([None] * axis), BATCH_AXES)
-    return specs
-
-
-def batch_shardings(keys, mesh: Mesh) -> dict[str, NamedSharding]:
-    return {k: NamedSharding(mesh, s) for k, s in batch_specs(keys).items()}
+        spec = PartitionSpec(*([None] * IMAGE_AXIS[key]), BATCH_AXES)
+        shardings[key] = NamedSharding(mesh, spec)
+    return shardings
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

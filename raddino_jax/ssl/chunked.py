@@ -33,16 +33,6 @@ import jax.numpy as jnp
 
 from raddino_jax.ssl import losses
 
-__all__ = [
-    "TeacherTargets",
-    "centered_targets",
-    "chunked_cross_entropy",
-    "dino_terms",
-    "ibot_loss",
-    "next_center",
-    "sinkhorn_targets",
-]
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +86,19 @@ def _scaled_logits(features, kernel_chunk, inv_temperature, col_chunk):
     return _logits(features, kernel_chunk) * inv_temperature + col_chunk[None, :]
 
 
+def _row_lse(features, kernels, inv_temperature, cols) -> jax.Array:
+    """[n]: logsumexp over prototypes of ``z / T + col`` per row, online over the chunks
+    (kernels [K / c, d, c], cols [K / c, c])."""
+
+    def body(carry, xs):
+        kernel_chunk, col_chunk = xs
+        scaled = _scaled_logits(features, kernel_chunk, inv_temperature, col_chunk)
+        return _lse_update(carry, scaled), None
+
+    (top, total), _ = jax.lax.scan(body, _lse_init(features.shape[0]), (kernels, cols))
+    return top + jnp.log(total)
+
+
 def _teacher_chunk(targets: TeacherTargets, kernel_chunk, col_chunk):
     """(probabilities, log-probabilities) of one chunk, float32 [n, c]; invalid rows 0."""
     log_p = _scaled_logits(targets.features, kernel_chunk, targets.inv_temperature, col_chunk)
@@ -113,18 +116,10 @@ def centered_targets(
     chunk: int,
 ) -> TeacherTargets:
     """``softmax((z - c) / T)`` per valid row (recipe s3) as potentials: one pass over chunks."""
-    kernels = _chunks(kernel, chunk)
     inv_temperature = 1.0 / jnp.asarray(temperature, jnp.float32)
     col = -jnp.asarray(center, jnp.float32) * inv_temperature
-    cols = col.reshape(-1, chunk)
-
-    def body(carry, xs):
-        kernel_chunk, col_chunk = xs
-        return _lse_update(carry, _scaled_logits(features, kernel_chunk, inv_temperature,
-                                                 col_chunk)), None
-
-    (top, total), _ = jax.lax.scan(body, _lse_init(features.shape[0]), (kernels, cols))
-    row = jnp.where(valid, -(top + jnp.log(total)), 0.0)
+    lse = _row_lse(features, _chunks(kernel, chunk), inv_temperature, col.reshape(-1, chunk))
+    row = jnp.where(valid, -lse, 0.0)
     return jax.lax.stop_gradient(
         TeacherTargets(features, kernel, inv_temperature, row, col, jnp.asarray(valid, bool))
     )
@@ -148,7 +143,6 @@ def sinkhorn_targets(
     kernels = _chunks(kernel, chunk)
     log_total = jnp.log(jnp.maximum(jnp.sum(valid, dtype=jnp.float32), 1.0))
     log_prototypes = jnp.log(jnp.float32(n_prototypes))
-    no_col = jnp.zeros((n_prototypes // chunk, chunk), jnp.float32)
 
     def col_potential(row):  # -> [K]: -logsumexp over valid rows of z / T + row, per prototype
         def body(_, kernel_chunk):
@@ -159,14 +153,7 @@ def sinkhorn_targets(
         return jax.lax.scan(body, None, kernels)[1].reshape(-1)
 
     def row_lse(col):  # -> [n]: logsumexp over prototypes of z / T + col, per row
-        def body(carry, xs):
-            kernel_chunk, col_chunk = xs
-            scaled = _scaled_logits(features, kernel_chunk, inv_temperature, col_chunk)
-            return _lse_update(carry, scaled), None
-
-        xs = (kernels, col.reshape(no_col.shape))
-        (top, total), _ = jax.lax.scan(body, _lse_init(n_rows), xs)
-        return top + jnp.log(total)
+        return _row_lse(features, kernels, inv_temperature, col.reshape(-1, chunk))
 
     row = jnp.zeros((n_rows,), jnp.float32)
     col = jnp.zeros((n_prototypes,), jnp.float32)
@@ -194,16 +181,7 @@ def next_center(
     """`losses.update_center` from features: the batch mean of the logits is the batch mean of
     the (float32) features times the prototype weights, so no [n, K] logits are needed. With
     `valid`, the mean of per-group means over valid rows (the masked-token buffer's semantics)."""
-    x = jnp.asarray(features, jnp.float32)
-    if valid is None:
-        means = jnp.mean(x, axis=0, keepdims=True)
-    else:
-        n, d = x.shape
-        if n % n_groups:
-            raise ValueError(f"{n} buffer rows do not split into {n_groups} mask groups")
-        weight = jnp.asarray(valid, jnp.float32).reshape(n_groups, n // n_groups, 1)
-        grouped = jnp.where(weight > 0, x.reshape(n_groups, -1, d), 0.0)
-        means = jnp.sum(grouped * weight, axis=1) / jnp.maximum(jnp.sum(weight, axis=1), 1.0)
+    means = losses.group_means(features, valid, n_groups)
     batch_logits = jnp.dot(means, jnp.asarray(kernel, jnp.float32),
                            precision=jax.lax.Precision.HIGHEST)
     return losses.update_center(center, jax.lax.stop_gradient(batch_logits), momentum)
@@ -220,20 +198,29 @@ def _identity(p: jax.Array) -> jax.Array:
     return p
 
 
+def _student_chunks(kernel, targets: TeacherTargets, chunk: int):
+    """The scan inputs of the student side: per chunk (student kernel, teacher kernel, col)."""
+    return _chunks(kernel, chunk), _chunks(targets.kernel, chunk), targets.col.reshape(-1, chunk)
+
+
+def _student_chunk(x, targets: TeacherTargets, mix: Mix, inv_tau, xs):
+    """(scaled student logits u, mixed teacher targets q) of one chunk, float32 [n_s, c]."""
+    kernel_chunk, teacher_chunk, col_chunk = xs
+    u = _logits(x, kernel_chunk) * inv_tau
+    return u, mix(_teacher_chunk(targets, teacher_chunk, col_chunk)[0])
+
+
 def _forward(x, kernel, targets, mix, inv_tau, chunk):
     """(per-row cross-entropy [n_s], its residual log-sum-exp [n_s], target mass [n_s])."""
     mass = mix(targets.valid[:, None].astype(jnp.float32))[:, 0]
 
     def body(carry, xs):
         lse_carry, cross = carry
-        kernel_chunk, teacher_chunk, col_chunk = xs
-        u = _logits(x, kernel_chunk) * inv_tau
-        q = mix(_teacher_chunk(targets, teacher_chunk, col_chunk)[0])
+        u, q = _student_chunk(x, targets, mix, inv_tau, xs)
         return (_lse_update(lse_carry, u), cross + jnp.sum(q * u, axis=-1)), None
 
-    xs = (_chunks(kernel, chunk), _chunks(targets.kernel, chunk), targets.col.reshape(-1, chunk))
     init = (_lse_init(x.shape[0]), jnp.zeros((x.shape[0],), jnp.float32))
-    ((top, total), cross), _ = jax.lax.scan(body, init, xs)
+    ((top, total), cross), _ = jax.lax.scan(body, init, _student_chunks(kernel, targets, chunk))
     lse = top + jnp.log(total)
     return mass * lse - cross, lse, mass
 
@@ -252,9 +239,8 @@ def _cross_entropy_bwd(mix, inv_tau, chunk, residuals, grad):
     x, kernel, targets, lse, mass = residuals
 
     def body(d_x, xs):
-        kernel_chunk, teacher_chunk, col_chunk = xs
-        u = _logits(x, kernel_chunk) * inv_tau
-        q = mix(_teacher_chunk(targets, teacher_chunk, col_chunk)[0])
+        kernel_chunk = xs[0]
+        u, q = _student_chunk(x, targets, mix, inv_tau, xs)
         # d/du [S lse(u) - <q, u>] = S softmax(u) - q
         d_u = grad[:, None] * (mass[:, None] * jnp.exp(u - lse[:, None]) - q)
         d_z = (d_u * inv_tau).astype(x.dtype)
@@ -262,7 +248,7 @@ def _cross_entropy_bwd(mix, inv_tau, chunk, residuals, grad):
                             preferred_element_type=jnp.float32)
         return d_x, jnp.dot(x.T, d_z, preferred_element_type=jnp.float32)
 
-    xs = (_chunks(kernel, chunk), _chunks(targets.kernel, chunk), targets.col.reshape(-1, chunk))
+    xs = _student_chunks(kernel, targets, chunk)
     d_x, d_kernel = jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32), xs)
     d_kernel = d_kernel.transpose(1, 0, 2).reshape(kernel.shape)
     return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype), None

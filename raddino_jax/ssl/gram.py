@@ -35,11 +35,8 @@ def gram_matrix(features: jax.Array) -> jax.Array:
     # matmuls with TF32 enabled (dinov3/train/train.py), and one pass of bfloat16 (8 bits of
     # mantissa) would swamp the small Gram differences the loss measures.
     return jnp.einsum(
-        "bnd,bmd->bnm",
-        normed,
-        normed,
-        precision=jax.lax.Precision.HIGH,
-        preferred_element_type=jnp.float32,
+        "bnd,bmd->bnm", normed, normed,
+        precision=jax.lax.Precision.HIGH, preferred_element_type=jnp.float32,
     )
 
 

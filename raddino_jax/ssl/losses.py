@@ -21,18 +21,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = [
-    "dino_loss",
-    "entropy",
-    "ibot_loss",
-    "koleo_loss",
-    "koleo_loss_grouped",
-    "mean_kl_divergence",
-    "sinkhorn_knopp_teacher",
-    "softmax_center_teacher",
-    "update_center",
-]
-
 # torch F.normalize(eps=1e-8) and F.pairwise_distance(eps=1e-8) in dinov2's KoLeoLoss (recipe s3).
 _KOLEO_EPS = 1e-8
 
@@ -66,6 +54,22 @@ def softmax_center_teacher(
     return jax.lax.stop_gradient(jax.nn.softmax(scaled, axis=-1))
 
 
+def group_means(x: jax.Array, valid: jax.Array | None = None, n_groups: int = 1) -> jax.Array:
+    """float32 ``[n_groups, d]`` means of ``[n, d]`` rows: over all rows (one group) without
+    ``valid``; else over each of ``n_groups`` equal, group-major row groups' valid rows (0 for a
+    group with none). Invalid rows are zeroed first, so they may hold anything."""
+    x = _f32(x)
+    if valid is None:
+        return jnp.mean(x, axis=0, keepdims=True)
+    n, d = x.shape
+    if n % n_groups:
+        raise ValueError(f"{n} buffer rows do not split into {n_groups} mask groups")
+    row_weight = _f32(valid).reshape(n_groups, n // n_groups, 1)
+    safe = jnp.where(row_weight > 0, x.reshape(n_groups, -1, d), 0.0)
+    count = jnp.maximum(jnp.sum(row_weight, axis=1), 1.0)  # [n_groups, 1]
+    return jnp.sum(safe * row_weight, axis=1) / count
+
+
 def update_center(
     center: jax.Array,
     teacher_logits: jax.Array,
@@ -81,13 +85,10 @@ def update_center(
     Without ``valid`` (the DINO [CLS] centre) the batch mean runs over all rows. With ``valid``
     (the iBOT centre over the static masked-token buffer) the rows are ``n_groups`` equal mask
     groups of ``U`` rows each; each group's mean runs over its valid rows only and the batch
-    mean is the average of the group means. This is the reference's semantics: each device
-    slices its head output to its ``n_masked_patches`` real rows, takes their mean, and the
-    all-reduce divides the sum of per-device means by the world size (recipe s3). Padding rows
-    never enter; a group without a masked token contributes 0 to the average.
-
-    Under ``jax.jit`` with a sharded batch ``jnp.mean`` / ``jnp.sum`` are global reductions, so
-    this equals the reference's all-reduced mean.
+    mean is the average of the group means (`group_means`). This is the reference's semantics:
+    each device slices its head output to its ``n_masked_patches`` real rows, takes their mean,
+    and the all-reduce divides the sum of per-device means by the world size (recipe s3).
+    Padding rows never enter; a group without a masked token contributes 0 to the average.
 
     Args:
       center: ``[K]`` current centre.
@@ -100,18 +101,7 @@ def update_center(
     Returns:
       ``[K]`` float32 updated centre.
     """
-    logits = _f32(teacher_logits)
-    if valid is None:
-        batch_mean = jnp.mean(logits, axis=0)
-    else:
-        n, k = logits.shape
-        if n % n_groups:
-            raise ValueError(f"{n} buffer rows do not split into {n_groups} mask groups")
-        row_weight = _f32(valid).reshape(n_groups, n // n_groups, 1)
-        safe_logits = jnp.where(row_weight > 0, logits.reshape(n_groups, -1, k), 0.0)
-        count = jnp.maximum(jnp.sum(row_weight, axis=1), 1.0)  # [n_groups, 1]
-        group_means = jnp.sum(safe_logits * row_weight, axis=1) / count  # [n_groups, K]
-        batch_mean = jnp.mean(group_means, axis=0)
+    batch_mean = jnp.mean(group_means(teacher_logits, valid, n_groups), axis=0)
     momentum = _f32(momentum)
     return _f32(center) * momentum + (1.0 - momentum) * batch_mean
 
@@ -147,20 +137,14 @@ def sinkhorn_knopp_teacher(
       n_iterations: Sinkhorn iterations (3 in the reference).
       valid: optional ``bool[n]``. Invalid rows (e.g. masked-token padding) are excluded from
         every sum, ``B_tot`` is the number of valid rows, and they come back as exact zeros.
-        Under ``jit`` with a sharded batch all sums (and ``B_tot``) are global, matching the
-        reference's all-reduces.
 
     Returns:
       ``[n, K]`` float32 probabilities (``stop_gradient``): valid rows sum to 1.
     """
     scaled = _f32(teacher_logits) / _f32(temperature)
     n_rows, n_prototypes = scaled.shape
-    if valid is None:
-        row_valid = jnp.ones((n_rows, 1), dtype=bool)
-        batch_total = jnp.float32(n_rows)
-    else:
-        row_valid = jnp.asarray(valid, dtype=bool)[:, None]
-        batch_total = jnp.sum(row_valid, dtype=jnp.float32)
+    row_valid = jnp.ones((n_rows, 1), bool) if valid is None else jnp.asarray(valid, bool)[:, None]
+    batch_total = jnp.sum(row_valid, dtype=jnp.float32)  # exact: a count below 2**24
     log_k = jnp.where(row_valid, scaled, -jnp.inf)
     # A common shift (absorbed by the first normalisation) keeps the potentials small, so
     # log_k + u + v does not cancel large numbers (z / T reaches 1e3 for large logits).
@@ -200,35 +184,31 @@ def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.sum(x, axis=axes, keepdims=True) if axes else x
 
 
-def _cross_entropy_parts(logits, targets, temperature, valid):
-    """(scaled logits u = z / tau, targets p, log-sum-exp of u), invalid rows zeroed first."""
+def _scaled_and_targets(logits, targets, temperature, valid):
+    """(scaled logits u = z / tau, targets p), invalid rows zeroed first."""
     keep = valid[..., None]
-    u = jnp.where(keep, _f32(logits), 0.0) / temperature
-    p = jnp.where(keep, _f32(targets), 0.0)
-    top = jax.lax.stop_gradient(jnp.max(u, axis=-1, keepdims=True))
-    lse = top + jnp.log(jnp.sum(jnp.exp(u - top), axis=-1, keepdims=True))
-    return u, p, lse
-
-
-@jax.custom_vjp
-def _soft_cross_entropy(logits, targets, temperature, valid):
-    u, p, lse = _cross_entropy_parts(logits, targets, temperature, valid)
-    return jnp.sum(p, axis=-1) * lse[..., 0] - jnp.sum(p * u, axis=-1)
+    return jnp.where(keep, _f32(logits), 0.0) / temperature, jnp.where(keep, _f32(targets), 0.0)
 
 
 def _soft_cross_entropy_fwd(logits, targets, temperature, valid):
-    u, p, lse = _cross_entropy_parts(logits, targets, temperature, valid)
+    u, p = _scaled_and_targets(logits, targets, temperature, valid)
+    top = jax.lax.stop_gradient(jnp.max(u, axis=-1, keepdims=True))
+    lse = top + jnp.log(jnp.sum(jnp.exp(u - top), axis=-1, keepdims=True))
     out = jnp.sum(p, axis=-1) * lse[..., 0] - jnp.sum(p * u, axis=-1)
     # Residuals: the inputs (alive anyway) and one float per row; u, p and softmax(u) are
     # recomputed in the backward inside one fusion instead of being stored as [n, K] arrays.
     return out, (logits, targets, temperature, valid, lse)
 
 
+@jax.custom_vjp
+def _soft_cross_entropy(logits, targets, temperature, valid):
+    return _soft_cross_entropy_fwd(logits, targets, temperature, valid)[0]
+
+
 def _soft_cross_entropy_bwd(residuals, grad):
     logits, targets, temperature, valid, lse = residuals
     keep = valid[..., None]
-    u = jnp.where(keep, _f32(logits), 0.0) / temperature
-    p = jnp.where(keep, _f32(targets), 0.0)
+    u, p = _scaled_and_targets(logits, targets, temperature, valid)
     g = grad[..., None]
     # d/du [S lse(u) - <p, u>] = S softmax(u) - p, with S = sum_k p_k (1 for a distribution)
     d_u = g * (jnp.sum(p, axis=-1, keepdims=True) * jnp.exp(u - lse) - p)
@@ -282,7 +262,8 @@ def soft_cross_entropy(
 def dino_loss(
     student_logits: jax.Array, teacher_probs: jax.Array, student_temperature: float | jax.Array
 ) -> jax.Array:
-    """DINO [CLS] cross-entropy over all (student crop, other teacher crop) pairs (recipe s3).
+    """DINO [CLS] cross-entropy over all (student crop, other teacher crop) pairs (recipe s3);
+    a float32 scalar.
 
     Pair ``(s, t)`` contributes ``mean_b H(p_t, softmax(z_s / tau))`` for every ``s != t``; the
     result is the mean over those ``S*T - T`` pairs (18 for S=10, T=2). The first ``T`` student
@@ -301,9 +282,6 @@ def dino_loss(
       student_logits: ``[S, B, K]`` student head outputs, globals first then locals.
       teacher_probs: ``[T, B, K]`` teacher targets (each row a distribution), ``T <= S``.
       student_temperature: ``tau`` (0.1 in the reference).
-
-    Returns:
-      float32 scalar loss.
     """
     n_student, batch, _ = student_logits.shape
     n_teacher = teacher_probs.shape[0]
@@ -313,7 +291,6 @@ def dino_loss(
     if n_pairs == 0:
         raise ValueError("dino_loss needs at least one (s, t) pair with s != t")
     probs = _f32(teacher_probs)
-    # Fused cross-entropies (`soft_cross_entropy`): no [S, B, K] log-softmax is stored.
     all_pairs = jnp.sum(
         soft_cross_entropy(student_logits, jnp.sum(probs, axis=0)[None], student_temperature)
     )
@@ -328,16 +305,14 @@ def ibot_loss(
     n_crops: int | jax.Array,
     student_temperature: float | jax.Array,
 ) -> jax.Array:
-    """iBOT masked-patch loss over a padded token buffer (recipe s3).
+    """iBOT masked-patch loss over a padded token buffer (recipe s3); a float32 scalar.
 
     ``-(1 / n_crops) * sum_m w_m * sum_k p_mk * log softmax(z_m / tau)_k`` with ``w_m = 1/M_i``
     for a masked token of crop ``i`` (so each masked crop contributes its mean cross-entropy)
     and ``n_crops = 2B`` counting unmasked crops too (recipe s3, pitfall 5).
 
-    Padding rows have ``w = 0``. Their logits and targets may be garbage (uninitialised buffer
-    rows, inf, NaN): they are replaced by zeros *before* any arithmetic, so neither the value
-    nor the gradient can pick up a NaN. The cross-entropy is fused (:func:`soft_cross_entropy`):
-    no [M, K] float32 copy of the logits or log-probabilities is kept for the backward.
+    Padding rows have ``w = 0``; their logits and targets may be garbage (uninitialised buffer
+    rows, inf, NaN): the fused cross-entropy (:func:`soft_cross_entropy`) zeroes them first.
 
     Args:
       student_logits: ``[M, K]`` student head outputs at masked positions (padded buffer).
@@ -345,9 +320,6 @@ def ibot_loss(
       token_weights: ``[M]`` ``1/M_i`` per masked token, 0 for padding.
       n_crops: number of global crops in the batch (``2B``; global under jit).
       student_temperature: ``tau``.
-
-    Returns:
-      float32 scalar loss.
     """
     weights = _f32(token_weights)
     cross_entropy = soft_cross_entropy(
@@ -396,14 +368,8 @@ def koleo_loss_grouped(x: jax.Array, group_size: int) -> jax.Array:
     The reference computes KoLeo per device batch (no all-gather, recipe s3), and gradient
     averaging over devices makes the effective loss the mean over devices. With one global
     crop's features laid out device-major as ``[devices * B, D]``, ``group_size = B`` reproduces
-    that: neighbours are only searched inside each device's ``B`` rows.
-
-    Args:
-      x: ``[N, D]`` features, ``N`` divisible by ``group_size``.
-      group_size: rows per group (the per-device batch ``B``).
-
-    Returns:
-      float32 scalar.
+    that: neighbours are only searched inside each device's ``B`` rows. ``x``: ``[N, D]``
+    features, ``N`` divisible by ``group_size``; returns a float32 scalar.
     """
     n_rows = x.shape[0]
     if group_size <= 0 or n_rows % group_size != 0:

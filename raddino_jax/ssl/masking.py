@@ -19,15 +19,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = [
-    "IbotMasks",
-    "default_max_block_patches",
-    "mask_upper_bound",
-    "sample_block_mask",
-    "sample_ibot_masks",
-    "stratified_mask_ratios",
-]
-
 # Attempts per block placement in the reference MaskingGenerator (recipe s6).
 _ATTEMPTS_PER_BLOCK = 10
 
@@ -123,12 +114,9 @@ def stratified_mask_ratios(
     mask_ratio_min_max: tuple[float, float] = (0.1, 0.5),
     mask_sample_probability: float = 0.5,
 ) -> np.ndarray:
-    """Ratio bin edges ``linspace(min, max, n_m + 1)`` for the ``n_m = int(n_crops * p)`` masked
-    crops (recipe s7); masked crop ``k`` draws its ratio from ``[edges[k], edges[k + 1]]``.
-
-    Returns:
-      ``float64[n_m + 1]`` edges.
-    """
+    """Ratio bin edges ``linspace(min, max, n_m + 1)`` (``float64[n_m + 1]``) for the
+    ``n_m = int(n_crops * p)`` masked crops (recipe s7); masked crop ``k`` draws its ratio from
+    ``[edges[k], edges[k + 1]]``."""
     n_masked_crops = int(n_crops * mask_sample_probability)
     return np.linspace(*mask_ratio_min_max, n_masked_crops + 1)
 
@@ -211,9 +199,6 @@ def sample_ibot_masks(
       mask_sample_probability: fraction of crops masked (0.5).
       upper_bound: static buffer size ``U``; default :func:`mask_upper_bound`.
 
-    Returns:
-      :class:`IbotMasks` with shapes ``[n_crops, N]`` and ``[U]``.
-
     Raises:
       ValueError: if the masked count exceeds ``upper_bound`` (only possible with a smaller
         ``upper_bound`` than the default).
@@ -235,19 +220,12 @@ def sample_ibot_masks(
         raise ValueError(
             f"{n_masked} masked tokens exceed the static buffer upper_bound={upper_bound}"
         )
-    per_crop_count = masks.sum(axis=1)
-    token_weights = 1.0 / np.maximum(per_crop_count, 1).astype(np.float32)
-
-    indices = np.zeros(upper_bound, dtype=np.int32)
-    indices[:n_masked] = flat_indices
-    weights = np.zeros(upper_bound, dtype=np.float32)
-    weights[:n_masked] = token_weights[flat_indices // n_tokens]
-    valid = np.zeros(upper_bound, dtype=bool)
-    valid[:n_masked] = True
+    crop_weights = 1.0 / np.maximum(masks.sum(axis=1), 1).astype(np.float32)
+    padding = (0, upper_bound - n_masked)
     return IbotMasks(
         masks=masks,
-        indices=indices,
-        weights=weights,
-        valid=valid,
+        indices=np.pad(flat_indices.astype(np.int32), padding),
+        weights=np.pad(crop_weights[flat_indices // n_tokens], padding),
+        valid=np.arange(upper_bound) < n_masked,
         n_masked=np.array(n_masked, dtype=np.int32),
     )

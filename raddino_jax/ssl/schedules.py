@@ -24,18 +24,6 @@ import math
 import jax.numpy as jnp
 import optax
 
-__all__ = [
-    "Schedules",
-    "build_schedules",
-    "last_layer_lr_schedule",
-    "lr_peak",
-    "lr_schedule",
-    "teacher_momentum_schedule",
-    "teacher_temperature_schedule",
-    "warmup_cosine",
-    "weight_decay_schedule",
-]
-
 
 def _linspace_schedule(start: float, stop: float, num: int) -> optax.Schedule:
     """``np.linspace(start, stop, num)[step]`` (endpoint included) for ``0 <= step < num``.
@@ -90,9 +78,6 @@ def warmup_cosine(
       start: first warmup value (``start_warmup_value``).
       freeze_steps: leading steps at exactly 0.
 
-    Returns:
-      ``step -> float32`` schedule.
-
     Raises:
       ValueError: if ``freeze_steps + warmup_steps > total_steps`` or a length is negative.
     """
@@ -103,21 +88,17 @@ def warmup_cosine(
         raise ValueError(
             f"freeze ({freeze_steps}) + warmup ({warmup_steps}) exceed total ({total_steps})"
         )
+    # The non-empty pieces in order, each ending at a boundary, then `final` for ever.
     pieces: list[optax.Schedule] = []
     boundaries: list[int] = []
-    step_offset = 0
     for length, piece in (
         (freeze_steps, lambda: optax.constant_schedule(0.0)),
         (warmup_steps, lambda: _linspace_schedule(start, peak, warmup_steps)),
         (cosine_steps, lambda: _cosine_schedule(peak, final, cosine_steps)),
     ):
         if length > 0:
-            if pieces:
-                boundaries.append(step_offset)
             pieces.append(piece())
-            step_offset += length
-    if pieces:
-        boundaries.append(step_offset)
+            boundaries.append((boundaries[-1] if boundaries else 0) + length)
     pieces.append(optax.constant_schedule(final))
     joined = optax.join_schedules(pieces, boundaries)
 

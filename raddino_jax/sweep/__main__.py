@@ -32,9 +32,9 @@ Single process only.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import jax
 
@@ -52,29 +52,13 @@ def _parse_remat(text: str) -> str:
         raise ValueError(f"--remat: {err}") from err
 
 
-@dataclasses.dataclass(frozen=True)
-class _Flags:
-    """The CLI's absl flag holders (defined only when run as a program, so importing this
-    module never registers a second --config next to raddino_jax.main's)."""
-
-    config: object
-    meshes: object
-    batch_sizes: object
-    remat: object
-    steps: object
-    warmup: object
-    compile_only: object
-    state_only: object
-    peak_tflops: object
-    topology: object
-    out: object
-
-
-def define_flags() -> _Flags:
+def define_flags() -> SimpleNamespace:
+    """The CLI's absl flag holders by name; defined only when run as a program, so importing
+    this module never registers a second --config next to raddino_jax.main's."""
     from absl import flags
     from ml_collections import config_flags
 
-    return _Flags(
+    return SimpleNamespace(
         config=config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)"),
         meshes=flags.DEFINE_list(
             "meshes", ["8x1x1", "4x2x1", "2x4x1", "1x8x1", "2x2x2"], "DATAxFSDPxTENSOR layouts"
@@ -95,8 +79,7 @@ def define_flags() -> _Flags:
             "peak-tflops", 0.0, "peak TFLOP/s per device for MFU (0: look up the device kind)"
         ),
         topology=flags.DEFINE_string(
-            "topology",
-            "",
+            "topology", "",
             'compile for this TPU topology on any machine, e.g. "v5p:2x2x1" (needs libtpu: '
             'pip install "raddino-jax[tpu]"); implies --compile-only unless --state-only',
         ),
@@ -104,7 +87,7 @@ def define_flags() -> _Flags:
     )
 
 
-def main(cli: _Flags, argv: Sequence[str]) -> None:
+def main(cli: SimpleNamespace, argv: Sequence[str]) -> None:
     """Run the sweep the flags describe and write its four files."""
     del argv
     from absl import app, flags

@@ -14,10 +14,9 @@ rest. The blocks are identical, so every cost is affine in the depth and two sma
 compiles (depth 1 and 2) give the unrolled step's cost (`extrapolate_by_depth`); the memory
 analysis of the scanned compile itself is right as it is.
 
-Every figure produced here (peak bytes, fits, XLA FLOPs, the estimated step time, images/s and
-MFU) is an estimate from XLA's analyses and cost model, not a measurement; the measured step
-time is `measure.time_steps`. The Pallas splash-attention kernel carries no cost estimate, so
-where the step uses it the estimated time is a lower bound (`SPLASH_NOT_COSTED`).
+The measured step time is `measure.time_steps`. The Pallas splash-attention kernel carries no
+cost estimate, so where the step uses it the estimated time is a lower bound
+(`SPLASH_NOT_COSTED`).
 """
 
 from __future__ import annotations
@@ -42,8 +41,6 @@ SCANNED_COST_SKIPPED = (
     "depth extrapolation runs only with --compile-only); the time is measured"
 )
 _LINEAR_COSTS = ("flops", "bytes accessed", "optimal_seconds")
-
-
 SPLASH_NOT_COSTED = (
     "XLA's FLOPs and estimate leave out the Pallas splash-attention kernel (it carries no "
     "cost estimate): the estimated step time is a lower bound"
@@ -81,11 +78,8 @@ def memory_fields(compiled) -> dict[str, int | None]:
 
 
 def cost_fields(compiled) -> dict:
-    """XLA's cost analysis of the compiled (per-device, partitioned) program; {} if absent.
-
-    Keys used here: "flops", "bytes accessed" and, from the TPU compiler, "optimal_seconds"
-    (its cost-model estimate of the step time).
-    """
+    """XLA's cost analysis of the compiled (per-device, partitioned) program (the keys used
+    here: module docstring); {} if absent."""
     try:
         cost = compiled.cost_analysis()
     except (NotImplementedError, jax.errors.JaxRuntimeError):
@@ -105,15 +99,11 @@ def uses_splash(point: PointView) -> bool:
 
 
 def extrapolate_by_depth(depth: int, compiled_at_depth: Callable[[int], object]) -> dict:
-    """XLA's cost analysis of a `depth`-block step as if its blocks were unrolled.
-
-    XLA's `cost_analysis()` counts a while loop's body once, so a scanned 12-block step reports
-    the FLOPs and `optimal_seconds` of one block plus the rest. The blocks are identical, so
-    every cost is affine in the depth: cost(D) = cost(1) + (D - 1) * (cost(2) - cost(1)), with
-    cost(1) and cost(2) from `compiled_at_depth(1)` and `compiled_at_depth(2)`: unscanned
-    compiles of the same point at depth 1 and 2 (small programs: they compile in a fraction of
-    the full step's time and fit where it does not). `measure.depth_extrapolated_cost` builds
-    and compiles them.
+    """XLA's cost analysis of a `depth`-block step as if its blocks were unrolled (why: module
+    docstring): cost(D) = cost(1) + (D - 1) * (cost(2) - cost(1)), with cost(1) and cost(2) from
+    `compiled_at_depth(1)` and `compiled_at_depth(2)`, unscanned compiles of the same point
+    (small programs: they compile in a fraction of the full step's time and fit where it does
+    not). `measure.depth_extrapolated_cost` builds and compiles them.
     """
     one, two = (cost_fields(compiled_at_depth(d)) for d in (1, 2))
     return {

@@ -25,17 +25,6 @@ from collections.abc import Callable, Iterable, Sequence
 
 from etils import epath
 
-__all__ = [
-    "CATEGORIES",
-    "HloOp",
-    "categorise",
-    "module_name",
-    "parse_hlo_ops",
-    "read_trace_events",
-    "summarise",
-    "trace_steps",
-]
-
 CATEGORIES = (
     "matmul",
     "attention forward",

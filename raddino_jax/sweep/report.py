@@ -39,9 +39,7 @@ def write_csv(rows: Sequence[SweepRow], path: epath.Path) -> None:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for row in rows:
-            writer.writerow(
-                {k: ("" if v is None else v) for k, v in dataclasses.asdict(row).items()}
-            )
+            writer.writerow({k: "" if v is None else v for k, v in dataclasses.asdict(row).items()})
 
 
 def write_json(rows: Sequence[SweepRow], path: epath.Path, meta: dict) -> None:
@@ -51,9 +49,8 @@ def write_json(rows: Sequence[SweepRow], path: epath.Path, meta: dict) -> None:
 
 def _finite_or_none(record: dict) -> dict:
     """NaN (e.g. MFU without a known peak) becomes null: strict JSON has no NaN."""
-    return {
-        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
-    }
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in record.items()}
 
 
 def _json_default(value):
@@ -119,23 +116,16 @@ def plot(rows: Sequence[SweepRow], path: epath.Path, title: str) -> None:
         for bar, row in zip(bars, rows):
             if row.status == "failed":
                 bar.set_color("tab:red")
-                ax.annotate(
-                    "failed",
-                    (bar.get_x() + bar.get_width() / 2, 0),
-                    ha="center",
-                    va="bottom",
-                    rotation=90,
-                    fontsize=8,
-                )
+                where = (bar.get_x() + bar.get_width() / 2, 0)
+                ax.annotate("failed", where, ha="center", va="bottom", rotation=90, fontsize=8)
         ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=8)
         ax.set_ylabel(name)
-    axes[0].set_title(
-        "throughput"
-        if speed_name == "images/s" and any(speed)
-        else "estimated throughput (XLA cost model, not measured)"
-        if any(speed)
-        else "throughput (not timed)"
-    )
+    if not any(speed):
+        axes[0].set_title("throughput (not timed)")
+    elif speed_name == "images/s":
+        axes[0].set_title("throughput")
+    else:
+        axes[0].set_title("estimated throughput (XLA cost model, not measured)")
     axes[1].set_title("memory (XLA peak estimate, else train state)")
     fig.suptitle(title)
     fig.tight_layout()
