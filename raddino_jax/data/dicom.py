@@ -30,9 +30,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from raddino_jax.data.images import (
     DecodedImage,
     DecodeError,
-    describe_input,
     empty_metadata,
-    read_input_bytes,
+    read_input,
     rgb_to_luminance,
 )
 
@@ -111,17 +110,13 @@ def parse_sex(sex: str | None) -> str:
 
 def validate_pixel_spacing(spacing: Any) -> tuple[float, float] | None:
     """(row, col) spacing in mm if both values are numbers within [0.01, 5] mm, else None."""
-    if spacing is None:
-        return None
     try:
         values = [float(v) for v in spacing]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError):  # None, or not numbers
         return None
-    if len(values) != 2:
-        return None
-    if not all(MIN_PIXEL_SPACING_MM <= v <= MAX_PIXEL_SPACING_MM for v in values):
-        return None
-    return values[0], values[1]
+    if len(values) == 2 and all(MIN_PIXEL_SPACING_MM <= v <= MAX_PIXEL_SPACING_MM for v in values):
+        return values[0], values[1]
+    return None
 
 
 def pixel_spacing_mm(ds: pydicom.Dataset) -> tuple[float, float] | None:
@@ -180,7 +175,12 @@ def _window_module(center: float, width: float, function: str) -> pydicom.Datase
     return module
 
 
+# VOILUTFunction -> smallest width it is applied with (see the window_* functions).
+_VOI_MIN_WIDTH = {"LINEAR": 1.0, "LINEAR_EXACT": 1e-12, "SIGMOID": 1e-12}
+
+
 def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    width = max(float(width), _VOI_MIN_WIDTH[function])
     with np.errstate(over="ignore"):  # SIGMOID far outside the window: exp overflows to inf -> 0
         out = pydicom_pixels.apply_windowing(
             np.asarray(values, np.float64), _window_module(center, width, function)
@@ -190,17 +190,17 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
 
 def window_linear(values: np.ndarray, center: float, width: float) -> np.ndarray:
     """PS3.3 C.11.2.1.2.1 LINEAR window mapped onto [0, 1]; widths below 1 count as 1."""
-    return _window(values, center, max(float(width), 1.0), "LINEAR")
+    return _window(values, center, width, "LINEAR")
 
 
 def window_linear_exact(values: np.ndarray, center: float, width: float) -> np.ndarray:
     """PS3.3 C.11.2.1.3.2 LINEAR_EXACT window mapped onto [0, 1] (width > 0)."""
-    return _window(values, center, max(float(width), 1e-12), "LINEAR_EXACT")
+    return _window(values, center, width, "LINEAR_EXACT")
 
 
 def window_sigmoid(values: np.ndarray, center: float, width: float) -> np.ndarray:
     """PS3.3 C.11.2.1.3.1 SIGMOID window mapped onto [0, 1] (width > 0)."""
-    return _window(values, center, max(float(width), 1e-12), "SIGMOID")
+    return _window(values, center, width, "SIGMOID")
 
 
 def window_minmax(values: np.ndarray) -> np.ndarray:
@@ -261,12 +261,9 @@ def window_dicom(values: np.ndarray, ds: pydicom.Dataset) -> tuple[np.ndarray, s
         except (TypeError, ValueError, IndexError):
             center, width = math.nan, math.nan
         if math.isfinite(center) and math.isfinite(width) and width > 0:
-            function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
-            if function == "SIGMOID":
-                return window_sigmoid(values, center, width), "window_sigmoid"
-            if function == "LINEAR_EXACT":
-                return window_linear_exact(values, center, width), "window_linear_exact"
-            return window_linear(values, center, width), "window_linear"
+            function = str(ds.get("VOILUTFunction", "") or "").strip().upper()
+            function = function if function in _VOI_MIN_WIDTH else "LINEAR"
+            return _window(values, center, width, function), f"window_{function.lower()}"
     return window_minmax(values), "minmax_fallback"
 
 
@@ -337,11 +334,6 @@ def _read_without_preamble(data: bytes, name: str) -> pydicom.Dataset:
     return ds
 
 
-def _missing_pixel_data_reason(data: bytes) -> str:
-    """pydicom silently drops a Pixel Data element cut short by EOF: tell that from absence."""
-    return "truncated" if _PIXEL_DATA_TAG_LE in data else "no_pixel_data"
-
-
 def _classify_pixel_error(error: Exception) -> str:
     """Map a pydicom pixel-decoding exception onto a rejection reason."""
     text = str(error).lower()
@@ -362,7 +354,8 @@ def stored_pixels(ds: pydicom.Dataset, data: bytes, name: str, policy: DecodePol
     YBR to RGB. Raises DecodeError for multi-frame/colour under "reject" and decode failures.
     """
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        reason = _missing_pixel_data_reason(data)
+        # pydicom silently drops a Pixel Data element cut short by EOF: tell that from absence.
+        reason = "truncated" if _PIXEL_DATA_TAG_LE in data else "no_pixel_data"
         raise DecodeError(reason, name, "the file has no (complete) Pixel Data element")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
@@ -404,10 +397,7 @@ def decode_dicom(
 ) -> DecodedImage:
     """Decode a DICOM file into a [0, 1] float image with high = dense, plus metadata.
 
-    Steps: stored values (frame 0 if multi-frame and policy "first") -> colour to luminance
-    (colour images skip the modality LUT, which is defined for greyscale only) -> modality LUT
-    (apply_modality_lut: RescaleSlope/Intercept or Modality LUT Sequence, e.g. CT in HU) ->
-    windowing per `policy.windowing` -> MONOCHROME1 inverted (1 - x) so air is dark.
+    The steps of the module docstring; MONOCHROME1 is inverted (1 - x) so air is dark.
 
     Args:
       path_or_bytes: a path (local or gs://) or the file's bytes.
@@ -419,8 +409,7 @@ def decode_dicom(
       DecodeError: with reason in images.REJECTION_REASONS.
     """
     policy = policy or DecodePolicy()
-    name = describe_input(path_or_bytes)
-    data = read_input_bytes(path_or_bytes)
+    name, data = read_input(path_or_bytes)
     ds = read_dataset(data, name)
     metadata = dicom_metadata(ds, policy.source)
     array, is_colour = stored_pixels(ds, data, name, policy)

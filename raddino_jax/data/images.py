@@ -31,25 +31,27 @@ REJECTION_REASONS = (
     "mask_error",
 )
 
-# Keys of `DecodedImage.metadata`, in the order the record schema lists them.
-METADATA_KEYS = (
-    "patient_id",
-    "sex",
-    "age_years",
-    "view_position",
-    "body_part",
-    "modality",
-    "manufacturer",
-    "source",
-    "orig_height",
-    "orig_width",
-    "pixel_spacing_mm",
-    "photometric",
-    "bits_stored",
-    "transfer_syntax",
-    "windowing",
-    "num_frames",
-)
+# `DecodedImage.metadata` with every value unknown ('' text, NaN age, None spacing); its keys,
+# in the order the record schema lists them, are `METADATA_KEYS`.
+_UNKNOWN_METADATA = {
+    "patient_id": "",
+    "sex": "",
+    "age_years": math.nan,
+    "view_position": "",
+    "body_part": "",
+    "modality": "",
+    "manufacturer": "",
+    "source": "",
+    "orig_height": 0,
+    "orig_width": 0,
+    "pixel_spacing_mm": None,
+    "photometric": "",
+    "bits_stored": 0,
+    "transfer_syntax": "",
+    "windowing": "",
+    "num_frames": 1,
+}
+METADATA_KEYS = tuple(_UNKNOWN_METADATA)
 
 PNG_SUFFIXES = (".png",)
 JPEG_SUFFIXES = (".jpg", ".jpeg")
@@ -91,38 +93,14 @@ class DecodedImage:
 
 def empty_metadata(source: str, height: int, width: int) -> dict[str, Any]:
     """Metadata with every key present and 'unknown' values: '' for text, NaN age, None spacing."""
-    return {
-        "patient_id": "",
-        "sex": "",
-        "age_years": math.nan,
-        "view_position": "",
-        "body_part": "",
-        "modality": "",
-        "manufacturer": "",
-        "source": source,
-        "orig_height": int(height),
-        "orig_width": int(width),
-        "pixel_spacing_mm": None,
-        "photometric": "",
-        "bits_stored": 0,
-        "transfer_syntax": "",
-        "windowing": "",
-        "num_frames": 1,
-    }
+    return {**_UNKNOWN_METADATA, "source": source, "orig_height": height, "orig_width": width}
 
 
-def describe_input(path_or_bytes: str | epath.PathLike | bytes) -> str:
-    """A short printable name for an input (its path, or '<bytes>')."""
+def read_input(path_or_bytes: str | epath.PathLike | bytes) -> tuple[str, bytes]:
+    """(printable name, raw bytes) of a path (local or gs://) or of in-memory bytes."""
     if isinstance(path_or_bytes, bytes | bytearray | memoryview):
-        return "<bytes>"
-    return str(path_or_bytes)
-
-
-def read_input_bytes(path_or_bytes: str | epath.PathLike | bytes) -> bytes:
-    """The raw bytes of a path (local or gs://) or the bytes themselves."""
-    if isinstance(path_or_bytes, bytes | bytearray | memoryview):
-        return bytes(path_or_bytes)
-    return epath.Path(path_or_bytes).read_bytes()
+        return "<bytes>", bytes(path_or_bytes)
+    return str(path_or_bytes), epath.Path(path_or_bytes).read_bytes()
 
 
 def rgb_to_luminance(rgb: np.ndarray) -> np.ndarray:
@@ -151,8 +129,7 @@ def decode_raster(
     Raises:
       DecodeError: reason empty_file, not_image, colour or decode_error.
     """
-    name = describe_input(path_or_bytes)
-    data = read_input_bytes(path_or_bytes)
+    name, data = read_input(path_or_bytes)
     if not data:
         raise DecodeError("empty_file", name, "the file has zero bytes")
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
