@@ -16,16 +16,11 @@ into 2 global and ``n_local`` local crops, normalised float32. Per crop, in DINO
 
 Pixel ops 2-4 are pointwise except the blur, so they run as lookup tables on the integer
 image (``data/lut.py``): exact PIL/torchvision uint8 semantics (truncation after each blend)
-and fast. The two
-jitter blends compose into one integer table, and everything after the blur (or after the
-jitter when there is no blur) folds into one level -> level table per crop.
-:func:`multi_crop_levels` stops before that last table and returns the integer crops with their
-tables; op 5 is not a table of its own. The input pipeline writes each crop through its table
-straight into its batch arrays in the transfer dtype (``transfer_dtype``: integer levels that
-the train step normalises on the device, or float32 normalised here); :func:`multi_crop`
-composes each integer table with the normalisation into one level -> float32 table, so its
-float image is written exactly once. All randomness comes from the ``np.random.Generator``
-passed in (Grain hands one per element).
+and fast. Everything after the blur (or after the jitter when there is no blur) folds into one
+level -> level table per crop; :func:`multi_crop_levels` returns the integer crops with those
+tables, and :func:`apply_tables` writes each crop through its table once, into the batch's
+``transfer_dtype`` (or, for :func:`multi_crop`, normalised float32). All randomness comes from
+the ``np.random.Generator`` passed in (Grain hands one per element).
 """
 
 from __future__ import annotations

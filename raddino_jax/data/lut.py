@@ -164,20 +164,11 @@ def float_table(dtype: np.dtype, table: np.ndarray | None, mean: float, std: flo
     return normalise if table is None else normalise[table]
 
 
-@functools.lru_cache(maxsize=1)
-def _widened_identity() -> np.ndarray:
-    """uint16 [256] table of 257 * level (cached, read-only)."""
-    table = np.arange(256, dtype=np.uint16) * np.uint16(257)
-    table.flags.writeable = False
-    return table
-
-
 def widened_table(table: np.ndarray | None) -> np.ndarray:
     """uint8 level -> uint16 level table: ``table`` (None: the identity) times 257.
 
     x / 255 == 257 x / 65535 exactly, so uint8 crops shipped as uint16 normalise to the same
     values.
     """
-    if table is None:
-        return _widened_identity()
-    return table.astype(np.uint16) * np.uint16(257)
+    levels = np.arange(256, dtype=np.uint16) if table is None else table.astype(np.uint16)
+    return levels * np.uint16(257)

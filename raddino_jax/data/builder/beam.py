@@ -130,10 +130,6 @@ class ConvertFn(beam.DoFn):
         yield Converted(order, item.split, result.pixel_hash, item.record_path, result.example)
 
 
-def _hash_key(converted: Converted) -> tuple[str, tuple[int, str]]:
-    return converted.pixel_hash, (converted.order, converted.path)
-
-
 def _later_occurrences(
     hash_group: tuple[str, Iterable[tuple[int, str]]],
 ) -> Iterator[tuple[int, dict[str, str]]]:
@@ -144,10 +140,6 @@ def _later_occurrences(
         yield order, {"path": path, "duplicate_of": first}
 
 
-def _is_first(converted: Converted, duplicate_orders: Mapping[int, Any]) -> bool:
-    return converted.order not in duplicate_orders
-
-
 def _write_sorted_json(entries: list[tuple[Any, Any]], path: str) -> None:
     """Write the values sorted by their key (build order) as a JSON list."""
     values = [value for _, value in sorted(entries, key=lambda entry: entry[0])]
@@ -156,18 +148,6 @@ def _write_sorted_json(entries: list[tuple[Any, Any]], path: str) -> None:
 
 def _write_counts(entries: list[tuple[str, int]], path: str) -> None:
     epath.Path(path).write_text(json.dumps(dict(entries)))
-
-
-def _in_split(converted: Converted, split: str) -> bool:
-    return converted.split == split
-
-
-def _split_of(converted: Converted) -> str:
-    return converted.split
-
-
-def _keyed_example(converted: Converted) -> tuple[int, dict[str, Any]]:
-    return converted.order, converted.example
 
 
 def conversion_graph(
@@ -192,12 +172,13 @@ def conversion_graph(
     converted, failed = results.converted, results.failed
     duplicates = (
         converted
-        | "ByPixelHash" >> beam.Map(_hash_key)
+        | "ByPixelHash" >> beam.Map(lambda c: (c.pixel_hash, (c.order, c.path)))
         | "GroupByPixelHash" >> beam.GroupByKey()
         | "LaterOccurrences" >> beam.FlatMap(_later_occurrences)
     )
     firsts = converted | "DropDuplicates" >> beam.Filter(
-        _is_first, duplicate_orders=beam.pvalue.AsDict(duplicates)
+        lambda c, duplicate_orders: c.order not in duplicate_orders,
+        duplicate_orders=beam.pvalue.AsDict(duplicates),
     )
     work = epath.Path(work_dir)
     for label, collection, name in (
@@ -211,7 +192,7 @@ def conversion_graph(
         )
     _ = (
         firsts
-        | "SplitOf" >> beam.Map(_split_of)
+        | "SplitOf" >> beam.Map(lambda c: c.split)
         | "CountPerSplit" >> beam.combiners.Count.PerElement()
         | "CollectCounts" >> beam.combiners.ToList()
         | "WriteCounts" >> beam.Map(_write_counts, path=str(work / "split_counts.json"))
@@ -219,8 +200,8 @@ def conversion_graph(
     return {
         split: (
             firsts
-            | f"Select_{split}" >> beam.Filter(_in_split, split=split)
-            | f"Key_{split}" >> beam.Map(_keyed_example)
+            | f"Select_{split}" >> beam.Filter(lambda c, split: c.split == split, split=split)
+            | f"Key_{split}" >> beam.Map(lambda c: (c.order, c.example))
         )
         for split in kept_splits
     }
@@ -293,16 +274,7 @@ def write_with_beam(
         )
         kept = [split for split in splits if split not in dropped]
         try:
-            _run(
-                name=name,
-                data_dir=data_dir,
-                description=description,
-                features=features,
-                work=work,
-                convert_options=convert_options,
-                kept=kept,
-                options=options,
-            )
+            _run_once(name, data_dir, description, features, work, convert_options, kept, options)
             break
         except Exception as error:  # the runner wraps the worker's error in its own type
             empty = _EMPTY_SPLIT.search(str(error))
@@ -315,17 +287,9 @@ def write_with_beam(
     return outcome
 
 
-def _run(
-    *,
-    name: str,
-    data_dir: str,
-    description: str,
-    features: tfds.features.FeaturesDict,
-    work: epath.Path,
-    convert_options: ConvertOptions,
-    kept: list[str],
-    options: PipelineOptions,
-) -> None:
+def _run_once(name, data_dir, description, features, work, convert_options, kept, options):
+    """One pipeline run that writes the `kept` splits through tfds."""
+
     def make_splits(pipeline: beam.Pipeline) -> dict[str, beam.PCollection]:
         return conversion_graph(
             pipeline, str(work / "inputs.jsonl"), convert_options, str(work), kept

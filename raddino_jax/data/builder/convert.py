@@ -22,6 +22,7 @@ from raddino_jax.data.dicom import DecodePolicy
 from raddino_jax.data.images import (
     DecodedImage,
     DecodeError,
+    encode_png,
     resize_nearest,
     resize_shorter_side,
     to_png_bytes,
@@ -98,10 +99,7 @@ def _labelled_example(
             mask = load_mask(item.mask_path, decoded.pixels.shape, resized.shape)
         else:
             mask = np.zeros((*resized.shape, 1), np.uint8)
-        ok, buffer = cv2.imencode(".png", mask[..., 0])
-        if not ok:
-            raise DecodeError("mask_error", item.mask_path, "PNG encoding failed")
-        example["mask"] = buffer.tobytes()
+        example["mask"] = encode_png(mask)
     for column, value in item.labels:
         example[column] = value
     return example
@@ -113,14 +111,14 @@ def convert_item(task: tuple[InputItem, ConvertOptions]) -> ConvertResult:
     try:
         decoded = decode_file(item.path, options.policy)
         example = _labelled_example(item, decoded, options)
-    except DecodeError as error:
-        failure = {"path": item.record_path, "reason": error.reason, "message": error.message}
-        return ConvertResult(item=item, failure=failure)
-    except FileNotFoundError as error:
-        failure = {"path": item.record_path, "reason": "decode_error", "message": str(error)}
-        return ConvertResult(item=item, failure=failure)
     except Exception as error:  # noqa: BLE001 - one bad file must not stop the build
-        message = f"{item.path}: decode_error: {type(error).__name__}: {error}"
-        failure = {"path": item.record_path, "reason": "decode_error", "message": message}
+        if isinstance(error, DecodeError):
+            reason, message = error.reason, error.message
+        elif isinstance(error, FileNotFoundError):
+            reason, message = "decode_error", str(error)
+        else:
+            reason = "decode_error"
+            message = f"{item.path}: decode_error: {type(error).__name__}: {error}"
+        failure = {"path": item.record_path, "reason": reason, "message": message}
         return ConvertResult(item=item, failure=failure)
     return ConvertResult(item=item, example=example, pixel_hash=pixel_hash(decoded.pixels))

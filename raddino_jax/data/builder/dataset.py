@@ -18,34 +18,16 @@ from etils import epath
 
 from raddino_jax.data import records
 from raddino_jax.data.builder.convert import ConvertOptions
-from raddino_jax.data.builder.inputs import (
-    DEFAULT_SPLIT,
-    InputItem,
-    discover_inputs,
-    split_order,
-)
-from raddino_jax.data.builder.writer import (
-    BuildOutcome,
-    BuildState,
-    result_stream,
-    write_splits,
-)
+from raddino_jax.data.builder.inputs import DEFAULT_SPLIT, InputItem, discover_inputs, split_order
+from raddino_jax.data.builder.writer import BuildOutcome, BuildState, result_stream, write_splits
 from raddino_jax.data.dicom import DecodePolicy
 
 REPORT_NAME = "report.json"
 RUNNERS = ("multiprocess", "beam")
 # Options that change the produced records; a re-run compares these (not --workers).
 RESULT_OPTIONS = (
-    "input",
-    "name",
-    "size",
-    "bits",
-    "policy",
-    "percentiles",
-    "multiframe",
-    "colour",
-    "source",
-)
+    "input", "name", "size", "bits", "policy", "percentiles", "multiframe", "colour", "source"
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,10 +48,6 @@ class InputItem:
     labels: tuple[tuple[str, Any], ...] = ()
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-
 def _relative_to(path: epath.Path, root: epath.Path) -> str:
     try:
         return str(path.relative_to(root))
@@ -118,7 +114,7 @@ def _typed_label(value: str, kind: str) -> Any:
 
 
 def _resolve(path: str, base: epath.Path) -> str:
-    if _is_remote(path) or os.path.isabs(path):
+    if "://" in path or os.path.isabs(path):
         return path
     return os.fspath(base / path)
 
