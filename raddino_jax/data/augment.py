@@ -296,23 +296,22 @@ def multi_crop_levels(
     g, l = cfg.global_size, cfg.local_size
     global_levels = np.empty((2, g, g), image.dtype)
     local_levels = np.empty((cfg.n_local, l, l), image.dtype)
-    global_tables, local_tables, params = [], [], []
-    # Effective blur probabilities and solarize-on-global-2-only, recipe s5.
-    global_settings = ((cfg.blur_p[0], 0.0), (cfg.blur_p[1], cfg.solarize_p))
-    for k, (blur_p, solarize_p) in enumerate(global_settings):
-        global_levels[k], table, p = augment_crop_levels(
-            image, rng, cfg, size=g, scale=cfg.global_scale, blur_p=blur_p, solarize_p=solarize_p
+    # (scale, blur_p, solarize_p) per crop: the effective blur probabilities and
+    # solarize-on-global-2-only, recipe s5.
+    settings = [
+        (cfg.global_scale, cfg.blur_p[0], 0.0),
+        (cfg.global_scale, cfg.blur_p[1], cfg.solarize_p),
+        *[(cfg.local_scale, cfg.blur_p[2], 0.0)] * cfg.n_local,
+    ]
+    tables, params = [], []
+    for out, (scale, blur_p, solarize_p) in zip([*global_levels, *local_levels], settings):
+        out[...], table, p = augment_crop_levels(
+            image, rng, cfg, size=len(out), scale=scale, blur_p=blur_p, solarize_p=solarize_p
         )
-        global_tables.append(table)
-        params.append(p)
-    for k in range(cfg.n_local):
-        local_levels[k], table, p = augment_crop_levels(
-            image, rng, cfg, size=l, scale=cfg.local_scale, blur_p=cfg.blur_p[2], solarize_p=0.0
-        )
-        local_tables.append(table)
+        tables.append(table)
         params.append(p)
     return MultiCropLevels(
-        global_levels, tuple(global_tables), local_levels, tuple(local_tables), tuple(params)
+        global_levels, tuple(tables[:2]), local_levels, tuple(tables[2:]), tuple(params)
     )
 
 

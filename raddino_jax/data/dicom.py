@@ -203,20 +203,22 @@ def window_sigmoid(values: np.ndarray, center: float, width: float) -> np.ndarra
     return _window(values, center, width, "SIGMOID")
 
 
-def window_minmax(values: np.ndarray) -> np.ndarray:
-    """Full-range linear scaling to [0, 1]; a constant image maps to zeros."""
-    low, high = float(values.min()), float(values.max())
+def _rescale(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """[low, high] -> [0, 1] linearly, clipped, float32; zeros when the range is empty."""
     if high <= low:
         return np.zeros(values.shape, np.float32)
-    return ((values - low) / (high - low)).astype(np.float32)
+    return np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+def window_minmax(values: np.ndarray) -> np.ndarray:
+    """Full-range linear scaling to [0, 1]; a constant image maps to zeros."""
+    return _rescale(values, float(values.min()), float(values.max()))
 
 
 def window_percentile(values: np.ndarray, low_pct: float, high_pct: float) -> np.ndarray:
     """Clip to the [low_pct, high_pct] percentiles, then scale linearly to [0, 1]."""
     low, high = np.percentile(values, [low_pct, high_pct])
-    if high <= low:
-        return window_minmax(values)
-    return np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32)
+    return window_minmax(values) if high <= low else _rescale(values, low, high)
 
 
 def window_voi_lut(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
@@ -231,11 +233,8 @@ def window_voi_lut(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     # through the LUT's unsigned dtype, where values far outside would wrap around.
     inputs = np.clip(np.rint(values), domain[0], domain[-1]).astype(np.int64)
     table = pydicom_pixels.apply_voi(domain, ds).astype(np.float32)
-    low, high = float(table.min()), float(table.max())
-    if high <= low:
-        return np.zeros(values.shape, np.float32)
     looked_up = pydicom_pixels.apply_voi(inputs, ds).astype(np.float32)
-    return ((looked_up - low) / (high - low)).astype(np.float32)
+    return _rescale(looked_up, float(table.min()), float(table.max()))
 
 
 def _first_value(value: Any) -> float:

@@ -157,17 +157,6 @@ def decode_raster(
     return DecodedImage(pixels=pixels, metadata=metadata)
 
 
-def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
-    """(height, width) after scaling so that the shorter side is `size`, aspect kept (rounded)."""
-    shorter = min(height, width)
-    if shorter == size:
-        return height, width
-    scale = size / shorter
-    if height <= width:
-        return size, max(1, round(width * scale))
-    return max(1, round(height * scale)), size
-
-
 def resize_shorter_side(pixels: np.ndarray, size: int = 518) -> np.ndarray:
     """Resize a [H, W] image so its shorter side is `size`, keeping the aspect ratio.
 
@@ -187,9 +176,13 @@ def resize_shorter_side(pixels: np.ndarray, size: int = 518) -> np.ndarray:
     if size <= 0:
         return pixels
     height, width = pixels.shape
-    new_height, new_width = resized_shape(height, width, size)
-    if (new_height, new_width) == (height, width):
+    if min(height, width) == size:
         return pixels
+    scale = size / min(height, width)
+    if height <= width:
+        new_height, new_width = size, max(1, round(width * scale))
+    else:
+        new_height, new_width = max(1, round(height * scale)), size
     source = np.ascontiguousarray(pixels, dtype=np.float32)
     if new_height * new_width < height * width:
         return cv2.resize(source, (new_width, new_height), interpolation=cv2.INTER_AREA)
