@@ -1,13 +1,11 @@
 """Integer pixel-level maths of the multi-crop: lookup tables on uint8/uint16 images (recipe s5).
 
 The photometric ops of ``data/augment.py`` other than the blur are pointwise, so they run as
-level -> level tables with PIL's integer semantics (each blend truncates): brightness and
-contrast (``blend_table``, ``contrast_table``, ``jitter_table``), solarize
-(``solarize_table``), a crop's composed last table (``finishing_table``), and the tables that
-write finished crops in the transfer dtype (``float_table``: level -> normalised float32;
-``widened_table``: uint8 level -> uint16 level). ``apply_table`` applies any of them
-(``cv2.LUT`` for uint8). ``normalise_table`` tabulates ``layout.normalise``, which the train
-step applies on the device. No randomness here: ``data/augment.py`` draws the factors.
+level -> level tables with PIL's integer semantics (each blend truncates), composed into one
+table per crop and applied with ``apply_table`` (``cv2.LUT`` for uint8). The last table also
+writes the transfer dtype: ``float_table`` (normalised float32, ``layout.normalise`` as the train
+step applies it) or ``widened_table`` (uint8 -> uint16). No randomness here: ``data/augment.py``
+draws the factors.
 """
 
 from __future__ import annotations

@@ -23,17 +23,15 @@ def decode_image(image: bytes | np.ndarray) -> np.ndarray:
     A 1-D uint8 array is taken as encoded bytes (how some readers hand out binary fields).
     PNGs that :func:`decode_png_fast` handles skip libpng; everything else goes to cv2.
     """
-    if isinstance(image, np.ndarray) and image.ndim >= 2:
-        return lut.as_2d_image(image)
     if isinstance(image, np.ndarray):
-        encoded = image.view(np.uint8).reshape(-1)
-    else:
-        encoded = np.frombuffer(image, dtype=np.uint8)
-    decoded = decode_png_fast(encoded if isinstance(image, np.ndarray) else image)
+        if image.ndim >= 2:
+            return lut.as_2d_image(image)
+        image = image.view(np.uint8).tobytes()
+    decoded = decode_png_fast(image)
     if decoded is None:
-        decoded = cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED)
+        decoded = cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_UNCHANGED)
     if decoded is None:
-        raise ValueError(f"could not decode an image from {encoded.size} bytes")
+        raise ValueError(f"could not decode an image from {len(image)} bytes")
     return lut.as_2d_image(decoded)
 
 
@@ -72,7 +70,7 @@ def _png_header_and_data(encoded: bytes) -> tuple[bytes, bytes] | None:
     return header, b"".join(idat)
 
 
-def decode_png_fast(encoded: bytes | np.ndarray) -> np.ndarray | None:
+def decode_png_fast(encoded: bytes) -> np.ndarray | None:
     """Decodes the PNGs our data preparation writes, ~2x faster than libpng; else None.
 
     Handles non-interlaced 8/16-bit grayscale PNGs whose rows all use the same filter, None,
@@ -85,7 +83,6 @@ def decode_png_fast(encoded: bytes | np.ndarray) -> np.ndarray | None:
     Returns:
       [H, W] uint8 or uint16 (native byte order), or None.
     """
-    encoded = bytes(encoded) if isinstance(encoded, np.ndarray) else encoded
     parsed = _png_header_and_data(encoded)
     if parsed is None:
         return None

@@ -18,16 +18,11 @@ files, then finalises dataset_info.json as in a local build):
   failures, duplicates and per-split counts -> small JSON files next to the dataset, which the
   launcher reads into report.json once the pipeline has finished.
 
-TensorFlow is not needed: tfds 4.9's Beam path (split_builder / writer.BeamWriter with the
-array_record example writer) imports no TensorFlow for ArrayRecord output (tested here with
-tensorflow absent). Input and output are epath locations, so gs:// works where the workers can
-reach it (gs:// without TensorFlow needs gcsfs); on a remote runner (Dataflow, Flink, Spark)
---output must be a URL the workers share.
-
-Empty splits: tfds's BeamWriter refuses a split with no example and fails the pipeline. As in the
-multiprocess build, that split is then left out and the whole pipeline runs again without it (its
-files are still converted, so their failures and duplicates stay reported). Listed in
-`dropped_empty_splits`; this costs a second pass only when a whole split fails.
+TensorFlow is not needed here either: tfds 4.9's Beam path writes ArrayRecord without it (tested
+with tensorflow absent). gs:// works where the workers can reach it (without TensorFlow it needs
+gcsfs); on a remote runner (Dataflow, Flink, Spark) --output must be a URL the workers share.
+An empty split fails tfds's BeamWriter; it is then dropped and the pipeline rerun, as in the
+multiprocess build.
 
 Runners tested here: the FnApiRunner (what DirectRunner runs locally) in multi_processing mode
 with 2 SDK worker processes, which is the default when --beam-options names no runner
@@ -46,7 +41,7 @@ import logging
 import re
 import shlex
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import apache_beam as beam
@@ -56,7 +51,7 @@ from etils import epath
 
 from raddino_jax.data.builder.convert import ConvertOptions, convert_item
 from raddino_jax.data.builder.inputs import InputItem
-from raddino_jax.data.builder.writer import BuildOutcome, RadiographBuilder
+from raddino_jax.data.builder.writer import BuildOutcome, DatasetPlan, RadiographBuilder
 
 WORK_DIR = "_beam"  # under DATA_DIR/NAME while the pipeline runs; removed afterwards
 # tfds's BeamWriter._check_num_examples message for a split without examples.
@@ -237,16 +232,7 @@ def _read_outcome(work: epath.Path, dropped: list[str]) -> BuildOutcome:
 
 
 def write_with_beam(
-    *,
-    name: str,
-    data_dir: str,
-    description: str,
-    features: tfds.features.FeaturesDict,
-    splits: list[str],
-    by_split: Mapping[str, list[InputItem]],
-    convert_options: ConvertOptions,
-    beam_options: str,
-    workers: int,
+    plan: DatasetPlan, convert_options: ConvertOptions, beam_options: str, workers: int
 ) -> BuildOutcome:
     """Run the conversion pipeline (through tfds) until no kept split is empty.
 
@@ -255,15 +241,15 @@ def write_with_beam(
       ValueError: a remote runner with a local --output (the workers could not write it).
     """
     options = pipeline_options(beam_options, workers)
-    if not _is_local(options) and "://" not in data_dir:
+    if not _is_local(options) and "://" not in plan.data_dir:
         raise ValueError(
-            f"--output {data_dir} is local but --beam-options runs on "
+            f"--output {plan.data_dir} is local but --beam-options runs on "
             f"{options.view_as(StandardOptions).runner}: give a location the workers can "
             "write, e.g. gs://BUCKET/tfds"
         )
-    dataset_root = epath.Path(data_dir) / name
+    dataset_root = epath.Path(plan.data_dir) / plan.name
     work = dataset_root / WORK_DIR
-    ordered = [item for split in splits for item in by_split[split]]
+    ordered = [item for split in plan.splits for item in plan.by_split[split]]
     dropped: list[str] = []
     while True:
         if dataset_root.exists():
@@ -272,9 +258,9 @@ def write_with_beam(
         (work / "inputs.jsonl").write_text(
             "".join(_item_to_json(order, item) + "\n" for order, item in enumerate(ordered))
         )
-        kept = [split for split in splits if split not in dropped]
+        kept = [split for split in plan.splits if split not in dropped]
         try:
-            _run_once(name, data_dir, description, features, work, convert_options, kept, options)
+            _run_once(plan, work, convert_options, kept, options)
             break
         except Exception as error:  # the runner wraps the worker's error in its own type
             empty = _EMPTY_SPLIT.search(str(error))
@@ -287,7 +273,13 @@ def write_with_beam(
     return outcome
 
 
-def _run_once(name, data_dir, description, features, work, convert_options, kept, options):
+def _run_once(
+    plan: DatasetPlan,
+    work: epath.Path,
+    convert_options: ConvertOptions,
+    kept: list[str],
+    options: PipelineOptions,
+) -> None:
     """One pipeline run that writes the `kept` splits through tfds."""
 
     def make_splits(pipeline: beam.Pipeline) -> dict[str, beam.PCollection]:
@@ -300,13 +292,7 @@ def _run_once(name, data_dir, description, features, work, convert_options, kept
         with beam.Pipeline(options=options) as pipeline:
             make_splits(pipeline)
         return
-    builder = BeamRadiographBuilder(
-        name=name,
-        features=features,
-        make_splits=make_splits,
-        data_dir=data_dir,
-        description=description,
-    )
+    builder = BeamRadiographBuilder(plan=plan, make_splits=make_splits)
     with tempfile.TemporaryDirectory() as download_dir:
         builder.download_and_prepare(
             download_dir=download_dir,

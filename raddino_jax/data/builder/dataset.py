@@ -19,7 +19,13 @@ from etils import epath
 from raddino_jax.data import records
 from raddino_jax.data.builder.convert import ConvertOptions
 from raddino_jax.data.builder.inputs import DEFAULT_SPLIT, InputItem, discover_inputs, split_order
-from raddino_jax.data.builder.writer import BuildOutcome, BuildState, result_stream, write_splits
+from raddino_jax.data.builder.writer import (
+    BuildOutcome,
+    BuildState,
+    DatasetPlan,
+    result_stream,
+    write_splits,
+)
 from raddino_jax.data.dicom import DecodePolicy
 
 REPORT_NAME = "report.json"
@@ -111,30 +117,22 @@ def build_dataset(options: BuildOptions) -> dict[str, Any]:
     convert_options = ConvertOptions(
         size=options.size, bits=options.bits, policy=options.decode_policy(), with_mask=with_mask
     )
-    features = records.build_features(options.bits, label_types, with_mask)
     splits = split_order(items) or [DEFAULT_SPLIT]
-    by_split = {split: [item for item in items if item.split == split] for split in splits}
-
-    description = f"Radiographs converted from {options.input} by data_prep.build."
+    plan = DatasetPlan(
+        name=options.name,
+        data_dir=options.output,
+        description=f"Radiographs converted from {options.input} by data_prep.build.",
+        features=records.build_features(options.bits, label_types, with_mask),
+        splits=splits,
+        by_split={split: [item for item in items if item.split == split] for split in splits},
+    )
     if options.runner == "beam":
         # Optional extra: only a Beam build imports Apache Beam.
         from raddino_jax.data.builder.beam import write_with_beam
 
-        outcome = write_with_beam(
-            name=options.name,
-            data_dir=options.output,
-            description=description,
-            features=features,
-            splits=splits,
-            by_split=by_split,
-            convert_options=convert_options,
-            beam_options=options.beam_options,
-            workers=options.workers,
-        )
+        outcome = write_with_beam(plan, convert_options, options.beam_options, options.workers)
     else:
-        outcome = _write_with_pool(
-            options, description, features, splits, by_split, convert_options, len(items)
-        )
+        outcome = _write_with_pool(options, plan, convert_options, len(items))
 
     report = make_report(options, items, ignored, outcome, label_types, with_mask)
     dataset_root.mkdir(parents=True, exist_ok=True)
@@ -143,13 +141,7 @@ def build_dataset(options: BuildOptions) -> dict[str, Any]:
 
 
 def _write_with_pool(
-    options: BuildOptions,
-    description: str,
-    features: Any,
-    splits: list[str],
-    by_split: Mapping[str, list[InputItem]],
-    convert_options: ConvertOptions,
-    total: int,
+    options: BuildOptions, plan: DatasetPlan, convert_options: ConvertOptions, total: int
 ) -> BuildOutcome:
     """The multiprocess build: convert on a spawn pool, stream in input order into tfds."""
     dataset_root = epath.Path(options.output) / options.name
@@ -161,16 +153,7 @@ def _write_with_pool(
         while True:
             state = BuildState(result_stream(pool, convert_options), total=total)
             try:
-                write_splits(
-                    name=options.name,
-                    data_dir=options.output,
-                    description=description,
-                    features=features,
-                    splits=splits,
-                    by_split=by_split,
-                    dropped=dropped,
-                    state=state,
-                )
+                write_splits(plan, dropped, state)
                 break
             except AssertionError:
                 # tfds cannot store a split with no example: drop it and convert again

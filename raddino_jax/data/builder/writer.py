@@ -21,11 +21,22 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 import tqdm
-from etils import epath
 
 from raddino_jax.data import records
 from raddino_jax.data.builder.convert import ConvertOptions, ConvertResult, convert_item
 from raddino_jax.data.builder.inputs import InputItem
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetPlan:
+    """The tfds dataset to write: where, its features, and each split's items in build order."""
+
+    name: str
+    data_dir: str
+    description: str
+    features: tfds.features.FeaturesDict
+    splits: list[str]
+    by_split: Mapping[str, list[InputItem]]
 
 
 class RadiographBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -52,23 +63,19 @@ class RadiographBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     def __init__(
         self,
         *,
-        name: str,
-        features: tfds.features.FeaturesDict,
+        plan: DatasetPlan,
         split_examples: Mapping[str, Callable[[], Iterator[tuple[int, dict[str, Any]]]]],
-        data_dir: epath.PathLike,
-        description: str = "",
     ):
-        self.name = name
-        self._features = features
+        self.name = plan.name
+        self._plan = plan
         self._split_examples = split_examples
-        self._description = description
-        super().__init__(data_dir=os.fspath(data_dir), file_format="array_record")
+        super().__init__(data_dir=os.fspath(plan.data_dir), file_format="array_record")
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self,
-            description=self._description,
-            features=self._features,
+            description=self._plan.description,
+            features=self._plan.features,
             disable_shuffling=True,
         )
 
@@ -160,38 +167,26 @@ def result_stream(
     return results
 
 
-def write_splits(
-    name: str,
-    data_dir: str,
-    description: str,
-    features: tfds.features.FeaturesDict,
-    splits: list[str],
-    by_split: Mapping[str, list[InputItem]],
-    dropped: list[str],
-    state: BuildState,
-) -> None:
+def write_splits(plan: DatasetPlan, dropped: list[str], state: BuildState) -> None:
     """Run the tfds builder over the kept splits, in input order.
 
     Items of `dropped` splits are drained (failures/duplicates recorded) at their place in the
     order, so duplicate detection sees files in the same order as without dropping.
     """
     pending: list[InputItem] = []
-    plan: dict[str, tuple[list[InputItem], list[InputItem]]] = {}
-    for split in splits:
+    kept: dict[str, tuple[list[InputItem], list[InputItem]]] = {}
+    for split in plan.splits:
         if split in dropped:
-            pending.extend(by_split[split])
+            pending.extend(plan.by_split[split])
         else:
-            plan[split], pending = (by_split[split], pending), []
-    if plan:
+            kept[split], pending = (plan.by_split[split], pending), []
+    if kept:
         builder = RadiographBuilder(
-            name=name,
-            features=features,
+            plan=plan,
             split_examples={
                 split: functools.partial(state.examples, split, own, drain)
-                for split, (own, drain) in plan.items()
+                for split, (own, drain) in kept.items()
             },
-            data_dir=data_dir,
-            description=description,
         )
         with tempfile.TemporaryDirectory() as download_dir:
             builder.download_and_prepare(download_dir=download_dir)
