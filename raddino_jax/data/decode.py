@@ -10,10 +10,10 @@ from __future__ import annotations
 from etils import epath
 
 from raddino_jax.data.dicom import DecodePolicy, decode_dicom, looks_like_dicom
-from raddino_jax.data.images import JPEG_SUFFIXES, PNG_SUFFIXES, DecodedImage, decode_raster
+from raddino_jax.data.images import DecodedImage, decode_raster
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
-RASTER_SUFFIXES = PNG_SUFFIXES + JPEG_SUFFIXES
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def classify_file(path: epath.PathLike) -> str | None:

@@ -93,9 +93,7 @@ def parse_age(age_string: str | None) -> float:
 
     A bare number ('45') is read as years, a lenient reading of a common non-conformance.
     """
-    if not age_string:
-        return math.nan
-    match = _AGE_PATTERN.match(str(age_string))
+    match = _AGE_PATTERN.match(str(age_string or ""))
     if match is None:
         return math.nan
     value, unit = float(match.group(1)), (match.group(2) or "Y").upper()
@@ -398,9 +396,8 @@ def decode_dicom(
 
     The steps of the module docstring; MONOCHROME1 is inverted (1 - x) so air is dark.
 
-    Args:
-      path_or_bytes: a path (local or gs://) or the file's bytes.
-      policy: DecodePolicy (defaults to DecodePolicy()).
+    `path_or_bytes` is a path (local or gs://) or the file's bytes.
+
     Returns:
       DecodedImage: pixels float32 [Rows, Columns] in [0, 1]; metadata per images.METADATA_KEYS
       with `windowing` naming the method used.

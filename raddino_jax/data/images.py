@@ -53,9 +53,6 @@ _UNKNOWN_METADATA = {
 }
 METADATA_KEYS = tuple(_UNKNOWN_METADATA)
 
-PNG_SUFFIXES = (".png",)
-JPEG_SUFFIXES = (".jpg", ".jpeg")
-
 # ITU-R BT.601 luma weights, the usual RGB -> grey conversion (same as cv2 / PIL "L").
 _LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -120,12 +117,9 @@ def decode_raster(
     Colour images are converted to BT.601 luminance (`colour="convert"`) or rejected
     (`colour="reject"`); an alpha channel is dropped.
 
-    Args:
-      path_or_bytes: a path (local or gs://) or the encoded bytes.
-      source: dataset name stored in the metadata.
-      colour: "convert" or "reject".
-    Returns:
-      DecodedImage with pixels float32 [H, W] in [0, 1].
+    `path_or_bytes` is a path (local or gs://) or the encoded bytes; `source` the dataset name
+    stored in the metadata.
+
     Raises:
       DecodeError: reason empty_file, not_image, colour or decode_error.
     """
@@ -166,12 +160,6 @@ def resize_shorter_side(pixels: np.ndarray, size: int = 518) -> np.ndarray:
     RAD-DINO used SimpleITK B-spline resampling (recipe s8); both are smooth, antialiased
     resamplers and agree to well under one 8-bit grey level on radiographs.
     `size <= 0` returns the input unchanged.
-
-    Args:
-      pixels: float32 [H, W].
-      size: target length of the shorter side.
-    Returns:
-      float32 [H', W'] with min(H', W') == size.
     """
     if size <= 0:
         return pixels

@@ -150,5 +150,5 @@ def dataset_contents(data_dir: epath.PathLike, name: str) -> tuple[set[str], set
     return set(builder.info.features.keys()), set(builder.info.splits.keys())
 
 
-# The name the data pipeline uses; identical to open_split.
+# The older name of open_split (tests/test_build.py still uses it).
 read_records = open_split

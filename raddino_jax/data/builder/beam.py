@@ -26,7 +26,7 @@ multiprocess build.
 
 Runners tested here: the FnApiRunner (what DirectRunner runs locally) in multi_processing mode
 with 2 SDK worker processes, which is the default when --beam-options names no runner
-(`default_beam_options`, --workers processes); and `--runner=DirectRunner`, which first tries to
+(`pipeline_options`, --workers processes); and `--runner=DirectRunner`, which first tries to
 download the Prism runner (offline: fails, falls back to an in-process FnApiRunner).
 DataflowRunner is untested here (no network): give the workers this package, e.g. build a wheel
 (`pip wheel --no-deps -w dist .`) and pass `--extra_packages=dist/raddino_jax-*.whl`, or a custom
@@ -68,24 +68,18 @@ class Converted(NamedTuple):
     example: dict[str, Any]
 
 
-def default_beam_options(workers: int) -> str:
-    """Local run: Beam's FnApiRunner with `workers` SDK worker processes.
-
-    Named explicitly because the DirectRunner first tries the Prism runner, a Go binary it
-    downloads at run time.
-    """
-    return (
-        f"--runner=FnApiRunner --direct_running_mode=multi_processing "
-        f"--direct_num_workers={max(1, workers)}"
-    )
-
-
 def pipeline_options(beam_options: str, workers: int) -> PipelineOptions:
-    """Parse --beam-options (one shell-quoted string); without --runner, run locally on
-    `workers` processes (`default_beam_options`)."""
+    """Parse --beam-options (one shell-quoted string); without --runner, run locally on Beam's
+    FnApiRunner with `workers` SDK worker processes (named explicitly because the DirectRunner
+    first tries the Prism runner, a Go binary it downloads at run time)."""
     flags = shlex.split(beam_options)
     if PipelineOptions(flags).view_as(StandardOptions).runner is None:
-        flags = shlex.split(default_beam_options(workers)) + flags
+        flags = [
+            "--runner=FnApiRunner",
+            "--direct_running_mode=multi_processing",
+            f"--direct_num_workers={max(1, workers)}",
+            *flags,
+        ]
     return PipelineOptions(flags)
 
 
