@@ -251,14 +251,7 @@ def augment_crop_levels(
     threshold = lut.scaled_solarize_threshold(cfg.solarize_threshold, crop.dtype)
     table = lut.finishing_table(crop.dtype, pending, threshold if solarized else None)
     params = CropParams(
-        box=box,
-        flipped=flipped,
-        jittered=jittered,
-        brightness=brightness,
-        contrast=contrast,
-        brightness_first=brightness_first,
-        blur_sigma=blur_sigma,
-        solarized=solarized,
+        box, flipped, jittered, brightness, contrast, brightness_first, blur_sigma, solarized
     )
     return crop, table, params
 

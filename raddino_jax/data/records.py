@@ -43,8 +43,12 @@ FLOAT_FEATURES = ("age_years", "pixel_spacing_row_mm", "pixel_spacing_col_mm")
 INT_FEATURES = ("orig_height", "orig_width", "bits_stored", "num_frames")
 RESERVED_FEATURES = ("image", "mask", *TEXT_FEATURES, *FLOAT_FEATURES, *INT_FEATURES)
 
-# CSV label column types (see builder.inputs.infer_label_type) -> tfds feature.
-LABEL_TYPES = ("int", "float", "text")
+# CSV label column type (see builder.inputs.infer_label_type) -> its tfds feature.
+_LABEL_FEATURES = {
+    "int": lambda: tfds.features.Scalar(dtype=np.int64),
+    "float": lambda: tfds.features.Scalar(dtype=np.float32),
+    "text": tfds.features.Text,
+}
 UNKNOWN_NUMBER = -1.0
 
 
@@ -54,16 +58,6 @@ def image_feature(bits: int) -> tfds.features.Image:
         raise ValueError(f"bits must be 8 or 16, got {bits}")
     dtype = np.uint8 if bits == 8 else np.uint16
     return tfds.features.Image(shape=(None, None, 1), dtype=dtype, encoding_format="png")
-
-
-def _label_feature(kind: str) -> tfds.features.FeatureConnector:
-    if kind == "int":
-        return tfds.features.Scalar(dtype=np.int64)
-    if kind == "float":
-        return tfds.features.Scalar(dtype=np.float32)
-    if kind == "text":
-        return tfds.features.Text()
-    raise ValueError(f"label type must be one of {LABEL_TYPES}, got {kind!r}")
 
 
 def build_features(
@@ -89,7 +83,9 @@ def build_features(
     for name, kind in (label_types or {}).items():
         if name in RESERVED_FEATURES:
             raise ValueError(f"label column {name!r} clashes with a built-in feature")
-        features[name] = _label_feature(kind)
+        if kind not in _LABEL_FEATURES:
+            raise ValueError(f"label type must be one of {tuple(_LABEL_FEATURES)}, got {kind!r}")
+        features[name] = _LABEL_FEATURES[kind]()
     return tfds.features.FeaturesDict(features)
 
 
