@@ -2,7 +2,7 @@
 
   python -m raddino_jax.evaluate --checkpoint PATH --data DATA_DIR/NAME --label F[,F...] \
       [--task knn|linear|metadata|segmentation|all] [--out DIR] [--baseline PATH] \
-      [--bootstrap 1000] [--curve]
+      [--bootstrap 1000] [--curve [--curve-tasks knn] [--curve-max-examples N]]
 
 The teacher backbone of PATH (a parameter checkpoint or a training run directory) embeds every
 image of the `data_prep` dataset DATA_DIR/NAME with the checkpoint's inference preprocessing
@@ -94,6 +94,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also evaluate every kept checkpoint of the training run --checkpoint (kNN k=20 "
         "and probe AUROC, with bootstrap intervals) and write curve.json + curve.png",
     )
+    parser.add_argument(
+        "--curve-tasks",
+        default="knn,linear",
+        help="the curve's scores: knn, linear or both (knn alone needs no probe fit per step)",
+    )
+    parser.add_argument(
+        "--curve-max-examples",
+        type=int,
+        default=None,
+        help="per split, for the curve only (default: --max-examples)",
+    )
     return parser.parse_args(argv)
 
 
@@ -116,7 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         curve = None
         if args.curve:
-            curve = learning_curve(args.checkpoint, args.data, labels, **options)
+            curve_options = dict(options, tasks=args.curve_tasks.split(","))
+            if args.curve_max_examples is not None:
+                curve_options["max_examples"] = args.curve_max_examples
+            curve = learning_curve(args.checkpoint, args.data, labels, **curve_options)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

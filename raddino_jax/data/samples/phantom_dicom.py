@@ -126,7 +126,7 @@ def _modality_range(variant: DicomVariant, stored: np.ndarray) -> tuple[float, f
     return low, high
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _voi_lut_item(bits_stored: int) -> Dataset:
     """The VOI LUT item for `bits_stored`, built once: pydicom validates each of the up to
     65,536 LUT entries on assignment, ~50 ms per file, a third of the generator's time."""

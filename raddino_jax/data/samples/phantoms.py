@@ -105,21 +105,51 @@ def _sample_image_size(rng: np.random.Generator, base_size: int) -> tuple[int, i
     return height, width
 
 
-def _sample_acquisition(rng: np.random.Generator, base_size: int) -> dict:
-    """Per-image nuisance parameters: pose, exposure and detector properties."""
+# Ranges (low, high) of the per-image acquisition parameters, per acquisition profile.
+# "standard": an upright PA department radiograph. "portable": a bedside AP film, the demo's
+# shifted domain for continued pretraining (issue 23): poorer positioning (more shift and
+# rotation), a harder, noisier, blurrier exposure with a stronger heel-effect gradient.
+ACQUISITION_PROFILES = {
+    "standard": dict(
+        shift_x=(-0.08, 0.08),
+        shift_y=(-0.08, 0.08),
+        rotation_deg=(-4.0, 4.0),
+        gain=(0.8, 1.15),
+        gamma=(0.8, 1.25),
+        offset=(-0.03, 0.08),
+        tilt=(-0.05, 0.05),
+        blur_sigma=(0.4, 1.2),
+        noise_sigma=(0.005, 0.025),
+    ),
+    "portable": dict(
+        shift_x=(-0.14, 0.14),
+        shift_y=(-0.04, 0.16),
+        rotation_deg=(-9.0, 9.0),
+        gain=(0.65, 0.95),
+        gamma=(1.3, 1.9),
+        offset=(0.04, 0.16),
+        tilt=(-0.16, 0.16),
+        blur_sigma=(0.9, 1.7),
+        noise_sigma=(0.02, 0.045),
+    ),
+}
+
+
+def _sample_acquisition(
+    rng: np.random.Generator, base_size: int, acquisition: str = "standard"
+) -> dict:
+    """Per-image nuisance parameters: pose, exposure and detector properties, drawn from the
+    `ACQUISITION_PROFILES[acquisition]` ranges."""
+    if acquisition not in ACQUISITION_PROFILES:
+        raise ValueError(
+            f"acquisition must be one of {sorted(ACQUISITION_PROFILES)}, got {acquisition!r}"
+        )
     height, width = _sample_image_size(rng, base_size)
+    ranges = ACQUISITION_PROFILES[acquisition]
     return dict(
         height=height,
         width=width,
-        shift_x=float(rng.uniform(-0.08, 0.08)),
-        shift_y=float(rng.uniform(-0.08, 0.08)),
-        rotation_deg=float(rng.uniform(-4.0, 4.0)),
-        gain=float(rng.uniform(0.8, 1.15)),
-        gamma=float(rng.uniform(0.8, 1.25)),
-        offset=float(rng.uniform(-0.03, 0.08)),
-        tilt=float(rng.uniform(-0.05, 0.05)),
-        blur_sigma=float(rng.uniform(0.4, 1.2)),
-        noise_sigma=float(rng.uniform(0.005, 0.025)),
+        **{name: float(rng.uniform(low, high)) for name, (low, high) in ranges.items()},
     )
 
 
@@ -130,12 +160,13 @@ def sample_patient(
     sex: str | None = None,
     nodule: int | None = None,
     effusion: int | None = None,
+    acquisition: str = "standard",
 ) -> PhantomParams:
     """Draw one patient and one acquisition of them.
 
     Labels are drawn at random (sex 1:1, nodule 1:1, effusion none/left/right 2:1:1) unless
     given, so a caller can balance them across a data set. `base_size` S sets the image size
-    (see `_sample_image_size`).
+    (see `_sample_image_size`); `acquisition` names an `ACQUISITION_PROFILES` entry.
     """
     sex = sex if sex is not None else str(rng.choice(["M", "F"]))
     if sex not in ("M", "F"):
@@ -170,7 +201,7 @@ def sample_patient(
         dome_shift=(float(rng.uniform(-0.14, 0.04)), float(rng.uniform(-0.14, 0.04))),
         nodules=(),
     )
-    params = PhantomParams(**patient, **_sample_acquisition(rng, base_size))
+    params = PhantomParams(**patient, **_sample_acquisition(rng, base_size, acquisition))
     if nodule:
         count = int(rng.integers(1, 4))
         params = dataclasses.replace(params, nodules=_sample_nodules(rng, params, count))
@@ -178,10 +209,13 @@ def sample_patient(
 
 
 def sample_followup(
-    rng: np.random.Generator, params: PhantomParams, base_size: int = 256
+    rng: np.random.Generator,
+    params: PhantomParams,
+    base_size: int = 256,
+    acquisition: str = "standard",
 ) -> PhantomParams:
     """Another study of the same patient: same anatomy and findings, new acquisition."""
-    return dataclasses.replace(params, **_sample_acquisition(rng, base_size))
+    return dataclasses.replace(params, **_sample_acquisition(rng, base_size, acquisition))
 
 
 def _sample_nodules(
