@@ -351,7 +351,8 @@ def lesion_masks(params: PhantomParams) -> tuple[np.ndarray, np.ndarray]:
     nodules = np.zeros(x.shape, dtype=bool)
     for n in params.nodules:
         nodules |= np.hypot(x - n.x, y - n.y) <= n.radius
-    effusion = _lung_fields(x, y, params)["effusion"] > 0.5
+    # Fluid a quarter as thick as full already shows (it can lie as a thin layer on the dome).
+    effusion = _lung_fields(x, y, params)["effusion"] > 0.25
     return nodules, effusion
 
 
