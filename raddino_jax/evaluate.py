@@ -1,7 +1,7 @@
 """`python -m raddino_jax.evaluate`: frozen-feature evaluation of a checkpoint (recipe s10).
 
   python -m raddino_jax.evaluate --checkpoint PATH --data DATA_DIR/NAME --label F[,F...] \
-      [--task knn|linear|metadata|segmentation|all] [--out DIR] [--baseline PATH] \
+      [--task all|knn[,linear,metadata,segmentation]] [--out DIR] [--baseline PATH] \
       [--bootstrap 1000] [--curve [--curve-tasks knn] [--curve-max-examples N]]
 
 The teacher backbone of PATH (a parameter checkpoint or a training run directory) embeds every
@@ -71,7 +71,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, help="params checkpoint or training run")
     parser.add_argument("--data", required=True, help="DATA_DIR/NAME of a data_prep dataset")
     parser.add_argument("--label", required=True, help="label field(s), comma-separated")
-    parser.add_argument("--task", default="all", choices=[*TASKS, "all"])
+    parser.add_argument(
+        "--task", default="all", help=f"all, or one or more of {','.join(TASKS)}, comma-separated"
+    )
     parser.add_argument("--out", default=None, help="output folder (default CHECKPOINT/eval)")
     parser.add_argument("--baseline", default=None, help="another checkpoint to compare with")
     parser.add_argument("--max-examples", type=int, default=None, help="per split")
@@ -111,7 +113,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     labels = [label.strip() for label in args.label.split(",") if label.strip()]
-    tasks = list(TASKS) if args.task == "all" else [args.task]
+    tasks = list(TASKS) if args.task == "all" else [t.strip() for t in args.task.split(",")]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        print(
+            f"error: --task {args.task!r}: choose all or from {', '.join(TASKS)}", file=sys.stderr
+        )
+        return 2
     try:
         options = dict(  # the feature and probe settings both reports share
             max_examples=args.max_examples,
