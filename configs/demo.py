@@ -59,7 +59,7 @@ def get_config():
     c = base_config()
     c.total_steps = 150
     c.log_every = 10
-    c.checkpoint_every = 50
+    c.checkpoint_every = 30
     c.keep_checkpoints = 10  # all of them: the evaluation's learning curve reads every step
     c.batch_size = 32
     c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}

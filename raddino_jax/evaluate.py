@@ -50,6 +50,7 @@ from etils import epath
 from raddino_jax.eval import bootstrap
 from raddino_jax.eval.curve import learning_curve
 from raddino_jax.eval.linear import (
+    COARSE_C_GRID,
     DEFAULT_C_GRID,
     FULL_C_GRID,
 )
@@ -82,8 +83,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--c-grid",
         default="short",
-        choices=["short", "full"],
-        help="C sweep: full = 10^linspace(-6,5,45) (recipe s10), short = every other value",
+        choices=["short", "full", "coarse"],
+        help="C sweep: full = 10^linspace(-6,5,45) (recipe s10), short = every other value, "
+        "coarse = every fourth (the demo's)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random init and carved splits")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -125,7 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_examples=args.max_examples,
             n_last_blocks=args.n_last_blocks,
             avgpool=not args.no_avgpool,
-            c_grid=FULL_C_GRID if args.c_grid == "full" else DEFAULT_C_GRID,
+            c_grid={"full": FULL_C_GRID, "short": DEFAULT_C_GRID, "coarse": COARSE_C_GRID}[
+                args.c_grid
+            ],
             seed=args.seed,
             batch_size=args.batch_size,
             n_resamples=args.bootstrap,

@@ -44,7 +44,8 @@ fi
 trap - EXIT
 heldout_ready=$((SECONDS - start))
 $PY -m raddino_jax.evaluate --checkpoint "$OUT" --data "$OUT/heldout/tfds/heldout" \
-    --label nodule,effusion,effusion_present --task all --curve --curve-tasks knn \
+    --label nodule,effusion,effusion_present --task knn,linear --c-grid coarse \
+    --curve --curve-tasks knn \
     --out "$OUT/eval"
 echo "timing (s since start): trained $trained, exported $exported, held-out ready" \
     "$heldout_ready, evaluated $((SECONDS - start))"
