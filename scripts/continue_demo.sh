@@ -46,7 +46,7 @@ for phase in $PHASES; do
     data="$RUN/heldout/tfds/heldout"
     [ "$domain" = shifted ] && data="$OUT/portable_heldout/tfds/portable"
     $PY -m raddino_jax.evaluate --checkpoint "$work" --baseline "$RUN" --data "$data" \
-        --label "$LABELS" --task knn,linear --out "$work/eval_$domain" > /dev/null
+        --label "$LABELS" --task knn,linear --c-grid coarse --out "$work/eval_$domain" > /dev/null
   done
 done
 reports=()
