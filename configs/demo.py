@@ -43,7 +43,9 @@ Why each choice (issue 23; lever table in RESULTS.md):
 - ssl.centering sinkhorn_knopp, teacher temperature 0.01 fixed, 10 iterations: with softmax
   centring at 0.04 the teacher went towards the uniform distribution within 20 steps here
   (94% of log K at step 20, 97% at 60; RESULTS.md run t1), as in the earlier demo sessions;
-  Sinkhorn at 0.01 holds it at 88-94%.
+  Sinkhorn at 0.01 holds it at 88-94%. Lower is the lever that works (RESULTS.md lever
+  table, new phantoms): 0.005 -> 83-87%, 0.0025 -> 71-76% with the same findings on seed 0;
+  0.0025 waits for a second seed before it replaces 0.01 here.
 - teacher.momentum 0.99 (-> 1 over the run, cosine): a 150-step run cannot wait for a 0.992+
   teacher.
 - optim.base_lr 2.83e-3 per 1024 (sqrt scaling: peak 5e-4 at batch 32), warm-up 20 steps
@@ -51,7 +53,7 @@ Why each choice (issue 23; lever table in RESULTS.md):
   the short-run recipe of the issue; layerscale 0.1, drop path 0, KoLeo 0.05.
 - data.flip_p 0 and data.solarize_p 0: the effusion label has a side (left/right), which a
   horizontal flip turns into the other class, and solarisation inverts the intensity that
-  defines a fluid level. Measured (B32 vs A32): effusion is not learnt either way, nodule
+  defines a fluid level. Measured (B32 vs A32, old phantoms): effusion not learnt either way, nodule
   kNN is a little lower without them (+0.09..+0.15 vs +0.12..+0.18), the nodule probe a little
   higher; kept off because a flip changes the effusion label's meaning.
 - global_scale (0.4, 1), local_scale (0.1, 0.4): at 64 / 32 px smaller crops hold no anatomy.
