@@ -192,7 +192,10 @@ def plot_curve(curve: dict[str, Any], png: str | epath.Path) -> None:
             if row == len(labels) - 1:
                 ax.set_xlabel("training step")
     axes[0][0].legend(fontsize=7, loc="best")
-    fig.suptitle("pretrained teacher vs random init and the pixel reference (95% bootstrap)")
+    fig.suptitle(
+        "pretrained teacher vs random init and the pixel reference (95% bootstrap)",
+        fontsize=10 if len(tasks) > 1 else 7,
+    )
     fig.tight_layout()
     fig.savefig(str(png), dpi=80)
     plt.close(fig)
