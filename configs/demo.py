@@ -8,22 +8,30 @@ test images) against random init of the same architecture and a pixel-probe refe
 (balanced) accuracy and probe AUROC with paired 95% bootstrap intervals, and a learning curve
 (`python -m raddino_jax.evaluate ... --curve`). Results: benchmarks/RESULTS.md ("Issue 23").
 
-What the evaluation shows (benchmarks/RESULTS.md "Issue 23", held-out seed 101, 1,071 test
-images, training seeds 0 and 1): nodules are learnt: kNN balanced accuracy (k=20) 0.642 / 0.622
-vs 0.523 for random init (paired 95% intervals of the difference +0.089..+0.151 /
-+0.067..+0.131), probe AUROC 0.955 / 0.962 vs 0.937 (+0.004..+0.032 / +0.010..+0.040).
-Effusion (3-class and present) is not: kNN and probe stay at random init's level, whose probe
-AUROC is already 0.99 at 64 px with ~1,000 probe labels. The teacher entropy ends at 92-94% of
-log K. So the issue-23 bar (every finding above random init on both measures, entropy <= 80%
-of log K) is met for nodules only.
+What the evaluation shows (benchmarks/RESULTS.md "Issue 23, second session", held-out seed
+101, 1,071 test images, training seeds 0 and 1, teacher temperature 0.0025; cells random init
+-> teacher, paired 95% interval of the difference):
+- nodule: kNN balanced accuracy (k=20) 0.552 -> 0.639 / 0.629 (+0.054..+0.122 /
+  +0.045..+0.113), probe AUROC 0.946 -> 0.966 / 0.962 (+0.008..+0.033 / +0.005..+0.028);
+- effusion_present: probe AUROC 0.591 -> 0.639 / 0.632 (+0.017..+0.076 / +0.008..+0.074); kNN
+  at chance for random init and teacher alike (0.53 -> 0.50);
+- effusion (none/left/right): probe AUROC 0.649 -> 0.675 / 0.671 (+0.002..+0.048 /
+  -0.001..+0.045); kNN at chance (0.34 -> 0.33).
+The effusion was re-drawn in this session (small to moderate, partly opaque, with the
+hemidiaphragm height varying in everyone) so that random features no longer solve it (their
+probe AUROC was 0.99). So the issue-23 bar (every finding above random init on kNN and probe)
+is met for nodules and the effusion_present probe, not for effusion kNN. The teacher entropy
+stays at 71-76% of log K (both seeds), under the issue's 80%.
 
-What to expect on 2 CPU cores (the shared VM, never quiet in this session): 4,000 phantoms
-generated and built into WORKDIR/builtin (47 s at light load), one compile, then 150 steps of
-32 (4,800 images: 31-34 img/s at load ~8, 5 img/s at load 15-18); held-out samples (2,400
-phantoms, ~60 s at light load), export and the evaluation with its curve follow. Estimated
-from these parts, `make demo` takes ~6-7 minutes on 2 quiet cores: over the issue's 5 minutes
-(not timed end to end; fewer training phantoms or no --curve would be the first cuts). The
-loss, teacher entropy and student-teacher KL are in WORKDIR/metrics.jsonl.
+What to expect on 2 CPU cores: 4,000 phantoms generated and built into WORKDIR/builtin, one
+compile, 150 steps of 32 (67 img/s measured on a quiet machine with the old phantoms; the
+same cost now), while the held-out draw (2,400 phantoms of seed 20261204) is generated and
+built in the background; then export and the evaluation (kNN and the probe, coarse C grid, a
+kNN-only curve over the checkpoints at steps 30..150). Timed end to end (2026-12-05): 5 min
+02 s at load ~2 with temperature 0.01 (trained at 204 s, exported 215 s, evaluated 302 s;
+the temperature does not change the cost); with 0.0025 9 min 03 s at load 3.5-7.5. The
+issue's 5 minutes are reached, not beaten.
+The loss, teacher entropy and student-teacher KL are in WORKDIR/metrics.jsonl.
 
 Why each choice (issue 23; lever table in RESULTS.md):
 - model.patch_size 8 at data.global_size 64 / local_size 32 (64 + 16 patch tokens): the same
@@ -34,10 +42,12 @@ Why each choice (issue 23; lever table in RESULTS.md):
   by patient) instead of 282, each seen ~2.7 times in 150 steps of 32.
 - head K 256, hidden 256, bottleneck 64: K <= 2x the global crops per batch (64), the range
   in which Sinkhorn-Knopp does not force every sample over many prototypes.
-- ssl.centering sinkhorn_knopp, teacher temperature 0.01 fixed, 10 iterations: with softmax
+- ssl.centering sinkhorn_knopp, teacher temperature 0.0025 fixed, 10 iterations: with softmax
   centring at 0.04 the teacher went towards the uniform distribution within 20 steps here
   (94% of log K at step 20, 97% at 60; RESULTS.md run t1), as in the earlier demo sessions;
-  Sinkhorn at 0.01 holds it at 88-94%.
+  Sinkhorn at 0.01 held it at 88-94%. Lower is the lever that works (RESULTS.md lever
+  table, new phantoms): 0.005 -> 83-87%, 0.0025 -> 71-76% with the same findings as 0.01 on
+  both seeds; K 64 gained little over 0.005 alone.
 - teacher.momentum 0.99 (-> 1 over the run, cosine): a 150-step run cannot wait for a 0.992+
   teacher.
 - optim.base_lr 2.83e-3 per 1024 (sqrt scaling: peak 5e-4 at batch 32), warm-up 20 steps
@@ -45,11 +55,12 @@ Why each choice (issue 23; lever table in RESULTS.md):
   the short-run recipe of the issue; layerscale 0.1, drop path 0, KoLeo 0.05.
 - data.flip_p 0 and data.solarize_p 0: the effusion label has a side (left/right), which a
   horizontal flip turns into the other class, and solarisation inverts the intensity that
-  defines a fluid level. Measured (B32 vs A32): effusion is not learnt either way, nodule
+  defines a fluid level. Measured (B32 vs A32, old phantoms): effusion not learnt either way, nodule
   kNN is a little lower without them (+0.09..+0.15 vs +0.12..+0.18), the nodule probe a little
   higher; kept off because a flip changes the effusion label's meaning.
 - global_scale (0.4, 1), local_scale (0.1, 0.4): at 64 / 32 px smaller crops hold no anatomy.
-- checkpoint_every 50, keep_checkpoints 10: every checkpoint, for the evaluation's curve.
+- checkpoint_every 30, keep_checkpoints 10: five checkpoints, all kept, for the evaluation's
+  kNN learning curve (`evaluate --curve --curve-tasks knn`: no probe fit per step).
 """
 
 from raddino_jax.config import base_config
@@ -59,7 +70,7 @@ def get_config():
     c = base_config()
     c.total_steps = 150
     c.log_every = 10
-    c.checkpoint_every = 50
+    c.checkpoint_every = 30
     c.keep_checkpoints = 10  # all of them: the evaluation's learning curve reads every step
     c.batch_size = 32
     c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
@@ -98,8 +109,8 @@ def get_config():
     c.optim.layerwise_decay = 1.0
     c.optim.patch_embed_lr_mult = 1.0
     c.teacher.momentum = 0.99
-    c.teacher.warmup_temperature = 0.01
-    c.teacher.temperature = 0.01
+    c.teacher.warmup_temperature = 0.0025
+    c.teacher.temperature = 0.0025
     c.teacher.warmup_temperature_steps = 0
 
     c.eval.every = 0  # the learning curve comes from `evaluate --curve` over the checkpoints

@@ -1,8 +1,8 @@
 """`python -m raddino_jax.evaluate`: frozen-feature evaluation of a checkpoint (recipe s10).
 
   python -m raddino_jax.evaluate --checkpoint PATH --data DATA_DIR/NAME --label F[,F...] \
-      [--task knn|linear|metadata|segmentation|all] [--out DIR] [--baseline PATH] \
-      [--bootstrap 1000] [--curve]
+      [--task all|knn[,linear,metadata,segmentation]] [--out DIR] [--baseline PATH] \
+      [--bootstrap 1000] [--curve [--curve-tasks knn] [--curve-max-examples N]]
 
 The teacher backbone of PATH (a parameter checkpoint or a training run directory) embeds every
 image of the `data_prep` dataset DATA_DIR/NAME with the checkpoint's inference preprocessing
@@ -50,6 +50,7 @@ from etils import epath
 from raddino_jax.eval import bootstrap
 from raddino_jax.eval.curve import learning_curve
 from raddino_jax.eval.linear import (
+    COARSE_C_GRID,
     DEFAULT_C_GRID,
     FULL_C_GRID,
 )
@@ -71,7 +72,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, help="params checkpoint or training run")
     parser.add_argument("--data", required=True, help="DATA_DIR/NAME of a data_prep dataset")
     parser.add_argument("--label", required=True, help="label field(s), comma-separated")
-    parser.add_argument("--task", default="all", choices=[*TASKS, "all"])
+    parser.add_argument(
+        "--task", default="all", help=f"all, or one or more of {','.join(TASKS)}, comma-separated"
+    )
     parser.add_argument("--out", default=None, help="output folder (default CHECKPOINT/eval)")
     parser.add_argument("--baseline", default=None, help="another checkpoint to compare with")
     parser.add_argument("--max-examples", type=int, default=None, help="per split")
@@ -80,8 +83,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--c-grid",
         default="short",
-        choices=["short", "full"],
-        help="C sweep: full = 10^linspace(-6,5,45) (recipe s10), short = every other value",
+        choices=["short", "full", "coarse"],
+        help="C sweep: full = 10^linspace(-6,5,45) (recipe s10), short = every other value, "
+        "coarse = every fourth (the demo's)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random init and carved splits")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -94,19 +98,38 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also evaluate every kept checkpoint of the training run --checkpoint (kNN k=20 "
         "and probe AUROC, with bootstrap intervals) and write curve.json + curve.png",
     )
+    parser.add_argument(
+        "--curve-tasks",
+        default="knn,linear",
+        help="the curve's scores: knn, linear or both (knn alone needs no probe fit per step)",
+    )
+    parser.add_argument(
+        "--curve-max-examples",
+        type=int,
+        default=None,
+        help="per split, for the curve only (default: --max-examples)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     labels = [label.strip() for label in args.label.split(",") if label.strip()]
-    tasks = list(TASKS) if args.task == "all" else [args.task]
+    tasks = list(TASKS) if args.task == "all" else [t.strip() for t in args.task.split(",")]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        print(
+            f"error: --task {args.task!r}: choose all or from {', '.join(TASKS)}", file=sys.stderr
+        )
+        return 2
     try:
         options = dict(  # the feature and probe settings both reports share
             max_examples=args.max_examples,
             n_last_blocks=args.n_last_blocks,
             avgpool=not args.no_avgpool,
-            c_grid=FULL_C_GRID if args.c_grid == "full" else DEFAULT_C_GRID,
+            c_grid={"full": FULL_C_GRID, "short": DEFAULT_C_GRID, "coarse": COARSE_C_GRID}[
+                args.c_grid
+            ],
             seed=args.seed,
             batch_size=args.batch_size,
             n_resamples=args.bootstrap,
@@ -116,7 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         curve = None
         if args.curve:
-            curve = learning_curve(args.checkpoint, args.data, labels, **options)
+            curve_options = dict(options, tasks=args.curve_tasks.split(","))
+            if args.curve_max_examples is not None:
+                curve_options["max_examples"] = args.curve_max_examples
+            curve = learning_curve(args.checkpoint, args.data, labels, **curve_options)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

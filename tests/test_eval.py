@@ -687,3 +687,27 @@ def test_cli_curve_and_intervals(samples_dataset, tiny_run, tmp_path):
     low, high = curve["differences"]["step_10"][path]
     assert -1.0 <= low <= high <= 1.0
     assert "## 95% bootstrap intervals" in (tmp_path / "eval.md").read_text()
+
+
+def test_cli_knn_only_curve_and_task_list(samples_dataset, tiny_run, tmp_path):
+    """--curve-tasks knn: the curve holds kNN points only (no probe fit per step) and still
+    plots; --task takes a comma-separated list and refuses unknown tasks."""
+    data_dir, name = samples_dataset
+    argv = [
+        "--checkpoint", tiny_run,
+        "--data", f"{data_dir}/{name}",
+        "--label", "effusion_present",
+        "--task", "knn",
+        "--out", str(tmp_path),
+        "--bootstrap", "100",
+        "--curve", "--curve-tasks", "knn", "--curve-max-examples", "40",
+    ]  # fmt: skip
+    assert evaluate.main(argv) == 0
+    curve = json.loads((tmp_path / "curve.json").read_text())
+    assert curve["tasks"] == ["knn"]
+    assert curve["paths"] == {"effusion_present": {"knn": "knn/effusion_present/k20/accuracy"}}
+    for points in curve["models"].values():
+        assert list(points) == ["knn/effusion_present/k20/accuracy"]
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = ["--checkpoint", tiny_run, "--data", f"{data_dir}/{name}", "--label", "nodule"]
+    assert evaluate.main([*bad, "--task", "knn,bogus", "--out", str(tmp_path / "x")]) == 2

@@ -2,6 +2,7 @@
 
 import collections
 import csv
+import dataclasses
 import io
 import json
 
@@ -153,6 +154,57 @@ def test_patient_dependent_anatomy():
     m_image = phantoms.render_phantom(np.random.default_rng(noise), as_man)[0]
     lower = slice(int(0.55 * woman.height), int(0.8 * woman.height))
     assert f_image[lower].mean() > m_image[lower].mean() + 0.01
+
+
+def test_effusion_extent_opacity_and_hemidiaphragm_vary():
+    """Effusions range from a blunted angle to a moderate one at partial opacity, and every
+    patient's hemidiaphragm heights vary (a raised dome shrinks the lung base without fluid),
+    so no fixed pixel set decides the label."""
+    draws = [phantoms.sample_patient(np.random.default_rng(s), 64) for s in range(200)]
+    levels = np.array([p.effusion_level for p in draws])
+    opacity = np.array([p.effusion_opacity for p in draws])
+    domes = np.array([p.dome_shift for p in draws])
+    assert levels.min() < 0.12 and levels.max() > 0.26
+    assert opacity.min() < 0.55 and opacity.max() > 0.85
+    assert domes.min() < -0.1 and domes.max() > 0.0
+    assert abs(np.corrcoef(domes[:, 0], domes[:, 1])[0, 1]) < 0.3  # sides independent
+    params = phantoms.sample_patient(np.random.default_rng(4), 96, nodule=0, effusion=0)
+    low = dataclasses.replace(params, dome_shift=(0.04, 0.04))
+    raised = dataclasses.replace(params, dome_shift=(-0.14, 0.04))
+    lung = [
+        phantoms._lung_fields(*phantoms._canonical_grid(p), p)["lung"] > 0.5 for p in (low, raised)
+    ]
+    left_half = slice(0, params.width // 2)  # the patient's right: image left
+    assert lung[1][:, left_half].sum() < 0.9 * lung[0][:, left_half].sum()
+    assert lung[1][:, params.width // 2 :].sum() == lung[0][:, params.width // 2 :].sum()
+    # Opacity scales the fluid's contrast: a fainter effusion changes the image less.
+    wet = dataclasses.replace(params, effusion=2, effusion_level=0.25)
+    dry = phantoms.render_phantom(np.random.default_rng(1), params)[0]
+    faint, dense = (
+        phantoms.render_phantom(
+            np.random.default_rng(1), dataclasses.replace(wet, effusion_opacity=o)
+        )[0]
+        for o in (0.45, 0.95)
+    )
+    assert 0 < np.abs(faint - dry).sum() < 0.7 * np.abs(dense - dry).sum()
+
+
+def test_acquisition_profiles_change_the_exposure_not_the_patient():
+    standard = phantoms.sample_patient(np.random.default_rng(9), 64, nodule=1, effusion=1)
+    portable = phantoms.sample_patient(
+        np.random.default_rng(9), 64, nodule=1, effusion=1, acquisition="portable"
+    )
+    for name in ("sex", "age", "nodules", "effusion", "effusion_level", "dome_shift"):
+        assert getattr(portable, name) == getattr(standard, name)
+    for name, (low, high) in phantoms.ACQUISITION_PROFILES["portable"].items():
+        assert low <= getattr(portable, name) <= high
+        assert getattr(portable, name) != getattr(standard, name)
+    followup = phantoms.sample_followup(np.random.default_rng(3), standard, 64, "portable")
+    assert phantoms.ACQUISITION_PROFILES["portable"]["gamma"][0] <= followup.gamma
+    with pytest.raises(ValueError, match="acquisition"):
+        phantoms.sample_patient(np.random.default_rng(0), 64, acquisition="mobile")
+    with pytest.raises(ValueError, match="acquisition"):
+        generate.generate_samples("/nonexistent", 4, 64, 0, acquisition="mobile")
 
 
 def test_followup_keeps_patient_changes_acquisition():
@@ -423,3 +475,19 @@ def test_builtin_data_needs_the_command_line_maker(tmp_path):
     with pytest.raises(FileNotFoundError, match="stop here"):
         sources.open_training_data(config, tmp_path, maker)
     assert calls == [(tmp_path, config.data.builtin_phantoms, config.data.builtin_size)]
+
+
+def test_cli_acquisition_portable(tmp_path):
+    """--acquisition portable: the same patients (labels) as the standard draw of the seed,
+    other pixels, other UIDs, and the profile recorded in samples.json."""
+    common = ["--n-phantoms", "6", "--size", "64", "--seed", "5"]
+    samples.main(["--output", str(tmp_path / "std"), *common])
+    samples.main(["--output", str(tmp_path / "ap"), *common, "--acquisition", "portable"])
+    std, ap = (list(csv.DictReader((tmp_path / d / "labels.csv").open())) for d in ("std", "ap"))
+    keys = ("nodule", "effusion", "sex", "age", "split")
+    assert [tuple(r[k] for k in keys) for r in std] == [tuple(r[k] for k in keys) for r in ap]
+    assert json.loads((tmp_path / "ap" / "samples.json").read_text())["acquisition"] == "portable"
+    a = pydicom.dcmread(tmp_path / "std" / std[-1]["path"])
+    b = pydicom.dcmread(tmp_path / "ap" / ap[-1]["path"])
+    assert a.SOPInstanceUID != b.SOPInstanceUID
+    assert not np.array_equal(a.pixel_array, b.pixel_array)

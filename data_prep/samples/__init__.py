@@ -1,7 +1,7 @@
 """Write the built-in sample data: real radiographs from `pydicom-data` plus chest phantoms.
 
     python -m data_prep.samples --output DIR [--n-phantoms 96] [--size 256] [--seed 0]
-        [--split-fractions 0.7,0.15,0.15]
+        [--split-fractions 0.7,0.15,0.15] [--acquisition standard|portable]
 
 Writes, with no network access and byte-identical for a given seed:
     DIR/real/*.dcm                 real CR radiographs shipped by pydicom-data (MIT)
@@ -42,6 +42,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="train,val,test shares of the phantom patients (default 0.7,0.15,0.15); the demo's "
         "held-out evaluation uses 0.45,0.1,0.45 for a large test split",
     )
+    parser.add_argument(
+        "--acquisition",
+        default="standard",
+        choices=["standard", "portable"],
+        help="how the phantoms are taken: standard (upright PA) or portable (bedside AP: "
+        "poorer positioning, harder and noisier exposure; the continued-pretraining demo's "
+        "shifted domain)",
+    )
     args = parser.parse_args(argv)
     fractions = None
     if args.split_fractions:
@@ -49,5 +57,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if len(values) != 3:
             parser.error(f"--split-fractions needs train,val,test, got {args.split_fractions!r}")
         fractions = dict(zip(("train", "val", "test"), values, strict=True))
-    summary = generate_samples(args.output, args.n_phantoms, args.size, args.seed, fractions)
+    summary = generate_samples(
+        args.output, args.n_phantoms, args.size, args.seed, fractions, args.acquisition
+    )
     print(json.dumps(summary, indent=2, sort_keys=True))

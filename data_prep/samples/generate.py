@@ -260,9 +260,11 @@ def make_phantoms(
     size: int,
     seed: int,
     split_fractions: dict[str, float] | None = None,
+    acquisition: str = "standard",
 ) -> tuple[list[dict], dict]:
     """Render, encode and write `n_phantoms` phantoms (DICOM + mask PNG) under output/phantoms.
 
+    `acquisition` names the `phantoms.ACQUISITION_PROFILES` entry the images are taken with.
     Returns (labels.csv rows, summary of how they were stored).
     """
     (output / "phantoms" / "masks").mkdir(parents=True, exist_ok=True)
@@ -273,6 +275,9 @@ def make_phantoms(
         v.transfer_syntax: phantom_dicom.syntax_available(v.transfer_syntax)
         for v in phantom_dicom.VARIANTS
     }
+    # Another acquisition profile with the same seed draws the same patients: its files get
+    # their own UIDs (the standard profile's stay as they were).
+    uid_seed = seed if acquisition == "standard" else f"{seed}-{acquisition}"
     rows, patients, first_dates = [], {}, {}
     syntax_counts: collections.Counter = collections.Counter()
     photometric_counts: collections.Counter = collections.Counter()
@@ -280,7 +285,12 @@ def make_phantoms(
         patient_rng = np.random.default_rng([seed, 2, plan.patient_index])
         if plan.study_index == 0:
             params = phantoms.sample_patient(
-                patient_rng, size, sex=plan.sex, nodule=plan.nodule, effusion=plan.effusion
+                patient_rng,
+                size,
+                sex=plan.sex,
+                nodule=plan.nodule,
+                effusion=plan.effusion,
+                acquisition=acquisition,
             )
             patients[plan.patient_index] = params
             first_dates[plan.patient_index] = np.datetime64("2012-01-01") + np.timedelta64(
@@ -288,13 +298,15 @@ def make_phantoms(
             )
         else:
             image_rng = np.random.default_rng([seed, 3, plan.index])
-            params = phantoms.sample_followup(image_rng, patients[plan.patient_index], size)
+            params = phantoms.sample_followup(
+                image_rng, patients[plan.patient_index], size, acquisition
+            )
         render_rng = np.random.default_rng([seed, 4, plan.index])
         image, mask = phantoms.render_phantom(render_rng, params)
         variant = _variant_for(plan.index, available)
         meta_rng = np.random.default_rng([seed, 5, plan.index])
         date = _study_date(meta_rng, plan.study_index, first_dates[plan.patient_index])
-        meta = _phantom_meta(meta_rng, seed, plan, patient_id, date)
+        meta = _phantom_meta(meta_rng, uid_seed, plan, patient_id, date)
         stem = f"phantom_{plan.index:04d}"
         (output / "phantoms" / f"{stem}.dcm").write_bytes(
             phantom_dicom.encode_dicom(image, params, variant, meta)
@@ -350,11 +362,14 @@ def generate_samples(
     size: int = 256,
     seed: int = 0,
     split_fractions: dict[str, float] | None = None,
+    acquisition: str = "standard",
 ) -> dict:
     """Write the whole sample data set to `output` (local folder or gs:// URL).
 
     `split_fractions` ({train, val, test} -> fraction of patients; default `SPLIT_FRACTIONS`)
-    sets the phantoms' patient split; real radiographs are always in train.
+    sets the phantoms' patient split; real radiographs are always in train. `acquisition`
+    ("standard" or "portable", `phantoms.ACQUISITION_PROFILES`) sets how the phantoms are
+    exposed and positioned.
     Returns the summary also written to output/samples.json.
     """
     if n_phantoms < 0:
@@ -365,14 +380,22 @@ def generate_samples(
         raise ValueError(f"size must be >= 64 pixels, got {size}")
     if split_fractions is not None:
         check_split_fractions(split_fractions)
+    if acquisition not in phantoms.ACQUISITION_PROFILES:
+        raise ValueError(
+            f"acquisition must be one of {sorted(phantoms.ACQUISITION_PROFILES)}, "
+            f"got {acquisition!r}"
+        )
     output = epath.Path(output)
     output.mkdir(parents=True, exist_ok=True)
     real_rows = copy_real_radiographs(output)
-    phantom_rows, storage = make_phantoms(output, n_phantoms, size, seed, split_fractions)
+    phantom_rows, storage = make_phantoms(
+        output, n_phantoms, size, seed, split_fractions, acquisition
+    )
     (output / "labels.csv").write_text(_csv_text(real_rows + phantom_rows))
     summary = {
         "seed": seed,
         "size": size,
+        "acquisition": acquisition,
         "n_real": len(real_rows),
         "n_phantoms": len(phantom_rows),
         "real_files": [row["path"] for row in real_rows],

@@ -59,8 +59,9 @@ class PhantomParams:
     """Everything `render_phantom` needs except the noise generator.
 
     Patient (kept across a patient's studies): sex, age, thorax_scale, lung_width,
-    heart_scale, breast_size, bone_contrast, aortic_radius, nodules, effusion,
-    effusion_level, effusion_rise. Acquisition (re-drawn per image): height, width,
+    heart_scale, breast_size, bone_contrast, aortic_radius, dome_shift (right, left
+    hemidiaphragm height offsets: < 0 raised), nodules, effusion, effusion_level,
+    effusion_rise, effusion_opacity. Acquisition (re-drawn per image): height, width,
     shift_x, shift_y, rotation_deg, gain, gamma, offset, tilt, blur_sigma, noise_sigma.
     """
 
@@ -78,6 +79,8 @@ class PhantomParams:
     effusion: int
     effusion_level: float
     effusion_rise: float
+    effusion_opacity: float
+    dome_shift: tuple[float, float]
     shift_x: float
     shift_y: float
     rotation_deg: float
@@ -102,21 +105,51 @@ def _sample_image_size(rng: np.random.Generator, base_size: int) -> tuple[int, i
     return height, width
 
 
-def _sample_acquisition(rng: np.random.Generator, base_size: int) -> dict:
-    """Per-image nuisance parameters: pose, exposure and detector properties."""
+# Ranges (low, high) of the per-image acquisition parameters, per acquisition profile.
+# "standard": an upright PA department radiograph. "portable": a bedside AP film, the demo's
+# shifted domain for continued pretraining (issue 23): poorer positioning (more shift and
+# rotation), a harder, noisier, blurrier exposure with a stronger heel-effect gradient.
+ACQUISITION_PROFILES = {
+    "standard": dict(
+        shift_x=(-0.08, 0.08),
+        shift_y=(-0.08, 0.08),
+        rotation_deg=(-4.0, 4.0),
+        gain=(0.8, 1.15),
+        gamma=(0.8, 1.25),
+        offset=(-0.03, 0.08),
+        tilt=(-0.05, 0.05),
+        blur_sigma=(0.4, 1.2),
+        noise_sigma=(0.005, 0.025),
+    ),
+    "portable": dict(
+        shift_x=(-0.14, 0.14),
+        shift_y=(-0.04, 0.16),
+        rotation_deg=(-9.0, 9.0),
+        gain=(0.65, 0.95),
+        gamma=(1.3, 1.9),
+        offset=(0.04, 0.16),
+        tilt=(-0.16, 0.16),
+        blur_sigma=(0.9, 1.7),
+        noise_sigma=(0.02, 0.045),
+    ),
+}
+
+
+def _sample_acquisition(
+    rng: np.random.Generator, base_size: int, acquisition: str = "standard"
+) -> dict:
+    """Per-image nuisance parameters: pose, exposure and detector properties, drawn from the
+    `ACQUISITION_PROFILES[acquisition]` ranges."""
+    if acquisition not in ACQUISITION_PROFILES:
+        raise ValueError(
+            f"acquisition must be one of {sorted(ACQUISITION_PROFILES)}, got {acquisition!r}"
+        )
     height, width = _sample_image_size(rng, base_size)
+    ranges = ACQUISITION_PROFILES[acquisition]
     return dict(
         height=height,
         width=width,
-        shift_x=float(rng.uniform(-0.08, 0.08)),
-        shift_y=float(rng.uniform(-0.08, 0.08)),
-        rotation_deg=float(rng.uniform(-4.0, 4.0)),
-        gain=float(rng.uniform(0.8, 1.15)),
-        gamma=float(rng.uniform(0.8, 1.25)),
-        offset=float(rng.uniform(-0.03, 0.08)),
-        tilt=float(rng.uniform(-0.05, 0.05)),
-        blur_sigma=float(rng.uniform(0.4, 1.2)),
-        noise_sigma=float(rng.uniform(0.005, 0.025)),
+        **{name: float(rng.uniform(low, high)) for name, (low, high) in ranges.items()},
     )
 
 
@@ -127,12 +160,13 @@ def sample_patient(
     sex: str | None = None,
     nodule: int | None = None,
     effusion: int | None = None,
+    acquisition: str = "standard",
 ) -> PhantomParams:
     """Draw one patient and one acquisition of them.
 
     Labels are drawn at random (sex 1:1, nodule 1:1, effusion none/left/right 2:1:1) unless
     given, so a caller can balance them across a data set. `base_size` S sets the image size
-    (see `_sample_image_size`).
+    (see `_sample_image_size`); `acquisition` names an `ACQUISITION_PROFILES` entry.
     """
     sex = sex if sex is not None else str(rng.choice(["M", "F"]))
     if sex not in ("M", "F"):
@@ -155,11 +189,19 @@ def sample_patient(
         bone_contrast=float(1.15 - 0.5 * age_fraction + rng.uniform(-0.08, 0.08)),
         aortic_radius=float(0.035 + 0.045 * age_fraction + rng.uniform(0.0, 0.01)),
         effusion=effusion,
-        effusion_level=float(rng.uniform(0.35, 0.60)),  # fluid height: visible at 112 px
-        effusion_rise=float(rng.uniform(0.10, 0.22)),
+        # From a blunted costophrenic angle (the fluid only in the lateral corner, 3-4 px at
+        # 64 px) to a moderate effusion; partly aerated (opacity < 1) so its contrast varies.
+        # The earlier 0.35-0.60 at full opacity was a large white band that random-init
+        # features and a pixel probe both detected at AUROC 0.99 (issue 23).
+        effusion_level=float(rng.uniform(0.08, 0.30)),
+        effusion_rise=float(rng.uniform(0.06, 0.24)),
+        effusion_opacity=float(rng.uniform(0.45, 0.95)),
+        # Hemidiaphragm heights vary in everyone (a raised dome whitens the same lung base an
+        # effusion does, with the dome's convex shape instead of the fluid's meniscus).
+        dome_shift=(float(rng.uniform(-0.14, 0.04)), float(rng.uniform(-0.14, 0.04))),
         nodules=(),
     )
-    params = PhantomParams(**patient, **_sample_acquisition(rng, base_size))
+    params = PhantomParams(**patient, **_sample_acquisition(rng, base_size, acquisition))
     if nodule:
         count = int(rng.integers(1, 4))
         params = dataclasses.replace(params, nodules=_sample_nodules(rng, params, count))
@@ -167,10 +209,13 @@ def sample_patient(
 
 
 def sample_followup(
-    rng: np.random.Generator, params: PhantomParams, base_size: int = 256
+    rng: np.random.Generator,
+    params: PhantomParams,
+    base_size: int = 256,
+    acquisition: str = "standard",
 ) -> PhantomParams:
     """Another study of the same patient: same anatomy and findings, new acquisition."""
-    return dataclasses.replace(params, **_sample_acquisition(rng, base_size))
+    return dataclasses.replace(params, **_sample_acquisition(rng, base_size, acquisition))
 
 
 def _sample_nodules(
@@ -223,9 +268,16 @@ def _dome_y(x: np.ndarray, side: float, params: PhantomParams) -> np.ndarray:
     centre_x = side * _LUNG_CENTRE_X * params.lung_width
     half_width = _LUNG_HALF_WIDTH * params.lung_width
     t = np.clip((x - centre_x) / half_width, -1.0, 1.0)
+    return _dome_base_y(side, params) - _DOME_HEIGHT * (1.0 - t**2)
+
+
+def _dome_base_y(side: float, params: PhantomParams) -> float:
+    """y of the dome's lateral end (costophrenic angle) under one lung; the right
+    (image-left, side < 0) dome sits higher, and each side moves by the patient's
+    dome_shift."""
     right_is_higher = -0.04 if side < 0 else 0.0
-    base = _LUNG_CENTRE_Y + _DOME_BASE_OFFSET + right_is_higher
-    return base - _DOME_HEIGHT * (1.0 - t**2)
+    shift = params.dome_shift[0 if side < 0 else 1]
+    return _LUNG_CENTRE_Y + _DOME_BASE_OFFSET + right_is_higher + shift
 
 
 def _heart(x: np.ndarray, y: np.ndarray, params: PhantomParams) -> np.ndarray:
@@ -260,7 +312,7 @@ def _lung_fields(x: np.ndarray, y: np.ndarray, params: PhantomParams) -> dict[st
             # Meniscus: fluid surface rises towards the chest wall, filling the
             # costophrenic angle (blunting it).
             lateral = np.clip((side * x - (abs(centre_x) - half_width)) / (2 * half_width), 0, 1)
-            lateral_dome_y = _LUNG_CENTRE_Y + _DOME_BASE_OFFSET + (-0.04 if side < 0 else 0.0)
+            lateral_dome_y = _dome_base_y(side, params)
             surface = lateral_dome_y - params.effusion_level - params.effusion_rise * lateral**2
             effusion = effusion + field * _soft_inside(y - surface, 0.012)
     cardiac = np.maximum(_heart(x, y, params), _aortic_knuckle(x, y, params))
@@ -299,7 +351,8 @@ def lesion_masks(params: PhantomParams) -> tuple[np.ndarray, np.ndarray]:
     nodules = np.zeros(x.shape, dtype=bool)
     for n in params.nodules:
         nodules |= np.hypot(x - n.x, y - n.y) <= n.radius
-    effusion = _lung_fields(x, y, params)["effusion"] > 0.5
+    # Fluid a quarter as thick as full already shows (it can lie as a thin layer on the dome).
+    effusion = _lung_fields(x, y, params)["effusion"] > 0.25
     return nodules, effusion
 
 
@@ -361,11 +414,12 @@ def _anatomy_density(
     neck = _soft_inside(0.30 - np.abs(x), 0.04) * _soft_inside(-0.6 - y, 0.05)
     body = np.maximum(torso, neck)
     fields = _lung_fields(x, y, params)
-    aerated = fields["lung"] * (1.0 - fields["effusion"])
+    fluid = params.effusion_opacity * fields["effusion"]
+    aerated = fields["lung"] * (1.0 - fluid)
     hilum = sum(np.exp(-((x - side * 0.22) ** 2 + (y + 0.02) ** 2) / 0.012) for side in (-1.0, 1.0))
     density = 0.46 * body
     density -= 0.30 * aerated * (1.0 - 0.35 * np.clip(hilum, 0, 1))
-    density += 0.12 * fields["effusion"] * fields["lung"]
+    density += 0.12 * fluid * fields["lung"]
     density += 0.06 * _heart(x, y, params) + 0.05 * _aortic_knuckle(x, y, params)
     abdomen = sum(_soft_inside(y - _dome_y(x, side, params), 0.012) for side in (-1.0, 1.0))
     density += 0.04 * np.clip(abdomen, 0, 1) * torso

@@ -42,14 +42,23 @@ def run_steps(run_dir: str | epath.Path) -> list[int]:
     return steps
 
 
-def curve_paths(labels: Sequence[str], classes: dict[str, int]) -> dict[str, dict[str, str]]:
-    """label -> {"knn": score path of the kNN accuracy at k=20, "linear": of the probe AUROC}."""
-    return {
+CURVE_TASKS = ("knn", "linear")
+
+
+def curve_paths(
+    labels: Sequence[str], classes: dict[str, int], tasks: Sequence[str] = CURVE_TASKS
+) -> dict[str, dict[str, str]]:
+    """label -> {"knn": score path of the kNN accuracy at k=20, "linear": of the probe AUROC},
+    for the `tasks` asked for."""
+    paths = {
         label: {
             "knn": f"knn/{label}/k{CURVE_KNN_K}/accuracy",
             "linear": f"linear/{label}/" + ("auroc" if classes[label] == 2 else "auroc_macro_ovr"),
         }
         for label in labels
+    }
+    return {
+        label: {t: p for t, p in by_task.items() if t in tasks} for label, by_task in paths.items()
     }
 
 
@@ -65,10 +74,12 @@ def learning_curve(
     seed: int = 0,
     batch_size: int = 32,
     n_resamples: int = bootstrap.N_RESAMPLES,
+    tasks: Sequence[str] = CURVE_TASKS,
 ) -> dict[str, Any]:
     """kNN accuracy (k=20) and probe AUROC of the teacher at every kept checkpoint of a run,
     of a random initialisation and of the pixel reference, each with its 95% bootstrap
-    interval and, per step, the paired interval of step minus random init.
+    interval and, per step, the paired interval of step minus random init. `tasks` ("knn",
+    "linear" or both) picks the curves; kNN alone is the cheap one (no probe fits per step).
 
     Returns the curve.json dict: {"steps", "labels", "paths", "models": {"step_<N>" |
     "random_init" | "pixels": {path: {"value", "ci95"}}}, "differences": {"step_<N>":
@@ -78,7 +89,9 @@ def learning_curve(
     steps = run_steps(run_dir)
     if not steps:
         raise FileNotFoundError(f"{run_dir}/checkpoints holds no finished checkpoint yet")
-    tasks = ["knn", "linear"]
+    tasks = [t for t in CURVE_TASKS if t in tasks]
+    if not tasks:
+        raise ValueError(f"curve tasks must be among {CURVE_TASKS}")
     spec = checkpoint.load_spec(run_dir)
     pre = checkpoint.load_preprocessing(run_dir)
     roles, split_info = load_roles(
@@ -107,7 +120,7 @@ def learning_curve(
     pairs = [(f"step_{step}", "random_init") for step in steps]
     intervals = attach_intervals(per_example, pairs, n_resamples=n_resamples, seed=seed)
     classes = {label: len(_labels_per_role(roles, label)[1]) for label in labels}
-    paths = curve_paths(labels, classes)
+    paths = curve_paths(labels, classes, tasks)
     wanted = [p for by_task in paths.values() for p in by_task.values()]
     from raddino_jax.eval.report import flatten_scores
 
@@ -124,6 +137,7 @@ def learning_curve(
         "data": data,
         "steps": steps,
         "labels": list(labels),
+        "tasks": tasks,
         "paths": paths,
         "models": points,
         "differences": {

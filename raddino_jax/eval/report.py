@@ -157,12 +157,17 @@ def plot_curve(curve: dict[str, Any], png: str | epath.Path) -> None:
     import matplotlib.pyplot as plt
 
     labels, steps = curve["labels"], curve["steps"]
+    tasks = curve.get("tasks", ["knn", "linear"])
     fig, axes = plt.subplots(
-        len(labels), 2, figsize=(9, 2.8 * len(labels)), squeeze=False, sharex=True
+        len(labels),
+        len(tasks),
+        figsize=(4.5 * len(tasks), 2.8 * len(labels)),
+        squeeze=False,
+        sharex=True,
     )
     titles = {"knn": "kNN accuracy (k=20)", "linear": "linear-probe AUROC"}
     for row, label in enumerate(labels):
-        for col, task in enumerate(("knn", "linear")):
+        for col, task in enumerate(tasks):
             ax, path = axes[row][col], curve["paths"][label][task]
             for name, colour in (("random_init", "tab:gray"), ("pixels", "tab:green")):
                 point = curve["models"].get(name, {}).get(path)
@@ -187,7 +192,10 @@ def plot_curve(curve: dict[str, Any], png: str | epath.Path) -> None:
             if row == len(labels) - 1:
                 ax.set_xlabel("training step")
     axes[0][0].legend(fontsize=7, loc="best")
-    fig.suptitle("pretrained teacher vs random init and the pixel reference (95% bootstrap)")
+    fig.suptitle(
+        "pretrained teacher vs random init and the pixel reference (95% bootstrap)",
+        fontsize=10 if len(tasks) > 1 else 7,
+    )
     fig.tight_layout()
     fig.savefig(str(png), dpi=80)
     plt.close(fig)
