@@ -49,7 +49,6 @@ from raddino_jax.sweep.estimate import (
     memory_fields,
     uses_splash,
 )
-from raddino_jax.sweep.estimate import xla_flops as xla_flops  # re-exported: measure.xla_flops
 from raddino_jax.sweep.row import SweepRow, describe_row, layout_name
 from raddino_jax.train import build as build_lib
 from raddino_jax.train import state as train_state
@@ -276,17 +275,13 @@ def run_point(
     except Exception as err:  # noqa: BLE001 - a sweep reports every failure as a row
         row.reason = failure_reason(err)
         return row
-    _fill_throughput(row, point, statistics.median(times), peak_flops)
+    row.step_time_s = statistics.median(times)
+    row.images_per_s = row.batch_size / row.step_time_s
+    row.tflops_per_s = row.analytic_flops_per_step / row.step_time_s / 1e12
+    peak, _ = device_peak_and_hbm(point, peak_flops)
+    row.mfu = flops.mfu(row.analytic_flops_per_step, row.step_time_s, row.n_devices, peak)
     row.status = "ok"
     return row
-
-
-def _fill_throughput(row: SweepRow, point: Run, step_time: float, peak: float | None) -> None:
-    peak, _ = device_peak_and_hbm(point, peak)
-    row.step_time_s = step_time
-    row.images_per_s = row.batch_size / step_time
-    row.tflops_per_s = row.analytic_flops_per_step / step_time / 1e12
-    row.mfu = flops.mfu(row.analytic_flops_per_step, step_time, row.n_devices, peak)
 
 
 def sweep(
@@ -296,16 +291,13 @@ def sweep(
     batch_sizes: Sequence[int] = (),
     remats: Sequence[str | bool] = (),
     devices: Sequence[jax.Device] | None = None,
-    mode: str = "run",
-    steps: int = 5,
-    warmup: int = 2,
-    peak_flops: float | None = None,
-    compiler_options: dict | None = None,
     log=print,
+    **point_options,
 ) -> list[SweepRow]:
     """Every (layout, batch size, remat) combination, in that nesting order.
 
-    Empty `batch_sizes` / `remats` mean the config's own value.
+    Empty `batch_sizes` / `remats` mean the config's own value; `point_options` are
+    `run_point`'s (mode, steps, warmup, peak_flops, compiler_options).
     """
     if jax.process_count() > 1:
         raise RuntimeError("the sweep builds the whole batch on one host: run one process")
@@ -314,18 +306,7 @@ def sweep(
     for layout in layouts:
         for batch_size in batch_sizes or [config.batch_size]:
             for remat in remats or [config.model.remat]:
-                row = run_point(
-                    config,
-                    layout,
-                    batch_size,
-                    remat,
-                    devices=devices,
-                    mode=mode,
-                    steps=steps,
-                    warmup=warmup,
-                    peak_flops=peak_flops,
-                    compiler_options=compiler_options,
-                )
+                row = run_point(config, layout, batch_size, remat, devices=devices, **point_options)
                 log(describe_row(row))
                 rows.append(row)
     return rows
