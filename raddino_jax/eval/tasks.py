@@ -63,9 +63,11 @@ def knn_task(features, roles, labels, ks, temperature, per_example=None) -> dict
     for label in labels:
         codes, names = _labels_per_role(roles, label)
         train, test = codes["train"] >= 0, codes["test"] >= 0
-        if train.sum() == 0 or test.sum() == 0 or len(names) < 2:
+        n_train, n_test = int(train.sum()), int(test.sum())
+        if n_train == 0 or n_test == 0 or len(names) < 2:
             out[label] = {"skipped": "needs >= 2 classes and known labels in train and test"}
             continue
+        test_codes = codes["test"][test]
         scores = knn_class_scores(
             features["train"]["cls"][train],
             codes["train"][train],
@@ -74,23 +76,19 @@ def knn_task(features, roles, labels, ks, temperature, per_example=None) -> dict
             ks,
             temperature,
         )
-        result = knn_metrics(scores, codes["test"][test], int(train.sum()))
+        result = knn_metrics(scores, test_codes, n_train)
         if per_example is not None:
             for k, class_scores in scores.items():
                 predicted = class_scores.argmax(axis=1)
-                correct = predicted == codes["test"][test]
-                per_example[f"knn/{label}/k{k}/accuracy"] = ("accuracy", correct)
+                per_example[f"knn/{label}/k{k}/accuracy"] = ("accuracy", predicted == test_codes)
                 per_example[f"knn/{label}/k{k}/balanced_accuracy"] = (
                     "balanced_accuracy",
-                    codes["test"][test],
+                    test_codes,
                     predicted,
                 )
-        result["n_train"] = int(train.sum())
-        result["n_test"] = int(test.sum())
-        if train.sum() < max(ks):
-            result["note"] = (
-                f"only {int(train.sum())} training examples: k above that uses all of them"
-            )
+        result["n_train"], result["n_test"] = n_train, n_test
+        if n_train < max(ks):
+            result["note"] = f"only {n_train} training examples: k above that uses all of them"
         out[label] = result
     return out
 
@@ -105,28 +103,18 @@ def linear_task(probe_inputs, roles, labels, c_grid, per_example=None) -> dict[s
     for label in labels:
         codes, names = _labels_per_role(roles, label)
         keep = {r: codes[r] >= 0 for r in feats.SPLIT_ROLES}
-        train_classes = set(codes["train"][keep["train"]].tolist())
-        if len(train_classes) < 2 or keep["val"].sum() == 0 or keep["test"].sum() == 0:
+        x = {r: probe_inputs[r][keep[r]] for r in feats.SPLIT_ROLES}
+        y = {r: codes[r][keep[r]] for r in feats.SPLIT_ROLES}
+        if len(set(y["train"].tolist())) < 2 or len(y["val"]) == 0 or len(y["test"]) == 0:
             out[label] = {"skipped": "needs >= 2 classes in train and known labels in val/test"}
             continue
-        probe = select_and_fit(
-            probe_inputs["train"][keep["train"]],
-            codes["train"][keep["train"]],
-            probe_inputs["val"][keep["val"]],
-            codes["val"][keep["val"]],
-            len(names),
-            c_grid,
-        )
-        probabilities = probe.model.probabilities(probe_inputs["test"][keep["test"]])
-        metrics = classification_metrics(codes["test"][keep["test"]], probabilities)
+        probe = select_and_fit(x["train"], y["train"], x["val"], y["val"], len(names), c_grid)
+        probabilities = probe.model.probabilities(x["test"])
+        metrics = classification_metrics(y["test"], probabilities)
         out[label] = {**metrics, "c": probe.best_c, "classes": names}
         if per_example is not None:
             name = "auroc" if len(names) == 2 else "auroc_macro_ovr"
-            per_example[f"linear/{label}/{name}"] = (
-                "auroc",
-                codes["test"][keep["test"]],
-                probabilities,
-            )
+            per_example[f"linear/{label}/{name}"] = ("auroc", y["test"], probabilities)
     return out
 
 
@@ -266,20 +254,17 @@ def attach_intervals(
     Returns {"level", "n_resamples", "seed", "models": {model: {path: [lo, hi]}},
     "differences": {"a_minus_b": {path: [lo, hi]}}}.
     """
+    samplers = {
+        "accuracy": bootstrap.accuracy_samples,
+        "balanced_accuracy": bootstrap.balanced_accuracy_samples,
+        "auroc": bootstrap.auroc_samples,
+    }
     samples: dict[str, dict[str, np.ndarray]] = {}
     for model, outcomes in per_example.items():
         samples[model] = {}
-        for path, outcome in outcomes.items():
-            n = len(outcome[1])
-            indices = bootstrap.resample_indices(n, n_resamples, seed, key=path)
-            if outcome[0] == "accuracy":
-                samples[model][path] = bootstrap.accuracy_samples(outcome[1], indices)
-            elif outcome[0] == "balanced_accuracy":
-                samples[model][path] = bootstrap.balanced_accuracy_samples(
-                    outcome[1], outcome[2], indices
-                )
-            else:
-                samples[model][path] = bootstrap.auroc_samples(outcome[1], outcome[2], indices)
+        for path, (kind, *arrays) in outcomes.items():
+            indices = bootstrap.resample_indices(len(arrays[0]), n_resamples, seed, key=path)
+            samples[model][path] = samplers[kind](*arrays, indices)
     intervals = {
         model: {path: bootstrap.interval(values) for path, values in by_path.items()}
         for model, by_path in samples.items()
@@ -420,8 +405,3 @@ def run_evaluation(
         "intervals": intervals,
         "seconds": timings,
     }
-
-
-# ------------------------------------------------------------------------------------------
-# Learning curve: every kept checkpoint of a training run
-# ------------------------------------------------------------------------------------------

@@ -398,11 +398,10 @@ def build_optimizer(
         name: jax.tree.map(lambda _, f=name == "backbone": f, sub) for name, sub in params.items()
     }
     heads = jax.tree.map(lambda f: not f, frozen)
-    adam_backbone = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
     return optax.chain(
         clip,
         optax.masked(adam, heads),
-        optax.masked(hold_until(adam_backbone, cfg.freeze_backbone_steps), frozen),
+        optax.masked(hold_until(adam, cfg.freeze_backbone_steps), frozen),
         scale_by_schedules_with_decay(
             lr_mult,
             wd_mult,
