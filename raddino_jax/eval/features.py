@@ -135,16 +135,6 @@ def concatenate(parts: Sequence[SplitData]) -> SplitData:
     return SplitData(np.concatenate([p.crops for p in parts]), fields, masks)
 
 
-def dataset_splits(data_dir: epath.PathLike, name: str) -> list[str]:
-    """Split names of a built dataset (tfds dataset_info), in a stable order."""
-    import tensorflow_datasets as tfds
-
-    from raddino_jax.data.records import dataset_dir
-
-    builder = tfds.builder_from_directory(dataset_dir(data_dir, name))
-    return sorted(builder.info.splits.keys())
-
-
 def load_split(
     data_dir: epath.PathLike,
     name: str,
@@ -267,9 +257,8 @@ def make_feature_fn(spec: ModelSpec, n_layers: int = 0):
     def features(params, images):
         backbone = bind(spec, params).backbone
         out = backbone(images, n_last_blocks=n_layers)
-        h = images.shape[1] // spec.backbone.patch_size
-        w = images.shape[2] // spec.backbone.patch_size
-        batch = images.shape[0]
+        batch, height, width = images.shape[:3]
+        h, w = height // spec.backbone.patch_size, width // spec.backbone.patch_size
         result = {
             "cls": out["x_norm_clstoken"],
             "patch": out["x_norm_patchtokens"].reshape(batch, h, w, -1),

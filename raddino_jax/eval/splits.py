@@ -65,7 +65,9 @@ def load_roles(
     seed: int,
 ) -> tuple[dict[str, feats.SplitData], dict[str, Any]]:
     """train / val / test SplitData at `image_size` (see `assign_roles`)."""
-    split_names = feats.dataset_splits(data_dir, name)
+    from raddino_jax.data.records import dataset_contents  # tensorflow_datasets: only here
+
+    split_names = sorted(dataset_contents(data_dir, name)[1])
     parts = []
     for split in split_names:
         part = feats.load_split(

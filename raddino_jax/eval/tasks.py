@@ -31,15 +31,6 @@ from raddino_jax.models import ModelSpec, init_params
 TASKS = ("knn", "linear", "metadata", "segmentation")
 
 
-def has_masks(data_dir: str, name: str) -> bool:
-    """Whether the dataset's records carry a `mask` feature."""
-    import tensorflow_datasets as tfds
-
-    from raddino_jax.data.records import dataset_dir
-
-    return "mask" in tfds.builder_from_directory(dataset_dir(data_dir, name)).info.features
-
-
 # ------------------------------------------------------------------------------------------
 # Evaluations of one model
 # ------------------------------------------------------------------------------------------
@@ -318,9 +309,11 @@ def run_evaluation(
 ) -> dict[str, Any]:
     """The whole evaluation (checkpoint, random init, the pixel reference, optional baseline)
     as the eval.json dict, with paired bootstrap intervals of the kNN accuracies and AUROCs."""
+    from raddino_jax.data.records import dataset_contents  # tensorflow_datasets: only here
+
     data_dir, name = split_data_argument(data)
     tasks = list(tasks)
-    if "segmentation" in tasks and not has_masks(data_dir, name):
+    if "segmentation" in tasks and "mask" not in dataset_contents(data_dir, name)[0]:
         tasks.remove("segmentation")
     spec, params = checkpoint.load_any_params(checkpoint_path, which="teacher")
     pre = checkpoint.load_preprocessing(checkpoint_path)

@@ -66,11 +66,6 @@ def batch_bytes_per_device(point: Run) -> int:
     return measure.state_bytes(point.batch)[1]
 
 
-def layout_of(point: Run) -> tuple[int, int, int]:
-    """The point's resolved (data, fsdp, tensor) mesh sizes."""
-    return tuple(int(point.mesh.shape[axis]) for axis in ("data", "fsdp", "tensor"))
-
-
 def step_memory(point: Run, label: str, device_prefetch: int) -> StepMemory:
     """Compile the point's step (the jitted function the loop then calls) and read its peak."""
     compiled, _ = measure.compile_step(point, point.config.seed)
@@ -160,7 +155,7 @@ def check_training_memory(
 
 def _candidate_lines(point: Run, step: StepMemory, capacity: int) -> list[str]:
     """The nearest layouts compiled, one line each, with their peaks and fit."""
-    layout = layout_of(point)
+    layout = tuple(int(point.mesh.shape[axis]) for axis in ("data", "fsdp", "tensor"))
     images = point.config.batch_size // (layout[0] * layout[1])
     devices = list(point.mesh.devices.flat)
     lines = ["  nearest layouts (compiled; peak per device incl. prefetched batches):"]
