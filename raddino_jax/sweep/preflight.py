@@ -111,13 +111,8 @@ def check_training_memory(
     config: ml_collections.ConfigDict,
     say: Callable[[str], None] = print,
 ) -> list[StepMemory]:
-    """Compile each (label, point) step and compare its peak per device with the capacity.
-
-    The points are the runs (`train.build.Run`) of the training loop's stages, or of sweep
-    points. Returns the steps' memory. Over the capacity (`config.device_memory_gib` overrides
-    the device's) it prints the peak against the capacity and the nearest layouts with their
-    compiled peaks, then raises MemoryPreflightError unless `config.allow_over_memory`.
-    """
+    """Compile each (label, point) step (`train.build.Run`: the loop's stages, or sweep points)
+    and compare its peak per device with the capacity, as the module docstring describes."""
     device = points[0][1].mesh.devices.flat[0]
     capacity, source = device_capacity(device, config.device_memory_gib)
     prefetch = config.data.device_prefetch
