@@ -367,15 +367,13 @@ def run_evaluation(
             per_example=per_example.setdefault("pixels", {}),
         )
         timings["pixels"] = round(time.perf_counter() - start, 2)
-    pairs = [("checkpoint", "random_init"), ("checkpoint", "pixels")]
-    if baseline:
-        pairs.append(("checkpoint", "baseline"))
+    others = [model[0] for model in models[1:]]  # random_init [, baseline]
+    pairs = [("checkpoint", other) for other in [*others, "pixels"]]
     intervals = attach_intervals(per_example, pairs, n_resamples=n_resamples, seed=seed)
     diffs = {
-        "checkpoint_minus_random_init": differences(results["checkpoint"], results["random_init"])
+        f"checkpoint_minus_{other}": differences(results["checkpoint"], results[other])
+        for other in others
     }
-    if baseline:
-        diffs["checkpoint_minus_baseline"] = differences(results["checkpoint"], results["baseline"])
     return {
         "checkpoint": str(checkpoint_path),
         "baseline": baseline,

@@ -1,20 +1,12 @@
 """Measuring one sweep point: build, compile (and time) the SSL train step for a layout.
 
 A point is (layout DATAxFSDPxTENSOR, global batch, remat); it uses the first data*fsdp*tensor
-devices. What `run_point` fills in (`row.SweepRow`):
-- `state_bytes_per_device`: the train state's bytes on one device, exact from its shardings
-  (sum over leaves of prod(shard_shape) * itemsize), computed on the abstract state (nothing is
-  allocated);
-- compile with `jax.jit(...).lower(...).compile()` (`compile_time_s`) and read XLA's
-  `memory_analysis()` (peak bytes per device against the device's HBM: `fits`) and
-  `cost_analysis()` (flops, bytes accessed and, on TPU, `optimal_seconds`, from which the
-  *estimated* images/s and MFU follow): those estimates are `estimate.py`'s, which also
-  extrapolates a scanned step's costs over its depth (`depth_extrapolated_cost` here compiles
-  the two small steps it needs);
-- in mode "run": warm-up steps, then timed steps on a synthetic batch of the run's
-  `Run.batch` (random crops in `config.data.transfer_dtype`, as the loop ships them; masks
-  from the real iBOT mask sampler so the static buffer size is right): median
-  step time, images/s, analytic TFLOP/s (`config.step_flops`) and MFU.
+devices. `run_point` fills a `row.SweepRow`: the state's exact bytes per device from its
+shardings (`state_bytes`, nothing allocated); the compile time and XLA's memory and cost
+analysis (`estimate.py`: peak bytes and fit, XLA FLOPs, the estimated images/s and MFU, a
+scanned step's costs extrapolated over its depth); in mode "run", the median time of steps on
+a synthetic batch of the run's `Run.batch` (`host_batch`), images/s, analytic TFLOP/s
+(`config.step_flops`) and MFU.
 Mode "compile" stops after compiling (no state allocated, no step run: an AOT memory check for
 a topology); mode "state" compiles nothing (exact state bytes and analytic FLOPs only).
 A point that cannot run is a row with status "failed" and the reason; `sweep` never raises for
