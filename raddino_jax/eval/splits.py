@@ -36,9 +36,8 @@ def assign_roles(
         fractions = (CARVE_FRACTION, CARVE_FRACTION if len(missing) == 2 else 0.0)
         first, second = feats.split_by_patient(groups[in_train], fractions, seed)
         index = np.nonzero(in_train)[0]
-        roles[index[first]] = missing[0]
-        if len(missing) == 2:
-            roles[index[second]] = missing[1]
+        for role, chosen in zip(missing, (first, second)):
+            roles[index[chosen]] = role
         carved = {r: "carved out of train by patient" for r in missing}
     patients = {r: set(groups[roles == r]) for r in feats.SPLIT_ROLES}
     overlap = {
