@@ -133,13 +133,8 @@ def segmentation_task(features, roles, labels, patch_size) -> dict[str, Any]:
             known |= codes >= 0
         if known.sum() == 0:
             return {"skipped": f"no {role} example with a known label (masks untrusted)"}
-        parts.append(
-            (
-                features[role]["patch"][known],
-                features[role]["cls"][known],
-                roles[role].masks[known],
-            )
-        )
+        tokens = features[role]
+        parts.append((tokens["patch"][known], tokens["cls"][known], roles[role].masks[known]))
     return segmentation_probe(*parts, patch_size=patch_size)
 
 
