@@ -161,9 +161,8 @@ class MetricsWriter:
         else:
             self._write_part(line)
         if self._tb is not None:
-            for key, value in metrics.items():
-                value = float(value)
-                if math.isfinite(value):
+            for key, value in record.items():
+                if isinstance(value, float):  # the finite metrics (`_clean`), not the step
                     self._tb.add_scalar(key, value, int(step))
             self._tb.flush()
 
