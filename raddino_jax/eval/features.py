@@ -47,9 +47,11 @@ def _resized_size(width: int, height: int, size: int) -> tuple[int, int]:
     return int(size * width / height), size
 
 
-def _centre_crop(array: np.ndarray, size: int) -> np.ndarray:
-    height, width = array.shape[:2]
-    top, left = (height - size) // 2, (width - size) // 2
+def _resize_and_crop(image: np.ndarray, size: int, resample: Image.Resampling) -> np.ndarray:
+    """[H, W] -> [S, S]: PIL resize of the shorter side to S, then centre crop."""
+    pil = Image.fromarray(image)
+    array = np.asarray(pil.resize(_resized_size(*pil.size, size), resample=resample))
+    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
     return array[top : top + size, left : left + size]
 
 
@@ -72,9 +74,7 @@ def crop_uint8(image: np.ndarray, size: int) -> np.ndarray:
     PIL bicubic resize of the shorter side to S, then centre crop (recipe s8). Normalising the
     result with `network_input` equals `data.preprocess.preprocess_uint8` (tested).
     """
-    pil = Image.fromarray(to_uint8_image(image))
-    pil = pil.resize(_resized_size(*pil.size, size), resample=Image.Resampling.BICUBIC)
-    return _centre_crop(np.asarray(pil), size)
+    return _resize_and_crop(to_uint8_image(image), size, Image.Resampling.BICUBIC)
 
 
 def crop_mask(mask: np.ndarray, size: int) -> np.ndarray:
@@ -85,9 +85,8 @@ def crop_mask(mask: np.ndarray, size: int) -> np.ndarray:
     mask = np.asarray(mask)
     if mask.ndim == 3:
         mask = mask[..., 0]
-    pil = Image.fromarray((mask > 0).astype(np.uint8) * 255)
-    pil = pil.resize(_resized_size(*pil.size, size), resample=Image.Resampling.NEAREST)
-    return _centre_crop(np.asarray(pil), size) > 0
+    binary = (mask > 0).astype(np.uint8) * 255
+    return _resize_and_crop(binary, size, Image.Resampling.NEAREST) > 0
 
 
 def network_input(crops: jax.Array | np.ndarray, pre: Preprocessing) -> jax.Array:
@@ -133,16 +132,6 @@ def concatenate(parts: Sequence[SplitData]) -> SplitData:
         masks = np.concatenate([p.masks for p in parts])
     fields = {k: np.concatenate([p.fields[k] for p in parts]) for k in parts[0].fields}
     return SplitData(np.concatenate([p.crops for p in parts]), fields, masks)
-
-
-def dataset_splits(data_dir: epath.PathLike, name: str) -> list[str]:
-    """Split names of a built dataset (tfds dataset_info), in a stable order."""
-    import tensorflow_datasets as tfds
-
-    from raddino_jax.data.records import dataset_dir
-
-    builder = tfds.builder_from_directory(dataset_dir(data_dir, name))
-    return sorted(builder.info.splits.keys())
 
 
 def load_split(
@@ -267,9 +256,8 @@ def make_feature_fn(spec: ModelSpec, n_layers: int = 0):
     def features(params, images):
         backbone = bind(spec, params).backbone
         out = backbone(images, n_last_blocks=n_layers)
-        h = images.shape[1] // spec.backbone.patch_size
-        w = images.shape[2] // spec.backbone.patch_size
-        batch = images.shape[0]
+        batch, height, width = images.shape[:3]
+        h, w = height // spec.backbone.patch_size, width // spec.backbone.patch_size
         result = {
             "cls": out["x_norm_clstoken"],
             "patch": out["x_norm_patchtokens"].reshape(batch, h, w, -1),

@@ -55,15 +55,10 @@ class KnnEvaluator:
                 f"image size {preprocessing.image_size} is not a multiple of the patch size "
                 f"{spec.backbone.patch_size}"
             )
-        self.label = label
-        self.ks = tuple(ks)
-        self.temperature = temperature
-        self.batch_size = batch_size
-        train = load_split(
-            data_dir, name, train_split, preprocessing.image_size, max_examples=max_examples
-        )
-        held_out = load_split(
-            data_dir, name, eval_split, preprocessing.image_size, max_examples=max_examples
+        self.ks, self.temperature, self.batch_size = tuple(ks), temperature, batch_size
+        train, held_out = (
+            load_split(data_dir, name, split, preprocessing.image_size, max_examples=max_examples)
+            for split in (train_split, eval_split)
         )
         if label not in train.fields:
             raise KeyError(f"{name} has no field {label!r}; fields: {sorted(train.fields)}")

@@ -36,9 +36,8 @@ def assign_roles(
         fractions = (CARVE_FRACTION, CARVE_FRACTION if len(missing) == 2 else 0.0)
         first, second = feats.split_by_patient(groups[in_train], fractions, seed)
         index = np.nonzero(in_train)[0]
-        roles[index[first]] = missing[0]
-        if len(missing) == 2:
-            roles[index[second]] = missing[1]
+        for role, chosen in zip(missing, (first, second)):
+            roles[index[chosen]] = role
         carved = {r: "carved out of train by patient" for r in missing}
     patients = {r: set(groups[roles == r]) for r in feats.SPLIT_ROLES}
     overlap = {
@@ -65,7 +64,9 @@ def load_roles(
     seed: int,
 ) -> tuple[dict[str, feats.SplitData], dict[str, Any]]:
     """train / val / test SplitData at `image_size` (see `assign_roles`)."""
-    split_names = feats.dataset_splits(data_dir, name)
+    from raddino_jax.data.records import dataset_contents  # tensorflow_datasets: only here
+
+    split_names = sorted(dataset_contents(data_dir, name)[1])
     parts = []
     for split in split_names:
         part = feats.load_split(

@@ -31,15 +31,6 @@ from raddino_jax.models import ModelSpec, init_params
 TASKS = ("knn", "linear", "metadata", "segmentation")
 
 
-def has_masks(data_dir: str, name: str) -> bool:
-    """Whether the dataset's records carry a `mask` feature."""
-    import tensorflow_datasets as tfds
-
-    from raddino_jax.data.records import dataset_dir
-
-    return "mask" in tfds.builder_from_directory(dataset_dir(data_dir, name)).info.features
-
-
 # ------------------------------------------------------------------------------------------
 # Evaluations of one model
 # ------------------------------------------------------------------------------------------
@@ -63,9 +54,11 @@ def knn_task(features, roles, labels, ks, temperature, per_example=None) -> dict
     for label in labels:
         codes, names = _labels_per_role(roles, label)
         train, test = codes["train"] >= 0, codes["test"] >= 0
-        if train.sum() == 0 or test.sum() == 0 or len(names) < 2:
+        n_train, n_test = int(train.sum()), int(test.sum())
+        if n_train == 0 or n_test == 0 or len(names) < 2:
             out[label] = {"skipped": "needs >= 2 classes and known labels in train and test"}
             continue
+        test_codes = codes["test"][test]
         scores = knn_class_scores(
             features["train"]["cls"][train],
             codes["train"][train],
@@ -74,23 +67,19 @@ def knn_task(features, roles, labels, ks, temperature, per_example=None) -> dict
             ks,
             temperature,
         )
-        result = knn_metrics(scores, codes["test"][test], int(train.sum()))
+        result = knn_metrics(scores, test_codes, n_train)
         if per_example is not None:
             for k, class_scores in scores.items():
                 predicted = class_scores.argmax(axis=1)
-                correct = predicted == codes["test"][test]
-                per_example[f"knn/{label}/k{k}/accuracy"] = ("accuracy", correct)
+                per_example[f"knn/{label}/k{k}/accuracy"] = ("accuracy", predicted == test_codes)
                 per_example[f"knn/{label}/k{k}/balanced_accuracy"] = (
                     "balanced_accuracy",
-                    codes["test"][test],
+                    test_codes,
                     predicted,
                 )
-        result["n_train"] = int(train.sum())
-        result["n_test"] = int(test.sum())
-        if train.sum() < max(ks):
-            result["note"] = (
-                f"only {int(train.sum())} training examples: k above that uses all of them"
-            )
+        result["n_train"], result["n_test"] = n_train, n_test
+        if n_train < max(ks):
+            result["note"] = f"only {n_train} training examples: k above that uses all of them"
         out[label] = result
     return out
 
@@ -105,28 +94,18 @@ def linear_task(probe_inputs, roles, labels, c_grid, per_example=None) -> dict[s
     for label in labels:
         codes, names = _labels_per_role(roles, label)
         keep = {r: codes[r] >= 0 for r in feats.SPLIT_ROLES}
-        train_classes = set(codes["train"][keep["train"]].tolist())
-        if len(train_classes) < 2 or keep["val"].sum() == 0 or keep["test"].sum() == 0:
+        x = {r: probe_inputs[r][keep[r]] for r in feats.SPLIT_ROLES}
+        y = {r: codes[r][keep[r]] for r in feats.SPLIT_ROLES}
+        if len(set(y["train"].tolist())) < 2 or len(y["val"]) == 0 or len(y["test"]) == 0:
             out[label] = {"skipped": "needs >= 2 classes in train and known labels in val/test"}
             continue
-        probe = select_and_fit(
-            probe_inputs["train"][keep["train"]],
-            codes["train"][keep["train"]],
-            probe_inputs["val"][keep["val"]],
-            codes["val"][keep["val"]],
-            len(names),
-            c_grid,
-        )
-        probabilities = probe.model.probabilities(probe_inputs["test"][keep["test"]])
-        metrics = classification_metrics(codes["test"][keep["test"]], probabilities)
+        probe = select_and_fit(x["train"], y["train"], x["val"], y["val"], len(names), c_grid)
+        probabilities = probe.model.probabilities(x["test"])
+        metrics = classification_metrics(y["test"], probabilities)
         out[label] = {**metrics, "c": probe.best_c, "classes": names}
         if per_example is not None:
             name = "auroc" if len(names) == 2 else "auroc_macro_ovr"
-            per_example[f"linear/{label}/{name}"] = (
-                "auroc",
-                codes["test"][keep["test"]],
-                probabilities,
-            )
+            per_example[f"linear/{label}/{name}"] = ("auroc", y["test"], probabilities)
     return out
 
 
@@ -154,13 +133,8 @@ def segmentation_task(features, roles, labels, patch_size) -> dict[str, Any]:
             known |= codes >= 0
         if known.sum() == 0:
             return {"skipped": f"no {role} example with a known label (masks untrusted)"}
-        parts.append(
-            (
-                features[role]["patch"][known],
-                features[role]["cls"][known],
-                roles[role].masks[known],
-            )
-        )
+        tokens = features[role]
+        parts.append((tokens["patch"][known], tokens["cls"][known], roles[role].masks[known]))
     return segmentation_probe(*parts, patch_size=patch_size)
 
 
@@ -266,20 +240,17 @@ def attach_intervals(
     Returns {"level", "n_resamples", "seed", "models": {model: {path: [lo, hi]}},
     "differences": {"a_minus_b": {path: [lo, hi]}}}.
     """
+    samplers = {
+        "accuracy": bootstrap.accuracy_samples,
+        "balanced_accuracy": bootstrap.balanced_accuracy_samples,
+        "auroc": bootstrap.auroc_samples,
+    }
     samples: dict[str, dict[str, np.ndarray]] = {}
     for model, outcomes in per_example.items():
         samples[model] = {}
-        for path, outcome in outcomes.items():
-            n = len(outcome[1])
-            indices = bootstrap.resample_indices(n, n_resamples, seed, key=path)
-            if outcome[0] == "accuracy":
-                samples[model][path] = bootstrap.accuracy_samples(outcome[1], indices)
-            elif outcome[0] == "balanced_accuracy":
-                samples[model][path] = bootstrap.balanced_accuracy_samples(
-                    outcome[1], outcome[2], indices
-                )
-            else:
-                samples[model][path] = bootstrap.auroc_samples(outcome[1], outcome[2], indices)
+        for path, (kind, *arrays) in outcomes.items():
+            indices = bootstrap.resample_indices(len(arrays[0]), n_resamples, seed, key=path)
+            samples[model][path] = samplers[kind](*arrays, indices)
     intervals = {
         model: {path: bootstrap.interval(values) for path, values in by_path.items()}
         for model, by_path in samples.items()
@@ -333,9 +304,11 @@ def run_evaluation(
 ) -> dict[str, Any]:
     """The whole evaluation (checkpoint, random init, the pixel reference, optional baseline)
     as the eval.json dict, with paired bootstrap intervals of the kNN accuracies and AUROCs."""
+    from raddino_jax.data.records import dataset_contents  # tensorflow_datasets: only here
+
     data_dir, name = split_data_argument(data)
     tasks = list(tasks)
-    if "segmentation" in tasks and not has_masks(data_dir, name):
+    if "segmentation" in tasks and "mask" not in dataset_contents(data_dir, name)[0]:
         tasks.remove("segmentation")
     spec, params = checkpoint.load_any_params(checkpoint_path, which="teacher")
     pre = checkpoint.load_preprocessing(checkpoint_path)
@@ -389,15 +362,13 @@ def run_evaluation(
             per_example=per_example.setdefault("pixels", {}),
         )
         timings["pixels"] = round(time.perf_counter() - start, 2)
-    pairs = [("checkpoint", "random_init"), ("checkpoint", "pixels")]
-    if baseline:
-        pairs.append(("checkpoint", "baseline"))
+    others = [model[0] for model in models[1:]]  # random_init [, baseline]
+    pairs = [("checkpoint", other) for other in [*others, "pixels"]]
     intervals = attach_intervals(per_example, pairs, n_resamples=n_resamples, seed=seed)
     diffs = {
-        "checkpoint_minus_random_init": differences(results["checkpoint"], results["random_init"])
+        f"checkpoint_minus_{other}": differences(results["checkpoint"], results[other])
+        for other in others
     }
-    if baseline:
-        diffs["checkpoint_minus_baseline"] = differences(results["checkpoint"], results["baseline"])
     return {
         "checkpoint": str(checkpoint_path),
         "baseline": baseline,
@@ -420,8 +391,3 @@ def run_evaluation(
         "intervals": intervals,
         "seconds": timings,
     }
-
-
-# ------------------------------------------------------------------------------------------
-# Learning curve: every kept checkpoint of a training run
-# ------------------------------------------------------------------------------------------

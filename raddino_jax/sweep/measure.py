@@ -1,20 +1,12 @@
 """Measuring one sweep point: build, compile (and time) the SSL train step for a layout.
 
 A point is (layout DATAxFSDPxTENSOR, global batch, remat); it uses the first data*fsdp*tensor
-devices. What `run_point` fills in (`row.SweepRow`):
-- `state_bytes_per_device`: the train state's bytes on one device, exact from its shardings
-  (sum over leaves of prod(shard_shape) * itemsize), computed on the abstract state (nothing is
-  allocated);
-- compile with `jax.jit(...).lower(...).compile()` (`compile_time_s`) and read XLA's
-  `memory_analysis()` (peak bytes per device against the device's HBM: `fits`) and
-  `cost_analysis()` (flops, bytes accessed and, on TPU, `optimal_seconds`, from which the
-  *estimated* images/s and MFU follow): those estimates are `estimate.py`'s, which also
-  extrapolates a scanned step's costs over its depth (`depth_extrapolated_cost` here compiles
-  the two small steps it needs);
-- in mode "run": warm-up steps, then timed steps on a synthetic batch of the run's
-  `Run.batch` (random crops in `config.data.transfer_dtype`, as the loop ships them; masks
-  from the real iBOT mask sampler so the static buffer size is right): median
-  step time, images/s, analytic TFLOP/s (`config.step_flops`) and MFU.
+devices. `run_point` fills a `row.SweepRow`: the state's exact bytes per device from its
+shardings (`state_bytes`, nothing allocated); the compile time and XLA's memory and cost
+analysis (`estimate.py`: peak bytes and fit, XLA FLOPs, the estimated images/s and MFU, a
+scanned step's costs extrapolated over its depth); in mode "run", the median time of steps on
+a synthetic batch of the run's `Run.batch` (`host_batch`), images/s, analytic TFLOP/s
+(`config.step_flops`) and MFU.
 Mode "compile" stops after compiling (no state allocated, no step run: an AOT memory check for
 a topology); mode "state" compiles nothing (exact state bytes and analytic FLOPs only).
 A point that cannot run is a row with status "failed" and the reason; `sweep` never raises for
@@ -49,7 +41,6 @@ from raddino_jax.sweep.estimate import (
     memory_fields,
     uses_splash,
 )
-from raddino_jax.sweep.estimate import xla_flops as xla_flops  # re-exported: measure.xla_flops
 from raddino_jax.sweep.row import SweepRow, describe_row, layout_name
 from raddino_jax.train import build as build_lib
 from raddino_jax.train import state as train_state
@@ -276,17 +267,13 @@ def run_point(
     except Exception as err:  # noqa: BLE001 - a sweep reports every failure as a row
         row.reason = failure_reason(err)
         return row
-    _fill_throughput(row, point, statistics.median(times), peak_flops)
+    row.step_time_s = statistics.median(times)
+    row.images_per_s = row.batch_size / row.step_time_s
+    row.tflops_per_s = row.analytic_flops_per_step / row.step_time_s / 1e12
+    peak, _ = device_peak_and_hbm(point, peak_flops)
+    row.mfu = flops.mfu(row.analytic_flops_per_step, row.step_time_s, row.n_devices, peak)
     row.status = "ok"
     return row
-
-
-def _fill_throughput(row: SweepRow, point: Run, step_time: float, peak: float | None) -> None:
-    peak, _ = device_peak_and_hbm(point, peak)
-    row.step_time_s = step_time
-    row.images_per_s = row.batch_size / step_time
-    row.tflops_per_s = row.analytic_flops_per_step / step_time / 1e12
-    row.mfu = flops.mfu(row.analytic_flops_per_step, step_time, row.n_devices, peak)
 
 
 def sweep(
@@ -296,16 +283,13 @@ def sweep(
     batch_sizes: Sequence[int] = (),
     remats: Sequence[str | bool] = (),
     devices: Sequence[jax.Device] | None = None,
-    mode: str = "run",
-    steps: int = 5,
-    warmup: int = 2,
-    peak_flops: float | None = None,
-    compiler_options: dict | None = None,
     log=print,
+    **point_options,
 ) -> list[SweepRow]:
     """Every (layout, batch size, remat) combination, in that nesting order.
 
-    Empty `batch_sizes` / `remats` mean the config's own value.
+    Empty `batch_sizes` / `remats` mean the config's own value; `point_options` are
+    `run_point`'s (mode, steps, warmup, peak_flops, compiler_options).
     """
     if jax.process_count() > 1:
         raise RuntimeError("the sweep builds the whole batch on one host: run one process")
@@ -314,18 +298,7 @@ def sweep(
     for layout in layouts:
         for batch_size in batch_sizes or [config.batch_size]:
             for remat in remats or [config.model.remat]:
-                row = run_point(
-                    config,
-                    layout,
-                    batch_size,
-                    remat,
-                    devices=devices,
-                    mode=mode,
-                    steps=steps,
-                    warmup=warmup,
-                    peak_flops=peak_flops,
-                    compiler_options=compiler_options,
-                )
+                row = run_point(config, layout, batch_size, remat, devices=devices, **point_options)
                 log(describe_row(row))
                 rows.append(row)
     return rows

@@ -20,7 +20,6 @@ then the run stops (`MemoryPreflightError`, exit code 4) unless `config.allow_ov
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -64,16 +63,7 @@ def _gib(n: int | None) -> str:
 
 def batch_bytes_per_device(point: Run) -> int:
     """Bytes of one global batch on one device (its shard of every batch array)."""
-    total = 0
-    for leaf in point.batch.values():
-        shard = leaf.sharding.shard_shape(leaf.shape)
-        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
-    return total
-
-
-def layout_of(point: Run) -> tuple[int, int, int]:
-    """The point's resolved (data, fsdp, tensor) mesh sizes."""
-    return tuple(int(point.mesh.shape[axis]) for axis in ("data", "fsdp", "tensor"))
+    return measure.state_bytes(point.batch)[1]
 
 
 def step_memory(point: Run, label: str, device_prefetch: int) -> StepMemory:
@@ -97,23 +87,11 @@ def nearest_layouts(
     if stronger != remat:
         out.append((f"--config.model.remat={stronger}", layout, config.batch_size, stronger))
     if half > 0:
-        out.append(
-            (
-                f"--config.batch_size={half} ({per_device(half, layout)} images per device)",
-                layout,
-                half,
-                remat,
-            )
-        )
+        note = f"--config.batch_size={half} ({per_device(half, layout)} images per device)"
+        out.append((note, layout, half, remat))
     if data > 1:
-        out.append(
-            (
-                f"--config.mesh.data=1 --config.mesh.fsdp={data * fsdp}",
-                sharded,
-                config.batch_size,
-                remat,
-            )
-        )
+        note = f"--config.mesh.data=1 --config.mesh.fsdp={data * fsdp}"
+        out.append((note, sharded, config.batch_size, remat))
     if len(out) > 1:
         out.append(("all of the above", sharded if data > 1 else layout, max(half, 1), "full"))
     return out
@@ -129,39 +107,16 @@ def _all_over(over: bool) -> bool:
 
 
 def check_training_memory(
-    steps: Sequence[tuple[str, Run]],
+    points: Sequence[tuple[str, Run]],
     config: ml_collections.ConfigDict,
     say: Callable[[str], None] = print,
 ) -> list[StepMemory]:
-    """`check_run_memory` with the run config's keys: `device_memory_gib`,
-    `allow_over_memory`, `data.device_prefetch`. The steps are the runs (`train.build.Run`) of
-    the training loop's stages, or of sweep points."""
-    return check_run_memory(
-        steps,
-        capacity_override_gib=config.device_memory_gib,
-        allow_over=config.allow_over_memory,
-        device_prefetch=config.data.device_prefetch,
-        say=say,
-    )
-
-
-def check_run_memory(
-    points: Sequence[tuple[str, Run]],
-    *,
-    capacity_override_gib: float = 0.0,
-    allow_over: bool = False,
-    device_prefetch: int = 2,
-    say: Callable[[str], None] = print,
-) -> list[StepMemory]:
-    """Compile each (label, point) step and compare its peak per device with the capacity.
-
-    Returns the steps' memory. Over the capacity it prints the peak against the capacity and
-    the nearest layouts with their compiled peaks, then raises MemoryPreflightError unless
-    `allow_over` (config.allow_over_memory).
-    """
+    """Compile each (label, point) step (`train.build.Run`: the loop's stages, or sweep points)
+    and compare its peak per device with the capacity, as the module docstring describes."""
     device = points[0][1].mesh.devices.flat[0]
-    capacity, source = device_capacity(device, capacity_override_gib)
-    results = [step_memory(point, label, device_prefetch) for label, point in points]
+    capacity, source = device_capacity(device, config.device_memory_gib)
+    prefetch = config.data.device_prefetch
+    results = [step_memory(point, label, prefetch) for label, point in points]
     over = [r for r in results if capacity and r.peak_bytes is not None and r.peak_bytes > capacity]
     for r in results:
         if r.peak_bytes is None:
@@ -184,7 +139,7 @@ def check_run_memory(
         )
         lines += _candidate_lines(point, r, capacity)
     message = "\n".join(lines)
-    if allow_over:
+    if config.allow_over_memory:
         say(message + "\nconfig.allow_over_memory: running anyway")
         return results
     raise MemoryPreflightError(
@@ -195,7 +150,7 @@ def check_run_memory(
 
 def _candidate_lines(point: Run, step: StepMemory, capacity: int) -> list[str]:
     """The nearest layouts compiled, one line each, with their peaks and fit."""
-    layout = layout_of(point)
+    layout = tuple(int(point.mesh.shape[axis]) for axis in ("data", "fsdp", "tensor"))
     images = point.config.batch_size // (layout[0] * layout[1])
     devices = list(point.mesh.devices.flat)
     lines = ["  nearest layouts (compiled; peak per device incl. prefetched batches):"]

@@ -61,16 +61,18 @@ def can_append(path: epath.Path) -> bool:
     return not str(path).startswith(OBJECT_STORE_PREFIXES)
 
 
-def _part_name(index: int) -> str:
-    return f"part-{index:06d}.jsonl"
-
-
 def _part_paths(workdir: epath.Path) -> list[epath.Path]:
     """The part files in write order (zero-padded names sort numerically)."""
     parts_dir = workdir / PARTS_DIR
     if not parts_dir.exists():
         return []
     return sorted(parts_dir.glob("part-*.jsonl"), key=lambda p: p.name)
+
+
+def _metric_files(workdir: epath.Path) -> list[epath.Path]:
+    """metrics.jsonl if it exists, then the part files: a run's records in write order."""
+    path = workdir / METRICS_FILE
+    return ([path] if path.exists() else []) + _part_paths(workdir)
 
 
 def _parse_lines(text: str) -> tuple[list[tuple[str, dict]], bool]:
@@ -134,8 +136,7 @@ class MetricsWriter:
             return
         self._close_handle()
         self._part, self._next_part = None, None
-        files = ([self.path] if self.path.exists() else []) + _part_paths(self.workdir)
-        for path in files:
+        for path in _metric_files(self.workdir):
             parsed, torn = _parse_lines(path.read_text())
             kept = [line for line, record in parsed if record["step"] <= step]
             if len(kept) == len(parsed) and not torn:
@@ -160,9 +161,8 @@ class MetricsWriter:
         else:
             self._write_part(line)
         if self._tb is not None:
-            for key, value in metrics.items():
-                value = float(value)
-                if math.isfinite(value):
+            for key, value in record.items():
+                if isinstance(value, float):  # the finite metrics (`_clean`), not the step
                     self._tb.add_scalar(key, value, int(step))
             self._tb.flush()
 
@@ -172,7 +172,7 @@ class MetricsWriter:
                 existing = _part_paths(self.workdir)
                 self._next_part = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
                 (self.workdir / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-            self._part = (self.workdir / PARTS_DIR / _part_name(self._next_part), [])
+            self._part = (self.workdir / PARTS_DIR / f"part-{self._next_part:06d}.jsonl", [])
             self._next_part += 1
         path, lines = self._part
         lines.append(line)
@@ -198,9 +198,7 @@ def _replace_text(path: epath.Path, text: str) -> None:
 
 def read_metrics(workdir: str | epath.Path) -> list[dict]:
     """Every record of a run, in write order, from either layout (see the module docstring)."""
-    workdir = epath.Path(workdir)
-    path = workdir / METRICS_FILE
-    files = ([path] if path.exists() else []) + _part_paths(workdir)
+    files = _metric_files(epath.Path(workdir))
     return [record for file in files for _, record in _parse_lines(file.read_text())[0]]
 
 

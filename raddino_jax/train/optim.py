@@ -196,14 +196,8 @@ def _lr_multiplier(path: str, cfg: OptimizerConfig, n_blocks: int) -> float:
 
 
 def param_multipliers(params: PyTree, cfg: OptimizerConfig) -> tuple[PyTree, PyTree, PyTree]:
-    """Static per-parameter (lr multiplier, wd multiplier, is-last-layer) trees.
-
-    Args:
-      params: the student parameter tree (only its structure and paths are used).
-      cfg: the rules.
-    Returns:
-      Three trees with the structure of `params` and Python float / float / bool leaves.
-    """
+    """Static per-parameter (lr multiplier, wd multiplier, is-last-layer) trees: the structure
+    of `params` (only its paths are used) with Python float / float / bool leaves."""
     n_blocks = infer_n_blocks(params) if cfg.n_blocks is None else cfg.n_blocks
     paths = param_paths(params)
     lr_mult = jax.tree.map(lambda p: _lr_multiplier(p, cfg, n_blocks), paths)
@@ -371,11 +365,7 @@ def build_optimizer(
     clip each submodule to cfg.clip_norm -> scale_by_adam(b1, b2, eps) -> add wd(t)*wd_mult*theta
     -> scale by -lr(t)*lr_mult (last layer: -last_layer_lr(t)*lr_mult). Pure tree ops, so it runs
     under jax.jit on sharded params; the step count is part of the state (exact resume).
-
-    Args:
-      params: the student parameter tree; its paths decide the multipliers.
-      cfg: static rules.
-      lr_schedule, last_layer_lr_schedule, wd_schedule: step -> value callables.
+    The student parameters' paths decide the multipliers; the schedules are step -> value.
     """
     unknown = sorted(set(params) - set(cfg.submodules))
     if unknown:
@@ -398,11 +388,10 @@ def build_optimizer(
         name: jax.tree.map(lambda _, f=name == "backbone": f, sub) for name, sub in params.items()
     }
     heads = jax.tree.map(lambda f: not f, frozen)
-    adam_backbone = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
     return optax.chain(
         clip,
         optax.masked(adam, heads),
-        optax.masked(hold_until(adam_backbone, cfg.freeze_backbone_steps), frozen),
+        optax.masked(hold_until(adam, cfg.freeze_backbone_steps), frozen),
         scale_by_schedules_with_decay(
             lr_mult,
             wd_mult,

@@ -111,11 +111,8 @@ def create_state(
     """
     if shardings is None:
         _, shardings = abstract_state(spec, optimizer, mesh, rules, gram)
-    if params is None:
-        make = jax.jit(
-            lambda: new_state(init_params(spec, seed), optimizer, spec, gram),
-            out_shardings=shardings,
-        )
-        return make()
-    make = jax.jit(lambda p: new_state(p, optimizer, spec, gram), out_shardings=shardings)
-    return make(params)
+
+    def make(p):
+        return new_state(init_params(spec, seed) if p is None else p, optimizer, spec, gram)
+
+    return jax.jit(make, out_shardings=shardings)(params)

@@ -137,11 +137,8 @@ def train_step(
     if objective.gram_enabled:
         metrics["gram_loss"] = aux["gram_loss"]
     grad_norms = submodule_grad_norms(grads)
-    for name, norm in grad_norms.items():
-        metrics[f"grad_norm/{name}"] = norm
-    finite = jnp.isfinite(loss)
-    for norm in grad_norms.values():
-        finite &= jnp.isfinite(norm)
+    metrics.update({f"grad_norm/{name}": norm for name, norm in grad_norms.items()})
+    finite = jnp.all(jnp.isfinite(jnp.stack([loss, *grad_norms.values()])))
     metrics["finite"] = finite
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
     new_state = state.replace(
