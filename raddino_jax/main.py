@@ -93,6 +93,15 @@ def main(argv: list[str]) -> None:
     from raddino_jax.train.metrics import NonFiniteError
     from raddino_jax.train.preemption import Preempted
 
+    # what each way of stopping prints (a prefix) and exits with
+    stops = {
+        ConfigError: ("config error", EXIT_CONFIG),
+        RestoreError: ("config error", EXIT_CONFIG),
+        MemoryPreflightError: ("does not fit", EXIT_MEMORY),
+        BadDataError: ("stopped", EXIT_DATA),
+        NonFiniteError: ("stopped", EXIT_NONFINITE),
+        Preempted: ("preempted", None),  # 128 + the signal
+    }
     logging.set_verbosity(logging.WARNING)  # orbax/grain INFO chatter; the loop prints its own
     try:
         last = loop.train(
@@ -101,21 +110,10 @@ def main(argv: list[str]) -> None:
             check_memory=preflight.check_training_memory,
             make_builtin=_builtin_maker(_CONFIG.value),
         )
-    except (ConfigError, RestoreError) as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
-    except MemoryPreflightError as err:
-        print(f"does not fit: {err}", file=sys.stderr)
-        sys.exit(EXIT_MEMORY)
-    except BadDataError as err:
-        print(f"stopped: {err}", file=sys.stderr)
-        sys.exit(EXIT_DATA)
-    except NonFiniteError as err:
-        print(f"stopped: {err}", file=sys.stderr)
-        sys.exit(EXIT_NONFINITE)
-    except Preempted as err:
-        print(f"preempted: {err}", file=sys.stderr)
-        sys.exit(128 + err.signum)
+    except tuple(stops) as err:
+        prefix, code = next(v for kind, v in stops.items() if isinstance(err, kind))
+        print(f"{prefix}: {err}", file=sys.stderr)
+        sys.exit(128 + err.signum if code is None else code)
     if jax.process_index() == 0:
         print(
             f"done: {_WORKDIR.value} step {_CONFIG.value.total_steps}: "

@@ -149,17 +149,8 @@ def check_runs(
 
 def training_images(data) -> int:
     """Distinct images of a run's (subset of its) training data (`sources.TrainingData`)."""
-    records = data.records
-    if hasattr(records, "sources"):
-        return sum(len(s) for s in records.sources)
-    return len(records)
-
-
-def images_seen(config: ml_collections.ConfigDict) -> int:
-    """Global images a run consumes in its config.total_steps steps, stage by stage."""
-    from raddino_jax.train import stages
-
-    return stages.images_before(stages.stage_table(config), config.total_steps)
+    parts = getattr(data.records, "sources", [data.records])  # a mixture's, or the one source
+    return sum(len(part) for part in parts)
 
 
 def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -209,7 +200,7 @@ def run_one(
     """Train (or resume) one run, evaluate its teacher, write RESULT_FILE; returns its record."""
     from raddino_jax import evaluate
     from raddino_jax.data import sources
-    from raddino_jax.train import loop
+    from raddino_jax.train import loop, stages
 
     done = run_dir / RESULT_FILE
     if done.exists():
@@ -235,7 +226,8 @@ def run_one(
         **run_identity(config),
         "fraction": fraction,
         "images": training_images(data),
-        "images_seen": images_seen(config),
+        # global images consumed in the run's steps, stage by stage
+        "images_seen": stages.images_before(stages.stage_table(config), config.total_steps),
         "scores": _scores(report, "checkpoint"),
         "random_init": _scores(report, "random_init"),
         "eval": report,

@@ -239,7 +239,7 @@ def test_csv_labels_splits_and_masks(csv_build):
         records.open_split(tmp / "out", "labelled", "test")
 
     train = records.open_split(tmp / "out", "labelled", "train")
-    validation = records.read_records(tmp / "out", "labelled", "validation")
+    validation = records.open_split(tmp / "out", "labelled", "validation")
     assert (len(train), len(validation)) == (3, 2)
     rows = {r["path"].decode(): r for r in [*train, *validation]}
     first = rows["images/img0.png"]

@@ -144,7 +144,3 @@ def dataset_contents(data_dir: epath.PathLike, name: str) -> tuple[set[str], set
     is read)."""
     builder = tfds.builder_from_directory(dataset_dir(data_dir, name))
     return set(builder.info.features.keys()), set(builder.info.splits.keys())
-
-
-# The older name of open_split (tests/test_build.py still uses it).
-read_records = open_split

@@ -1,7 +1,7 @@
 """The dataset builder: radiographs (a folder or a CSV) -> a tfds ArrayRecord dataset (recipe s8).
 
-Command line: `python -m data_prep.build`; training calls `build_dataset` itself to turn the
-built-in samples into a dataset. Every DICOM / PNG / JPEG is decoded (`data.decode`) on a
+Command line: `python -m data_prep.build`; `data_prep.samples.builtin` calls `build_dataset` for
+the built-in samples. Every DICOM / PNG / JPEG is decoded (`data.decode`) on a
 spawn-safe process pool, resized so its shorter side is `size` (aspect kept), and stored as a
 1-channel PNG with its metadata (schema: `data.records`). TensorFlow is not needed: tfds
 receives the PNG bytes as they are. Results stream from the pool into the tfds writer in input
@@ -25,15 +25,7 @@ made with the same options, the build is skipped and the stored report returned;
 options it stops with an error. `overwrite=True` deletes DATA_DIR/NAME and rebuilds.
 """
 
-from raddino_jax.data.builder.dataset import RUNNERS, BuildOptions, build_dataset, make_report
-from raddino_jax.data.builder.inputs import InputItem, infer_label_type, scan_directory
+from raddino_jax.data.builder.dataset import RUNNERS, BuildOptions, build_dataset
+from raddino_jax.data.builder.inputs import infer_label_type
 
-__all__ = [
-    "RUNNERS",
-    "BuildOptions",
-    "InputItem",
-    "build_dataset",
-    "infer_label_type",
-    "make_report",
-    "scan_directory",
-]
+__all__ = ["RUNNERS", "BuildOptions", "build_dataset", "infer_label_type"]
