@@ -62,6 +62,9 @@ from raddino_jax.eval.tasks import (  # noqa: F401 (re-exported: the CLI's libra
     run_evaluation,
 )
 
+# --c-grid: the probes' C sweep by name
+C_GRIDS = {"short": DEFAULT_C_GRID, "full": FULL_C_GRID, "coarse": COARSE_C_GRID}
+
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -83,7 +86,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--c-grid",
         default="short",
-        choices=["short", "full", "coarse"],
+        choices=list(C_GRIDS),
         help="C sweep: full = 10^linspace(-6,5,45) (recipe s10), short = every other value, "
         "coarse = every fourth (the demo's)",
     )
@@ -127,9 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_examples=args.max_examples,
             n_last_blocks=args.n_last_blocks,
             avgpool=not args.no_avgpool,
-            c_grid={"full": FULL_C_GRID, "short": DEFAULT_C_GRID, "coarse": COARSE_C_GRID}[
-                args.c_grid
-            ],
+            c_grid=C_GRIDS[args.c_grid],
             seed=args.seed,
             batch_size=args.batch_size,
             n_resamples=args.bootstrap,
