@@ -117,6 +117,23 @@ def test_state_after_two_steps_agrees(two_steps):
         assert np.any(ours[f"student.{name}"] != start), name
 
 
+def test_global_crops_only_step_agrees():
+    """data.n_local 0 (DINO on the two global crops only): the step skips the empty local
+    pass and its losses equal the reference's, which runs the same batch."""
+    torch.manual_seed(0)
+    config = tiny_config()
+    config.data.n_local = 0
+    ours = compare.OursStep(config, jax.devices()[0])
+    assert ours.host_batch["local_crops"].shape[0] == 0
+    reference = reference_step.ReferenceStep(
+        reference_config.from_config(config), ours.student_weights()
+    )
+    mine, theirs = ours(), reference(reference_step.batch_to_torch(ours.host_batch))
+    assert mine["finite"] == theirs["finite"] == 1.0
+    for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss", "student_teacher_kl"):
+        np.testing.assert_allclose(mine[key], theirs[key], rtol=LOSS_RTOL, atol=1e-7, err_msg=key)
+
+
 def test_reference_param_rules_match_ours():
     """The reference's per-parameter lr / wd multipliers and last-layer flags equal ours."""
     from raddino_jax.models import abstract_params

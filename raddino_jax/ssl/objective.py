@@ -198,9 +198,11 @@ def ssl_loss(
     # Student: masked globals and locals (two passes, equivalent to the reference's one list pass).
     key_global, key_local = jax.random.split(key)
     s_global = student.backbone(globals_flat, masks, drop_path_key=key_global)
-    s_local = student.backbone(locals_flat, drop_path_key=key_local)
     s_global_cls = _crop_major(s_global["x_norm_clstoken"], n_global)
-    s_cls = jnp.concatenate([s_global_cls, _crop_major(s_local["x_norm_clstoken"], n_local)])
+    s_cls = s_global_cls
+    if n_local:  # data.n_local 0: global crops only (the DINO loss pairs the two globals)
+        s_local = student.backbone(locals_flat, drop_path_key=key_local)
+        s_cls = jnp.concatenate([s_cls, _crop_major(s_local["x_norm_clstoken"], n_local)])
     s_patch = gather_masked_tokens(s_global["x_norm_patchtokens"], batch["mask_indices"])
 
     n_groups = batch["mask_indices"].shape[0]
