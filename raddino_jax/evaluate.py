@@ -48,7 +48,7 @@ from collections.abc import Sequence
 from etils import epath
 
 from raddino_jax.eval import bootstrap
-from raddino_jax.eval.curve import learning_curve
+from raddino_jax.eval.curve import CURVE_TASKS, learning_curve
 from raddino_jax.eval.linear import (
     COARSE_C_GRID,
     DEFAULT_C_GRID,
@@ -125,6 +125,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"error: --task {args.task!r}: choose all or from {', '.join(TASKS)}", file=sys.stderr
         )
         return 2
+    curve_tasks = [t.strip() for t in args.curve_tasks.split(",") if t.strip()]
+    if args.curve and (not curve_tasks or set(curve_tasks) - set(CURVE_TASKS)):
+        print(
+            f"error: --curve-tasks {args.curve_tasks!r}: choose from {', '.join(CURVE_TASKS)}",
+            file=sys.stderr,
+        )
+        return 2
     try:
         options = dict(  # the feature and probe settings both reports share
             max_examples=args.max_examples,
@@ -140,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         curve = None
         if args.curve:
-            curve_options = dict(options, tasks=args.curve_tasks.split(","))
+            curve_options = dict(options, tasks=curve_tasks)
             if args.curve_max_examples is not None:
                 curve_options["max_examples"] = args.curve_max_examples
             curve = learning_curve(args.checkpoint, args.data, labels, **curve_options)

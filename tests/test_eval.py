@@ -711,3 +711,7 @@ def test_cli_knn_only_curve_and_task_list(samples_dataset, tiny_run, tmp_path):
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = ["--checkpoint", tiny_run, "--data", f"{data_dir}/{name}", "--label", "nodule"]
     assert evaluate.main([*bad, "--task", "knn,bogus", "--out", str(tmp_path / "x")]) == 2
+    # A typo in --curve-tasks fails before any model is evaluated, not silently dropped.
+    typo = ["--task", "knn", "--curve", "--curve-tasks", "knn,linaer", "--out", str(tmp_path / "y")]
+    assert evaluate.main([*bad, *typo]) == 2
+    assert not (tmp_path / "y").exists()

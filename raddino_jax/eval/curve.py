@@ -89,9 +89,10 @@ def learning_curve(
     steps = run_steps(run_dir)
     if not steps:
         raise FileNotFoundError(f"{run_dir}/checkpoints holds no finished checkpoint yet")
+    unknown = sorted(set(tasks) - set(CURVE_TASKS))
+    if unknown or not tasks:
+        raise ValueError(f"curve tasks must be among {CURVE_TASKS}, got {list(tasks)}")
     tasks = [t for t in CURVE_TASKS if t in tasks]
-    if not tasks:
-        raise ValueError(f"curve tasks must be among {CURVE_TASKS}")
     spec = checkpoint.load_spec(run_dir)
     pre = checkpoint.load_preprocessing(run_dir)
     roles, split_info = load_roles(
