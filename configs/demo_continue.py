@@ -34,7 +34,7 @@ def get_config():
     c.data.builtin = False  # continue_demo.sh points data.dir/data.name at the shifted domain
     c.optim.warmup_steps = 20
     c.optim.freeze_last_layer_steps = 5
-    c.optim.freeze_backbone_steps = 0  # continue_demo.sh runs 0 and 40
+    c.optim.freeze_backbone_steps = 0  # continue_demo.sh runs 0 and 20
     c.teacher.temperature = 0.01
     c.teacher.warmup_temperature = 0.01
     return c

@@ -12,10 +12,14 @@
 # Writes OUT/phase_<N>/eval_{original,shifted}/eval.md (N = heads-only steps) and
 # OUT/summary.md (the checkpoint-minus-start intervals of every run and label).
 set -euo pipefail
+# A CPU job by default: the test extra in .venv brings libtpu, and with JAX_PLATFORMS unset
+# every process probes for a TPU and prints "could not determine TPU worker hostnames".
+# JAX_PLATFORMS=cuda (or tpu) bash ... runs it on an accelerator instead.
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 RUN=${1:-runs/demo}
 OUT=${2:-runs/demo_continue}
 PY=${PY:-.venv/bin/python}
-PHASES=${PHASES:-"0 40"}  # heads-only steps of each run; 0 = the backbone trains from step 0
+PHASES=${PHASES:-"0 20"}  # heads-only steps of each run; 0 = the backbone trains from step 0
 TRAIN_SEED=${TRAIN_SEED:-7}  # the shifted domain's training draw (not 0: the demo's)
 HELDOUT_SEED=${HELDOUT_SEED:-20261205}  # the shifted domain's held-out draw
 TRAIN_PHANTOMS=${TRAIN_PHANTOMS:-3000}

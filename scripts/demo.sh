@@ -11,6 +11,10 @@
 # model trains (the training step leaves part of the second core idle); phase times are
 # printed at the end.
 set -euo pipefail
+# A CPU job by default: the test extra in .venv brings libtpu, and with JAX_PLATFORMS unset
+# every process probes for a TPU and prints "could not determine TPU worker hostnames".
+# JAX_PLATFORMS=cuda (or tpu) bash ... runs it on an accelerator instead.
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 OUT=${1:-runs/demo}
 PY=${PY:-.venv/bin/python}
 HELDOUT_SEED=${HELDOUT_SEED:-20261204}  # any seed but 0 (the training samples')
