@@ -17,6 +17,10 @@ loads), except
 - total_steps 100: two-thirds of the demo's run, on a new domain;
 - optim.warmup_steps 20: the lr ramp at the start, and (with the phase) the backbone's ramp
   when it joins (`optim.join_warmup_steps` defaults to it);
+- the heads-only phase continue_demo.sh runs is 20 steps: with 40 the backbone joined too late
+  to move the teacher (its EMA momentum ramps 0.99 -> 1 over the whole run) and the new domain
+  gained only on the nodule probe; with 20 it gains on nodule kNN and probe and the original
+  domain keeps its nodule features (RESULTS.md "Issue 23, third session");
 - optim.freeze_last_layer_steps 5: fresh heads must start moving at once in the heads-only
   phase, which is short;
 - teacher temperature 0.01 (warm-up 0.01): what these runs were measured with (RESULTS.md);
