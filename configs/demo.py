@@ -22,9 +22,9 @@ hemidiaphragm height varying in everyone) so that random features no longer solv
 probe AUROC was 0.99). So the issue-23 bar (every finding above random init on kNN and probe)
 is met for nodules and the effusion_present probe, not for effusion kNN. The teacher entropy
 stays at 71-76% of log K (both seeds), under the issue's 80%.
-Why the effusion kNN does not move (RESULTS.md "Issue 23, third session"): twelve one-change
+Why the effusion kNN does not move (RESULTS.md "Issue 23, third session"): thirteen one-change
 runs (global crops (0.7, 1) or (0.9, 1) without locals, no local crops, no brightness /
-contrast jitter or blur, K 32, 600 steps, and phantoms with a denser effusion, fixed exposure,
+contrast jitter or blur, K 32, 600 steps, batch 128, and phantoms with a denser effusion, fixed exposure,
 tight positioning, no lung texture or no hemidiaphragm variation) leave it at random init's
 level or below while the nodule kNN rises; with the nuisance variation removed, training makes
 it significantly worse than random init. The trained CLS responds 3x more than random init to
