@@ -23,12 +23,12 @@ probe AUROC was 0.99). So the issue-23 bar (every finding above random init on k
 is met for nodules and the effusion_present probe, not for effusion kNN. The teacher entropy
 stays at 71-76% of log K (both seeds), under the issue's 80%.
 Why the effusion kNN does not move (RESULTS.md "Issue 23, third session"): thirteen one-change
-runs (global crops (0.7, 1) or (0.9, 1) without locals, no local crops, no brightness /
-contrast jitter or blur, K 32, 600 steps, batch 128, and phantoms with a denser effusion, fixed exposure,
+runs (global crops (0.7, 1) or (0.9, 1) without locals, no local crops, no brightness / contrast
+jitter or blur, K 32, 600 steps, batch 128, and phantoms with a denser effusion, fixed exposure,
 tight positioning, no lung texture or no hemidiaphragm variation) leave it at random init's
 level or below while the nodule kNN rises; with the nuisance variation removed, training makes
-it significantly worse than random init. The trained CLS responds 3x more than random init to
-a nodule-like disc and less to an opacity at the lung base: at this scale DINO + iBOT learns
+it significantly worse than random init. The trained CLS responds 3x more than random init to a
+nodule-like disc and less to an opacity at the lung base: at this scale DINO + iBOT learns
 compact objects and drops a regional opacity, so this config keeps the choices below.
 
 What to expect on 2 CPU cores: 4,000 phantoms generated and built into WORKDIR/builtin, one
