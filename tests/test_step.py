@@ -86,6 +86,7 @@ def _leaf(tree, *path):
     return tree
 
 
+@pytest.mark.slow
 def test_same_step_on_every_mesh_layout(host_batches):
     reference = None
     for layout in LAYOUTS:
@@ -264,6 +265,7 @@ def _steps_on(transfer: str, steps: int = 3):
     return history, jax.device_get(state.student)
 
 
+@pytest.mark.slow
 def test_integer_crops_normalised_in_the_step_train_like_host_normalised_floats():
     """uint8 / uint16 transfer (normalised inside the jitted step) against float32 crops
     normalised on the host, same pipeline seed: the inputs differ by float32 rounding only

@@ -51,6 +51,7 @@ def tiny_config():
     return set_dotted(demo.get_config(), TINY_OVERRIDES)
 
 
+@pytest.mark.slow
 def test_tiny_sweep(tmp_path):
     """One sweep (compiles dominate the cost), three groups of checks on it.
 
@@ -277,6 +278,7 @@ def test_cached_abstract_state_equals_train_state_abstract_state():
     assert jax.tree.leaves(point.shardings) == jax.tree.leaves(want_shardings)
 
 
+@pytest.mark.slow
 def test_scanned_step_costs_extrapolate_to_the_unrolled_step():
     """XLA's cost analysis counts a scan body once; the depth extrapolation (depth-1 and
     depth-2 unscanned compiles) recovers the unrolled 3-block step's FLOPs."""

@@ -15,6 +15,7 @@ from tests.test_sweep import REPO, TINY_OVERRIDES
 pytestmark = pytest.mark.skipif(not libtpu_available(), reason=INSTALL_HINT)
 
 
+@pytest.mark.slow
 def test_tiny_step_compiles_for_v5p_topology_without_a_tpu(tmp_path):
     """The CLI contract: --topology compiles per layout and reports XLA memory against the
     chip's HBM, XLA FLOPs and the estimated step time / images/s / MFU (labelled estimates).
