@@ -15,9 +15,3 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-
-def pytest_collection_modifyitems(items):
-    """Run the `slow` tests (60-120 s end-to-end runs) first: with `pytest -n 2` the workers then
-    take the long tests while the short ones fill in behind, instead of one worker finishing a
-    two-minute test alone at the end (the suite's budget is 15 minutes on 2 cores)."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
