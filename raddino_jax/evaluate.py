@@ -48,7 +48,7 @@ from collections.abc import Sequence
 from etils import epath
 
 from raddino_jax.eval import bootstrap
-from raddino_jax.eval.curve import CURVE_TASKS, learning_curve
+from raddino_jax.eval.curve import curve_tasks, learning_curve
 from raddino_jax.eval.linear import (
     COARSE_C_GRID,
     DEFAULT_C_GRID,
@@ -125,12 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"error: --task {args.task!r}: choose all or from {', '.join(TASKS)}", file=sys.stderr
         )
         return 2
-    curve_tasks = [t.strip() for t in args.curve_tasks.split(",") if t.strip()]
-    if args.curve and (not curve_tasks or set(curve_tasks) - set(CURVE_TASKS)):
-        print(
-            f"error: --curve-tasks {args.curve_tasks!r}: choose from {', '.join(CURVE_TASKS)}",
-            file=sys.stderr,
-        )
+    try:  # checked before any model is evaluated
+        curve_task_list = curve_tasks([t.strip() for t in args.curve_tasks.split(",") if t.strip()])
+    except ValueError as err:
+        print(f"error: --curve-tasks {args.curve_tasks!r}: {err}", file=sys.stderr)
         return 2
     try:
         options = dict(  # the feature and probe settings both reports share
@@ -147,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         curve = None
         if args.curve:
-            curve_options = dict(options, tasks=curve_tasks)
+            curve_options = dict(options, tasks=curve_task_list)
             if args.curve_max_examples is not None:
                 curve_options["max_examples"] = args.curve_max_examples
             curve = learning_curve(args.checkpoint, args.data, labels, **curve_options)

@@ -62,6 +62,15 @@ def curve_paths(
     }
 
 
+def curve_tasks(tasks: Sequence[str]) -> list[str]:
+    """`tasks` in CURVE_TASKS order; an unknown name, or none at all, is a ValueError (a typo
+    must not silently drop a score from the curve)."""
+    unknown = sorted(set(tasks) - set(CURVE_TASKS))
+    if unknown or not tasks:
+        raise ValueError(f"curve tasks must be among {CURVE_TASKS}, got {list(tasks)}")
+    return [t for t in CURVE_TASKS if t in tasks]
+
+
 def learning_curve(
     run_dir: str,
     data: str,
@@ -89,10 +98,7 @@ def learning_curve(
     steps = run_steps(run_dir)
     if not steps:
         raise FileNotFoundError(f"{run_dir}/checkpoints holds no finished checkpoint yet")
-    unknown = sorted(set(tasks) - set(CURVE_TASKS))
-    if unknown or not tasks:
-        raise ValueError(f"curve tasks must be among {CURVE_TASKS}, got {list(tasks)}")
-    tasks = [t for t in CURVE_TASKS if t in tasks]
+    tasks = curve_tasks(tasks)
     spec = checkpoint.load_spec(run_dir)
     pre = checkpoint.load_preprocessing(run_dir)
     roles, split_info = load_roles(
