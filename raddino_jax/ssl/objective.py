@@ -185,7 +185,6 @@ def ssl_loss(
     n_global, batch_size = global_crops.shape[:2]
     n_local = local_crops.shape[0]
     globals_flat = _image_major(global_crops)
-    locals_flat = _image_major(local_crops)
     masks = _image_major(batch["masks"])
     valid = batch["mask_valid"].reshape(-1)
     weights = jnp.where(valid, batch["mask_weights"].reshape(-1), 0.0)
@@ -201,7 +200,7 @@ def ssl_loss(
     s_global_cls = _crop_major(s_global["x_norm_clstoken"], n_global)
     s_cls = s_global_cls
     if n_local:  # data.n_local 0: global crops only (the DINO loss pairs the two globals)
-        s_local = student.backbone(locals_flat, drop_path_key=key_local)
+        s_local = student.backbone(_image_major(local_crops), drop_path_key=key_local)
         s_cls = jnp.concatenate([s_cls, _crop_major(s_local["x_norm_clstoken"], n_local)])
     s_patch = gather_masked_tokens(s_global["x_norm_patchtokens"], batch["mask_indices"])
 
