@@ -3,7 +3,11 @@
 import os
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from tests.xla_env import FAST_CPU_COMPILE, xla_flags  # noqa: E402  (no jax import)
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
+if FAST_CPU_COMPILE not in os.environ["XLA_FLAGS"]:  # `make test` sets only the device count
+    os.environ["XLA_FLAGS"] += f" {FAST_CPU_COMPILE}"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Persistent compilation cache, inherited by the driver subprocesses: runs of the same config
 # (e.g. a run and its resumed restart) compile once per test session.

@@ -24,6 +24,7 @@ from raddino_jax.train.metrics import NonFiniteError, read_metrics
 from raddino_jax.train.preemption import preemption_check_due
 from tests import faults
 from tests.tiny import build_tiny_dataset, tiny_run_config
+from tests.xla_env import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSS_KEYS = (
@@ -44,7 +45,7 @@ def dataset(tmp_path_factory):
 def _env(dataset, devices: int = 8) -> dict:
     env = dict(os.environ)
     env["RADDINO_TEST_DATA"] = "/".join(dataset)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = REPO
     return env

@@ -21,6 +21,7 @@ from raddino_jax.ssl.masking import mask_upper_bound
 from raddino_jax.train import build as build_lib
 from raddino_jax.train import state as train_state
 from tests.tiny import set_dotted
+from tests.xla_env import xla_flags
 
 LAYOUTS = [(8, 1, 1), (4, 2, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)]
 IMPOSSIBLE = (3, 3, 1)  # 9 devices
@@ -243,7 +244,7 @@ def test_cli_state_only(tmp_path):
         f"--out={tmp_path}",
     ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["XLA_FLAGS"] = xla_flags(8)
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads((tmp_path / "sweep.json").read_text())
