@@ -20,6 +20,25 @@ def to_uint8(pixels01: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(np.asarray(pixels01, np.float64) * 255.0), 0, 255).astype(np.uint8)
 
 
+def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(new_width, new_height) with the shorter side `size`, the longer truncated like
+    transformers' BitImageProcessor (int(size * long / short))."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def resize_and_centre_crop(
+    image: np.ndarray, size: int, resample: Image.Resampling = Image.Resampling.BICUBIC
+) -> np.ndarray:
+    """uint8 [H, W] -> [S, S]: PIL resize of the shorter side to S, then the centre S x S (the
+    geometric half of the preprocessing; masks pass NEAREST to stay binary)."""
+    pil = Image.fromarray(image)
+    array = np.asarray(pil.resize(resized_size(*pil.size, size), resample=resample))
+    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
+    return array[top : top + size, left : left + size]
+
+
 def preprocess_uint8(image: np.ndarray, pre: Preprocessing) -> np.ndarray:
     """uint8 [H, W] (or [H, W, 1|3]) -> float32 [S, S, 3] normalised network input."""
     image = np.asarray(image)
@@ -27,18 +46,7 @@ def preprocess_uint8(image: np.ndarray, pre: Preprocessing) -> np.ndarray:
         image = image[..., 0] if image.shape[-1] == 1 else image
     if image.dtype != np.uint8:
         raise TypeError(f"preprocess_uint8 expects uint8 pixels, got {image.dtype}")
-    pil = Image.fromarray(image)
-    width, height = pil.size
-    size = pre.image_size
-    if width <= height:
-        new_w, new_h = size, int(size * height / width)
-    else:
-        new_w, new_h = int(size * width / height), size
-    pil = pil.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
-    array = np.asarray(pil)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    array = array[top : top + size, left : left + size]
-    out = normalise(array, pre.mean, pre.std, np.float64)
+    out = normalise(resize_and_centre_crop(image, pre.image_size), pre.mean, pre.std, np.float64)
     if out.ndim == 2:
         out = np.repeat(out[..., None], 3, axis=-1)
     return out.astype(np.float32)

@@ -29,6 +29,7 @@ from PIL import Image
 
 from raddino_jax.checkpoint import Preprocessing
 from raddino_jax.data.layout import normalise
+from raddino_jax.data.preprocess import resize_and_centre_crop
 from raddino_jax.models import ModelSpec, bind
 
 SPLIT_ROLES = ("train", "val", "test")
@@ -37,22 +38,6 @@ SPLIT_ROLES = ("train", "val", "test")
 # ------------------------------------------------------------------------------------------
 # Images and masks
 # ------------------------------------------------------------------------------------------
-
-
-def _resized_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """(new_width, new_height) with the shorter side `size`, the longer truncated like
-    transformers' BitImageProcessor (int(size * long / short)), as in data.preprocess."""
-    if width <= height:
-        return size, int(size * height / width)
-    return int(size * width / height), size
-
-
-def _resize_and_crop(image: np.ndarray, size: int, resample: Image.Resampling) -> np.ndarray:
-    """[H, W] -> [S, S]: PIL resize of the shorter side to S, then centre crop."""
-    pil = Image.fromarray(image)
-    array = np.asarray(pil.resize(_resized_size(*pil.size, size), resample=resample))
-    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
-    return array[top : top + size, left : left + size]
 
 
 def to_uint8_image(image: np.ndarray) -> np.ndarray:
@@ -74,7 +59,7 @@ def crop_uint8(image: np.ndarray, size: int) -> np.ndarray:
     PIL bicubic resize of the shorter side to S, then centre crop (recipe s8). Normalising the
     result with `network_input` equals `data.preprocess.preprocess_uint8` (tested).
     """
-    return _resize_and_crop(to_uint8_image(image), size, Image.Resampling.BICUBIC)
+    return resize_and_centre_crop(to_uint8_image(image), size)
 
 
 def crop_mask(mask: np.ndarray, size: int) -> np.ndarray:
@@ -86,7 +71,7 @@ def crop_mask(mask: np.ndarray, size: int) -> np.ndarray:
     if mask.ndim == 3:
         mask = mask[..., 0]
     binary = (mask > 0).astype(np.uint8) * 255
-    return _resize_and_crop(binary, size, Image.Resampling.NEAREST) > 0
+    return resize_and_centre_crop(binary, size, Image.Resampling.NEAREST) > 0
 
 
 def network_input(crops: jax.Array | np.ndarray, pre: Preprocessing) -> jax.Array:
