@@ -65,11 +65,11 @@ CSV_FIELDS = (
 def parse_sources(text: str) -> tuple[tuple[str, str, Any], ...]:
     """ "DIR/NAME[:WEIGHT],..." -> config.data.sources entries (weights all given or none)."""
     entries = []
+    from raddino_jax.data.records import split_dataset_path
+
     for item in filter(None, (part.strip() for part in text.split(","))):
         path, _, weight = item.partition(":")
-        data_dir, _, name = path.rstrip("/").rpartition("/")
-        if not data_dir or not name:
-            raise ValueError(f"--sources: {item!r} is not DATA_DIR/NAME[:WEIGHT]")
+        data_dir, name = split_dataset_path(path, "--sources")
         entries.append((name, data_dir, float(weight) if weight else "proportional"))
     if not entries:
         raise ValueError("--sources: no source given")
@@ -123,7 +123,7 @@ def check_runs(
     import jax
 
     from raddino_jax import config as config_lib
-    from raddino_jax.data.records import dataset_contents
+    from raddino_jax.data.records import dataset_contents, split_dataset_path
 
     for name, _, config in runs:
         try:
@@ -132,9 +132,7 @@ def check_runs(
             )
         except config_lib.ConfigError as err:
             raise config_lib.ConfigError(f"run {name}: {err}") from err
-    data_dir, _, dataset = eval_data.rstrip("/").rpartition("/")
-    if not data_dir or not dataset:
-        raise ValueError(f"--eval-data: {eval_data!r} is not DATA_DIR/NAME")
+    data_dir, dataset = split_dataset_path(eval_data, "--eval-data")
     try:
         fields, _ = dataset_contents(data_dir, dataset)
     except (OSError, ValueError) as err:

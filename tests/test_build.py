@@ -112,6 +112,25 @@ def test_tensorflow_is_not_needed():
         import tensorflow  # noqa: F401
 
 
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("/data/tfds/chest", ("/data/tfds", "chest")),
+        ("gs://bucket/tfds/chest/", ("gs://bucket/tfds", "chest")),
+        ("tfds/chest", ("tfds", "chest")),
+        ("chest", None),
+        ("/chest", None),
+        ("/data/tfds/", ("/data", "tfds")),
+    ],
+)
+def test_dataset_path_splits_into_data_dir_and_name(path, expected):
+    if expected is None:
+        with pytest.raises(ValueError, match=r"--eval-data: .* is not DATA_DIR/NAME"):
+            records.split_dataset_path(path, "--eval-data")
+    else:
+        assert records.split_dataset_path(path) == expected
+
+
 def test_report_counts_and_reasons(folder_build):
     tmp, _, expected, report = folder_build
     on_disk = json.loads((tmp / "out" / "mixed" / "report.json").read_text())

@@ -111,6 +111,15 @@ def metadata_to_features(metadata: Mapping[str, Any], path: str) -> dict[str, An
     return values
 
 
+def split_dataset_path(path: str, what: str = "--data") -> tuple[str, str]:
+    """"DATA_DIR/NAME" (as users write a built dataset on command lines and in configs) ->
+    (DATA_DIR, NAME); a ValueError naming `what` when either part is missing."""
+    data_dir, _, name = path.rstrip("/").rpartition("/")
+    if not data_dir or not name:
+        raise ValueError(f"{what}: {path!r} is not DATA_DIR/NAME")
+    return data_dir, name
+
+
 def dataset_dir(data_dir: epath.PathLike, name: str) -> epath.Path:
     """DATA_DIR/NAME/VERSION, where tfds writes the ArrayRecord shards and dataset_info.json."""
     return epath.Path(data_dir) / name / DATASET_VERSION

@@ -10,6 +10,7 @@ from typing import Any
 from etils import epath
 
 from raddino_jax import checkpoint
+from raddino_jax.data.records import split_dataset_path
 from raddino_jax.eval import bootstrap
 from raddino_jax.eval.linear import (
     DEFAULT_C_GRID,
@@ -20,7 +21,6 @@ from raddino_jax.eval.tasks import (
     attach_intervals,
     evaluate_model,
     evaluate_pixels,
-    split_data_argument,
 )
 from raddino_jax.models import init_params
 
@@ -94,7 +94,7 @@ def learning_curve(
     "random_init" | "pixels": {path: {"value", "ci95"}}}, "differences": {"step_<N>":
     {path: [lo, hi]}}, "splits"}.
     """
-    data_dir, name = split_data_argument(data)
+    data_dir, name = split_dataset_path(data)
     steps = run_steps(run_dir)
     if not steps:
         raise FileNotFoundError(f"{run_dir}/checkpoints holds no finished checkpoint yet")

@@ -153,7 +153,7 @@ def eval_datasets(
     else each of `training` (`training_datasets`) that has them. Raises ConfigError naming the
     keys when none does, so a run fails at startup, not at its first evaluation.
     """
-    from raddino_jax.data.records import dataset_contents
+    from raddino_jax.data.records import dataset_contents, split_dataset_path
 
     e = config.eval
     splits = (e.train_split, e.eval_split)
@@ -171,8 +171,10 @@ def eval_datasets(
         return ""
 
     if e.data:
-        data_dir, _, name = e.data.rstrip("/").rpartition("/")
-        config_lib.require(bool(data_dir and name), "eval.data", f"{e.data!r} is not DATA_DIR/NAME")
+        try:
+            data_dir, name = split_dataset_path(e.data, "config.eval.data")
+        except ValueError as err:
+            raise config_lib.ConfigError(str(err)) from err
         problem = missing(data_dir, name)
         config_lib.require(
             not problem,

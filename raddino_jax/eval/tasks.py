@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from raddino_jax import checkpoint
+from raddino_jax.data.records import split_dataset_path
 from raddino_jax.eval import bootstrap
 from raddino_jax.eval import features as feats
 from raddino_jax.eval.knn import KNN_KS, KNN_TEMPERATURE, knn_class_scores, knn_metrics
@@ -278,15 +279,6 @@ def attach_intervals(
 # ------------------------------------------------------------------------------------------
 
 
-def split_data_argument(data: str) -> tuple[str, str]:
-    """DATA_DIR/NAME -> (DATA_DIR, NAME)."""
-    data = data.rstrip("/")
-    if "/" not in data:
-        raise ValueError(f"--data must be DATA_DIR/NAME, got {data!r}")
-    data_dir, name = data.rsplit("/", 1)
-    return data_dir, name
-
-
 def run_evaluation(
     checkpoint_path: str,
     data: str,
@@ -306,7 +298,7 @@ def run_evaluation(
     as the eval.json dict, with paired bootstrap intervals of the kNN accuracies and AUROCs."""
     from raddino_jax.data.records import dataset_contents  # tensorflow_datasets: only here
 
-    data_dir, name = split_data_argument(data)
+    data_dir, name = split_dataset_path(data)
     tasks = list(tasks)
     if "segmentation" in tasks and "mask" not in dataset_contents(data_dir, name)[0]:
         tasks.remove("segmentation")
