@@ -32,7 +32,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn import metrics as skm
+
+
+def _sklearn_metrics():
+    """scikit-learn's metrics, imported on first use: the training driver imports this module
+    (the periodic kNN's accuracy) and should not pay sklearn's ~1 s import when eval is off."""
+    from sklearn import metrics
+
+    return metrics
+
 
 # recipe s10 sweeps C over 10^linspace(-6, 5, 45); the default here keeps every other point of
 # that grid (23 values, same range) to halve the cost; pass FULL_C_GRID for the recipe's grid.
@@ -50,7 +58,7 @@ LBFGS_TOLERANCE = 1e-5
 
 def accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
     """Fraction of `predictions` [N] equal to `labels` [N]."""
-    return float(skm.accuracy_score(np.asarray(labels), np.asarray(predictions)))
+    return float(_sklearn_metrics().accuracy_score(np.asarray(labels), np.asarray(predictions)))
 
 
 def balanced_accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
@@ -61,7 +69,8 @@ def balanced_accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
-        return float(skm.balanced_accuracy_score(np.asarray(labels), np.asarray(predictions)))
+        score = _sklearn_metrics().balanced_accuracy_score
+        return float(score(np.asarray(labels), np.asarray(predictions)))
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -72,7 +81,7 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     labels = np.asarray(labels).astype(bool)
     if labels.all() or not labels.any():
         return float("nan")
-    return float(skm.roc_auc_score(labels, np.asarray(scores, np.float64)))
+    return float(_sklearn_metrics().roc_auc_score(labels, np.asarray(scores, np.float64)))
 
 
 def auprc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -81,7 +90,7 @@ def auprc(labels: np.ndarray, scores: np.ndarray) -> float:
     labels = np.asarray(labels).astype(bool)
     if not labels.any():
         return float("nan")
-    return float(skm.average_precision_score(labels, np.asarray(scores, np.float64)))
+    return float(_sklearn_metrics().average_precision_score(labels, np.asarray(scores, np.float64)))
 
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
