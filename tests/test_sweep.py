@@ -23,7 +23,9 @@ from raddino_jax.train import state as train_state
 from tests.tiny import set_dotted
 from tests.xla_env import xla_flags
 
-LAYOUTS = [(8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)]  # each compiled and run: a few, not all
+# Each compiled and run: pure data, data x fsdp, all three axes (tests/test_step.py checks
+# that they compute the same step).
+LAYOUTS = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 IMPOSSIBLE = (3, 3, 1)  # 9 devices
 SINGLE = (1, 1, 1)  # one device: XLA's flop count is the whole step's
 FAST_COMPILE = {"xla_backend_optimization_level": 0}  # halves CPU compile time; numbers unused
@@ -83,7 +85,7 @@ def check_rows(rows: dict) -> None:
     assert impossible.status == "failed"
     assert "needs 9 devices" in impossible.reason
     assert impossible.images_per_s is None
-    for name in ["8x1x1", "2x4x1", "1x8x1", "2x2x2", "1x1x1"]:
+    for name in ["8x1x1", "2x4x1", "2x2x2", "1x1x1"]:
         row = rows[name]
         assert row.status == "ok", (name, row.reason)
         assert row.n_devices == math.prod(int(x) for x in name.split("x"))
@@ -102,8 +104,9 @@ def check_rows(rows: dict) -> None:
     # Parameters are replicated without fsdp/tensor and split over them otherwise.
     assert rows["8x1x1"].state_bytes_per_device == rows["8x1x1"].state_bytes_total
     assert rows["1x1x1"].state_bytes_total == rows["8x1x1"].state_bytes_total
-    per_device = [rows[n].state_bytes_per_device for n in ("8x1x1", "2x4x1", "1x8x1")]
-    assert per_device == sorted(per_device, reverse=True) and per_device[-1] < per_device[0] / 4
+    replicated = rows["8x1x1"].state_bytes_per_device
+    assert rows["2x4x1"].state_bytes_per_device < replicated / 3  # 4-way fsdp
+    assert rows["2x2x2"].state_bytes_per_device < replicated / 2  # 2-way fsdp x 2-way tensor
 
 
 def check_files(rows: dict, out) -> None:
@@ -113,7 +116,7 @@ def check_files(rows: dict, out) -> None:
     assert [r["layout"] for r in table] == list(rows)
     assert table[-2]["status"] == "failed" and "needs 9 devices" in table[-2]["reason"]
     payload = json.loads((out / "sweep.json").read_text())  # strict JSON: NaN MFU -> null
-    assert payload["config"] == "tiny demo" and len(payload["rows"]) == 6
+    assert payload["config"] == "tiny demo" and len(payload["rows"]) == 5
     assert all(r["mfu"] is None for r in payload["rows"])
     markdown = (out / "sweep.md").read_text().splitlines()
     body = [line for line in markdown if line.startswith("| ") and "---" not in line][1:]
