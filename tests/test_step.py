@@ -183,8 +183,10 @@ def _train(momentum: float, steps: int = 100):
 
 @pytest.mark.slow
 def test_training_lowers_loss_without_collapse():
-    """Frozen teacher (momentum 1): the objective is stationary, so the total loss must fall."""
-    spec, history = _train(momentum=1.0)
+    """Frozen teacher (momentum 1): the objective is stationary, so the total loss must fall.
+    50 steps are enough: measured, the last 10 steps' mean loss is 1.99 below the first 10's
+    (2.18 after 100) and the entropy at 0.44 log K."""
+    spec, history = _train(momentum=1.0, steps=50)
     log_k = np.log(spec.dino_head.out_dim)
     assert np.all(np.isfinite(history["loss"]))
     assert history["loss"][-10:].mean() < history["loss"][:10].mean() - 0.5, history["loss"]
