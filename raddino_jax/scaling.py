@@ -64,9 +64,9 @@ CSV_FIELDS = (
 
 def parse_sources(text: str) -> tuple[tuple[str, str, Any], ...]:
     """ "DIR/NAME[:WEIGHT],..." -> config.data.sources entries (weights all given or none)."""
-    entries = []
     from raddino_jax.data.records import split_dataset_path
 
+    entries = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         path, _, weight = item.partition(":")
         data_dir, name = split_dataset_path(path, "--sources")

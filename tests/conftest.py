@@ -3,7 +3,7 @@
 import os
 import tempfile
 
-from tests.xla_env import FAST_CPU_COMPILE, xla_flags  # noqa: E402  (no jax import)
+from tests.xla_env import FAST_CPU_COMPILE, xla_flags  # imports no jax
 
 os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 if FAST_CPU_COMPILE not in os.environ["XLA_FLAGS"]:  # `make test` sets only the device count
@@ -18,4 +18,3 @@ os.environ.setdefault(
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-
