@@ -34,6 +34,7 @@ def child(args: argparse.Namespace) -> None:
     """One process: build the state, save it `args.saves` times, print the seconds of each."""
     harness.pin_threads(args.threads, f"--xla_force_host_platform_device_count={args.devices}")
     import jax
+    import orbax.checkpoint as ocp
 
     from raddino_jax import checkpoint
     from raddino_jax.train import build as build_lib
@@ -52,9 +53,9 @@ def child(args: argparse.Namespace) -> None:
             start = time.perf_counter()
             saver.manager.save(
                 i + 1,
-                args=checkpoint.ocp.args.Composite(
+                args=ocp.args.Composite(
                     **{
-                        name: checkpoint.ocp.args.StandardSave(tree)
+                        name: ocp.args.StandardSave(tree)
                         for name, tree in checkpoint._array_items(state).items()
                     }
                 ),

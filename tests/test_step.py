@@ -17,7 +17,7 @@ from raddino_jax.train.step import compile_train_step
 from tests.tiny import tiny_dataset, tiny_optimizer, tiny_spec
 
 # Pure data, data x fsdp and all three axes against one device (pure fsdp, 1x8x1, places the
-# parameters like 2x4x1; the sweep test compiles and runs it).
+# parameters as 2x4x1 does and is left out).
 LAYOUTS = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2)]
 # Expected placements (data x fsdp x tensor) for a few parameters of the tiny model (D=32).
 EXPECTED_SPECS = {
@@ -174,7 +174,7 @@ def _train(momentum: float, steps: int = 100):
         host = next(iterator)
         batch = prefetch.to_global_batch(host, sharding.batch_shardings(host.keys(), mesh))
         key = jax.random.fold_in(jax.random.key(0), state.step)
-        if i == 0:  # 100 steps: optimised code pays for itself (the suite compiles at -O0)
+        if i == 0:  # 50-100 steps: optimised code pays for itself (the suite compiles at -O0)
             step = step.lower(state, batch, key).compile(OPTIMISED)
         state, metrics = step(state, batch, key)
         history.append(jax.device_get(metrics))
